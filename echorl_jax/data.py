@@ -1,0 +1,264 @@
+"""Prompt pipelines: render + tokenize once, then a Grain index pipeline.
+
+Construction tokenizes every record, drops (or rejects) prompts longer than
+`max_prompt_len`, and keeps the survivors as one flat int32 array plus
+offsets. The Grain part is then a pure index map, so its checkpoint state is a
+single integer and restoring it replays exactly the same batches:
+
+    train: range(K).shuffle(seed)[:K//H*H][h::H].repeat(E).batch(N, drop_remainder)
+    eval:  [h, h+H, ...] padded with -1 to a whole number of batches, .batch(N)
+
+(K kept prompts, H hosts, h this host, E epochs, N prompts per batch.)
+"""
+
+from __future__ import annotations
+
+import string
+import zlib
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import grain
+import jax
+import numpy as np
+
+from echorl_jax.data_formats import DataError, Prompt, load_records  # noqa: F401  (re-export)
+
+__all__ = ["DataError", "PromptBatch", "PromptPipeline", "load_records", "render_prompt",
+           "tokenize_prompts"]
+
+
+class PromptBatch(NamedTuple):
+    """N prompts, fixed shapes every batch. Consumers must mask rows by `valid_n`."""
+
+    tokens_np: np.ndarray  # int32 [N, P] left-padded with pad_id
+    length_n: np.ndarray  # int32 [N] prompt tokens (the rightmost length_n columns)
+    ground_truth: list[str]  # [N]
+    data_source: list[str]  # [N]
+    record_index: np.ndarray  # int64 [N] index into the records list; -1 for padding
+    valid_n: np.ndarray  # bool [N] False only for eval padding rows
+
+
+# --- rendering ----------------------------------------------------------------
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def _check_template(template: str) -> None:
+    if template == "chat":
+        return
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise DataError(f"prompt template {template!r} is not a valid format string: {e}") from e
+    if fields != {"prompt"}:
+        raise DataError(f"prompt template {template!r} must be 'chat' or a format string whose"
+                        f" only field is {{prompt}} (use {{{{ }}}} for literal braces);"
+                        f" found fields {sorted(fields)}")
+
+
+def render_prompt(prompt: Prompt, tokenizer: Any, template: str) -> str:
+    """Prompt -> text. `template` is "chat" or a format string with `{prompt}`.
+
+    "chat": the tokenizer's chat template with the generation prompt appended (a
+    string prompt becomes one user message). Format string: a message list
+    contributes only its last user message's content.
+    """
+    _check_template(template)
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template;"
+                            f" use a format-string template such as '{{prompt}}'")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not isinstance(prompt, str):
+        users = [m["content"] for m in prompt if m["role"] == "user"]
+        if not users:
+            raise DataError(f"template {template!r} needs a user message; prompt has roles"
+                            f" {[m['role'] for m in prompt]}")
+        prompt = users[-1]
+    return template.format(prompt=prompt)
+
+
+def tokenize_prompts(prompts: Sequence[Prompt], tokenizer: Any, template: str,
+                     add_bos: bool = False) -> list[list[int]]:
+    """Render and tokenize; special tokens come only from the rendered text (plus `add_bos`)."""
+    texts = []
+    for i, p in enumerate(prompts):
+        try:
+            texts.append(render_prompt(p, tokenizer, template))
+        except DataError as e:
+            raise DataError(f"record {i}: {e}") from e
+    ids = list(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else []
+    if add_bos:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise DataError(f"add_bos=True but tokenizer {_tokenizer_name(tokenizer)!r}"
+                            f" has no bos token")
+        # A chat template that already writes the BOS text must not get a second one.
+        ids = [x if x and x[0] == bos else [bos, *x] for x in ids]
+    return ids
+
+
+# --- pipeline -----------------------------------------------------------------
+
+
+class PromptPipeline:
+    """Iterator of fixed-shape `PromptBatch`es over in-memory records, backed by Grain.
+
+    mode="train": shuffled by `seed` (a new permutation every epoch), repeated
+    `num_epochs` times (None = forever), sharded so hosts see disjoint prompts,
+    last partial batch dropped. mode="eval": one pass in record order, every kept
+    record exactly once over all hosts, final batch padded (`valid_n` False).
+    Every host yields the same number of batches (multi-host collectives need it).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[dict],
+        tokenizer: Any,
+        *,
+        batch_size: int,
+        max_prompt_len: int,
+        template: str = "chat",
+        add_bos: bool = False,
+        pad_id: int | None = None,
+        mode: Literal["train", "eval"] = "train",
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        on_overlong: Literal["drop", "error"] = "drop",
+        shard_index: int | None = None,
+        shard_count: int | None = None,
+    ):
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+        _require(batch_size >= 1, "batch_size", batch_size, "an int >= 1")
+        _require(max_prompt_len >= 1, "max_prompt_len", max_prompt_len, "an int >= 1")
+        _require(mode in ("train", "eval"), "mode", mode, "'train' or 'eval'")
+        _require(on_overlong in ("drop", "error"), "on_overlong", on_overlong, "'drop' or 'error'")
+        _require(num_epochs is None or num_epochs >= 1, "num_epochs", num_epochs, "None or >= 1")
+        _require(shard_count >= 1, "shard_count", shard_count, "an int >= 1")
+        _require(0 <= shard_index < shard_count, "shard_index", shard_index,
+                 f"in [0, {shard_count})")
+        _check_template(template)
+        self.batch_size, self.max_prompt_len, self.mode = batch_size, max_prompt_len, mode
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.pad_id = _resolve_pad_id(tokenizer, pad_id)
+
+        # Tokenize everything once: the drop count is known up front and the
+        # Grain pipeline below only ever moves integers around.
+        ids = tokenize_prompts([r["prompt"] for r in records], tokenizer, template, add_bos)
+        length_r = np.array([len(x) for x in ids], np.int64)
+        if (length_r == 0).any():
+            raise DataError(f"record {int(np.argmax(length_r == 0))}: prompt renders to zero"
+                            f" tokens with template {template!r}")
+        over_r = length_r > max_prompt_len
+        if on_overlong == "error" and over_r.any():
+            i = int(np.argmax(over_r))
+            raise DataError(f"record {i}: prompt has {length_r[i]} tokens > max_prompt_len="
+                            f"{max_prompt_len} ({int(over_r.sum())} records over;"
+                            f" on_overlong='drop' skips them)")
+        self.num_records = len(records)
+        self.dropped_indices = np.flatnonzero(over_r)
+        self.num_dropped = len(self.dropped_indices)
+        self._record_k = np.flatnonzero(~over_r)
+        self.num_kept = k = len(self._record_k)
+        if k == 0:
+            raise DataError(f"no prompts left: {self.num_records} records, {self.num_dropped}"
+                            f" longer than max_prompt_len={max_prompt_len}")
+        self._length_k = length_r[self._record_k].astype(np.int32)
+        self._offset_k = np.concatenate([[0], np.cumsum(self._length_k[:-1], dtype=np.int64)])
+        self._flat = np.concatenate([np.asarray(ids[i], np.int32) for i in self._record_k])
+        self._ground_truth_k = [records[i]["ground_truth"] for i in self._record_k]
+        self._data_source_k = [records[i]["data_source"] for i in self._record_k]
+
+        if mode == "train":
+            per_shard = k // shard_count  # equal shards: every host yields the same batches
+            if per_shard == 0:
+                raise DataError(f"{k} prompts cannot be split over {shard_count} shards")
+            ds = grain.MapDataset.range(k)
+            if shuffle:
+                ds = ds.shuffle(seed=seed)  # reseeded per epoch by repeat()
+            ds = ds[: per_shard * shard_count][shard_index::shard_count].repeat(num_epochs)
+            self.num_batches = None if num_epochs is None else per_shard * num_epochs // batch_size
+            if self.num_batches == 0:
+                raise DataError(f"batch_size={batch_size} > {per_shard} prompts per shard x"
+                                f" {num_epochs} epoch(s): no full batch")
+            ds = ds.batch(batch_size, drop_remainder=True, batch_fn=self._collate)
+        else:
+            per_shard = -(-k // shard_count)
+            self.num_batches = -(-per_shard // batch_size)
+            pos = np.full(self.num_batches * batch_size, -1, np.int64)
+            mine = np.arange(shard_index, k, shard_count)
+            pos[: len(mine)] = mine
+            ds = grain.MapDataset.source(pos.tolist()).batch(batch_size, batch_fn=self._collate)
+        # In-memory data: no reader threads (Grain's advice), so nothing runs ahead.
+        self._iter = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
+                                                               prefetch_buffer_size=0)))
+        self._fingerprint = {
+            "mode": mode, "seed": seed, "shuffle": shuffle, "num_epochs": num_epochs,
+            "batch_size": batch_size, "max_prompt_len": max_prompt_len,
+            "shard_count": shard_count, "num_kept": k,
+            "data_crc32": zlib.crc32(self._record_k.tobytes() + self._length_k.tobytes()),
+        }
+
+    def _collate(self, positions: Sequence[int]) -> PromptBatch:
+        """Positions into the kept prompts (-1 = padding) -> left-padded batch."""
+        pos_n = np.asarray(positions, np.int64)
+        valid_n = pos_n >= 0
+        src_n = np.where(valid_n, pos_n, 0)  # padding rows repeat kept prompt 0
+        length_n = self._length_k[src_n]
+        start_n = self.max_prompt_len - length_n
+        col_p = np.arange(self.max_prompt_len)
+        take_np = self._offset_k[src_n, None] + col_p[None, :] - start_n[:, None]
+        tokens_np = np.where(col_p[None, :] >= start_n[:, None],
+                             self._flat[np.clip(take_np, 0, len(self._flat) - 1)],
+                             self.pad_id).astype(np.int32)
+        return PromptBatch(
+            tokens_np=tokens_np,
+            length_n=length_n.astype(np.int32),
+            ground_truth=[self._ground_truth_k[i] for i in src_n],
+            data_source=[self._data_source_k[i] for i in src_n],
+            record_index=np.where(valid_n, self._record_k[src_n], -1),
+            valid_n=valid_n,
+        )
+
+    def __iter__(self) -> PromptPipeline:
+        return self
+
+    def __next__(self) -> PromptBatch:
+        return next(self._iter)
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position. Host-independent: any host's state restores all hosts."""
+        return {"grain": dict(self._iter.get_state()), "config": dict(self._fingerprint)}
+
+    def set_state(self, state: dict) -> None:
+        """Resume at `state` from `get_state()`; the pipeline must be configured the same."""
+        try:
+            saved, grain_state = state["config"], state["grain"]
+        except (KeyError, TypeError) as e:
+            raise DataError(f"not a PromptPipeline state: {state!r:.200}") from e
+        diff = {key: (saved.get(key), now) for key, now in self._fingerprint.items()
+                if saved.get(key) != now}
+        if diff:
+            raise DataError(f"data iterator state does not match this pipeline"
+                            f" (key: (saved, now)): {diff}")
+        self._iter.set_state(grain_state)
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise DataError(f"PromptPipeline: {key}={value!r} is invalid; expected {allowed}")
+
+
+def _resolve_pad_id(tokenizer: Any, pad_id: int | None) -> int:
+    for candidate in (pad_id, getattr(tokenizer, "pad_token_id", None),
+                      getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no pad or eos token;"
+                    f" pass pad_id explicitly")
