@@ -1,0 +1,172 @@
+"""Sampler throughput: echorl_jax.sampling vs Hugging Face ``transformers`` ``generate``.
+
+Both run the SAME random-weight Qwen2-shaped checkpoint (built here, saved to a
+temp dir, loaded into ours with ``models.hf.load_model``), the same batch of
+random prompts, the same number of new tokens and plain temperature-1.0
+sampling with no early stop (HF: ``min_new_tokens = max_new_tokens``; ours: no
+stop ids), so both produce exactly ``batch × new_tokens`` tokens. One timed run
+each after a warm-up; our compile time is reported separately.
+
+    python bench/sampler.py                       # CPU defaults
+    python bench/sampler.py --preset qwen2.5-0.5b # GPU-sized (add --skip-peer without a torch GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PRESETS = {
+    "qwen2.5-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, mlp=4864, vocab=151936, tied=True,
+                         dtype="bfloat16", batch=256, prompt_len=128, new_tokens=256),
+}  # fmt: skip
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--mlp", type=int, default=688)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--tied", type=int, default=1, help="tie embeddings (1/0)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth for the floor (H200: 4800)")
+    ap.add_argument("--skip-peer", action="store_true", help="time only ours (e.g. GPU without torch CUDA)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.preset:
+        explicit = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
+        for k, v in PRESETS[args.preset].items():
+            if k not in explicit:
+                setattr(args, k, v)
+    return args
+
+
+def build_hf_checkpoint(args, path: str):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(args.seed)
+    config = Qwen2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(4096, args.prompt_len + args.new_tokens), tie_word_embeddings=bool(args.tied),
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, use_sliding_window=False,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # HF zero-inits q/k/v biases; random ones make the parity check meaningful
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.02)
+    model.save_pretrained(path)
+    return model
+
+
+def load_ours(path: str, dtype: str):
+    from echorl_jax.models.hf import load_model
+
+    return load_model(path, param_dtype=dtype, compute_dtype=dtype)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from echorl_jax.sampling import SamplingConfig, make_sampler
+
+    b, p, t = args.batch, args.prompt_len, args.new_tokens
+    backend = jax.default_backend()
+    print(f"backend={backend} devices={len(jax.devices())} ({jax.devices()[0].device_kind}) "
+          f"cpu_cores={os.cpu_count()} model: hidden={args.hidden} layers={args.layers} heads={args.heads}/"
+          f"{args.kv_heads} mlp={args.mlp} vocab={args.vocab} tied={bool(args.tied)} dtype={args.dtype}; "
+          f"batch={b} prompt={p} new={t}")  # fmt: skip
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model = build_hf_checkpoint(args, tmp)
+        model = load_ours(tmp, args.dtype)
+
+    rng = np.random.default_rng(args.seed)
+    prompts_np = rng.integers(3, args.vocab, size=(b, p), dtype=np.int32)
+    lengths_n = np.full((b,), p, np.int32)
+
+    # Parity check on a few prompts (fp32 torch on CPU): last-position logits.
+    with torch.no_grad():
+        k = min(4, b)
+        hf_logits = hf_model(torch.from_numpy(prompts_np[:k]).long()).logits[:, -1].float().numpy()
+    valid = jnp.ones((k, p), bool)
+    our_logits, _ = model(jnp.asarray(prompts_np[:k]), jnp.cumsum(valid, 1) - 1, valid)
+    parity = float(np.abs(np.asarray(our_logits[:, -1], np.float32) - hf_logits).max())
+
+    # Ours: temperature 1.0, no stop ids -> exactly t tokens per row.
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=t)
+    graphdef, state = nnx.split(model)
+    sample = make_sampler(graphdef, cfg, group_size=1, stop_ids=(), pad_id=0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(sample(state, prompts_np, lengths_n, jax.random.key(0)))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(sample(state, prompts_np, lengths_n, jax.random.key(1)))
+    ours_s = time.perf_counter() - t0
+    assert int(np.asarray(out.lengths).sum()) == b * t, "ours did not produce batch x new_tokens tokens"
+    ours_tps = b * t / ours_s
+
+    peer_tps = None
+    if not args.skip_peer:
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        device = "cuda" if torch.cuda.is_available() and backend == "gpu" else "cpu"
+        hf_model = hf_model.to(device=device, dtype=torch_dtype)
+        ids = torch.from_numpy(prompts_np).long().to(device)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                  pad_token_id=0, eos_token_id=2)  # fmt: skip
+        with torch.no_grad():
+            hf_model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+            t0 = time.perf_counter()
+            hf_out = hf_model.generate(ids, max_new_tokens=t, min_new_tokens=t, **kw)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            peer_s = time.perf_counter() - t0
+        assert hf_out.shape == (b, p + t), f"transformers produced {tuple(hf_out.shape)}"
+        peer_tps = b * t / peer_s
+
+    # Memory-bandwidth floor per decode step: every parameter + the whole fixed-size KV cache is read.
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    dt_bytes = jnp.dtype(args.dtype).itemsize
+    kv_bytes = 2 * args.layers * b * (p + t) * args.kv_heads * (args.hidden // args.heads) * dt_bytes
+    step_bytes = param_bytes + kv_bytes
+
+    print(f"\nlogit parity vs transformers (fp32 forward, {k} prompts): max |diff| = {parity:.2e}")
+    print(f"\n| {'sampler':<28} | {'tokens/s':>10} | {'wall s':>8} |")
+    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 10}|")
+    if peer_tps is not None:
+        print(f"| {'transformers generate':<28} | {peer_tps:>10.0f} | {b * t / peer_tps:>8.2f} |")
+    print(f"| {'echorl_jax (ours)':<28} | {ours_tps:>10.0f} | {ours_s:>8.2f} |")
+    if peer_tps is not None:
+        print(f"\nratio ours / transformers: {ours_tps / peer_tps:.2f}x")
+    print(f"our first call (trace + compile + run): {first:.2f} s -> compile ~ {first - ours_s:.2f} s")
+    print(f"decode-step bytes read: params {param_bytes / 1e6:.1f} MB + KV cache {kv_bytes / 1e6:.1f} MB "
+          f"= {step_bytes / 1e6:.1f} MB")  # fmt: skip
+    if backend != "cpu":
+        floor_s = step_bytes / (args.bandwidth_gbs * 1e9)
+        print(f"bandwidth floor at {args.bandwidth_gbs:.0f} GB/s: {floor_s * 1e3:.3f} ms/step -> "
+              f"<= {b / floor_s:.0f} tokens/s; ours per step {ours_s / t * 1e3:.3f} ms "
+              f"({floor_s / (ours_s / t):.0%} of floor)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The built-in default: warm start + GRPO+EchoRL on the arithmetic task, on CPU.
+
+`python -m echorl_jax.main` runs this. Everything not listed keeps the schema
+default in echorl_jax/config.py.
+"""
+
+
+def get_config():
+    return {
+        "model": {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 128, "intermediate_size": 344,
+                  "num_layers": 4, "num_heads": 4, "num_kv_heads": 2},
+        "task": {"min_steps": 1, "max_steps": 4},
+        "data": {"train": "task:arith", "eval": "task:arith", "max_prompt_len": 16, "num_eval_per_level": 32},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 40},
+        "objective": {"method": "grpo"},
+        "echo": {"enabled": True, "coef": 0.001},
+        "rl": {"prompts_per_step": 16, "group_size": 8},
+        "optim": {"learning_rate": 1e-4, "warmup_steps": 5},
+        "sft": {"steps": 600, "batch_size": 64, "learning_rate": 3e-3},
+        "train": {"steps": 40, "workdir": "runs/default", "eval_every": 10, "eval_samples": 4},
+    }

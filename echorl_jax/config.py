@@ -1,0 +1,340 @@
+"""The one config schema: frozen dataclass sections, defaults, parsing and validation.
+
+A run is a Python config file whose ``get_config()`` returns a nested dict of
+the values that differ from the defaults below, plus dotted command-line
+overrides (``--config.model.num_layers=2``). Both are checked against this
+schema once, at start-up: an unknown key, a value of the wrong type or an
+incompatible combination fails with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+import types
+import typing
+from typing import Any, Mapping
+
+from echorl_jax.echo import EchoConfig
+from echorl_jax.models.config import ModelConfig
+from echorl_jax.objectives import ObjectiveConfig
+from echorl_jax.sampling import SamplingConfig
+from echorl_jax.tasks.arith import ArithTask
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection(ModelConfig):
+    """Architecture fields (ModelConfig) plus where the weights come from."""
+
+    path: str = ""  # local Hugging Face directory; "" = random init from the fields here
+    seed: int = 0  # init seed when path == ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    shape: tuple = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train: str = "task:arith"  # .parquet / .jsonl / .json path, or task:NAME for a built-in task
+    eval: str = "task:arith"  # held-out prompts ("" = no evaluation)
+    tokenizer: str = ""  # HF tokenizer dir; "" = model.path, or the built-in char tokenizer for tasks
+    template: str = "{prompt}"  # "chat" = tokenizer chat template, else a format string with {prompt}
+    add_bos: bool = False
+    max_prompt_len: int = 48  # P: longer prompts are dropped and counted, or fail (on_overlong)
+    on_overlong: str = "drop"  # drop | error
+    seed: int = 0  # shuffle seed
+    num_train: int = 4096  # built-in tasks: generated train prompts
+    num_eval_per_level: int = 16  # built-in tasks: held-out prompts per difficulty level
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    prompts_per_step: int = 16  # N
+    group_size: int = 8  # G rollouts per prompt
+    epochs: int = 1  # K passes over each rollout batch
+    minibatches: int = 1  # optimizer steps per epoch
+    micro_batches: int = 1  # gradient accumulation inside each optimizer step
+    recompute_logp: bool = False  # old log-probs from a forward pass instead of the sampler
+    reward: str = "auto"  # verifier name; auto = the task's own, or math for files
+    stop_strings: tuple = ()  # extra stop tokens by text, besides the tokenizer's eos
+    max_sample_rounds: int = 3  # DAPO dynamic sampling: prompt batches drawn at most per step
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-5
+    schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of learning_rate
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 0  # warm-start steps on the task's worked solutions; 0 = none
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    cache_dir: str = ""  # where warm-start results are cached; "" = train.workdir/warmstart
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 20  # RL steps
+    workdir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 10  # 0 = only at the end
+    eval_samples: int = 4  # k samples per held-out prompt (avg@k, pass@k)
+    eval_temperature: float = 0.6  # 0 = greedy
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the latest checkpoint in workdir
+    export_hf: bool = True  # write the final policy as a HF directory
+    progress: bool = True  # progress bar
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelSection = ModelSection()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    task: ArithTask = ArithTask()
+    sampling: SamplingConfig = SamplingConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    echo: EchoConfig = EchoConfig()
+    rl: RLConfig = RLConfig()
+    optim: OptimConfig = OptimConfig()
+    sft: SFTConfig = SFTConfig()
+    train: TrainConfig = TrainConfig()
+
+
+# ---------------------------------------------------------------- building
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Checks/converts one leaf value; strings from the command line are parsed by type."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        allowed = typing.get_args(typ)
+        for t in allowed:
+            try:
+                return _coerce(key, value, t)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key {key}={value!r}: expected one of {allowed}")
+    if typ is type(None):
+        if value is None or value == "None":
+            return None
+        raise ConfigError(f"config key {key}={value!r}: expected None")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"config key {key}={value!r}: expected a bool (true/false)")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key}={value!r}: expected an int")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key}={value!r}: expected an int")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key}={value!r}: expected a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key}={value!r}: expected a string")
+    if typ is tuple or origin is tuple:
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = ast.literal_eval(text) if text[:1] in "([" else tuple(v for v in text.split(",") if v)
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"config key {key}={value!r}: expected a tuple, e.g. '(1, 2)' or 'a,b'") from None
+            if not isinstance(value, (list, tuple)):
+                value = (value,)
+            value = tuple(_literal(v) for v in value)
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"config key {key}={value!r}: expected a tuple")
+    raise ConfigError(f"config key {key}: unsupported field type {typ}")
+
+
+def _literal(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            return v.strip()
+    return v
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str):
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in types_:
+            raise ConfigError(f"unknown config key {path!r}; allowed keys here: {', '.join(sorted(types_))}")
+        typ = types_[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key {path!r} is a section: give a dict, not {value!r}")
+            kwargs[key] = _build(typ, value, path)
+        else:
+            kwargs[key] = _coerce(path, value, typ)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # sections that validate in __post_init__
+        raise ConfigError(f"config section {prefix or 'root'!r}: {e}") from None
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--config.a.b=1", "--config.c", "x"]`` -> ``{"a": {"b": "1"}, "c": "x"}``."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--config."):
+            raise ConfigError(f"unrecognised argument {arg!r}; overrides look like --config.section.key=value")
+        if "=" in arg:
+            dotted, value = arg[len("--config.") :].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg!r} has no value")
+            dotted, value = arg[len("--config.") :], args[i + 1]
+            i += 1
+        node = out
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+        i += 1
+    return out
+
+
+def load_config_file(path: str) -> dict:
+    """Runs a config file and returns its ``get_config()`` dict."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location("_echorl_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config()")
+    values = module.get_config()
+    if isinstance(values, Config):
+        values = dataclasses.asdict(values)
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config file {path!r}: get_config() must return a dict, got {type(values).__name__}")
+    return dict(values)
+
+
+def build_config(values: Mapping | None = None, overrides: Mapping | None = None) -> Config:
+    """Defaults <- config-file values <- overrides, then validation."""
+    merged = _merge(dict(values or {}), overrides or {})
+    merged = _apply_method_preset(merged)
+    cfg = _build(Config, merged, "")
+    validate(cfg, merged)
+    return cfg
+
+
+def _apply_method_preset(merged: dict) -> dict:
+    """``objective.method`` names a preset (methods.py); fields set explicitly win over it."""
+    from echorl_jax import methods
+
+    objective = dict(merged.get("objective") or {})
+    name = objective.get("method", ObjectiveConfig.method)
+    try:
+        preset = methods.method_fields(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return dict(merged, objective={**preset, **objective})
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key {key}={value!r} is invalid: {allowed}")
+
+
+def validate(cfg: Config, given: Mapping | None = None) -> None:
+    """Section validators, then the combinations no single section can check."""
+    given = given or {}
+    for name in ("sampling", "objective", "echo", "task"):
+        section = getattr(cfg, name)
+        if hasattr(section, "validate"):
+            try:
+                section.validate()
+            except ValueError as e:
+                raise ConfigError(f"config section {name!r}: {e}") from None
+    try:
+        cfg.model.validate(prefix="model")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.path:
+        arch = {f.name for f in dataclasses.fields(ModelConfig)} - {"param_dtype", "compute_dtype", "remat"}
+        clash = sorted(arch & set(given.get("model", {})))
+        _check(not clash, f"model.{clash[0] if clash else ''}", "set", "the architecture comes from model.path/config.json; only param_dtype, compute_dtype and remat may be overridden")
+    rl, opt, train = cfg.rl, cfg.optim, cfg.train
+    for key in ("prompts_per_step", "group_size", "epochs", "minibatches", "micro_batches"):
+        _check(getattr(rl, key) >= 1, f"rl.{key}", getattr(rl, key), "must be >= 1")
+    rows = rl.prompts_per_step * rl.group_size
+    _check(rows % rl.minibatches == 0, "rl.minibatches", rl.minibatches, f"must divide prompts_per_step*group_size={rows}")
+    mb = rows // rl.minibatches
+    _check(mb % rl.micro_batches == 0, "rl.micro_batches", rl.micro_batches, f"must divide the minibatch size {mb}")
+    _check(not (cfg.objective.estimator == "rloo" and rl.group_size < 2), "rl.group_size", rl.group_size, "rloo needs group_size >= 2")
+    _check(
+        cfg.objective.overlong_buffer < cfg.sampling.max_new_tokens,
+        "objective.overlong_buffer", cfg.objective.overlong_buffer,
+        f"must be < sampling.max_new_tokens={cfg.sampling.max_new_tokens} (set it explicitly for short responses)",
+    )  # fmt: skip
+    _check(opt.learning_rate > 0, "optim.learning_rate", opt.learning_rate, "must be > 0")
+    _check(opt.schedule in ("constant", "cosine"), "optim.schedule", opt.schedule, "allowed: constant, cosine")
+    _check(opt.max_grad_norm >= 0, "optim.max_grad_norm", opt.max_grad_norm, "must be >= 0 (0 disables)")
+    _check(train.steps >= 0, "train.steps", train.steps, "must be >= 0")
+    _check(train.eval_samples >= 1, "train.eval_samples", train.eval_samples, "must be >= 1")
+    _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
+    _check(cfg.data.on_overlong in ("drop", "error"), "data.on_overlong", cfg.data.on_overlong, "allowed: drop, error")
+    _check(cfg.data.max_prompt_len >= 1, "data.max_prompt_len", cfg.data.max_prompt_len, "must be >= 1")
+    _check(cfg.sft.steps >= 0, "sft.steps", cfg.sft.steps, "must be >= 0")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,59 @@
+"""Held-out evaluation: avg@k (mean accuracy over k samples) and pass@k, per data source and level."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from echorl_jax.data import PromptPipeline
+from echorl_jax.rewards.base import Verifier
+from echorl_jax.sampling import decode_responses
+
+
+def evaluate(
+    sample_fn: Callable,
+    params,
+    pipeline: PromptPipeline,
+    records: Sequence[dict],
+    verifier: Verifier,
+    tokenizer,
+    *,
+    k: int,
+    rng: jax.Array,
+) -> dict[str, float]:
+    """One pass over a fresh ``pipeline`` (eval mode); ``sample_fn`` draws ``k`` responses per prompt.
+
+    Keys: ``avg@k``, ``pass@k`` overall, and the same suffixed ``/source=NAME`` and
+    ``/level=D`` (records with a ``difficulty`` field). Padding rows are skipped.
+    """
+    correct_by_record: dict[int, np.ndarray] = {}
+    for i, batch in enumerate(pipeline):
+        rollout = sample_fn(params, batch.tokens_np, batch.length_n, jax.random.fold_in(rng, i))
+        texts = decode_responses(tokenizer, rollout)
+        truths = [gt for gt in batch.ground_truth for _ in range(k)]
+        result = verifier(texts, truths)
+        correct_nk = np.asarray(result.correct_n, bool).reshape(-1, k)
+        for row, (idx, valid) in enumerate(zip(batch.record_index, batch.valid_n)):
+            if valid:
+                correct_by_record[int(idx)] = correct_nk[row]
+    return summarize(correct_by_record, records, k)
+
+
+def summarize(correct_by_record: dict[int, np.ndarray], records: Sequence[dict], k: int) -> dict[str, float]:
+    groups: dict[str, list[np.ndarray]] = defaultdict(list)
+    for idx, correct in correct_by_record.items():
+        rec = records[idx]
+        groups[""].append(correct)
+        groups[f"/source={rec.get('data_source', 'unknown')}"].append(correct)
+        if "difficulty" in rec:
+            groups[f"/level={rec['difficulty']}"].append(correct)
+    out = {}
+    for suffix, rows in sorted(groups.items()):
+        c = np.stack(rows)
+        out[f"avg@{k}{suffix}"] = float(c.mean())
+        out[f"pass@{k}{suffix}"] = float(c.any(axis=1).mean())
+        out[f"count{suffix}"] = float(len(rows))
+    return out

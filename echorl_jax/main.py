@@ -1,0 +1,75 @@
+"""Entry point: ``python -m echorl_jax.main [--config FILE] [--config.section.key=value ...]``.
+
+With no ``--config`` the built-in default (configs/default.py's values) runs:
+warm start + GRPO+EchoRL on the arithmetic task, CPU is enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str]):
+    from echorl_jax import config as config_lib
+
+    parser = argparse.ArgumentParser(prog="echorl-jax", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="Python config file with get_config() (default: built-in)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--compare", action="store_true", help="run the GRPO/DAPO ± EchoRL comparison instead")
+    args, rest = parser.parse_known_args(argv)
+    values = config_lib.load_config_file(args.config) if args.config else default_values()
+    overrides = config_lib.parse_overrides(rest)
+    return args, config_lib.build_config(values, overrides)
+
+
+def default_values() -> dict:
+    from echorl_jax import config as config_lib
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(here, "configs", "default.py")
+    return config_lib.load_config_file(path) if os.path.isfile(path) else {}
+
+
+def maybe_init_distributed() -> None:
+    # Multi-host (TPU pods, multi-node GPU): every host runs this same program.
+    if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")):
+        import jax
+
+        if os.environ.get("ECHORL_NO_DISTRIBUTED") != "1":
+            jax.distributed.initialize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from echorl_jax import config as config_lib
+
+    try:
+        args, cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import json
+
+        print(json.dumps(config_lib.to_dict(cfg), indent=2))
+        return 0
+    maybe_init_distributed()
+    if args.compare:
+        from echorl_jax import compare
+
+        compare.run(cfg)
+        return 0
+    from echorl_jax import report, train
+
+    result = train.train(cfg)
+    report.write_report(cfg, result)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

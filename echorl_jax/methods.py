@@ -1,0 +1,90 @@
+"""Named RLVR methods as presets of ObjectiveConfig fields.
+
+A preset sets objective fields only; EchoRL is a separate ``EchoConfig`` and is
+switched on for any method with ``echo.enabled`` (or the ``"<method>+echo"``
+name form accepted by ``split_method_name``). Adding a variant is one
+``register_method`` call.
+
+KL to a reference policy is off in every preset (DAPO and Dr.GRPO drop it for
+RLVR, and it saves a reference forward); set ``kl_coef=0.04, kl_kind="k3"`` for
+the original GRPO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+
+from echorl_jax.objectives import ObjectiveConfig
+
+_FIELDS = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+_METHODS: dict[str, MappingProxyType] = {}
+
+
+def register_method(name: str, **fields) -> None:
+    """Register preset ``name``; ``fields`` are ObjectiveConfig overrides."""
+    unknown = set(fields) - _FIELDS
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown ObjectiveConfig fields {sorted(unknown)}")
+    if "+" in name:
+        raise ValueError(f"method name {name!r} may not contain '+' (reserved for '+echo')")
+    ObjectiveConfig(method=name, **fields).validate()
+    _METHODS[name] = MappingProxyType(dict(fields, method=name))
+
+
+# DeepSeekMath GRPO: std-normalised group advantage, PPO clip, 1/|o| per sequence.
+register_method("grpo", estimator="grpo", policy_loss="ppo", aggregation="seq-mean-token-mean")
+# Dr.GRPO: no std division, constant length normaliser (removes length/difficulty bias).
+register_method("drgrpo", estimator="drgrpo", policy_loss="ppo", aggregation="seq-mean-token-sum-norm")
+# DAPO: clip-higher, token-level mean, dynamic sampling, soft overlong punishment (paper: 4096 of 20480).
+register_method(
+    "dapo",
+    estimator="grpo",
+    policy_loss="ppo",
+    clip_low=0.2,
+    clip_high=0.28,
+    aggregation="token-mean",
+    dynamic_sampling=True,
+    overlong_buffer=4096,
+    overlong_penalty=1.0,
+)
+# GSPO: sequence-level (length-normalised) ratio with the paper's tiny clip range.
+register_method(
+    "gspo", estimator="grpo", policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, aggregation="seq-mean-token-mean"
+)
+# RLOO: leave-one-out baseline, PPO clip, token-level mean.
+register_method("rloo", estimator="rloo", policy_loss="ppo", aggregation="token-mean")
+# REINFORCE++-baseline: group-mean baseline then batch whitening, PPO clip.
+register_method("reinforce_pp", estimator="reinforce_pp", policy_loss="ppo", aggregation="token-mean")
+# CISPO (MiniMax-M1): clipped, stop-gradient IS weight on log pi; no lower bound, tune clip_high.
+register_method("cispo", estimator="grpo", policy_loss="cispo", clip_low=1.0, clip_high=0.28, aggregation="token-mean")
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_fields(name: str) -> dict:
+    """The ObjectiveConfig field values a preset sets."""
+    if name not in _METHODS:
+        raise ValueError(f"objective.method={name!r} is not a known method; expected one of {list_methods()}")
+    return dict(_METHODS[name])
+
+
+def split_method_name(name: str) -> tuple[str, bool]:
+    """``"dapo+echo"`` -> ``("dapo", True)``; ``"dapo"`` -> ``("dapo", False)``."""
+    base, plus, suffix = name.partition("+")
+    if plus and suffix != "echo":
+        raise ValueError(f"method {name!r}: the only suffix allowed is '+echo'")
+    return base, bool(plus)
+
+
+def get_method(name: str, **overrides) -> ObjectiveConfig:
+    """ObjectiveConfig for preset ``name`` (``+echo`` suffix ignored here), with overrides."""
+    base, _ = split_method_name(name)
+    fields = method_fields(base)
+    fields.update(overrides)
+    unknown = set(fields) - _FIELDS
+    if unknown:
+        raise ValueError(f"method {base!r}: unknown ObjectiveConfig fields {sorted(unknown)}")
+    return ObjectiveConfig(**fields).validate()

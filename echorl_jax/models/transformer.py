@@ -1,0 +1,209 @@
+"""Decoder-only transformer (Llama 3.x / Qwen2 / Qwen3) in Flax NNX.
+
+Layer weights are stacked along a leading ``layers`` axis and the blocks run
+under ``lax.scan``: compile time does not grow with depth and the KV cache is
+one array per k/v. Every parameter carries ``logical_axes`` metadata that
+``echorl_jax.sharding`` maps to mesh axes.
+
+Shape letters: b batch, s new positions, k key positions (cache slots),
+h hidden, n query heads, g kv heads, r heads per kv head, d head dim,
+f mlp, v vocab, l layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from echorl_jax.models.config import ModelConfig
+
+_NEG = -1e30  # finite mask value: a fully-masked (padding) query row stays NaN-free
+
+
+class KVCache(NamedTuple):
+    """Decode cache. ``pos`` slots are filled; slot i of row b holds a real token iff ``valid_bk[b, i]``."""
+
+    k_lbkgd: jax.Array
+    v_lbkgd: jax.Array
+    valid_bk: jax.Array  # bool
+    pos: jax.Array  # int32 scalar: next slot to write
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    dtype = dtype or jnp.dtype(cfg.compute_dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    return KVCache(
+        jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32)
+    )
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std, dtype):
+    init = jax.random.normal(rngs.params(), shape, jnp.float32) * std
+    return nnx.Param(init.astype(dtype), logical_axes=axes)
+
+
+def _const(shape, axes, value, dtype):
+    return nnx.Param(jnp.full(shape, value, dtype), logical_axes=axes)
+
+
+def rms_norm(x, weight, eps):
+    # As in HF: normalise in float32, scale after casting back.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    d = cfg.dim_per_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if cfg.rope_type == "llama3":
+        # Llama 3.1 frequency-dependent scaling: long wavelengths slowed by `factor`,
+        # short ones kept, a smooth blend between.
+        old = cfg.rope_original_max_position
+        low_wavelen = old / cfg.rope_low_freq_factor
+        high_wavelen = old / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = jnp.where(medium, blended, scaled)
+    return inv_freq
+
+
+def apply_rope(x_bsnd, positions_bs, inv_freq):
+    freqs = positions_bs.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
+    cos = jnp.cos(freqs)[:, :, None, :].astype(x_bsnd.dtype)
+    sin = jnp.sin(freqs)[:, :, None, :].astype(x_bsnd.dtype)
+    x1, x2 = jnp.split(x_bsnd, 2, axis=-1)  # HF "rotate_half" (non-interleaved) layout
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(q_bsnd, k_bkgd, v_bkgd, allowed_bsk):
+    b, s, n, d = q_bsnd.shape
+    g = k_bkgd.shape[2]
+    q = q_bsnd.reshape(b, s, g, n // g, d)
+    scores = jnp.einsum("bsgrd,bkgd->bgrsk", q, k_bkgd, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(allowed_bsk[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bkgd.dtype)
+    out = jnp.einsum("bgrsk,bkgd->bsgrd", probs, v_bkgd)
+    return out.reshape(b, s, n, d)
+
+
+class Transformer(nnx.Module):
+    """``model(tokens_bs, positions_bs, valid_bs, cache) -> (logits_bsv float32, cache)``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        h, f, v, nl = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+        n, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+        dt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.embed = _param(rngs, (v, h), ("vocab", "embed"), std, dt)
+        self.wq = _param(rngs, (nl, h, n, d), ("layers", "embed", "heads", "head_dim"), std, dt)
+        self.wk = _param(rngs, (nl, h, g, d), ("layers", "embed", "kv_heads", "head_dim"), std, dt)
+        self.wv = _param(rngs, (nl, h, g, d), ("layers", "embed", "kv_heads", "head_dim"), std, dt)
+        self.wo = _param(rngs, (nl, n, d, h), ("layers", "heads", "head_dim", "embed"), std, dt)
+        if cfg.attention_bias:
+            self.bq = _const((nl, n, d), ("layers", "heads", "head_dim"), 0.0, dt)
+            self.bk = _const((nl, g, d), ("layers", "kv_heads", "head_dim"), 0.0, dt)
+            self.bv = _const((nl, g, d), ("layers", "kv_heads", "head_dim"), 0.0, dt)
+        if cfg.o_bias:
+            self.bo = _const((nl, h), ("layers", "embed"), 0.0, dt)
+        if cfg.qk_norm:
+            self.q_norm = _const((nl, d), ("layers", "head_dim"), 1.0, dt)
+            self.k_norm = _const((nl, d), ("layers", "head_dim"), 1.0, dt)
+        self.attn_norm = _const((nl, h), ("layers", "norm"), 1.0, dt)
+        self.mlp_norm = _const((nl, h), ("layers", "norm"), 1.0, dt)
+        self.w_gate = _param(rngs, (nl, h, f), ("layers", "embed", "mlp"), std, dt)
+        self.w_up = _param(rngs, (nl, h, f), ("layers", "embed", "mlp"), std, dt)
+        self.w_down = _param(rngs, (nl, f, h), ("layers", "mlp", "embed"), std, dt)
+        self.final_norm = _const((h,), ("norm",), 1.0, dt)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (h, v), ("embed", "vocab"), std, dt)
+
+    LAYER_PARAMS = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm", "attn_norm", "mlp_norm",
+                    "w_gate", "w_up", "w_down")  # fmt: skip
+
+    def _layer_params(self) -> dict[str, jax.Array]:
+        cdt = jnp.dtype(self.cfg.compute_dtype)
+        return {k: getattr(self, k)[...].astype(cdt) for k in self.LAYER_PARAMS if hasattr(self, k)}
+
+    def __call__(self, tokens_bs, positions_bs, valid_bs, cache: KVCache | None = None):
+        cfg = self.cfg
+        cdt = jnp.dtype(cfg.compute_dtype)
+        inv_freq = rope_inv_freq(cfg)
+        x = self.embed[...].astype(cdt)[tokens_bs]
+        s = tokens_bs.shape[1]
+
+        if cache is None:
+            # Causal by index: with left padding, real tokens of a row are contiguous at the end.
+            causal = jnp.tril(jnp.ones((s, s), bool))
+            allowed_bsk = causal[None] & valid_bs[:, None, :]
+            valid_bk, pos = None, None
+        else:
+            pos = cache.pos
+            valid_bk = jax.lax.dynamic_update_slice(cache.valid_bk, valid_bs, (0, pos))
+            slots = jnp.arange(valid_bk.shape[1])
+            allowed_bsk = (slots[None, :] <= pos + jnp.arange(s)[:, None])[None] & valid_bk[:, None, :]
+
+        def block(carry, p):
+            x, kc, vc, layer = carry
+            y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+            q = jnp.einsum("bsh,hnd->bsnd", y, p["wq"])
+            k = jnp.einsum("bsh,hgd->bsgd", y, p["wk"])
+            v = jnp.einsum("bsh,hgd->bsgd", y, p["wv"])
+            if cfg.attention_bias:
+                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            if cfg.qk_norm:
+                q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+                k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+            q = apply_rope(q, positions_bs, inv_freq)
+            k = apply_rope(k, positions_bs, inv_freq)
+            if kc is None:
+                k_all, v_all = k, v
+            else:
+                # Write this step's k/v into the cache carried through the scan (updated in place).
+                kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, pos, 0, 0))
+                vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, pos, 0, 0))
+                k_all, v_all = kc[layer].astype(cdt), vc[layer].astype(cdt)
+            attn = attention(q, k_all, v_all, allowed_bsk)
+            out = jnp.einsum("bsnd,ndh->bsh", attn, p["wo"])
+            x = x + (out + p["bo"] if cfg.o_bias else out)
+            y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+            mlp = jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"])
+            x = x + mlp @ p["w_down"]
+            return (x, kc, vc, layer + 1), None
+
+        if cfg.remat == "full":
+            block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+        elif cfg.remat == "dots":
+            block = jax.checkpoint(block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+        kc = None if cache is None else cache.k_lbkgd
+        vc = None if cache is None else cache.v_lbkgd
+        (x, kc, vc, _), _ = jax.lax.scan(block, (x, kc, vc, jnp.zeros((), jnp.int32)), self._layer_params())
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        head_hv = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bsh,hv->bsv", x, head_hv.astype(cdt), preferred_element_type=jnp.float32)
+        new_cache = None if cache is None else KVCache(kc, vc, valid_bk, pos + s)
+        return logits, new_cache
+
+
+def positions_from_valid(valid_bs) -> jax.Array:
+    """Left-padded rows: the first real token is position 0 (padding gets 0 too)."""
+    return jnp.maximum(jnp.cumsum(valid_bs.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def logp_and_entropy(logits_bsv, targets_bs, temperature: float = 1.0):
+    """Log-prob of ``targets`` and entropy of the full distribution, both under softmax(logits / T)."""
+    logits = logits_bsv.astype(jnp.float32) / temperature
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    logp_all = logits - logz[..., None]
+    logp = jnp.take_along_axis(logp_all, targets_bs[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, entropy

@@ -1,0 +1,288 @@
+"""RLVR objectives as pure array functions: advantages, policy losses,
+aggregation, KL, entropy bonus, DAPO pieces and the combined loss.
+
+Layout: rollout rows are group-major, row ``b = n*G + g``; responses are
+``[B, T]`` and ``mask_bt`` is a contiguous prefix of each row. Everything here
+is jittable with fixed shapes; configs are frozen dataclasses used as static
+arguments. Formulas are written out in docs/objectives.md.
+
+Micro-batching: every loss term and metric is a *sum* over rows divided by
+counts taken over the whole mini-batch (``GlobalCounts``), so summing
+``total_loss`` (and its metrics) over micro-batches gives exactly the
+whole-batch value and gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from echorl_jax import echo as echo_lib
+
+ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")
+POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "pg")
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "k2", "k3")
+
+
+def _check_choice(section: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{section}.{name}={value!r} is not allowed; expected one of {list(allowed)}")
+
+
+def _check(section: str, name: str, value, ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{section}.{name}={value!r} is invalid; expected {what}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    method: str = "grpo"  # informational name of the preset (see methods.py)
+    estimator: str = "grpo"  # advantage estimator: grpo | drgrpo | rloo | reinforce_pp
+    policy_loss: str = "ppo"  # per-token surrogate: ppo | gspo | gspo_token | cispo | pg
+    clip_low: float = 0.2  # ratio lower bound is 1 - clip_low (>= 1 means unbounded below)
+    clip_high: float = 0.2  # ratio upper bound is 1 + clip_high (DAPO clip-higher: 0.28)
+    dual_clip: float = 0.0  # 0 disables; else c > 1 caps the loss at -c*A for A < 0 (ppo/gspo)
+    aggregation: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    norm_length: int = 0  # constant divisor for seq-mean-token-sum-norm; 0 = use T
+    adv_eps: float = 1e-6  # added to std in grpo / reinforce_pp whitening
+    logratio_clamp: float = 20.0  # |log pi - log pi_old| (and the k3 log-ratio) are clamped to this
+    kl_coef: float = 0.0  # weight of KL(pi || pi_ref) loss term; 0 = no reference policy needed
+    kl_kind: str = "k3"  # KL estimator: k1 | k2 | k3 (low-variance)
+    entropy_coef: float = 0.0  # entropy bonus weight (loss -= coef * entropy)
+    dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and refill the batch
+    overlong_buffer: int = 0  # DAPO overlong shaping buffer length in tokens; 0 = off
+    overlong_penalty: float = 1.0  # DAPO penalty at the max length (reward -= up to this)
+
+    def validate(self) -> "ObjectiveConfig":
+        s = "objective"
+        _check_choice(s, "estimator", self.estimator, ESTIMATORS)
+        _check_choice(s, "policy_loss", self.policy_loss, POLICY_LOSSES)
+        _check_choice(s, "aggregation", self.aggregation, AGGREGATIONS)
+        _check_choice(s, "kl_kind", self.kl_kind, KL_KINDS)
+        _check(s, "clip_low", self.clip_low, self.clip_low >= 0, ">= 0")
+        _check(s, "clip_high", self.clip_high, self.clip_high >= 0, ">= 0")
+        _check(s, "dual_clip", self.dual_clip, self.dual_clip == 0 or self.dual_clip > 1, "0 (off) or > 1")
+        _check(s, "norm_length", self.norm_length, self.norm_length >= 0, ">= 0 (0 = response length T)")
+        _check(s, "adv_eps", self.adv_eps, self.adv_eps >= 0, ">= 0")
+        _check(s, "logratio_clamp", self.logratio_clamp, self.logratio_clamp > 0, "> 0")
+        _check(s, "kl_coef", self.kl_coef, self.kl_coef >= 0, ">= 0")
+        _check(s, "entropy_coef", self.entropy_coef, self.entropy_coef >= 0, ">= 0")
+        _check(s, "overlong_buffer", self.overlong_buffer, self.overlong_buffer >= 0, ">= 0 (0 = off)")
+        _check(s, "overlong_penalty", self.overlong_penalty, self.overlong_penalty >= 0, ">= 0")
+        return self
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def group_baseline_advantage(reward_ng: jax.Array, estimator: str, eps: float) -> jax.Array:
+    """Sequence-level advantage ``adv_ng`` before any token whitening."""
+    G = reward_ng.shape[1]
+    centred_ng = reward_ng - reward_ng.mean(axis=1, keepdims=True)
+    if estimator == "grpo":
+        # Unbiased std; with G = 1 the centred reward is 0, so the divisor is irrelevant.
+        std_n1 = jnp.sqrt((centred_ng**2).sum(axis=1, keepdims=True) / max(G - 1, 1))
+        return centred_ng / (std_n1 + eps)
+    if estimator == "rloo":
+        # r_i - mean_{j != i} r_j == G/(G-1) (r_i - mu); G = 1 has no baseline -> 0.
+        return centred_ng * (G / max(G - 1, 1))
+    if estimator in ("drgrpo", "reinforce_pp"):
+        return centred_ng
+    raise ValueError(f"objective.estimator={estimator!r} is not one of {list(ESTIMATORS)}")
+
+
+def compute_advantages(reward_ng: jax.Array, mask_bt: jax.Array, cfg: ObjectiveConfig) -> jax.Array:
+    """Outcome advantages ``adv_bt`` float32 [B, T], zero on padding.
+
+    reinforce_pp: group-mean baseline, then whitened over the valid tokens of the
+    whole batch given here (token-weighted mean, unbiased std, ``/(std + eps)``).
+    """
+    N, G = reward_ng.shape
+    mask_bt = mask_bt.astype(bool)
+    adv_b = group_baseline_advantage(reward_ng.astype(jnp.float32), cfg.estimator, cfg.adv_eps).reshape(N * G)
+    adv_bt = jnp.where(mask_bt, adv_b[:, None], 0.0)
+    if cfg.estimator == "reinforce_pp":
+        n = mask_bt.sum().astype(jnp.float32)
+        mean = adv_bt.sum() / jnp.maximum(n, 1.0)
+        var = jnp.where(mask_bt, (adv_bt - mean) ** 2, 0.0).sum() / jnp.maximum(n - 1.0, 1.0)
+        adv_bt = jnp.where(mask_bt, (adv_bt - mean) / (jnp.sqrt(var) + cfg.adv_eps), 0.0)
+    return adv_bt
+
+
+# ----------------------------------------------------------------------------- DAPO pieces
+
+
+def overlong_shaping(length_b: jax.Array, max_len: int, cfg: ObjectiveConfig) -> jax.Array:
+    """DAPO soft overlong penalty ``penalty_b`` (<= 0) to add to the reward.
+
+    0 up to ``max_len - buffer`` tokens, then linear down to ``-overlong_penalty``
+    at ``max_len`` (and beyond).
+    """
+    buf = cfg.overlong_buffer
+    if buf == 0:
+        return jnp.zeros(length_b.shape, jnp.float32)
+    if buf >= max_len:
+        raise ValueError(
+            f"objective.overlong_buffer={buf} must be smaller than the max response length {max_len}"
+        )
+    over = length_b.astype(jnp.float32) - (max_len - buf)
+    return -cfg.overlong_penalty * jnp.clip(over / buf, 0.0, 1.0)
+
+
+def zero_variance_groups(reward_ng: jax.Array) -> jax.Array:
+    """DAPO dynamic-sampling filter: ``keep_n`` is True for groups whose rewards
+    are NOT all equal (groups with zero variance give zero advantage)."""
+    return reward_ng.max(axis=1) > reward_ng.min(axis=1)
+
+
+def kept_group_rows(keep_n: np.ndarray, group_size: int, max_groups: int | None = None):
+    """Host-side refill helper: indices of the first ``max_groups`` kept groups
+    (``group_idx_k``) and their rows in group-major order (``row_idx_kg``, [K*G]).
+
+    The trainer accumulates these across sampling rounds until it has N groups.
+    """
+    group_idx_k = np.flatnonzero(np.asarray(keep_n))
+    if max_groups is not None:
+        group_idx_k = group_idx_k[:max_groups]
+    row_idx = (group_idx_k[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
+    return group_idx_k, row_idx
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+class LossBatch(NamedTuple):
+    mask_bt: jax.Array  # bool [B, T] response tokens
+    adv_bt: jax.Array  # f32 [B, T] advantages (constant along a row for outcome rewards)
+    old_logp_bt: jax.Array  # f32 [B, T] behaviour log-probs
+    ref_logp_bt: jax.Array  # f32 [B, T] reference log-probs; ignored when kl_coef == 0
+    echo_mask_bt: jax.Array  # bool [B, T] EchoClip tokens (echo.echo_clips)
+
+
+class GlobalCounts(NamedTuple):
+    num_tokens: jax.Array  # f32 scalar: valid tokens in the whole mini-batch
+    num_seqs: jax.Array  # f32 scalar: rows with at least one valid token
+    num_clips: jax.Array  # f32 scalar: rows holding an EchoClip
+
+
+def global_counts(mask_bt: jax.Array, echo_mask_bt: jax.Array) -> GlobalCounts:
+    """Counts over the WHOLE mini-batch; call before splitting into micro-batches."""
+    f32 = jnp.float32
+    return GlobalCounts(
+        num_tokens=mask_bt.sum().astype(f32),
+        num_seqs=mask_bt.any(axis=1).sum().astype(f32),
+        num_clips=echo_mask_bt.any(axis=1).sum().astype(f32),
+    )
+
+
+def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, counts: GlobalCounts, mode: str, norm_length: int = 0):
+    """Reduce per-token values to a scalar with global counts (micro-batch additive)."""
+    mask = mask_bt.astype(loss_bt.dtype)
+    tok_sum_b = (loss_bt * mask).sum(axis=1)
+    n_tok = jnp.maximum(counts.num_tokens, 1.0)
+    n_seq = jnp.maximum(counts.num_seqs, 1.0)
+    if mode == "token-mean":
+        return tok_sum_b.sum() / n_tok
+    if mode == "seq-mean-token-sum":
+        return tok_sum_b.sum() / n_seq
+    if mode == "seq-mean-token-mean":
+        # The per-row length is local to a row, so this stays micro-batch additive.
+        return (tok_sum_b / jnp.maximum(mask.sum(axis=1), 1.0)).sum() / n_seq
+    if mode == "seq-mean-token-sum-norm":
+        L = norm_length or loss_bt.shape[1]  # Dr.GRPO: constant length, no length bias
+        return tok_sum_b.sum() / (n_seq * L)
+    raise ValueError(f"objective.aggregation={mode!r} is not one of {list(AGGREGATIONS)}")
+
+
+def policy_loss_bt(logp_bt, old_logp_bt, adv_bt, mask_bt, cfg: ObjectiveConfig):
+    """Per-token surrogate loss ``loss_bt`` and ``clipped_bt`` (bool) indicator."""
+    mask = mask_bt.astype(bool)
+    # Padding log-probs may be garbage (-inf); zero them so no NaN leaks into gradients.
+    logp_bt = jnp.where(mask, logp_bt, 0.0)
+    lo, hi = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
+    log_ratio_bt = jnp.where(mask, logp_bt - jnp.where(mask, old_logp_bt, 0.0), 0.0)
+    log_ratio_bt = jnp.clip(log_ratio_bt, -cfg.logratio_clamp, cfg.logratio_clamp)
+    kind = cfg.policy_loss
+    if kind in ("gspo", "gspo_token"):
+        n_b = jnp.maximum(mask.sum(axis=1), 1)
+        seq_log_ratio_b = log_ratio_bt.sum(axis=1) / n_b  # log of geometric-mean token ratio
+        if kind == "gspo":
+            # Sequence ratio broadcast to tokens; needs adv constant along a row.
+            log_ratio_bt = jnp.broadcast_to(seq_log_ratio_b[:, None], log_ratio_bt.shape)
+        else:
+            # GSPO-token: value = sequence ratio, gradient flows per token (token advantages allowed).
+            sg = jax.lax.stop_gradient
+            log_ratio_bt = sg(seq_log_ratio_b)[:, None] + logp_bt - sg(logp_bt)
+    ratio_bt = jnp.exp(log_ratio_bt)
+    if kind == "cispo":
+        w_bt = jax.lax.stop_gradient(jnp.clip(ratio_bt, max(lo, 0.0), hi))
+        loss_bt = -w_bt * adv_bt * logp_bt
+        clipped_bt = (ratio_bt < lo) | (ratio_bt > hi)
+    elif kind == "pg":
+        # Unclipped importance-weighted REINFORCE: gradient -A * rho * grad log pi.
+        loss_bt = -adv_bt * ratio_bt
+        clipped_bt = jnp.zeros_like(mask)
+    else:  # ppo, gspo, gspo_token share the PPO clip (and the optional dual clip)
+        unclipped_bt = -adv_bt * ratio_bt
+        clipped_loss_bt = -adv_bt * jnp.clip(ratio_bt, lo, hi)
+        loss_bt = jnp.maximum(unclipped_bt, clipped_loss_bt)
+        clipped_bt = clipped_loss_bt > unclipped_bt
+        if cfg.dual_clip > 0:
+            # Dual clip: for A < 0 a huge ratio cannot make the loss exceed -c*A.
+            capped_bt = jnp.minimum(loss_bt, -cfg.dual_clip * adv_bt)
+            clipped_bt = clipped_bt | ((adv_bt < 0) & (capped_bt < loss_bt))
+            loss_bt = jnp.where(adv_bt < 0, capped_bt, loss_bt)
+    return jnp.where(mask, loss_bt, 0.0), clipped_bt & mask
+
+
+def kl_bt(logp_bt, ref_logp_bt, kind: str, clamp: float = 20.0):
+    """Per-token KL(pi || pi_ref) estimators on samples from pi (Schulman)."""
+    log_r_bt = ref_logp_bt - logp_bt  # log(pi_ref / pi)
+    if kind == "k1":
+        return -log_r_bt
+    if kind == "k2":
+        return 0.5 * log_r_bt**2
+    if kind == "k3":
+        log_r_bt = jnp.clip(log_r_bt, -clamp, clamp)  # exp overflow guard
+        return jnp.exp(log_r_bt) - log_r_bt - 1.0
+    raise ValueError(f"objective.kl_kind={kind!r} is not one of {list(KL_KINDS)}")
+
+
+def total_loss(
+    logp_bt, entropy_bt, batch: LossBatch, counts: GlobalCounts, obj: ObjectiveConfig, echo: echo_lib.EchoConfig | None
+):
+    """Combined loss for one (micro-)batch and its additive metrics.
+
+    loss = agg(policy) + kl_coef*agg(KL) - entropy_coef*agg(H) + echo.coef*L_echo.
+    ``logp_bt``/``entropy_bt`` come from the current policy's single forward pass.
+    """
+    mask = batch.mask_bt.astype(bool)
+    agg = lambda x_bt: aggregate(x_bt, mask, counts, obj.aggregation, obj.norm_length)
+    pl_bt, clipped_bt = policy_loss_bt(logp_bt, batch.old_logp_bt, batch.adv_bt, mask, obj)
+    pg_loss = agg(pl_bt)
+    entropy = agg(jnp.where(mask, entropy_bt, 0.0))
+    loss = pg_loss - obj.entropy_coef * entropy
+    n_tok = jnp.maximum(counts.num_tokens, 1.0)
+    sg_log_ratio_bt = jax.lax.stop_gradient(jnp.where(mask, logp_bt - batch.old_logp_bt, 0.0))
+    metrics = {
+        "pg_loss": pg_loss,
+        "entropy": entropy,
+        "clip_frac": clipped_bt.sum() / n_tok,
+        # k3 estimate of KL(pi_old || pi) on the behaviour samples: drift of this update.
+        "approx_kl_old": jnp.where(mask, jnp.expm1(-sg_log_ratio_bt) + sg_log_ratio_bt, 0.0).sum() / n_tok,
+    }
+    if obj.kl_coef > 0:
+        kl = agg(jnp.where(mask, kl_bt(logp_bt, batch.ref_logp_bt, obj.kl_kind, obj.logratio_clamp), 0.0))
+        loss = loss + obj.kl_coef * kl
+        metrics["kl_ref"] = kl
+    if echo is not None and echo.enabled:
+        l_echo = echo_lib.echo_loss(logp_bt, batch.echo_mask_bt, counts.num_clips)
+        loss = loss + echo.coef * l_echo
+        metrics["echo_loss"] = l_echo
+    metrics["loss"] = loss
+    return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -1,0 +1,430 @@
+"""Math verifier: grade the response's final answer with math-verify, in killable workers.
+
+Answer extraction (``find_answer``) — the first rule that finds a candidate decides:
+  0. Responses longer than ``max_chars`` (20k) keep only their last ``max_chars``
+     characters: the final answer is at the end, and parsing cost grows with length.
+  1. The last ``\\boxed{...}`` / ``\\fbox{...}`` (braces balanced, nesting allowed).
+     If that box is empty or never closed (generation cut off) there is no answer;
+     earlier boxes never count, as in MATH graders ("last answer wins").
+  2. Else the last "answer is X" / "answer: X" ("Final answer", markdown bold and
+     GSM8K's "#### X" too). X is the rest of that line, or the next non-blank line
+     when the rest is blank. X that reads as bare math (no LaTeX delimiters, no
+     English words) is parsed as LaTeX (``\\sqrt{2}``, ``(1, 2]``); otherwise
+     math-verify picks the expression out of the prose ("12 cm." -> 12).
+  3. Else math-verify's own extraction over the whole text: "final answer is" /
+     "answer:" anchors first, then the rightmost LaTeX or number.
+The ground truth is parsed as the content of a box, so bare LaTeX (``\\frac12``) works.
+Equivalence is ``math_verify.verify(gold, pred)`` (symbolic, numeric to 6 places,
+sets/intervals, percentages).
+
+Isolation. Each item runs in a worker process with a per-item wall-clock limit; on
+expiry the worker is SIGKILLed and replaced (``9^{9^{9^9}}`` hangs inside C big-int
+code, where math-verify's own SIGALRM timeouts cannot fire, so they are disabled).
+A worker that dies mid-item is replaced and the item scores 0. Workers are plain
+``python -c`` subprocesses rather than multiprocessing "spawn" children: spawn
+re-imports the trainer's ``__main__`` (jax, transformers) in every worker.
+Workers get an address-space limit and answer with JSON, never pickle, so a
+compromised worker cannot hand the trainer code to run.
+
+Eval safety (math-verify 0.9.0, latex2sympy2_extended 1.11, sympy 1.14). Neither
+package calls ``eval``/``exec`` on text itself, but sympy's ``parse_expr`` (and
+``sympify(str)``, which calls it) ends in ``eval``. It is reached from:
+  * math-verify's plain-expression extraction, ``parse_expr(m, evaluate=False)``,
+    where ``m`` matched ``[\\d.\\s+\\-*/^()×÷]`` (no names, so no code — but ``9**9**9``);
+  * ``sympy.Number(text)`` on numbers matched by a regex or the LaTeX lexer;
+  * constant strings inside sympy at import time (``sympy.physics.units``).
+LaTeX itself goes through an ANTLR grammar that builds sympy objects directly.
+Workers also install ``_eval_guard``: ``parse_expr`` refuses any text that is not
+plain arithmetic unless it comes from a module import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+import weakref
+from collections import deque
+from functools import lru_cache
+from multiprocessing import connection as mp_connection
+from multiprocessing import Pipe
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from echorl_jax.rewards.base import RewardResult
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- #
+# Answer extraction (pure, in-process).
+# --------------------------------------------------------------------------- #
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_RE = re.compile(
+    r"(?i:\banswer(?:\*\*)?\s*(?:is\b|:))\s*:?(?:\*\*)?[ \t]*(?P<tail>[^\n]*)"
+    r"|^[ \t]*####[ \t]*(?P<hash_tail>[^\n]*)",
+    re.MULTILINE,
+)
+_LATEX_DELIMS = ("$", "\\(", "\\[")
+_LATEX_CMD_RE = re.compile(r"\\text\{[^{}]*\}|\\[A-Za-z]+")
+_WORD_RE = re.compile(r"[A-Za-z]{2,}")
+
+
+class Answer(NamedTuple):
+    """The final-answer candidate: ``kind`` in {"boxed", "line", "text", "none"}."""
+
+    kind: str
+    text: str
+
+
+class Verdict(NamedTuple):
+    correct: bool
+    boxed: bool  # a well-formed (closed, non-empty) final \boxed{}
+    answered: bool  # an answer was found and parsed
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{}``/``\\fbox{}``; ``""`` if it is unclosed; None if absent."""
+    start = None
+    for start in _BOX_RE.finditer(text):
+        pass
+    if start is None:
+        return None
+    depth = 1
+    for i in range(start.end(), len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start.end() : i].strip()
+    return ""
+
+
+def find_answer(text: str, max_chars: int = 20_000) -> Answer:
+    """Apply the extraction rules in the module docstring."""
+    text = text[-max_chars:]
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return Answer("boxed", boxed) if boxed else Answer("none", "")
+    match = None
+    for match in _ANSWER_RE.finditer(text):
+        pass
+    if match is not None:
+        tail = match.group("tail") if match.group("tail") is not None else match.group("hash_tail")
+        tail = tail.strip(" \t*")
+        if not tail:  # "The answer is:\n$$5$$"
+            rest = text[match.end() :].strip().split("\n", 1)[0]
+            tail = rest.strip(" \t*")
+        return Answer("line", tail) if tail else Answer("none", "")
+    return Answer("text", text) if text.strip() else Answer("none", "")
+
+
+# --------------------------------------------------------------------------- #
+# Scoring one item (runs in a worker; callable in-process for tests).
+# --------------------------------------------------------------------------- #
+
+
+@lru_cache(maxsize=1)
+def _mv():
+    import math_verify
+
+    # We disable math-verify's SIGALRM timeouts (see module docstring); mute its warning.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    return math_verify
+
+
+def _parse(text: str) -> list:
+    return _mv().parse(text, parsing_timeout=None)
+
+
+def _parse_line(tail: str) -> list:
+    """An answer line: bare math is parsed as LaTeX, prose is left to math-verify."""
+    is_prose = _WORD_RE.search(_LATEX_CMD_RE.sub(" ", tail)) is not None
+    if is_prose or any(d in tail for d in _LATEX_DELIMS):
+        return _parse(tail)
+    return _parse("$" + tail.rstrip(" .") + "$")
+
+
+@lru_cache(maxsize=4096)  # a group of G responses shares one ground truth
+def _parse_gold(ground_truth: str) -> list:
+    boxed = last_boxed(ground_truth)
+    return _parse("\\boxed{" + (boxed or ground_truth) + "}")
+
+
+def score_one(response: str, ground_truth: str, max_chars: int = 20_000) -> Verdict:
+    """Grade one response; the default worker function."""
+    answer = find_answer(response, max_chars)
+    if answer.kind == "boxed":
+        pred = _parse("\\boxed{" + answer.text + "}")
+    elif answer.kind == "line":
+        pred = _parse_line(answer.text)
+    elif answer.kind == "text":
+        pred = _parse(answer.text)
+    else:
+        pred = []
+    gold = _parse_gold(ground_truth[:max_chars])
+    correct = bool(pred) and bool(gold) and _mv().verify(gold, pred, timeout_seconds=None)
+    return Verdict(correct=bool(correct), boxed=answer.kind == "boxed", answered=bool(pred))
+
+
+_ARITHMETIC_RE = re.compile(r"[0-9eE\s.,+\-*/()]*")
+
+
+def _eval_guard(stringify_expr: Callable) -> Callable:
+    """Wrap sympy's ``stringify_expr`` (the step before ``eval`` in ``parse_expr``)."""
+
+    def guarded(s, *args, **kwargs):
+        if not _ARITHMETIC_RE.fullmatch(s) and not _in_module_import():
+            raise ValueError(f"refusing to eval non-arithmetic text: {s[:60]!r}")
+        return stringify_expr(s, *args, **kwargs)
+
+    return guarded
+
+
+def _in_module_import() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+# --------------------------------------------------------------------------- #
+# Worker process.
+# --------------------------------------------------------------------------- #
+
+_WARMUP = [  # touches the lazily imported parts of sympy before the first timed item
+    ("$x^2+2x+1$", "(x+1)^2"),
+    ("\\boxed{(1, 2]}", "(1,2]"),
+    ("\\boxed{\\{1,2\\}}", "\\{2,1\\}"),
+    ("The answer is 50%.", "0.5"),
+    ("\\boxed{2\\pi}", "6.28"),
+    ("\\boxed{\\frac{\\sqrt{3}}{3}}", "\\frac{1}{\\sqrt{3}}"),
+]
+
+
+def _worker_main(fd: int) -> None:
+    """Entry point of a worker subprocess; ``fd`` is its end of a socket pair."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
+    conn = mp_connection.Connection(fd)
+    score_fn, max_chars, memory_limit_mb = conn.recv()  # from the trainer: trusted
+    if memory_limit_mb:
+        import resource
+
+        limit = memory_limit_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import sympy.physics.units  # noqa: F401  (module-level sympify of constant names)
+    from sympy.parsing import sympy_parser
+
+    for response, gold in _WARMUP:
+        score_one(response, gold, max_chars)
+    sympy_parser.stringify_expr = _eval_guard(sympy_parser.stringify_expr)
+    conn.send_bytes(b'"ready"')
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the trainer went away
+            return
+        if msg is None:
+            return
+        idx, response, ground_truth = msg
+        try:
+            out = list(score_fn(response, ground_truth, max_chars))
+        except Exception:  # noqa: BLE001  (MemoryError, RecursionError, ...)
+            logger.exception("math verifier item %d failed", idx)
+            out = None
+        conn.send_bytes(json.dumps([idx, out]).encode())
+
+
+class _Worker:
+    """One worker subprocess. ``item`` is the batch index it is working on, if any."""
+
+    def __init__(self, init_msg: tuple, startup_timeout_s: float):
+        parent, child = Pipe()
+        code = f"from echorl_jax.rewards.math import _worker_main; _worker_main({child.fileno()})"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.popen = subprocess.Popen(
+            [sys.executable, "-c", code],
+            pass_fds=(child.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        child.close()
+        self.conn = parent
+        self.conn.send(init_msg)
+        self.ready = False
+        self.item: int | None = None
+        self.deadline = time.monotonic() + startup_timeout_s
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        self.conn.close()
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for w in workers:
+        try:
+            w.conn.send(None)
+        except OSError:
+            pass
+    for w in workers:
+        try:
+            w.popen.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pass
+        w.kill()
+    workers.clear()
+
+
+# --------------------------------------------------------------------------- #
+# The verifier.
+# --------------------------------------------------------------------------- #
+
+_TIMEOUT, _ERROR = "timeout", "error"
+
+
+class MathVerifier:
+    """``(responses, ground_truths) -> RewardResult`` for math answers.
+
+    reward = ``correct_reward * correct + format_reward * boxed``, where ``boxed``
+    means the final answer is a well-formed ``\\boxed{}``. Items that time out or
+    crash their worker score 0 and count in ``info["timeouts"]``/``info["errors"]``;
+    ``info["no_answer"]`` counts responses in which no final answer was found.
+    The worker pool lives until ``close()`` (or the ``with`` block ends) and is
+    reused across calls. Not thread-safe.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float = 5.0,
+        num_workers: int = 2,
+        format_reward: float = 0.0,
+        correct_reward: float = 1.0,
+        *,
+        max_chars: int = 20_000,
+        memory_limit_mb: int | None = 2048,
+        startup_timeout_s: float = 120.0,
+        _score_fn: Callable[[str, str, int], Sequence] = score_one,  # test hook
+    ):
+        for key, value, ok, allowed in [
+            ("timeout_s", timeout_s, timeout_s > 0, "> 0"),
+            ("num_workers", num_workers, num_workers >= 1, ">= 1"),
+            ("max_chars", max_chars, max_chars >= 1, ">= 1"),
+            ("memory_limit_mb", memory_limit_mb, memory_limit_mb is None or memory_limit_mb >= 256,
+             ">= 256 or None"),
+        ]:
+            if not ok:
+                raise ValueError(f"MathVerifier: {key}={value!r}, must be {allowed}")
+        self.timeout_s = float(timeout_s)
+        self.format_reward = float(format_reward)
+        self.correct_reward = float(correct_reward)
+        self.max_chars = int(max_chars)
+        self._startup_timeout_s = float(startup_timeout_s)
+        self._init_msg = (_score_fn, self.max_chars, memory_limit_mb)
+        self._workers: list[_Worker] = [self._start_worker() for _ in range(num_workers)]
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+
+    def _start_worker(self) -> _Worker:
+        return _Worker(self._init_msg, self._startup_timeout_s)
+
+    def _replace(self, k: int) -> None:
+        self._workers[k].kill()
+        self._workers[k] = self._start_worker()
+
+    def _run(self, tasks: list[tuple[str, str]]) -> list:
+        """Score ``tasks`` on the pool; each result is a Verdict list, _TIMEOUT or _ERROR."""
+        if not self._workers:
+            raise RuntimeError("MathVerifier is closed")
+        results: list = [None] * len(tasks)
+        todo = deque(range(len(tasks)))
+        while todo or any(w.item is not None for w in self._workers):
+            for k, w in enumerate(self._workers):
+                if w.ready and w.item is None and todo:
+                    if w.popen.poll() is not None:  # died while idle (e.g. OOM killer)
+                        self._replace(k)
+                        continue
+                    i = todo.popleft()
+                    try:
+                        w.conn.send((i, *tasks[i]))
+                    except OSError:  # died just now: not the item's fault
+                        todo.appendleft(i)
+                        self._replace(k)
+                        continue
+                    w.item, w.deadline = i, time.monotonic() + self.timeout_s
+            waiting = [w for w in self._workers if not w.ready or w.item is not None]
+            wait_s = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
+            readable = mp_connection.wait([w.conn for w in waiting], timeout=wait_s)
+            now = time.monotonic()
+            for k, w in enumerate(self._workers):
+                if w not in waiting:
+                    continue
+                if w.conn in readable:
+                    try:
+                        msg = json.loads(w.conn.recv_bytes(maxlength=1 << 16))
+                    except (EOFError, OSError, ValueError):
+                        if not w.ready:
+                            raise RuntimeError(
+                                "math verifier worker failed to start (see its stderr above)"
+                            ) from None
+                        results[w.item] = _ERROR
+                        self._replace(k)
+                        continue
+                    if not w.ready:
+                        w.ready = True
+                    else:
+                        idx, out = msg
+                        assert idx == w.item, (idx, w.item)
+                        results[idx] = _ERROR if out is None else out
+                        w.item = None
+                elif now >= w.deadline:
+                    if not w.ready:
+                        raise RuntimeError(
+                            f"math verifier worker did not start within {self._startup_timeout_s}s"
+                        )
+                    results[w.item] = _TIMEOUT
+                    self._replace(k)
+        return results
+
+    def __call__(self, responses: Sequence[str], ground_truths: Sequence[str]) -> RewardResult:
+        if len(responses) != len(ground_truths):
+            raise ValueError(
+                f"MathVerifier: {len(responses)} responses but {len(ground_truths)} ground truths"
+            )
+        m = self.max_chars
+        tasks = [(str(r)[-m:], str(g)[:m]) for r, g in zip(responses, ground_truths)]
+        results = self._run(tasks)
+        n = len(tasks)
+        reward_n = np.zeros(n, np.float32)
+        correct_n = np.zeros(n, bool)
+        info = {"timeouts": 0, "errors": 0, "no_answer": 0}
+        for i, res in enumerate(results):
+            if res == _TIMEOUT:
+                info["timeouts"] += 1
+            elif res == _ERROR:
+                info["errors"] += 1
+            else:
+                v = Verdict(*res)
+                correct_n[i] = v.correct
+                reward_n[i] = self.correct_reward * v.correct + self.format_reward * v.boxed
+                info["no_answer"] += not v.answered
+        return RewardResult(reward_n=reward_n, correct_n=correct_n, info=info)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> MathVerifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

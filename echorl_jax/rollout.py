@@ -1,0 +1,131 @@
+"""From prompts to a scored rollout batch: sample, verify on the host, advantages and EchoClips.
+
+The sampler and the advantage/EchoClip maths are jitted; only the reward call
+(Python verifiers) runs on the host, on decoded text.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from echorl_jax import echo as echo_lib
+from echorl_jax import objectives
+from echorl_jax.rewards.base import Verifier
+from echorl_jax.sampling import Rollout, decode_responses
+
+
+class ScoredRollout(NamedTuple):
+    rollout: Rollout  # [B, ...] rows group-major (b = n*G + g)
+    reward_ng: jax.Array
+    correct_ng: np.ndarray
+    adv_bt: jax.Array
+    clips: echo_lib.EchoClips
+
+
+def make_scorer(obj_cfg, echo_cfg, delimiter_ids: np.ndarray, max_new_tokens: int) -> Callable:
+    """Jitted ``(rollout, reward_ng) -> (shaped reward, adv_bt, clips)``."""
+    delims = jnp.asarray(delimiter_ids, jnp.int32)
+
+    @jax.jit
+    def score(rollout: Rollout, reward_ng):
+        n, g = reward_ng.shape
+        if obj_cfg.overlong_buffer > 0:
+            shaped = reward_ng.reshape(-1) + objectives.overlong_shaping(rollout.lengths, max_new_tokens, obj_cfg)
+            reward_ng = shaped.reshape(n, g)
+        adv_bt = objectives.compute_advantages(reward_ng, rollout.response_mask, obj_cfg)
+        t = rollout.response_mask.shape[1]
+        response_bt = rollout.tokens[:, -t:]
+        clips = echo_lib.echo_clips(response_bt, rollout.response_mask, rollout.entropy, reward_ng, delims, echo_cfg)
+        return reward_ng, adv_bt, clips
+
+    return score
+
+
+def verify(verifier: Verifier, tokenizer, rollout: Rollout, ground_truth: list[str], group_size: int):
+    texts = decode_responses(tokenizer, rollout)
+    truths = [gt for gt in ground_truth for _ in range(group_size)]
+    result = verifier(texts, truths)
+    n = len(ground_truth)
+    return (
+        np.asarray(result.reward_n, np.float32).reshape(n, group_size),
+        np.asarray(result.correct_n, bool).reshape(n, group_size),
+        result.info,
+    )
+
+
+def _take_groups(tree: Any, group_idx: np.ndarray, group_size: int) -> Any:
+    rows = (group_idx[:, None] * group_size + np.arange(group_size)[None]).reshape(-1)
+    rows = jnp.asarray(rows)
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), tree)
+
+
+def collect(
+    next_prompts: Callable[[], Any],
+    sample: Callable,
+    params,
+    rng: jax.Array,
+    *,
+    verifier: Verifier,
+    tokenizer,
+    group_size: int,
+    dynamic_sampling: bool,
+    echo_threshold: float | None,
+    max_rounds: int,
+    timings: dict[str, float],
+) -> tuple[Rollout, np.ndarray, np.ndarray, dict[str, float], int]:
+    """Samples and verifies one step's rollouts.
+
+    With DAPO dynamic sampling, zero-variance groups are dropped and more prompts
+    are drawn until N informative groups are collected (at most ``max_rounds``
+    draws; any shortfall is filled with dropped groups, counted in the metrics).
+    With EchoRL on (``echo_threshold`` set), all-success groups stay: they carry
+    the echo signal, and dropping them would switch EchoRL off under DAPO.
+    Returns (rollout, reward_ng, correct_ng, reward info, number of draws).
+    """
+    kept_rollouts, kept_rewards, kept_correct, spare = [], [], [], []
+    info_total: dict[str, float] = {}
+    n_target, n_kept, rounds = None, 0, 0
+    while True:
+        batch = next_prompts()
+        n_target = n_target or batch.tokens_np.shape[0]
+        t0 = time.perf_counter()
+        rollout = sample(params, batch.tokens_np, batch.length_n, jax.random.fold_in(rng, rounds))
+        jax.block_until_ready(rollout.tokens)
+        t1 = time.perf_counter()
+        reward_ng, correct_ng, info = verify(verifier, tokenizer, rollout, batch.ground_truth, group_size)
+        timings["sample"] = timings.get("sample", 0.0) + t1 - t0
+        timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t1
+        for k, v in info.items():
+            info_total[k] = info_total.get(k, 0.0) + float(v)
+        rounds += 1
+        if not dynamic_sampling:
+            return rollout, reward_ng, correct_ng, info_total, rounds
+        keep = np.asarray(objectives.zero_variance_groups(jnp.asarray(reward_ng)))
+        if echo_threshold is not None:
+            keep = keep | np.all(reward_ng >= echo_threshold, axis=1)
+        idx = np.flatnonzero(keep)[: n_target - n_kept]
+        kept_rollouts.append(_take_groups(rollout, idx, group_size))
+        kept_rewards.append(reward_ng[idx])
+        kept_correct.append(correct_ng[idx])
+        n_kept += len(idx)
+        if n_kept < n_target:
+            spare.append((rollout, reward_ng, correct_ng, np.flatnonzero(~keep)))
+        if n_kept == n_target or rounds >= max_rounds:
+            break
+    filled = 0
+    for rollout, reward_ng, correct_ng, idx in spare:  # fill a shortfall with dropped groups
+        idx = idx[: n_target - n_kept]
+        if len(idx):
+            kept_rollouts.append(_take_groups(rollout, idx, group_size))
+            kept_rewards.append(reward_ng[idx])
+            kept_correct.append(correct_ng[idx])
+            n_kept += len(idx)
+            filled += len(idx)
+    info_total["dynamic_fill_groups"] = float(filled)
+    rollout = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *kept_rollouts)
+    return rollout, np.concatenate(kept_rewards), np.concatenate(kept_correct), info_total, rounds

@@ -1,0 +1,430 @@
+"""Fixed-shape generation: prefill + KV-cache decode in one jitted program.
+
+``make_sampler`` builds ``sample(state, prompt_tokens_np, prompt_lengths_n, rng)
+-> Rollout`` for ``N`` distinct prompts and ``G`` samples each (``B = N·G``
+rows, group-major: row ``b = n·G + g``). Inside one ``jit``:
+
+1. prefill each distinct prompt once ([N, P]) into a cache of P slots;
+2. repeat its cache and last logits G times and widen the cache to P + T slots;
+3. a ``lax.while_loop`` over [B, 1] decode steps that exits as soon as every
+   row has emitted a stop token, or after T tokens.
+
+Shapes are fixed, so the program compiles once per (N, P) and config and is
+reused every RL step. The sampler takes the nnx ``State`` the trainer trains,
+so sampling reads the same sharded parameters: no weight copy.
+
+Log-probs convention: ``behaviour_logp`` is the log-prob of the sampled token
+under softmax(logits / temperature) over the FULL vocabulary and ``entropy`` is
+the entropy of that same distribution — exactly what the trainer recomputes
+from its own forward. Top-k / top-p only restrict which token is drawn; their
+truncation is not folded into the log-prob (the verl / TRL convention), so the
+importance ratio is 1 on-policy up to numerics. Greedy decoding reports
+log-probs and entropy at temperature 1.
+
+Sharding: rows are sharded over the mesh batch axes ``("data", "fsdp")``;
+parameters stay on their own shardings. When N (prefill) or B (decode) is not
+a multiple of the batch divisor, the program pads rows up to the next multiple
+inside the jit (padding rows start "stopped" so they never delay the loop
+exit) and slices them off; the returned arrays are batch-sharded when B is
+divisible, and left to XLA's choice otherwise.
+
+Shape letters: b rows (B), n prompts (N), p prompt length (P), t response
+length (T), s P+T, v vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from echorl_jax.models.transformer import init_cache, positions_from_valid
+from echorl_jax.sharding import BATCH_AXES, batch_divisor, batch_sharding, logical_to_spec, replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are drawn (the ``sampling`` config section)."""
+
+    temperature: float = 1.0  # softmax temperature for drawing and for behaviour_logp / entropy
+    top_p: float = 1.0  # nucleus: smallest top set with probability >= top_p (1.0 = off)
+    top_k: int = 0  # draw among the k most likely tokens (0 = off)
+    greedy: bool = False  # argmax decoding; logp / entropy then use temperature 1
+    max_new_tokens: int = 64  # T: response length the batch is padded to
+
+    def validate(self, prefix: str = "sampling") -> None:
+        def bad(key, allowed):
+            raise ValueError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: {allowed}")
+
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
+            bad("temperature", "must be a finite number > 0 (use greedy=True for argmax decoding)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad("top_p", "must be in (0, 1]; 1.0 turns nucleus sampling off")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0; 0 turns top-k off")
+        if not isinstance(self.greedy, bool):
+            bad("greedy", "must be True or False")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be an integer >= 1")
+
+
+class Rollout(NamedTuple):
+    """One sampled batch (DESIGN.md §3); rows group-major, ``b = n·G + g``."""
+
+    tokens: jax.Array  # [B, P+T] int32: left-padded prompt + response, pad_id after the stop
+    valid: jax.Array  # [B, P+T] bool: real prompt tokens + response tokens through the first stop
+    response_mask: jax.Array  # [B, T] bool: generated tokens up to and including the first stop
+    behaviour_logp: jax.Array  # [B, T] f32: log-prob of the token under softmax(logits/temp), 0 off-mask
+    entropy: jax.Array  # [B, T] f32: entropy of that full distribution, 0 off-mask
+    lengths: jax.Array  # [B] int32: response length including the stop token
+    truncated: jax.Array  # [B] bool: no stop token within T
+
+
+# ----------------------------------------------------------------------------- token choice
+
+
+def logp_entropy_of(scaled_bv, tokens_b):
+    """Log-prob of ``tokens_b`` and entropy under softmax(scaled_bv), one pass over the vocab."""
+    m_b = jnp.max(scaled_bv, axis=-1, keepdims=True)
+    e_bv = jnp.exp(scaled_bv - m_b)
+    z_b = jnp.sum(e_bv, axis=-1)
+    logz_b = m_b[:, 0] + jnp.log(z_b)
+    # H = log Z - E_p[x]: avoids materialising log_softmax a second time.
+    entropy_b = logz_b - jnp.sum(e_bv * scaled_bv, axis=-1) / z_b
+    logp_b = jnp.take_along_axis(scaled_bv, tokens_b[:, None], axis=-1)[:, 0] - logz_b
+    return logp_b, entropy_b
+
+
+def _last_positive(x_bc):
+    """Index of the last entry > 0 in each row (0 if none)."""
+    c = x_bc.shape[-1]
+    return c - 1 - jnp.argmax(x_bc[:, ::-1] > 0, axis=-1)
+
+
+def inverse_cdf(w_bv, u_b, chunk: int = 256):
+    """Draws index i with probability w_i / sum(w), one uniform ``u_b`` in [0, 1) per row.
+
+    Two-level inverse CDF: pick a chunk of ``chunk`` entries from the chunk sums,
+    then an entry inside it. One pass over the vocab (the chunk sums) and one
+    random number per row, instead of a Gumbel draw per vocab entry. Rounding
+    can push the target past the last mass; the clamps then pick the last
+    entry with positive weight, so a zero-weight entry is never returned.
+    """
+    b, v = w_bv.shape
+    c = min(chunk, v)
+    nc = -(-v // c)
+    w_bjc = jnp.pad(w_bv, ((0, 0), (0, nc * c - v))).reshape(b, nc, c)
+    sum_bj = jnp.sum(w_bjc, axis=-1)
+    cum_bj = jnp.cumsum(sum_bj, axis=-1)
+    x_b = u_b * cum_bj[:, -1]
+    j_b = jnp.minimum(jnp.sum(cum_bj <= x_b[:, None], axis=-1), _last_positive(sum_bj))
+    w_bc = jnp.take_along_axis(w_bjc, j_b[:, None, None], axis=1)[:, 0]
+    x_b = x_b - jnp.take_along_axis(cum_bj - sum_bj, j_b[:, None], axis=-1)[:, 0]
+    cum_bc = jnp.cumsum(w_bc, axis=-1)
+    i_b = jnp.minimum(jnp.sum(cum_bc <= x_b[:, None], axis=-1), _last_positive(w_bc))
+    return (j_b * c + i_b).astype(jnp.int32)
+
+
+def choose_tokens(logits_bv, keys_b, cfg: SamplingConfig):
+    """Next token per row plus its (full-distribution) log-prob and entropy.
+
+    ``keys_b`` holds one PRNG key per row. The draw is an exact inverse-CDF
+    sample from softmax(logits / temperature), restricted first to the top-k
+    tokens and then to the nucleus (HF / vLLM order), renormalised.
+    """
+    logits_bv = logits_bv.astype(jnp.float32)
+    if cfg.greedy:
+        tokens_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return (tokens_b, *logp_entropy_of(logits_bv, tokens_b))
+    scaled_bv = logits_bv / cfg.temperature
+    u_b = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_b)
+    v = scaled_bv.shape[-1]
+    top_k = cfg.top_k if 0 < cfg.top_k < v else 0
+    if not top_k and cfg.top_p >= 1.0:
+        m_b = jnp.max(scaled_bv, axis=-1, keepdims=True)
+        tokens_b = inverse_cdf(jnp.exp(scaled_bv - m_b), u_b)  # XLA shares this exp with logp_entropy_of
+        return (tokens_b, *logp_entropy_of(scaled_bv, tokens_b))
+    if top_k:
+        cand_bc, ids_bc = jax.lax.top_k(scaled_bv, top_k)  # sorted descending
+    else:
+        iota = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), scaled_bv.shape)
+        neg_bc, ids_bc = jax.lax.sort_key_val(-scaled_bv, iota, dimension=-1)
+        cand_bc = -neg_bc
+    w_bc = jnp.exp(cand_bc - cand_bc[:, :1])
+    if cfg.top_p < 1.0:
+        above_bc = jnp.cumsum(w_bc, axis=-1) - w_bc  # mass strictly above each candidate
+        w_bc = jnp.where(above_bc < cfg.top_p * jnp.sum(w_bc, axis=-1, keepdims=True), w_bc, 0.0)  # top one kept
+    choice_b = inverse_cdf(w_bc, u_b)
+    tokens_b = jnp.take_along_axis(ids_bc, choice_b[:, None], axis=-1)[:, 0]
+    return (tokens_b, *logp_entropy_of(scaled_bv, tokens_b))
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+class _Loop(NamedTuple):
+    t: jax.Array  # index of the response token the next iteration draws
+    cache: Any
+    last_tok_b: jax.Array  # token t-1, fed to the model this iteration
+    last_valid_b: jax.Array  # whether token t-1 is real (row not stopped before it)
+    done_b: jax.Array  # row has emitted a stop token (or is padding)
+    tokens_bt: jax.Array
+    mask_bt: jax.Array
+    logp_bt: jax.Array
+    entropy_bt: jax.Array
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _rows(x, n_keep: int, n_out: int, axis: int = 0):
+    """Keeps the first ``n_keep`` rows along ``axis`` and zero-pads to ``n_out``."""
+    x = jax.lax.slice_in_dim(x, 0, n_keep, axis=axis)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n_out - n_keep)
+    return jnp.pad(x, pad)
+
+
+class Sampler:
+    """``sampler(state, prompt_tokens_np [N, P], prompt_lengths [N], rng) -> Rollout``.
+
+    ``state`` is the model's nnx State (or the model itself). ``rng`` is a PRNG
+    key or an int seed. ``traces`` counts how often the program was traced
+    (once per distinct input shape).
+    """
+
+    def __init__(self, graphdef, cfg: SamplingConfig, group_size: int, stop_ids, pad_id: int, mesh):
+        cfg.validate()
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size={group_size!r} is invalid: must be an integer >= 1")
+        self.graphdef, self.cfg, self.group_size = graphdef, cfg, group_size
+        self.stop_ids = tuple(int(s) for s in stop_ids)
+        self.pad_id, self.mesh = int(pad_id), mesh
+        self.traces = 0
+        self._jitted = jax.jit(self._sample)
+
+    def __call__(self, state, prompt_tokens, prompt_lengths, rng) -> Rollout:
+        if isinstance(state, nnx.Module):
+            state = nnx.state(state)
+        tokens_np, lengths_n = prompt_tokens, prompt_lengths
+        if not isinstance(tokens_np, jax.Array):
+            tokens_np = np.asarray(tokens_np, np.int32)
+        if not isinstance(lengths_n, jax.Array):
+            lengths_n = np.asarray(lengths_n, np.int32)
+        if tokens_np.ndim != 2 or lengths_n.shape != tokens_np.shape[:1]:
+            raise ValueError(f"prompt tokens {tokens_np.shape} and lengths {lengths_n.shape}: expected [N, P] and [N]")
+        if isinstance(lengths_n, np.ndarray) and lengths_n.size and not (
+            (lengths_n >= 1).all() and (lengths_n <= tokens_np.shape[1]).all()
+        ):
+            raise ValueError(f"prompt lengths must be in [1, P={tokens_np.shape[1]}]; got {lengths_n.tolist()}")
+        if isinstance(rng, (int, np.integer)):
+            rng = jax.random.key(int(rng))
+        if self.mesh is not None:
+            put = functools.partial(jax.device_put, device=replicated(self.mesh))
+            tokens_np, lengths_n, rng = put(tokens_np), put(lengths_n), put(rng)
+        return self._jitted(state, tokens_np, lengths_n, rng)
+
+    # -- traced -----------------------------------------------------------------------------
+
+    def _constrain(self, x, spec):
+        return x if self.mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    def _rows_sharded(self, x):
+        return self._constrain(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+
+    def _sample(self, state, prompt_np, lengths_n, rng) -> Rollout:
+        self.traces += 1
+        cfg, g_size, pad_id = self.cfg, self.group_size, self.pad_id
+        model = nnx.merge(self.graphdef, state)
+        mcfg = model.cfg
+        n, p = prompt_np.shape
+        t_max, b = cfg.max_new_tokens, n * g_size
+        div = 1 if self.mesh is None else batch_divisor(self.mesh)
+        n_pad, b_pad = _round_up(n, div), _round_up(b, div)
+
+        # 1. prefill the N distinct prompts (rows padded to the batch divisor).
+        lengths_n = lengths_n.astype(jnp.int32)
+        valid_np = jnp.arange(p)[None, :] >= (p - lengths_n)[:, None]
+        prompt_np = jnp.where(valid_np, prompt_np.astype(jnp.int32), pad_id)
+        tok = self._rows_sharded(_rows(prompt_np, n, n_pad))
+        val = self._rows_sharded(_rows(valid_np, n, n_pad))
+        pos = positions_from_valid(val)
+        cache = init_cache(mcfg, n_pad, p)
+        if p > 1:  # all but the last token: its logits are unused, so XLA drops the [N, P, V] head
+            _, cache = model(tok[:, :-1], pos[:, :-1], val[:, :-1], cache)
+        logits_n1v, cache = model(tok[:, -1:], pos[:, -1:], val[:, -1:], cache)
+
+        # 2. repeat per group (group-major), pad rows to b_pad and slots to P + T.
+        def expand(x, axis=0):
+            return _rows(jnp.repeat(jax.lax.slice_in_dim(x, 0, n, axis=axis), g_size, axis=axis), b, b_pad, axis)
+
+        kv_shape = (mcfg.num_layers, b_pad, p + t_max, mcfg.num_kv_heads, mcfg.dim_per_head)
+        kv_spec = None if self.mesh is None else logical_to_spec(
+            (None, "batch", None, "kv_heads", "head_dim"), kv_shape, self.mesh)
+
+        def widen_kv(x):
+            x = jnp.pad(expand(x, axis=1), ((0, 0), (0, 0), (0, t_max), (0, 0), (0, 0)))
+            return self._constrain(x, kv_spec)
+
+        cache = cache._replace(
+            k_lbkgd=widen_kv(cache.k_lbkgd),
+            v_lbkgd=widen_kv(cache.v_lbkgd),
+            valid_bk=self._rows_sharded(jnp.pad(expand(cache.valid_bk), ((0, 0), (0, t_max)))),
+        )
+        logits_bv = self._rows_sharded(expand(logits_n1v[:, 0]))
+        lengths_b = self._rows_sharded(expand(lengths_n))
+
+        # 3. decode. Row keys fold in the global row index, so draws do not depend on the mesh.
+        row_keys_b = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b_pad))
+        stop_ids = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
+        pad_row_b = jnp.arange(b_pad) >= b
+
+        def pick(logits_bv, t, done_b):
+            keys_b = jax.vmap(jax.random.fold_in, (0, None))(row_keys_b, t)
+            tok_b, logp_b, ent_b = choose_tokens(logits_bv, keys_b, cfg)
+            live_b = ~done_b
+            tok_b = jnp.where(live_b, tok_b, pad_id)
+            stop_b = live_b & jnp.isin(tok_b, stop_ids) if self.stop_ids else jnp.zeros_like(live_b)
+            return tok_b, live_b, done_b | stop_b, jnp.where(live_b, logp_b, 0.0), jnp.where(live_b, ent_b, 0.0)
+
+        def write(buf_bt, col_b, t):
+            return jax.lax.dynamic_update_slice(buf_bt, col_b[:, None].astype(buf_bt.dtype), (0, t))
+
+        tok0, live0, done0, lp0, ent0 = pick(logits_bv, 0, pad_row_b)
+        zeros = lambda dt: self._rows_sharded(jnp.zeros((b_pad, t_max), dt))  # noqa: E731
+        init = _Loop(
+            t=jnp.ones((), jnp.int32), cache=cache, last_tok_b=tok0, last_valid_b=live0, done_b=done0,
+            tokens_bt=write(jnp.full((b_pad, t_max), pad_id, jnp.int32), tok0, 0),
+            mask_bt=write(zeros(bool), live0, 0),
+            logp_bt=write(zeros(jnp.float32), lp0, 0),
+            entropy_bt=write(zeros(jnp.float32), ent0, 0),
+        )  # fmt: skip
+
+        def cond(s: _Loop):
+            return (s.t < t_max) & ~jnp.all(s.done_b)
+
+        def body(s: _Loop):
+            positions_b1 = (lengths_b + s.t - 1)[:, None]  # token t-1 sits at prompt length + t - 1
+            logits_b1v, cache = model(s.last_tok_b[:, None], positions_b1, s.last_valid_b[:, None], s.cache)
+            tok_b, live_b, done_b, lp_b, ent_b = pick(logits_b1v[:, 0], s.t, s.done_b)
+            return _Loop(
+                s.t + 1, cache, tok_b, live_b, done_b,
+                write(s.tokens_bt, tok_b, s.t), write(s.mask_bt, live_b, s.t),
+                write(s.logp_bt, lp_b, s.t), write(s.entropy_bt, ent_b, s.t),
+            )  # fmt: skip
+
+        out = jax.lax.while_loop(cond, body, init)
+
+        # 4. assemble [B, ...] outputs (drop padding rows).
+        mask_bt = out.mask_bt[:b]
+        rollout = Rollout(
+            tokens=jnp.concatenate([jnp.repeat(prompt_np, g_size, axis=0), out.tokens_bt[:b]], axis=1),
+            valid=jnp.concatenate([jnp.repeat(valid_np, g_size, axis=0), mask_bt], axis=1),
+            response_mask=mask_bt,
+            behaviour_logp=out.logp_bt[:b],
+            entropy=out.entropy_bt[:b],
+            lengths=jnp.sum(mask_bt, axis=1, dtype=jnp.int32),
+            truncated=~out.done_b[:b],
+        )
+        if self.mesh is not None and b % div == 0:
+            rollout = Rollout(*(jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, x.ndim))
+                                for x in rollout))  # fmt: skip
+        return rollout
+
+
+def make_sampler(
+    graphdef_or_model,
+    cfg: SamplingConfig,
+    *,
+    group_size: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    mesh=None,
+) -> Sampler:
+    """Builds the jitted sampler; call it as ``sample(state, prompt_tokens_np, prompt_lengths, rng)``.
+
+    ``graphdef_or_model``: the ``graphdef`` from ``nnx.split(model)``, or the model.
+    ``prompt_tokens_np`` [N, P] int32 are left-padded; ``prompt_lengths`` [N] count
+    the real tokens (1..P). The result has ``B = N·group_size`` rows, group-major.
+    With ``mesh``, parameters must already be on it (``sharding.shard_model``).
+    """
+    graphdef = nnx.graphdef(graphdef_or_model) if isinstance(graphdef_or_model, nnx.Module) else graphdef_or_model
+    return Sampler(graphdef, cfg, group_size, stop_ids, pad_id, mesh)
+
+
+# ----------------------------------------------------------------------------- text helpers
+
+
+def decode_responses(tokenizer, rollout: Rollout, **decode_kwargs) -> list[str]:
+    """Response text per row: tokens up to, but excluding, the stop token."""
+    t = rollout.response_mask.shape[1]
+    tokens_bt = np.asarray(rollout.tokens)[:, -t:]
+    n_b = np.asarray(rollout.lengths) - (~np.asarray(rollout.truncated)).astype(np.int32)
+    return [tokenizer.decode(tokens_bt[i, : n_b[i]].tolist(), **decode_kwargs) for i in range(len(n_b))]
+
+
+def _as_ids(x) -> tuple[int, ...]:
+    if x is None:
+        return ()
+    return tuple(int(i) for i in (x if isinstance(x, (list, tuple)) else [x]))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sampler(graphdef, cfg, group_size, stop_ids, pad_id, mesh) -> Sampler:
+    return make_sampler(graphdef, cfg, group_size=group_size, stop_ids=stop_ids, pad_id=pad_id, mesh=mesh)
+
+
+def tokenize_left_padded(tokenizer, prompts: Sequence[str], pad_id: int, add_special_tokens: bool = True):
+    """Plain strings -> (tokens [N, P] int32 left-padded with ``pad_id``, lengths [N] int32)."""
+    ids = [list(tokenizer.encode(p, add_special_tokens=add_special_tokens)) for p in prompts]
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenizes to no tokens; the sampler needs >= 1")
+    p = max(len(r) for r in ids)
+    tokens = np.full((len(ids), p), pad_id, np.int32)
+    for i, row in enumerate(ids):
+        tokens[i, p - len(row):] = row
+    return tokens, np.asarray([len(r) for r in ids], np.int32)
+
+
+def generate_text(
+    model: nnx.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    cfg: SamplingConfig = SamplingConfig(),
+    group_size: int = 1,
+    *,
+    seed: int = 0,
+    stop_ids: Sequence[int] | None = None,
+    pad_id: int | None = None,
+    mesh=None,
+    add_special_tokens: bool = True,
+) -> list[str]:
+    """Samples ``group_size`` responses per plain prompt string; returns ``N·G`` texts, group-major.
+
+    No chat template is applied (see ``data.render_prompt``). ``stop_ids``
+    defaults to the tokenizer's eos id(s); ``pad_id`` to its pad (else eos) id.
+    Samplers are cached per (model structure, config), so repeated calls with
+    the same prompt shape do not recompile.
+    """
+    if not prompts:
+        return []
+    stop = _as_ids(tokenizer.eos_token_id) if stop_ids is None else _as_ids(list(stop_ids))
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    tokens_np, lengths_n = tokenize_left_padded(tokenizer, prompts, pad_id, add_special_tokens)
+    graphdef, state = nnx.split(model)
+    try:
+        sampler = _cached_sampler(graphdef, cfg, group_size, stop, int(pad_id), mesh)
+    except TypeError:  # unhashable graphdef: build a fresh one
+        sampler = make_sampler(graphdef, cfg, group_size=group_size, stop_ids=stop, pad_id=pad_id, mesh=mesh)
+    rollout = sampler(state, tokens_np, lengths_n, jax.random.key(seed))
+    return decode_responses(tokenizer, rollout)

@@ -1,0 +1,225 @@
+"""Builds everything a run needs from the config: mesh, tokenizer, model, data, verifier, samplers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from echorl_jax import config as config_lib
+from echorl_jax import echo as echo_lib
+from echorl_jax import sharding, update
+from echorl_jax.data import PromptPipeline, load_records
+from echorl_jax.models.config import ModelConfig
+from echorl_jax.models.transformer import Transformer
+from echorl_jax.rewards import get_verifier
+from echorl_jax.sampling import SamplingConfig, make_sampler
+from echorl_jax.tasks import arith
+from echorl_jax.tasks.tokenizer import build_char_tokenizer
+
+TASK_PREFIX = "task:"
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: config_lib.Config
+    mesh: Any
+    tokenizer: Any
+    graphdef: Any
+    state: update.TrainState
+    optimizer: Any
+    total_updates: int
+    train_temperature: float
+    sample: Callable
+    eval_sample: Callable | None
+    train_pipeline: PromptPipeline
+    eval_pipeline: PromptPipeline | None
+    eval_initial_state: dict | None
+    eval_records: list[dict]
+    train_records: list[dict]
+    verifier: Any
+    delimiter_ids: np.ndarray
+    ref_params: Any
+    log: Callable[[str], None]
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state.params)
+
+    def export(self, out_dir: str) -> None:
+        from echorl_jax.models import hf
+
+        hf.export_model(self.model, out_dir, tokenizer=self.tokenizer)
+
+    def progress(self, start: int, total: int):
+        return Progress(start, total, enabled=self.cfg.train.progress and jax.process_index() == 0)
+
+
+class Progress:
+    """A tqdm bar showing step, reward, accuracy, held-out accuracy and tokens/s."""
+
+    def __init__(self, start: int, total: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=start, desc="rl", dynamic_ncols=True)
+
+    def update(self, row: dict, last_eval: dict) -> None:
+        if self._bar is None:
+            return
+        acc_key = next((k for k in last_eval if k.startswith("avg@") and "/" not in k), None)
+        post = {"reward": f"{row.get('reward/mean', 0):.3f}", "acc": f"{row.get('accuracy', 0):.3f}"}
+        if acc_key:
+            post["eval"] = f"{last_eval[acc_key]:.3f}"
+        post["clips"] = f"{row.get('echo/num_clips', 0):.0f}"
+        post["tok/s"] = f"{row.get('tokens_per_s', 0):.0f}"
+        self._bar.set_postfix(post, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[echorl] {msg}", flush=True)
+
+
+def load_tokenizer(cfg: config_lib.Config):
+    path = cfg.data.tokenizer or cfg.model.path
+    if path:
+        from transformers import AutoTokenizer
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"tokenizer directory {path!r} (data.tokenizer or model.path) does not exist")
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if cfg.data.train.startswith(TASK_PREFIX):
+        return build_char_tokenizer(os.path.join(cfg.train.workdir, "tokenizer"))
+    raise config_lib.ConfigError("data.tokenizer is empty and model.path is empty: no tokenizer for a file dataset")
+
+
+def _task_name(spec: str) -> str:
+    name = spec[len(TASK_PREFIX) :]
+    if name != "arith":
+        raise config_lib.ConfigError(f"data source {spec!r}: unknown built-in task {name!r} (available: task:arith)")
+    return name
+
+
+def load_train_records(cfg: config_lib.Config) -> list[dict]:
+    if cfg.data.train.startswith(TASK_PREFIX):
+        _task_name(cfg.data.train)
+        return arith.make_records(cfg.task, "train", cfg.data.num_train, cfg.data.seed)
+    return load_records(cfg.data.train)
+
+
+def load_eval_records(cfg: config_lib.Config) -> list[dict]:
+    if not cfg.data.eval:
+        return []
+    if cfg.data.eval.startswith(TASK_PREFIX):
+        _task_name(cfg.data.eval)
+        return arith.make_eval_records(cfg.task, cfg.data.num_eval_per_level, cfg.data.seed + 1)
+    return load_records(cfg.data.eval)
+
+
+def model_config(cfg: config_lib.Config) -> ModelConfig:
+    return ModelConfig(**{f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
+    m = cfg.model
+    if m.path:
+        from echorl_jax.models import hf
+
+        model = hf.load_model(m.path, mesh, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+    else:
+        model = sharding.shard_model(Transformer(model_config(cfg), rngs=nnx.Rngs(m.seed)), mesh)
+    if model.cfg.vocab_size < len(tokenizer):
+        raise config_lib.ConfigError(
+            f"model vocab_size={model.cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+        )
+    return model
+
+
+def stop_ids(cfg: config_lib.Config, tokenizer) -> tuple[int, ...]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in cfg.rl.stop_strings:
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        if len(enc) != 1:
+            raise config_lib.ConfigError(f"rl.stop_strings entry {text!r} is {len(enc)} tokens; stop strings must be one token")
+        ids.append(enc[0])
+    if not ids:
+        raise config_lib.ConfigError("the tokenizer has no eos_token and rl.stop_strings is empty: nothing stops a response")
+    return tuple(dict.fromkeys(ids))
+
+
+def default_verifier(cfg: config_lib.Config):
+    name = cfg.rl.reward
+    if name == "auto":
+        name = "arith" if cfg.data.train.startswith(TASK_PREFIX) else "math"
+    return get_verifier(name)
+
+
+def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) -> Setup:
+    rl, tc = cfg.rl, cfg.train
+    mesh = sharding.make_mesh(cfg.mesh.shape)
+    rows = rl.prompts_per_step * rl.group_size
+    if rows % sharding.batch_divisor(mesh) or (rows // rl.minibatches) % sharding.batch_divisor(mesh):
+        raise config_lib.ConfigError(
+            f"rl.prompts_per_step*rl.group_size={rows} rows per step (and per minibatch) must be a multiple of the "
+            f"mesh's batch axes size {sharding.batch_divisor(mesh)} (mesh.shape={cfg.mesh.shape})"
+        )
+    tokenizer = load_tokenizer(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_records = load_train_records(cfg)
+    eval_records = load_eval_records(cfg)
+    model = build_model(cfg, mesh, tokenizer)
+    log(f"model: {model.cfg.model_type}, {sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} params, mesh {dict(mesh.shape)}")
+    if cfg.sft.steps > 0:
+        from echorl_jax import sft
+
+        model = sft.warm_start(
+            model, tokenizer, train_records, cfg.sft, mesh=mesh, prompt_len=cfg.data.max_prompt_len,
+            response_len=cfg.sampling.max_new_tokens, cache_dir=cfg.sft.cache_dir or os.path.join(tc.workdir, "warmstart"),
+            seed=tc.seed, log_fn=lambda step, m: log(f"warm start step {step}: loss {float(m['loss']):.4f}")
+            if step % 100 == 0 else None,
+        )  # fmt: skip
+    graphdef, params = nnx.split(model)
+    total_updates = tc.steps * rl.epochs * rl.minibatches
+    optimizer = update.make_optimizer(cfg.optim, total_updates)
+    opt_state = jax.jit(optimizer.init)(params)
+    state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
+    ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 else None
+
+    stops = stop_ids(cfg, tokenizer)
+    common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
+    sample = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size, **common)
+    pipe_kw = dict(max_prompt_len=cfg.data.max_prompt_len, template=cfg.data.template, add_bos=cfg.data.add_bos,
+                   pad_id=pad_id, on_overlong=cfg.data.on_overlong)  # fmt: skip
+    train_pipeline = PromptPipeline(train_records, tokenizer, batch_size=rl.prompts_per_step, mode="train",
+                                    seed=cfg.data.seed, **pipe_kw)  # fmt: skip
+    if train_pipeline.num_dropped:
+        log(f"dropped {train_pipeline.num_dropped} train prompts longer than data.max_prompt_len={cfg.data.max_prompt_len}")
+    eval_pipeline = eval_sample = eval_state = None
+    if eval_records:
+        eval_batch = max(sharding.batch_divisor(mesh), min(rl.prompts_per_step, len(eval_records)))
+        eval_pipeline = PromptPipeline(eval_records, tokenizer, batch_size=eval_batch, mode="eval", **pipe_kw)
+        eval_state = eval_pipeline.get_state()
+        t = tc.eval_temperature
+        eval_cfg = dataclasses.replace(cfg.sampling, temperature=t if t > 0 else 1.0, greedy=t <= 0)
+        eval_sample = make_sampler(graphdef, eval_cfg, group_size=tc.eval_samples, **common)
+    delimiter_ids = np.asarray(echo_lib.discover_delimiters(tokenizer), np.int32)
+    if cfg.echo.enabled and delimiter_ids.size == 0:
+        raise config_lib.ConfigError("echo.enabled=True but the tokenizer has no token containing a newline")
+    return Setup(
+        cfg=cfg, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, state=state, optimizer=optimizer,
+        total_updates=total_updates, train_temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,
+        sample=sample, eval_sample=eval_sample, train_pipeline=train_pipeline, eval_pipeline=eval_pipeline,
+        eval_initial_state=eval_state, eval_records=eval_records, train_records=train_records,
+        verifier=default_verifier(cfg), delimiter_ids=delimiter_ids, ref_params=ref_params, log=log,
+    )  # fmt: skip

@@ -1,0 +1,129 @@
+"""Device mesh, logical-axis rules and placement helpers.
+
+Mesh axes are ``("data", "fsdp", "tensor")``. Parameters name their dimensions
+with logical axes (``embed``, ``mlp``, ``heads`` …, see models/transformer.py);
+``LOGICAL_RULES`` is the one table that maps them onto mesh axes. A dimension
+whose size the mesh axis does not divide stays replicated (e.g. 2 kv heads on
+a tensor axis of 4), so every config runs on every mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": BATCH_AXES,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+}
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fills a single ``-1`` so the product equals ``num_devices``; errors name the shape."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: entries must be positive, with at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh shape {shape} uses {math.prod(shape)} devices but {num_devices} are available")
+    return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(shape, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec for an array whose dimensions have logical names ``axes``."""
+    spec, used = [], set()
+    for name, size in zip(axes, shape):
+        target = LOGICAL_RULES.get(name) if name else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        # Keep only mesh axes of size > 1 that are unused and divide the dimension.
+        kept = []
+        for ax in names:
+            n = mesh.shape[ax]
+            if n > 1 and ax not in used and size % (n * math.prod(mesh.shape[a] for a in kept)) == 0:
+                kept.append(ax)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings for every variable of an nnx state, from its ``logical_axes`` metadata."""
+
+    def one(var):
+        # get_value(), not var[...]: the state may be abstract (ShapeDtypeStruct, from nnx.eval_shape).
+        shape = var.get_value().shape
+        axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
+        return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Places a model's variables on their mesh shardings (in place) and returns it."""
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, mesh)
+    state = jax.tree.map(lambda x, s: jax.device_put(x, s), nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
+    nnx.update(model, state)
+    return model
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading dimension over the batch axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Host numpy (or device) arrays -> global arrays sharded over the batch axes.
+
+    Single process: a plain device_put. Multi-host: each process passes its own rows
+    and ``make_array_from_process_local_data`` assembles the global array.
+    """
+
+    def one(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        sharding = batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
+        if jax.process_count() > 1 and not isinstance(x, jax.Array):
+            return jax.make_array_from_process_local_data(sharding, x)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """Global batch sizes must be multiples of this (the size of the batch axes)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)

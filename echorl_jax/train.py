@@ -1,0 +1,185 @@
+"""The RL loop: prompts -> rollouts -> rewards -> advantages + EchoClips -> Optax updates.
+
+Sampling and learning use the same sharded parameters (``state.params``); no
+weights are copied between engines. Per step:
+
+    sample (jit) -> verify (host) -> score (jit) -> K epochs x minibatches of train_step (jit)
+    -> metrics -> eval every ``train.eval_every`` -> Orbax checkpoint every ``train.save_every``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from echorl_jax import checkpoint as ckpt_lib
+from echorl_jax import config as config_lib
+from echorl_jax import evaluation, rollout as rollout_lib, sharding, update
+from echorl_jax.metrics_log import MetricsLog
+from echorl_jax.setup import Setup, build_setup
+from echorl_jax.update import TrainState, UpdateBatch
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and exits at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _jit_train_step(s: Setup, state: TrainState):
+    step_fn = update.make_train_step(
+        s.graphdef, s.optimizer, s.cfg.objective, s.cfg.echo,
+        micro_batches=s.cfg.rl.micro_batches, temperature=s.train_temperature,
+    )  # fmt: skip
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(s.mesh, 2), UpdateBatch(*range(7)))
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+
+
+def _forward_logp(s: Setup):
+    @jax.jit
+    def fn(params, tokens_bs, valid_bs):
+        t = s.cfg.sampling.max_new_tokens
+        return update.response_logp(s.graphdef, params, tokens_bs, valid_bs, t, s.train_temperature)[0]
+
+    return fn
+
+
+def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds) -> dict[str, Any]:
+    mask = np.asarray(ro.response_mask)
+    lengths = np.asarray(ro.lengths)
+    entropy = np.asarray(ro.entropy)
+    zero_std = np.all(reward_ng == reward_ng[:, :1], axis=1)
+    has_clip = np.asarray(clips.mask_bt).reshape(reward_ng.shape[0], -1).any(axis=1)
+    m = {
+        "reward/mean": reward_ng.mean(),
+        "reward/std": reward_ng.std(),
+        "accuracy": correct_ng.mean(),
+        "groups/zero_std_frac": zero_std.mean(),
+        "response/len_mean": lengths.mean(),
+        "response/len_max": lengths.max(),
+        "response/clip_ratio": np.asarray(ro.truncated).mean(),
+        "entropy/mean": (entropy * mask).sum() / max(mask.sum(), 1),
+        # prompts whose only learning signal this step is the echo term
+        "echo/only_signal_frac": (zero_std & has_clip).mean(),
+        "sample_rounds": rounds,
+    }
+    m.update({f"echo/{k}": v for k, v in clips.metrics.items()})
+    m.update({f"reward_info/{k}": v for k, v in info.items()})
+    return m
+
+
+def run_eval(s: Setup, params, step: int) -> dict[str, float]:
+    if s.eval_pipeline is None:
+        return {}
+    s.eval_pipeline.set_state(s.eval_initial_state)
+    rng = jax.random.fold_in(jax.random.key(s.cfg.train.seed + 1), step)
+    return evaluation.evaluate(
+        s.eval_sample, params, s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
+        k=s.cfg.train.eval_samples, rng=rng,
+    )  # fmt: skip
+
+
+def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, Any]:
+    """Runs ``cfg.train.steps`` RL steps (resuming from the workdir if a checkpoint exists)."""
+    s = setup or build_setup(cfg)
+    tc, rl = cfg.train, cfg.rl
+    state = s.state
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(tc.workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    start = 0
+    if tc.resume and checkpointer.latest_step() is not None:
+        start, state, host = checkpointer.restore(state)
+        s.train_pipeline.set_state(host["data"])
+        s.log(f"resumed from step {start} in {checkpointer.directory}")
+    log = MetricsLog(tc.workdir, resume_step=start)
+    train_step = _jit_train_step(s, state)
+    forward_logp = _forward_logp(s) if (rl.recompute_logp or cfg.objective.kl_coef > 0) else None
+    score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
+    schedule = update.make_schedule(cfg.optim, s.total_updates)
+    preempt = _Preemption()
+    base_key = jax.random.key(tc.seed)
+    last_eval: dict[str, float] = {}
+    if start == 0 and tc.eval_every >= 0 and s.eval_pipeline is not None:
+        last_eval = log.write(0, run_eval(s, state.params, 0), kind="eval")
+    bar = s.progress(start, tc.steps)
+    step = start
+    for step in range(start + 1, tc.steps + 1):
+        timings: dict[str, float] = {}
+        t_step = time.perf_counter()
+        key = jax.random.fold_in(base_key, step)
+        ro, reward_ng, correct_ng, info, rounds = rollout_lib.collect(
+            lambda: next(s.train_pipeline), s.sample, state.params, key,
+            verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
+            dynamic_sampling=cfg.objective.dynamic_sampling,
+            echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
+            max_rounds=rl.max_sample_rounds, timings=timings,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        reward_dev, adv_bt, clips = score(ro, jnp.asarray(reward_ng))
+        old_logp = ro.behaviour_logp if forward_logp is None or not rl.recompute_logp else forward_logp(state.params, ro.tokens, ro.valid)
+        ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid) if cfg.objective.kl_coef > 0 else jnp.zeros_like(old_logp)
+        full = UpdateBatch(ro.tokens, ro.valid, ro.response_mask, adv_bt, old_logp, ref_logp, clips.mask_bt)
+        rows = full.tokens_bs.shape[0]
+        per_mb = rows // rl.minibatches
+        update_metrics: list[dict] = []
+        for epoch in range(rl.epochs):
+            order = np.arange(rows)
+            if rl.epochs * rl.minibatches > 1:
+                order = np.random.default_rng([tc.seed, step, epoch]).permutation(rows)
+            for m in range(rl.minibatches):
+                idx = jnp.asarray(order[m * per_mb : (m + 1) * per_mb])
+                mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), full)
+                mb = sharding.shard_batch(mb, s.mesh)
+                state, um = train_step(state, mb)
+                update_metrics.append(um)
+        jax.block_until_ready(state.params)
+        timings["update"] = time.perf_counter() - t0
+        metrics = _rollout_metrics(ro, np.asarray(reward_dev), correct_ng, clips, info, rounds)
+        metrics.update({k: np.mean([float(u[k]) for u in update_metrics]) for k in update_metrics[0]})
+        metrics["lr"] = float(schedule(int(state.step) - 1))
+        step_time = time.perf_counter() - t_step
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        metrics["time/step"] = step_time
+        metrics["tokens_per_s"] = float(np.asarray(ro.lengths).sum()) / max(timings.get("sample", 0.0), 1e-9)
+        row = log.write(step, metrics)
+        if tc.eval_every > 0 and step % tc.eval_every == 0 and step != tc.steps:
+            last_eval = log.write(step, run_eval(s, state.params, step), kind="eval")
+        bar.update(row, last_eval)
+        stop = preempt.requested
+        if stop or (tc.save_every > 0 and step % tc.save_every == 0):
+            checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg)})
+        if stop:
+            s.log(f"SIGTERM: saved step {step}, exiting")
+            break
+    else:
+        if tc.steps > start:
+            last_eval = log.write(tc.steps, run_eval(s, state.params, tc.steps), kind="eval")
+            checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg)})
+    checkpointer.close()
+    bar.close()
+    preempt.restore()
+    log.close()
+    s.state = state
+    if tc.export_hf and not preempt.requested and jax.process_index() == 0:
+        s.export(os.path.join(tc.workdir, "hf_export"))
+    return {"step": step, "eval": last_eval, "workdir": tc.workdir, "setup": s}

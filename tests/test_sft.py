@@ -1,0 +1,175 @@
+"""Supervised warm start: batch layout, loss against numpy, training, and the result cache."""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from echorl_jax import sft, sharding
+from echorl_jax.models.config import ModelConfig
+from echorl_jax.models.transformer import Transformer, positions_from_valid
+from echorl_jax.tasks.arith import ArithTask, make_records
+from echorl_jax.tasks.tokenizer import build_char_tokenizer
+
+P, T = 20, 44  # the default task's prompts are <= 14 chars, solutions + eos <= 41
+
+
+@dataclasses.dataclass(frozen=True)
+class SFT:  # the fields of config.SFTConfig that warm_start reads
+    steps: int = 10
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_steps: int = 5
+    cache_dir: str = ""
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return make_records(ArithTask(), "train", 32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return sharding.make_mesh((2, 2, 2))  # batch over 4 devices, weights split over fsdp and tensor
+
+
+def tiny_model(mesh, seed=0, init_std=0.02):
+    cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, init_std=init_std)  # fmt: skip
+    model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))()  # one compile, not one per init op
+    return sharding.shard_model(model, mesh)
+
+
+def params_np(model):
+    return {k: np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()}
+
+
+# ----------------------------------------------------------------------------- batch layout
+
+
+def test_batch_layout_matches_slow_reference(tok, records):
+    template = "Q: {prompt}"
+    batch = sft.build_sft_batch(records, tok, P, T, template=template)
+    assert batch["tokens_bs"].shape == (len(records), P + T) and batch["tokens_bs"].dtype == np.int32
+    for i, r in enumerate(records):
+        q = tok.encode(template.format(prompt=r["prompt"]), add_special_tokens=False)
+        a = tok.encode(r["solution"], add_special_tokens=False) + [tok.eos_token_id]
+        row = [tok.pad_token_id] * (P - len(q)) + q + a + [tok.pad_token_id] * (T - len(a))
+        valid = [False] * (P - len(q)) + [True] * (len(q) + len(a)) + [False] * (T - len(a))
+        np.testing.assert_array_equal(batch["tokens_bs"][i], row)
+        np.testing.assert_array_equal(batch["valid_bs"][i], valid)
+        np.testing.assert_array_equal(batch["mask_bt"][i], valid[P:])
+        assert tok.decode(batch["tokens_bs"][i, P : P + len(a) - 1]) == r["solution"]
+
+
+def test_batch_errors_name_the_record(tok, records):
+    long_solution = [*records[:3], dict(records[3], solution="1+1=2\n" * 10)]
+    with pytest.raises(ValueError, match="record 3: solution"):
+        sft.build_sft_batch(long_solution, tok, P, T)
+    with pytest.raises(ValueError, match="record 0: prompt has 14 tokens"):
+        sft.build_sft_batch([dict(records[0], prompt="1 +2 +3 +4 +5\n")], tok, 10, T)
+    with pytest.raises(ValueError, match="record 1 has no 'solution'"):
+        sft.build_sft_batch([records[0], {"prompt": "1 +1\n"}], tok, P, T)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_sft_loss_matches_numpy_reference(tok, records, mesh):
+    model = tiny_model(mesh, init_std=0.5)  # large init: far-from-uniform logits, so misalignment shows
+    batch = sft.build_sft_batch(records[:8], tok, P, T)
+    graphdef, params = nnx.split(model)
+    loss, metrics = jax.jit(lambda p, b: sft.sft_loss(graphdef, p, b))(params, batch)
+
+    # Independent path: full-forward logits, the next token picked out by hand.
+    valid = batch["valid_bs"]
+    forward = nnx.jit(lambda m, tokens, valid: m(tokens, positions_from_valid(valid), valid)[0])
+    logits = np.asarray(forward(model, batch["tokens_bs"], valid), np.float64)
+    nll = []
+    for b in range(8):
+        for t in range(T):
+            if batch["mask_bt"][b, t]:
+                s = P + t  # token at column s is predicted by the logits at column s - 1
+                nll.append(-_log_softmax(logits[b, s - 1])[batch["tokens_bs"][b, s]])
+    assert float(metrics["num_tokens"]) == len(nll)
+    np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
+    assert np.mean(nll) > np.log(128) + 0.5  # the check above is not uniform-logits trivia
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_warm_start_lowers_the_loss(tok, records, mesh):
+    model = tiny_model(mesh)
+    graphdef, _ = nnx.split(model)
+    full = sft.build_sft_batch(records, tok, P, T)
+    loss_fn = jax.jit(lambda p, b: sft.sft_loss(graphdef, p, b)[0])
+    before = float(loss_fn(nnx.state(model), full))
+    logged = []
+    out = sft.warm_start(model, tok, records, SFT(steps=60), mesh=mesh, prompt_len=P, response_len=T,
+                         cache_dir=None, seed=0, log_fn=lambda step, m: logged.append((step, m)))  # fmt: skip
+    after = float(loss_fn(nnx.state(out), full))
+    assert after < 0.7 * before, (before, after)
+    assert [s for s, _ in logged] == [10, 20, 30, 40, 50, 60]
+    assert {"loss", "grad_norm", "lr", "entropy"} <= set(logged[-1][1])
+    assert nnx.graphdef(out) == graphdef
+    # Parameters stay on their mesh shardings.
+    want = sharding.state_shardings(nnx.state(out), mesh)
+    for x, s in zip(jax.tree.leaves(nnx.state(out)), jax.tree.leaves(want)):
+        assert x.sharding.is_equivalent_to(s, x.ndim)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_cache_reuses_result_and_keys_change(tok, records, mesh, tmp_path):
+    cache = str(tmp_path / "warm")
+    cfg = SFT(steps=10)
+    kw = dict(mesh=mesh, prompt_len=P, response_len=T, seed=0)
+    key = sft.cache_key(tiny_model(mesh), tok, records, cfg, **kw)
+
+    # Leftovers of an interrupted run: a temp dir (never loaded) and a half-written entry (retrained).
+    os.makedirs(os.path.join(cache, f".{key}.tmp-abc"))
+    os.makedirs(os.path.join(cache, key))
+    with open(os.path.join(cache, key, "config.json"), "w") as f:
+        f.write("{")
+
+    calls = []
+    first = sft.warm_start(tiny_model(mesh), tok, records, cfg, cache_dir=cache, log_fn=lambda *a: calls.append(a), **kw)
+    assert len(calls) == 1  # trained
+    assert os.path.isfile(os.path.join(cache, key, "model.safetensors"))
+    trained = params_np(first)
+
+    second = sft.warm_start(tiny_model(mesh), tok, records, cfg, cache_dir=cache, log_fn=lambda *a: calls.append(a), **kw)
+    assert len(calls) == 1  # loaded, no training step
+    loaded = params_np(second)
+    assert set(loaded) == set(trained)
+    for k in trained:
+        np.testing.assert_array_equal(loaded[k], trained[k], err_msg=k)
+    assert not np.array_equal(trained["embed"], params_np(tiny_model(mesh))["embed"])
+
+    changed = [
+        sft.cache_key(tiny_model(mesh), tok, records, cfg, **dict(kw, seed=1)),
+        sft.cache_key(tiny_model(mesh), tok, records, SFT(steps=11), **kw),
+        sft.cache_key(tiny_model(mesh), tok, records, SFT(steps=10, learning_rate=1e-3), **kw),
+        sft.cache_key(tiny_model(mesh, seed=1), tok, records, cfg, **kw),  # other initial weights
+        sft.cache_key(tiny_model(mesh), tok, records[:-1], cfg, **kw),
+        sft.cache_key(tiny_model(mesh), tok, [*records[:-1], dict(records[-1], solution="x")], cfg, **kw),
+        sft.cache_key(tiny_model(mesh), tok, records, cfg, **dict(kw, response_len=T + 1)),
+    ]
+    assert len({key, *changed}) == len(changed) + 1
+    # Where the cache lives is not part of what it holds.
+    assert sft.cache_key(tiny_model(mesh), tok, records, dataclasses.replace(cfg, cache_dir="/x"), **kw) == key
