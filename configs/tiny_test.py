@@ -3,7 +3,7 @@
 
 def get_config():
     return {
-        "model": {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+        "model": {"model_type": "llama", "attention_bias": False, "tie_embeddings": True, "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
                   "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},
         "task": {"min_steps": 1, "max_steps": 2},
         "data": {"max_prompt_len": 8, "num_train": 256, "num_eval_per_level": 4},

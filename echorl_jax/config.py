@@ -39,6 +39,7 @@ class ModelSection(ModelConfig):
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     shape: tuple = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
+    num_devices: int = 0  # 0 = every visible device; else the first N (e.g. 1 to compare against a mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,7 @@ class TrainConfig:
     resume: bool = True  # continue from the latest checkpoint in workdir
     export_hf: bool = True  # write the final policy as a HF directory
     progress: bool = True  # progress bar
+    echo_grad_norm_every: int = 0  # log the echo term's gradient norm every N steps (one extra backward); 0 = off
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,9 +62,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from echorl_jax import report, train
 
-    result = train.train(cfg)
+    USER_ERRORS = _user_errors()
+
+    try:
+        result = train.train(cfg)
+    except USER_ERRORS as e:  # bad paths, data rows, checkpoints: a message, not a traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     report.write_report(cfg, result)
     return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from echorl_jax.checkpoint import CheckpointError
+    from echorl_jax.config import ConfigError
+    from echorl_jax.data_formats import DataError
+    from echorl_jax.models.config import ModelConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, ModelConfigError, CheckpointError, FileNotFoundError]
+    from echorl_jax.models.hf import CheckpointError as HFCheckpointError
+
+    errors.append(HFCheckpointError)
+    return tuple(errors)
 
 
 def cli() -> None:

@@ -262,22 +262,27 @@ def total_loss(
     ``logp_bt``/``entropy_bt`` come from the current policy's single forward pass.
     """
     mask = batch.mask_bt.astype(bool)
+    # Padding values may be garbage (-inf / NaN); zero them so gradients stay finite.
+    logp_bt = jnp.where(mask, logp_bt, 0.0)
+    entropy_bt = jnp.where(mask, entropy_bt, 0.0)
+    ref_logp_bt = jnp.where(mask, batch.ref_logp_bt, 0.0)
     agg = lambda x_bt: aggregate(x_bt, mask, counts, obj.aggregation, obj.norm_length)
     pl_bt, clipped_bt = policy_loss_bt(logp_bt, batch.old_logp_bt, batch.adv_bt, mask, obj)
     pg_loss = agg(pl_bt)
-    entropy = agg(jnp.where(mask, entropy_bt, 0.0))
+    entropy = agg(entropy_bt)
     loss = pg_loss - obj.entropy_coef * entropy
     n_tok = jnp.maximum(counts.num_tokens, 1.0)
     sg_log_ratio_bt = jax.lax.stop_gradient(jnp.where(mask, logp_bt - batch.old_logp_bt, 0.0))
+    sg_log_ratio_bt = jnp.clip(sg_log_ratio_bt, -obj.logratio_clamp, obj.logratio_clamp)
     metrics = {
         "pg_loss": pg_loss,
         "entropy": entropy,
         "clip_frac": clipped_bt.sum() / n_tok,
-        # k3 estimate of KL(pi_old || pi) on the behaviour samples: drift of this update.
-        "approx_kl_old": jnp.where(mask, jnp.expm1(-sg_log_ratio_bt) + sg_log_ratio_bt, 0.0).sum() / n_tok,
+        # k3 estimate of KL(pi_old || pi) on the behaviour samples (r = pi/pi_old): drift of this update.
+        "approx_kl_old": jnp.where(mask, jnp.expm1(sg_log_ratio_bt) - sg_log_ratio_bt, 0.0).sum() / n_tok,
     }
     if obj.kl_coef > 0:
-        kl = agg(jnp.where(mask, kl_bt(logp_bt, batch.ref_logp_bt, obj.kl_kind, obj.logratio_clamp), 0.0))
+        kl = agg(jnp.where(mask, kl_bt(logp_bt, ref_logp_bt, obj.kl_kind, obj.logratio_clamp), 0.0))
         loss = loss + obj.kl_coef * kl
         metrics["kl_ref"] = kl
     if echo is not None and echo.enabled:

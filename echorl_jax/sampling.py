@@ -5,9 +5,12 @@
 rows, group-major: row ``b = n·G + g``). Inside one ``jit``:
 
 1. prefill each distinct prompt once ([N, P]) into a cache of P slots;
-2. repeat its cache and last logits G times and widen the cache to P + T slots;
+2. repeat its cache and last logits G times (group-major);
 3. a ``lax.while_loop`` over [B, 1] decode steps that exits as soon as every
-   row has emitted a stop token, or after T tokens.
+   row has emitted a stop token, or after T tokens. The loop is split into a
+   few segments whose cache grows to P + T slots: all rows write the same
+   slot, so early steps need not read (attend over) the empty tail — on CPU
+   the decode step is dominated by reading the cache.
 
 Shapes are fixed, so the program compiles once per (N, P) and config and is
 reused every RL step. The sampler takes the nnx ``State`` the trainer trains,
@@ -201,10 +204,14 @@ class Sampler:
     (once per distinct input shape).
     """
 
-    def __init__(self, graphdef, cfg: SamplingConfig, group_size: int, stop_ids, pad_id: int, mesh):
+    def __init__(self, graphdef, cfg: SamplingConfig, group_size: int, stop_ids, pad_id: int, mesh,
+                 decode_segments: int = 4):  # fmt: skip
         cfg.validate()
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size={group_size!r} is invalid: must be an integer >= 1")
+        if not isinstance(decode_segments, int) or decode_segments < 1:
+            raise ValueError(f"decode_segments={decode_segments!r} is invalid: must be an integer >= 1")
+        self.decode_segments = min(decode_segments, cfg.max_new_tokens)
         self.graphdef, self.cfg, self.group_size = graphdef, cfg, group_size
         self.stop_ids = tuple(int(s) for s in stop_ids)
         self.pad_id, self.mesh = int(pad_id), mesh
@@ -262,23 +269,24 @@ class Sampler:
             _, cache = model(tok[:, :-1], pos[:, :-1], val[:, :-1], cache)
         logits_n1v, cache = model(tok[:, -1:], pos[:, -1:], val[:, -1:], cache)
 
-        # 2. repeat per group (group-major), pad rows to b_pad and slots to P + T.
+        # 2. repeat per group (group-major), pad rows to b_pad; slots grow per decode segment.
         def expand(x, axis=0):
             return _rows(jnp.repeat(jax.lax.slice_in_dim(x, 0, n, axis=axis), g_size, axis=axis), b, b_pad, axis)
 
-        kv_shape = (mcfg.num_layers, b_pad, p + t_max, mcfg.num_kv_heads, mcfg.dim_per_head)
-        kv_spec = None if self.mesh is None else logical_to_spec(
-            (None, "batch", None, "kv_heads", "head_dim"), kv_shape, self.mesh)
+        def grow(cache, slots: int):  # zero-pads the cache's slot axis to `slots`
+            extra = slots - cache.valid_bk.shape[1]
+            kv_shape = (mcfg.num_layers, b_pad, slots, mcfg.num_kv_heads, mcfg.dim_per_head)
+            kv_spec = None if self.mesh is None else logical_to_spec(
+                (None, "batch", None, "kv_heads", "head_dim"), kv_shape, self.mesh)
+            pad_kv = lambda x: self._constrain(jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))), kv_spec)  # noqa: E731
+            return cache._replace(k_lbkgd=pad_kv(cache.k_lbkgd), v_lbkgd=pad_kv(cache.v_lbkgd),
+                                  valid_bk=self._rows_sharded(jnp.pad(cache.valid_bk, ((0, 0), (0, extra)))))
 
-        def widen_kv(x):
-            x = jnp.pad(expand(x, axis=1), ((0, 0), (0, 0), (0, t_max), (0, 0), (0, 0)))
-            return self._constrain(x, kv_spec)
-
-        cache = cache._replace(
-            k_lbkgd=widen_kv(cache.k_lbkgd),
-            v_lbkgd=widen_kv(cache.v_lbkgd),
-            valid_bk=self._rows_sharded(jnp.pad(expand(cache.valid_bk), ((0, 0), (0, t_max)))),
-        )
+        # Decode segment i runs steps [ends[i-1], ends[i]) over a cache of P + ends[i] slots:
+        # every row shares the write slot, so early steps need not attend over the empty tail.
+        ends = sorted({-(-t_max * (i + 1) // self.decode_segments) for i in range(self.decode_segments)})
+        cache = cache._replace(k_lbkgd=expand(cache.k_lbkgd, axis=1), v_lbkgd=expand(cache.v_lbkgd, axis=1),
+                               valid_bk=expand(cache.valid_bk))  # fmt: skip
         logits_bv = self._rows_sharded(expand(logits_n1v[:, 0]))
         lengths_b = self._rows_sharded(expand(lengths_n))
 
@@ -308,9 +316,6 @@ class Sampler:
             entropy_bt=write(zeros(jnp.float32), ent0, 0),
         )  # fmt: skip
 
-        def cond(s: _Loop):
-            return (s.t < t_max) & ~jnp.all(s.done_b)
-
         def body(s: _Loop):
             positions_b1 = (lengths_b + s.t - 1)[:, None]  # token t-1 sits at prompt length + t - 1
             logits_b1v, cache = model(s.last_tok_b[:, None], positions_b1, s.last_valid_b[:, None], s.cache)
@@ -321,7 +326,10 @@ class Sampler:
                 write(s.logp_bt, lp_b, s.t), write(s.entropy_bt, ent_b, s.t),
             )  # fmt: skip
 
-        out = jax.lax.while_loop(cond, body, init)
+        out = init
+        for end in ends:  # stops as soon as every row has stopped
+            out = out._replace(cache=grow(out.cache, p + end))
+            out = jax.lax.while_loop(lambda s, end=end: (s.t < end) & ~jnp.all(s.done_b), body, out)
 
         # 4. assemble [B, ...] outputs (drop padding rows).
         mask_bt = out.mask_bt[:b]
@@ -348,6 +356,7 @@ def make_sampler(
     stop_ids: Sequence[int],
     pad_id: int,
     mesh=None,
+    decode_segments: int = 4,
 ) -> Sampler:
     """Builds the jitted sampler; call it as ``sample(state, prompt_tokens_np, prompt_lengths, rng)``.
 
@@ -355,9 +364,12 @@ def make_sampler(
     ``prompt_tokens_np`` [N, P] int32 are left-padded; ``prompt_lengths`` [N] count
     the real tokens (1..P). The result has ``B = N·group_size`` rows, group-major.
     With ``mesh``, parameters must already be on it (``sharding.shard_model``).
+    ``decode_segments``: the decode loop runs in this many pieces whose cache holds
+    P + T·i/n slots, so early steps attend over fewer empty slots (each piece
+    compiles its own loop body; 1 = one loop over P + T slots).
     """
     graphdef = nnx.graphdef(graphdef_or_model) if isinstance(graphdef_or_model, nnx.Module) else graphdef_or_model
-    return Sampler(graphdef, cfg, group_size, stop_ids, pad_id, mesh)
+    return Sampler(graphdef, cfg, group_size, stop_ids, pad_id, mesh, decode_segments)
 
 
 # ----------------------------------------------------------------------------- text helpers

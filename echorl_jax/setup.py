@@ -167,7 +167,15 @@ def default_verifier(cfg: config_lib.Config):
 
 def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) -> Setup:
     rl, tc = cfg.rl, cfg.train
-    mesh = sharding.make_mesh(cfg.mesh.shape)
+    devices = jax.devices()
+    if cfg.mesh.num_devices:
+        if cfg.mesh.num_devices > len(devices):
+            raise config_lib.ConfigError(f"mesh.num_devices={cfg.mesh.num_devices} but only {len(devices)} devices are visible")
+        devices = devices[: cfg.mesh.num_devices]
+    try:
+        mesh = sharding.make_mesh(cfg.mesh.shape, devices)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"mesh.shape={cfg.mesh.shape}: {e}") from None
     rows = rl.prompts_per_step * rl.group_size
     if rows % sharding.batch_divisor(mesh) or (rows // rl.minibatches) % sharding.batch_divisor(mesh):
         raise config_lib.ConfigError(
@@ -192,7 +200,11 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     graphdef, params = nnx.split(model)
     total_updates = tc.steps * rl.epochs * rl.minibatches
     optimizer = update.make_optimizer(cfg.optim, total_updates)
-    opt_state = jax.jit(optimizer.init)(params)
+    # Moments follow their params' shardings; scalars (counts) created on one device are replicated.
+    opt_state = jax.tree.map(
+        lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, sharding.replicated(mesh)),
+        jax.jit(optimizer.init)(params),
+    )
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
     ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 else None
 

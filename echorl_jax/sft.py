@@ -8,7 +8,9 @@ Batches use the rollout layout (``[B, P+T]``: prompt left-padded in columns
 ``[0, P)``, ``solution + eos`` right-padded in ``[P, P+T)``), so the loss is
 ``update.response_logp`` over the response columns — the same code path as the
 RL loss. One jitted step ``(params, opt_state, batch) -> (params, opt_state,
-metrics)`` is compiled once with explicit shardings and donation.
+metrics)`` is compiled once with explicit shardings and donation. Training
+drops the columns that are padding in every row (the default task needs 55 of
+``P+T`` = 112), which changes no loss value and halves the cost of a step.
 
 The result is cached as a Hugging Face directory under ``cache_dir/<key>``; the
 key hashes everything that decides the result (model config and a fingerprint
@@ -105,6 +107,20 @@ def build_sft_batch(records: Sequence[dict], tokenizer, prompt_len: int, respons
         tokens_bs[i, p : p + len(a)] = a
         valid_bs[i, p - len(q) : p + len(a)] = True
     return {"tokens_bs": tokens_bs, "valid_bs": valid_bs, "mask_bt": valid_bs[:, p:].copy()}
+
+
+def _trim(batch: dict[str, np.ndarray], prompt_len: int) -> dict[str, np.ndarray]:
+    """Drops the columns that are padding in every row (left of the longest prompt, right of the longest
+    response). The loss is unchanged: padding is masked out of attention and positions come from
+    ``valid_bs``."""
+    valid = batch["valid_bs"]
+    real = np.flatnonzero(valid.any(axis=0))
+    lo, hi = min(real[0], prompt_len - 1), max(real[-1] + 1, prompt_len + 1)
+    return {
+        "tokens_bs": batch["tokens_bs"][:, lo:hi],
+        "valid_bs": valid[:, lo:hi],
+        "mask_bt": batch["mask_bt"][:, : hi - prompt_len],
+    }
 
 
 # ----------------------------------------------------------------------------- loss and step
@@ -295,7 +311,7 @@ def warm_start(
         if hit and _load_cached(path, model, mesh):
             return model
 
-    data = build_sft_batch(records, tokenizer, prompt_len, response_len, template, add_bos)
+    data = _trim(build_sft_batch(records, tokenizer, prompt_len, response_len, template, add_bos), prompt_len)
     graphdef, params = nnx.split(model)
     param_sh = sharding.state_shardings(params, mesh)
     opt = optim_config(sft_cfg)
@@ -308,7 +324,13 @@ def warm_start(
     opt_state = jax.device_put(opt_state, opt_sh)
 
     indices = _index_stream(np.random.default_rng(seed), len(records), sft_cfg.batch_size)
-    first = sharding.shard_batch({k: v[next(indices)] for k, v in data.items()}, mesh)
+
+    def next_batch():
+        rows = next(indices)  # the global batch; each host feeds its own slice of it
+        rows = rows.reshape(jax.process_count(), -1)[jax.process_index()]
+        return sharding.shard_batch({k: v[rows] for k, v in data.items()}, mesh)
+
+    first = next_batch()
     batch_sh = jax.tree.map(lambda x: x.sharding, first)
     step_fn = jax.jit(
         make_sft_step(graphdef, optimizer),
@@ -322,7 +344,7 @@ def warm_start(
     for step in range(1, sft_cfg.steps + 1):
         params, opt_state, metrics = compiled(params, opt_state, batch)
         if step < sft_cfg.steps:
-            batch = sharding.shard_batch({k: v[next(indices)] for k, v in data.items()}, mesh)
+            batch = next_batch()
         if log_fn is not None and (step % LOG_EVERY == 0 or step == sft_cfg.steps):
             host = {k: float(v) for k, v in jax.device_get(metrics).items()}
             host.update(lr=float(schedule(step - 1)), steps_per_s=step / (time.perf_counter() - t0))

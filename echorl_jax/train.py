@@ -116,6 +116,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     forward_logp = _forward_logp(s) if (rl.recompute_logp or cfg.objective.kl_coef > 0) else None
     score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
     schedule = update.make_schedule(cfg.optim, s.total_updates)
+    echo_norm = None
+    if cfg.echo.enabled and tc.echo_grad_norm_every > 0:
+        echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature)
     preempt = _Preemption()
     base_key = jax.random.key(tc.seed)
     last_eval: dict[str, float] = {}
@@ -139,6 +142,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         old_logp = ro.behaviour_logp if forward_logp is None or not rl.recompute_logp else forward_logp(state.params, ro.tokens, ro.valid)
         ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid) if cfg.objective.kl_coef > 0 else jnp.zeros_like(old_logp)
         full = UpdateBatch(ro.tokens, ro.valid, ro.response_mask, adv_bt, old_logp, ref_logp, clips.mask_bt)
+        extra = {}
+        if echo_norm is not None and step % tc.echo_grad_norm_every == 0:
+            extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh))
         rows = full.tokens_bs.shape[0]
         per_mb = rows // rl.minibatches
         update_metrics: list[dict] = []
@@ -156,6 +162,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         timings["update"] = time.perf_counter() - t0
         metrics = _rollout_metrics(ro, np.asarray(reward_dev), correct_ng, clips, info, rounds)
         metrics.update({k: np.mean([float(u[k]) for u in update_metrics]) for k in update_metrics[0]})
+        metrics.update(extra)
         metrics["lr"] = float(schedule(int(state.step) - 1))
         step_time = time.perf_counter() - t_step
         metrics.update({f"time/{k}": v for k, v in timings.items()})

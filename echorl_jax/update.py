@@ -79,12 +79,20 @@ def response_logp(graphdef, params, tokens_bs, valid_bs, num_response: int, temp
 
 
 def global_counts(batch: UpdateBatch) -> objectives.GlobalCounts:
-    mask = batch.mask_bt
-    return objectives.GlobalCounts(
-        num_tokens=jnp.sum(mask).astype(jnp.float32),
-        num_seqs=jnp.sum(jnp.any(mask, axis=1)).astype(jnp.float32),
-        num_clips=jnp.sum(jnp.any(batch.echo_mask_bt, axis=1)).astype(jnp.float32),
-    )
+    return objectives.global_counts(batch.mask_bt, batch.echo_mask_bt)
+
+
+def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: float):
+    """``(params, batch) -> ||grad(coef * L_echo)||``: the echo term's share of the update (a diagnostic;
+    it costs one extra forward + backward, so the trainer runs it only every few steps)."""
+
+    def echo_term(params, batch: UpdateBatch):
+        t = batch.mask_bt.shape[1]
+        logp, _ = response_logp(graphdef, params, batch.tokens_bs, batch.valid_bs, t, temperature)
+        num_clips = global_counts(batch).num_clips
+        return echo_cfg.coef * echo_lib.echo_loss(logp, batch.echo_mask_bt, num_clips)
+
+    return jax.jit(lambda params, batch: optax.global_norm(jax.grad(echo_term)(params, batch)))
 
 
 def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig, *, micro_batches: int,

@@ -10,7 +10,7 @@ import pytest
 
 from echorl_jax import objectives as O
 from echorl_jax.echo import EchoConfig
-from echorl_jax.objectives import GlobalCounts, LossBatch, ObjectiveConfig
+from echorl_jax.objectives import LossBatch, ObjectiveConfig
 
 # ----------------------------------------------------------------------------- references
 
@@ -284,15 +284,18 @@ def test_total_loss_matches_reference_sum():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     np.testing.assert_allclose(m["echo_loss"], l_echo, rtol=1e-5)
     np.testing.assert_allclose(m["kl_ref"], kl, rtol=1e-5)
+    r = np.exp(d["logp"] - d["old"])[d["mask"]]  # pi / pi_old on behaviour samples
+    np.testing.assert_allclose(m["approx_kl_old"], np.mean(r - 1 - np.log(r)), rtol=1e-4)
 
 
 def test_garbage_logp_on_padding_does_not_leak():
     mask = jnp.array([[True, True, False]])
     logp = f32([[-1.0, -2.0, -jnp.inf]])
-    batch = LossBatch(mask, f32([[1.0, 1.0, 0.0]]), f32([[-1.1, -2.0, 0.0]]), f32([[-1.0, -2.0, 0.0]]), mask)
+    bad = jnp.nan
+    batch = LossBatch(mask, f32([[1.0, 1.0, 0.0]]), f32([[-1.1, -2.0, bad]]), f32([[-1.0, -2.5, bad]]), mask)
     counts = counts_of(np.asarray(mask), np.asarray(mask))
-    for loss_kind in O.POLICY_LOSSES:
-        obj = ObjectiveConfig(policy_loss=loss_kind, kl_coef=0.1)
+    for loss_kind, kl_kind in zip(O.POLICY_LOSSES, itertools.cycle(O.KL_KINDS)):
+        obj = ObjectiveConfig(policy_loss=loss_kind, kl_coef=0.1, kl_kind=kl_kind, entropy_coef=0.1)
         loss_fn = lambda lp: O.total_loss(lp, f32([[1.0, 1.0, jnp.nan]]), batch, counts, obj, EchoConfig())[0]
         g = jax.jit(jax.grad(loss_fn))(logp)
         assert np.all(np.isfinite(g)), loss_kind

@@ -1,6 +1,7 @@
 """Supervised warm start: batch layout, loss against numpy, training, and the result cache."""
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -41,11 +42,18 @@ def mesh():
     return sharding.make_mesh((2, 2, 2))  # batch over 4 devices, weights split over fsdp and tensor
 
 
-def tiny_model(mesh, seed=0, init_std=0.02):
+@functools.lru_cache(maxsize=None)
+def _init(seed, init_std):
     cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, init_std=init_std)  # fmt: skip
-    model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))()  # one compile, not one per init op
-    return sharding.shard_model(model, mesh)
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+    return graphdef, jax.device_get(state)
+
+
+def tiny_model(mesh, seed=0, init_std=0.02):
+    """A fresh model (warm_start donates its input's buffers); initialised once per (seed, std)."""
+    graphdef, state = _init(seed, init_std)
+    return sharding.shard_model(nnx.merge(graphdef, state, copy=True), mesh)
 
 
 def params_np(model):
@@ -106,6 +114,11 @@ def test_sft_loss_matches_numpy_reference(tok, records, mesh):
                 nll.append(-_log_softmax(logits[b, s - 1])[batch["tokens_bs"][b, s]])
     assert float(metrics["num_tokens"]) == len(nll)
     np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
+    # Training drops all-padding columns; the loss must not change.
+    trimmed = sft._trim(batch, P)
+    assert trimmed["tokens_bs"].shape[1] < P + T
+    loss_trimmed, _ = jax.jit(lambda p, b: sft.sft_loss(graphdef, p, b))(params, trimmed)
+    np.testing.assert_allclose(float(loss_trimmed), np.mean(nll), rtol=1e-5)
     assert np.mean(nll) > np.log(128) + 0.5  # the check above is not uniform-logits trivia
 
 

@@ -123,14 +123,14 @@ _LAYOUTS: dict[str, _Layout] = {
 }
 
 
-def _expected(name: str, shape: tuple[int, ...]) -> Iterator[tuple[str, int | None, tuple[int, ...]]]:
-    """(HF name, layer or None, HF shape) for each HF tensor behind our parameter ``name``."""
+def _expected(name: str, shape: tuple[int, ...]) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(HF name, HF shape) of each HF tensor behind our parameter ``name`` of ``shape``."""
     layout = _LAYOUTS[name]
     if layout.stacked:
         for i in range(shape[0]):
-            yield layout.hf.format(i=i), i, layout.hf_shape(shape[1:])
+            yield layout.hf.format(i=i), layout.hf_shape(shape[1:])
     else:
-        yield layout.hf, None, layout.hf_shape(shape)
+        yield layout.hf, layout.hf_shape(shape)
 
 
 # --------------------------------------------------------------------------- safetensors I/O
@@ -230,7 +230,7 @@ def _write_safetensors(file: str, entries: list[tuple[str, tuple[int, ...], np.d
 
 
 def _check_names(path: str, cfg: ModelConfig, params: dict[str, tuple[int, ...]], found: dict) -> None:
-    expected = {hf: shape for name, full in params.items() for hf, _, shape in _expected(name, full)}
+    expected = {hf: shape for name, full in params.items() for hf, shape in _expected(name, full)}
     missing = [n for n in expected if n not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -268,10 +268,11 @@ def load_model(path: str, mesh: Mesh | None = None, **config_overrides: Any) -> 
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist")
+        why = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(f"model directory {path!r} {why}")
     cfg = load_hf_config(path, **config_overrides)
     found = _open_checkpoint(path)
-    mesh = mesh if mesh is not None else make_mesh((1, 1, 1), jax.devices()[:1])
+    mesh = mesh if mesh is not None else make_mesh((1, 1, 1), jax.local_devices()[:1])
 
     # Shapes, dtypes and shardings without initialising anything.
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -322,7 +323,9 @@ def export_model(model: Transformer, out_dir: str, tokenizer: Any = None, dtype:
 
     ``dtype`` (float32 | bfloat16 | float16) defaults to the model's ``param_dtype``. Parameters are
     gathered to the host one at a time; in multi-host runs every process must call this and only
-    process 0 writes.
+    process 0 writes. Note: transformers 5 loads any ``model_type: qwen2`` directory's tokenizer as
+    ``Qwen2Tokenizer`` whatever tokenizer_config.json says; reload a non-Qwen tokenizer from such a
+    directory with ``PreTrainedTokenizerFast.from_pretrained``.
     """
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
@@ -334,7 +337,7 @@ def export_model(model: Transformer, out_dir: str, tokenizer: Any = None, dtype:
     if unknown:
         raise ValueError(f"cannot export parameters {unknown}: no Hugging Face name for them")
     names = sorted(params, key=list(_LAYOUTS).index)
-    entries = [(hf, shape, np_dtype) for n in names for hf, _, shape in _expected(n, params[n].shape)]
+    entries = [(hf, shape, np_dtype) for n in names for hf, shape in _expected(n, params[n].shape)]
 
     def tensors() -> Iterator[np.ndarray]:
         for name in names:
