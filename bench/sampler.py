@@ -150,7 +150,7 @@ def main(argv=None):
     kv_bytes = 2 * args.layers * b * (p + t) * args.kv_heads * (args.hidden // args.heads) * dt_bytes
     step_bytes = param_bytes + kv_bytes
 
-    print(f"\nlogit parity vs transformers (fp32 forward, {k} prompts): max |diff| = {parity:.2e}")
+    print(f"\nlast-position logits, ours ({args.dtype}) vs transformers (fp32), {k} prompts: max |diff| = {parity:.2e}")
     print(f"\n| {'sampler':<28} | {'tokens/s':>10} | {'wall s':>8} |")
     print(f"|{'-' * 30}|{'-' * 12}|{'-' * 10}|")
     if peer_tps is not None:

@@ -22,7 +22,9 @@ the entropy of that same distribution — exactly what the trainer recomputes
 from its own forward. Top-k / top-p only restrict which token is drawn; their
 truncation is not folded into the log-prob (the verl / TRL convention), so the
 importance ratio is 1 on-policy up to numerics. Greedy decoding reports
-log-probs and entropy at temperature 1.
+log-probs and entropy at temperature 1. Draws are exact inverse-CDF samples
+with one uniform per row from the stream fold_in(fold_in(rng, row), step), so
+a seed fixes the rollout whatever the mesh.
 
 Sharding: rows are sharded over the mesh batch axes ``("data", "fsdp")``;
 parameters stay on their own shardings. When N (prefill) or B (decode) is not
@@ -66,7 +68,8 @@ class SamplingConfig:
         def bad(key, allowed):
             raise ValueError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: {allowed}")
 
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
+        temperature = self.temperature
+        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
             bad("temperature", "must be a finite number > 0 (use greedy=True for argmax decoding)")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             bad("top_p", "must be in (0, 1]; 1.0 turns nucleus sampling off")
@@ -278,9 +281,12 @@ class Sampler:
             kv_shape = (mcfg.num_layers, b_pad, slots, mcfg.num_kv_heads, mcfg.dim_per_head)
             kv_spec = None if self.mesh is None else logical_to_spec(
                 (None, "batch", None, "kv_heads", "head_dim"), kv_shape, self.mesh)
-            pad_kv = lambda x: self._constrain(jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))), kv_spec)  # noqa: E731
-            return cache._replace(k_lbkgd=pad_kv(cache.k_lbkgd), v_lbkgd=pad_kv(cache.v_lbkgd),
-                                  valid_bk=self._rows_sharded(jnp.pad(cache.valid_bk, ((0, 0), (0, extra)))))
+
+            def pad_kv(x_lbkgd):
+                return self._constrain(jnp.pad(x_lbkgd, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))), kv_spec)
+
+            valid_bk = self._rows_sharded(jnp.pad(cache.valid_bk, ((0, 0), (0, extra))))
+            return cache._replace(k_lbkgd=pad_kv(cache.k_lbkgd), v_lbkgd=pad_kv(cache.v_lbkgd), valid_bk=valid_bk)
 
         # Decode segment i runs steps [ends[i-1], ends[i]) over a cache of P + ends[i] slots:
         # every row shares the write slot, so early steps need not attend over the empty tail.
@@ -380,7 +386,10 @@ def decode_responses(tokenizer, rollout: Rollout, **decode_kwargs) -> list[str]:
     t = rollout.response_mask.shape[1]
     tokens_bt = np.asarray(rollout.tokens)[:, -t:]
     n_b = np.asarray(rollout.lengths) - (~np.asarray(rollout.truncated)).astype(np.int32)
-    return [tokenizer.decode(tokens_bt[i, : n_b[i]].tolist(), **decode_kwargs) for i in range(len(n_b))]
+    rows = [tokens_bt[i, : n_b[i]].tolist() for i in range(len(n_b))]
+    if hasattr(tokenizer, "batch_decode"):  # HF fast tokenizers decode a batch in one Rust call
+        return list(tokenizer.batch_decode(rows, **decode_kwargs))
+    return [tokenizer.decode(row, **decode_kwargs) for row in rows]
 
 
 def _as_ids(x) -> tuple[int, ...]:

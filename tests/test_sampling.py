@@ -196,6 +196,12 @@ def test_stop_tokens(chain):
     assert (r.behaviour_logp[~r.response_mask] == 0).all()
     assert (r.entropy[~r.response_mask] == 0).all()
 
+    class Ids:  # a tokenizer whose text is the id list
+        decode = staticmethod(lambda ids: ",".join(map(str, ids)))
+
+    texts = decode_responses(Ids, r)[::2]  # the stop token is excluded; a truncated row keeps all T tokens
+    assert texts == ["", "18,19", "23,24,25,26,27,28", "5,6,7,8,9"]
+
 
 def test_early_exit_when_all_rows_stop(chain):
     state, sampler = chain
