@@ -278,20 +278,20 @@ class Sampler:
 
         def grow(cache, slots: int):  # zero-pads the cache's slot axis to `slots`
             extra = slots - cache.valid_bk.shape[1]
-            kv_shape = (mcfg.num_layers, b_pad, slots, mcfg.num_kv_heads, mcfg.dim_per_head)
+            kv_shape = (mcfg.num_layers, b_pad, mcfg.num_kv_heads, slots, mcfg.dim_per_head)
             kv_spec = None if self.mesh is None else logical_to_spec(
-                (None, "batch", None, "kv_heads", "head_dim"), kv_shape, self.mesh)
+                (None, "batch", "kv_heads", None, "head_dim"), kv_shape, self.mesh)
 
-            def pad_kv(x_lbkgd):
-                return self._constrain(jnp.pad(x_lbkgd, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))), kv_spec)
+            def pad_kv(x_lbgkd):
+                return self._constrain(jnp.pad(x_lbgkd, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))), kv_spec)
 
             valid_bk = self._rows_sharded(jnp.pad(cache.valid_bk, ((0, 0), (0, extra))))
-            return cache._replace(k_lbkgd=pad_kv(cache.k_lbkgd), v_lbkgd=pad_kv(cache.v_lbkgd), valid_bk=valid_bk)
+            return cache._replace(k_lbgkd=pad_kv(cache.k_lbgkd), v_lbgkd=pad_kv(cache.v_lbgkd), valid_bk=valid_bk)
 
         # Decode segment i runs steps [ends[i-1], ends[i]) over a cache of P + ends[i] slots:
         # every row shares the write slot, so early steps need not attend over the empty tail.
         ends = sorted({-(-t_max * (i + 1) // self.decode_segments) for i in range(self.decode_segments)})
-        cache = cache._replace(k_lbkgd=expand(cache.k_lbkgd, axis=1), v_lbkgd=expand(cache.v_lbkgd, axis=1),
+        cache = cache._replace(k_lbgkd=expand(cache.k_lbgkd, axis=1), v_lbgkd=expand(cache.v_lbgkd, axis=1),
                                valid_bk=expand(cache.valid_bk))  # fmt: skip
         logits_bv = self._rows_sharded(expand(logits_n1v[:, 0]))
         lengths_b = self._rows_sharded(expand(lengths_n))

@@ -27,15 +27,15 @@ _NEG = -1e30  # finite mask value: a fully-masked (padding) query row stays NaN-
 class KVCache(NamedTuple):
     """Decode cache. ``pos`` slots are filled; slot i of row b holds a real token iff ``valid_bk[b, i]``."""
 
-    k_lbkgd: jax.Array
-    v_lbkgd: jax.Array
+    k_lbgkd: jax.Array  # per kv head, slots contiguous: decode attention reads [k, d] blocks
+    v_lbgkd: jax.Array
     valid_bk: jax.Array  # bool
     pos: jax.Array  # int32 scalar: next slot to write
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dtype = dtype or jnp.dtype(cfg.compute_dtype)
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
     return KVCache(
         jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32)
     )
@@ -83,14 +83,14 @@ def apply_rope(x_bsnd, positions_bs, inv_freq):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q_bsnd, k_bkgd, v_bkgd, allowed_bsk):
+def attention(q_bsnd, k_bgkd, v_bgkd, allowed_bsk):
     b, s, n, d = q_bsnd.shape
-    g = k_bkgd.shape[2]
+    g = k_bgkd.shape[1]
     q = q_bsnd.reshape(b, s, g, n // g, d)
-    scores = jnp.einsum("bsgrd,bkgd->bgrsk", q, k_bkgd, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.einsum("bsgrd,bgkd->bgrsk", q, k_bgkd, preferred_element_type=jnp.float32) / math.sqrt(d)
     scores = jnp.where(allowed_bsk[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bkgd.dtype)
-    out = jnp.einsum("bgrsk,bkgd->bsgrd", probs, v_bkgd)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bgkd.dtype)
+    out = jnp.einsum("bgrsk,bgkd->bsgrd", probs, v_bgkd)
     return out.reshape(b, s, n, d)
 
 
@@ -164,12 +164,13 @@ class Transformer(nnx.Module):
                 k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
             q = apply_rope(q, positions_bs, inv_freq)
             k = apply_rope(k, positions_bs, inv_freq)
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, g, s, d]
             if kc is None:
                 k_all, v_all = k, v
             else:
                 # Write this step's k/v into the cache carried through the scan (updated in place).
-                kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, pos, 0, 0))
-                vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, pos, 0, 0))
+                kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, 0, pos, 0))
+                vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, 0, pos, 0))
                 k_all, v_all = kc[layer].astype(cdt), vc[layer].astype(cdt)
             attn = attention(q, k_all, v_all, allowed_bsk)
             out = jnp.einsum("bsnd,ndh->bsh", attn, p["wo"])
@@ -184,8 +185,8 @@ class Transformer(nnx.Module):
         elif cfg.remat == "dots":
             block = jax.checkpoint(block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
-        kc = None if cache is None else cache.k_lbkgd
-        vc = None if cache is None else cache.v_lbkgd
+        kc = None if cache is None else cache.k_lbgkd
+        vc = None if cache is None else cache.v_lbgkd
         (x, kc, vc, _), _ = jax.lax.scan(block, (x, kc, vc, jnp.zeros((), jnp.int32)), self._layer_params())
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         head_hv = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
