@@ -16,7 +16,7 @@ def get_config():
         "echo": {"enabled": True, "coef": 0.001},
         "rl": {"prompts_per_step": 16, "group_size": 8},
         "optim": {"learning_rate": 1e-4, "warmup_steps": 5},
-        "sft": {"steps": 600, "batch_size": 64, "learning_rate": 3e-3},
+        "sft": {"steps": 400, "batch_size": 64, "learning_rate": 2e-3},
         "train": {"steps": 40, "workdir": "runs/default", "eval_every": 10, "eval_samples": 4,
                   "echo_grad_norm_every": 10},
     }

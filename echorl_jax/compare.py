@@ -32,7 +32,8 @@ def _variant(cfg: config_lib.Config, method: str, echo: bool, seed: int) -> conf
     values["echo"] = dict(values["echo"], enabled=echo)
     values["train"] = dict(values["train"], seed=seed, workdir=os.path.join(base, "compare", name, f"seed{seed}"),
                            progress=False, export_hf=False, resume=False)  # fmt: skip
-    values["sft"] = dict(values["sft"], cache_dir=os.path.join(base, "compare", "warmstart"))
+    # One warm start (sft.seed) shared by every method and RL seed: the comparison isolates the RL phase.
+    values["sft"] = dict(values["sft"], cache_dir=cfg.sft.cache_dir or os.path.join(base, "warmstart"))
     return config_lib.build_config(values)
 
 
@@ -88,7 +89,7 @@ def write(cfg: config_lib.Config, results: dict, seeds) -> dict:
         "# GRPO/DAPO vs +EchoRL",
         "",
         f"Seeds {list(seeds)}; {cfg.train.steps} RL steps; {cfg.rl.prompts_per_step} prompts × {cfg.rl.group_size} "
-        f"rollouts; warm start {cfg.sft.steps} SFT steps shared by all methods of a seed; held-out "
+        f"rollouts; one warm start ({cfg.sft.steps} SFT steps, sft.seed={cfg.sft.seed}) shared by every run; held-out "
         f"{key} at temperature {cfg.train.eval_temperature}. ± is the sample std over seeds.",
         "",
         table,

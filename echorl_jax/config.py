@@ -86,9 +86,10 @@ class OptimConfig:
 class SFTConfig:
     steps: int = 0  # warm-start steps on the task's worked solutions; 0 = none
     batch_size: int = 64
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     warmup_steps: int = 20
     cache_dir: str = ""  # where warm-start results are cached; "" = train.workdir/warmstart
+    seed: int = 0  # warm-start data order; separate from train.seed so RL seeds can share one warm start
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ def parse_args(argv: list[str]):
     parser.add_argument("--config", default=None, help="Python config file with get_config() (default: built-in)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--compare", action="store_true", help="run the GRPO/DAPO ± EchoRL comparison instead")
+    parser.add_argument("--seeds", default="0,1,2", help="RL seeds for --compare (comma-separated)")
     args, rest = parser.parse_known_args(argv)
     values = config_lib.load_config_file(args.config) if args.config else default_values()
     overrides = config_lib.parse_overrides(rest)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         from echorl_jax import compare
 
-        compare.run(cfg)
+        compare.run(cfg, seeds=tuple(int(x) for x in args.seeds.split(",") if x))
         return 0
     from echorl_jax import report, train
 

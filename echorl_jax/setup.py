@@ -62,12 +62,18 @@ class Setup:
 class Progress:
     """A tqdm bar showing step, reward, accuracy, held-out accuracy and tokens/s."""
 
-    def __init__(self, start: int, total: int, enabled: bool):
+    def __init__(self, start: int, total: int, enabled: bool, desc: str = "rl"):
         self._bar = None
+        self.enabled = enabled
         if enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=start, desc="rl", dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+
+    def advance_to(self, step: int, postfix: dict) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(step - self._bar.n)
 
     def update(self, row: dict, last_eval: dict) -> None:
         if self._bar is None:
@@ -165,6 +171,37 @@ def default_verifier(cfg: config_lib.Config):
     return get_verifier(name)
 
 
+def _warm_start(cfg: config_lib.Config, model, tokenizer, records, mesh, log):
+    from echorl_jax import sft
+
+    cache_dir = cfg.sft.cache_dir or os.path.join(cfg.train.workdir, "warmstart")
+    bar = Progress(0, cfg.sft.steps, enabled=cfg.train.progress and jax.process_index() == 0, desc="warm start")
+    trained = []
+
+    def on_step(step, m):
+        trained.append(step)
+        bar.advance_to(step, {"loss": f"{m['loss']:.4f}"})
+        if not bar.enabled and step % 100 == 0:
+            log(f"warm start step {step}: loss {m['loss']:.4f}")
+
+    try:
+        model = sft.warm_start(
+            model, tokenizer, records, cfg.sft, mesh=mesh, prompt_len=cfg.data.max_prompt_len,
+            response_len=cfg.sampling.max_new_tokens, cache_dir=cache_dir, seed=cfg.sft.seed,
+            template=cfg.data.template, add_bos=cfg.data.add_bos, log_fn=on_step,
+        )  # fmt: skip
+    except ValueError as e:
+        if "SFT record" not in str(e):
+            raise
+        raise config_lib.ConfigError(
+            f"warm start: {e}; raise sampling.max_new_tokens / data.max_prompt_len or lower task.max_steps"
+        ) from None
+    bar.close()
+    if not trained:
+        log(f"warm start: reused the cached result in {cache_dir}")
+    return model
+
+
 def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) -> Setup:
     rl, tc = cfg.rl, cfg.train
     devices = jax.devices()
@@ -189,14 +226,7 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     model = build_model(cfg, mesh, tokenizer)
     log(f"model: {model.cfg.model_type}, {sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} params, mesh {dict(mesh.shape)}")
     if cfg.sft.steps > 0:
-        from echorl_jax import sft
-
-        model = sft.warm_start(
-            model, tokenizer, train_records, cfg.sft, mesh=mesh, prompt_len=cfg.data.max_prompt_len,
-            response_len=cfg.sampling.max_new_tokens, cache_dir=cfg.sft.cache_dir or os.path.join(tc.workdir, "warmstart"),
-            seed=tc.seed, log_fn=lambda step, m: log(f"warm start step {step}: loss {float(m['loss']):.4f}")
-            if step % 100 == 0 else None,
-        )  # fmt: skip
+        model = _warm_start(cfg, model, tokenizer, train_records, mesh, log)
     graphdef, params = nnx.split(model)
     total_updates = tc.steps * rl.epochs * rl.minibatches
     optimizer = update.make_optimizer(cfg.optim, total_updates)
