@@ -161,12 +161,13 @@ def test_cache_reuses_result_and_keys_change(tok, records, mesh, tmp_path):
         f.write("{")
 
     calls = []
-    first = sft.warm_start(tiny_model(mesh), tok, records, cfg, cache_dir=cache, log_fn=lambda *a: calls.append(a), **kw)
+    run = dict(kw, cache_dir=cache, log_fn=lambda *a: calls.append(a))
+    first = sft.warm_start(tiny_model(mesh), tok, records, cfg, **run)
     assert len(calls) == 1  # trained
     assert os.path.isfile(os.path.join(cache, key, "model.safetensors"))
     trained = params_np(first)
 
-    second = sft.warm_start(tiny_model(mesh), tok, records, cfg, cache_dir=cache, log_fn=lambda *a: calls.append(a), **kw)
+    second = sft.warm_start(tiny_model(mesh), tok, records, cfg, **run)
     assert len(calls) == 1  # loaded, no training step
     loaded = params_np(second)
     assert set(loaded) == set(trained)
