@@ -17,7 +17,7 @@ from echorl_jax.data import PromptPipeline, load_records
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import get_verifier
-from echorl_jax.sampling import SamplingConfig, make_sampler
+from echorl_jax.sampling import make_sampler
 from echorl_jax.tasks import arith
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
 

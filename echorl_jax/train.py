@@ -9,7 +9,6 @@ weights are copied between engines. Per step:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import time
@@ -18,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from echorl_jax import checkpoint as ckpt_lib
 from echorl_jax import config as config_lib
@@ -89,6 +87,23 @@ def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds) -> dict[str
     return m
 
 
+def _run_updates(train_step, state: TrainState, full: UpdateBatch, mesh, rl, *, seed: int, step: int):
+    """``rl.epochs`` passes over the rollout rows, each split into ``rl.minibatches`` optimizer steps."""
+    rows = full.tokens_bs.shape[0]
+    per_mb = rows // rl.minibatches
+    metrics: list[dict] = []
+    for epoch in range(rl.epochs):
+        order = np.arange(rows)
+        if rl.epochs * rl.minibatches > 1:
+            order = np.random.default_rng([seed, step, epoch]).permutation(rows)
+        for m in range(rl.minibatches):
+            idx = jnp.asarray(order[m * per_mb : (m + 1) * per_mb])
+            mb = sharding.shard_batch(jax.tree.map(lambda x: jnp.take(x, idx, axis=0), full), mesh)
+            state, step_metrics = train_step(state, mb)
+            metrics.append(step_metrics)
+    return state, metrics
+
+
 def run_eval(s: Setup, params, step: int) -> dict[str, float]:
     if s.eval_pipeline is None:
         return {}
@@ -122,7 +137,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     preempt = _Preemption()
     base_key = jax.random.key(tc.seed)
     last_eval: dict[str, float] = {}
-    if start == 0 and tc.eval_every >= 0 and s.eval_pipeline is not None:
+    if start == 0:
         last_eval = log.write(0, run_eval(s, state.params, 0), kind="eval")
     bar = s.progress(start, tc.steps)
     step = start
@@ -139,25 +154,16 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         )  # fmt: skip
         t0 = time.perf_counter()
         reward_dev, adv_bt, clips = score(ro, jnp.asarray(reward_ng))
-        old_logp = ro.behaviour_logp if forward_logp is None or not rl.recompute_logp else forward_logp(state.params, ro.tokens, ro.valid)
-        ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid) if cfg.objective.kl_coef > 0 else jnp.zeros_like(old_logp)
+        old_logp = forward_logp(state.params, ro.tokens, ro.valid) if rl.recompute_logp else ro.behaviour_logp
+        if cfg.objective.kl_coef > 0:
+            ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid)
+        else:
+            ref_logp = jnp.zeros_like(old_logp)
         full = UpdateBatch(ro.tokens, ro.valid, ro.response_mask, adv_bt, old_logp, ref_logp, clips.mask_bt)
         extra = {}
         if echo_norm is not None and step % tc.echo_grad_norm_every == 0:
             extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh))
-        rows = full.tokens_bs.shape[0]
-        per_mb = rows // rl.minibatches
-        update_metrics: list[dict] = []
-        for epoch in range(rl.epochs):
-            order = np.arange(rows)
-            if rl.epochs * rl.minibatches > 1:
-                order = np.random.default_rng([tc.seed, step, epoch]).permutation(rows)
-            for m in range(rl.minibatches):
-                idx = jnp.asarray(order[m * per_mb : (m + 1) * per_mb])
-                mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), full)
-                mb = sharding.shard_batch(mb, s.mesh)
-                state, um = train_step(state, mb)
-                update_metrics.append(um)
+        state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step)
         jax.block_until_ready(state.params)
         timings["update"] = time.perf_counter() - t0
         metrics = _rollout_metrics(ro, np.asarray(reward_dev), correct_ng, clips, info, rounds)
