@@ -126,3 +126,25 @@ def test_other_methods_run(tmp_path, method):
     if method == "grpo_kl":
         # The reference is the initial policy and recomputed old log-probs are the policy's own: both ~0.
         assert abs(row["kl_ref"]) < 1e-6 and abs(row["approx_kl_old"]) < 1e-6
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """Preemption: SIGTERM mid-run saves the current step and exits 0; a rerun resumes from it."""
+    import signal
+    import time
+
+    workdir = tmp_path / "pre"
+    cmd = [sys.executable, "-m", "echorl_jax.main", "--config", TINY, f"--config.train.workdir={workdir}",
+           "--config.train.steps=1000", "--config.sft.steps=0", "--config.train.eval_every=0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(r["kind"] == "train" for r in read_jsonl(metrics)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: saved step" in out
+    saved = Checkpointer(str(workdir / "checkpoints")).latest_step()
+    assert saved is not None and 1 <= saved < 1000
+    assert max(r["step"] for r in read_jsonl(metrics) if r["kind"] == "train") == saved
