@@ -71,10 +71,10 @@ def response_logp(graphdef, params, tokens_bs, valid_bs, num_response: int, temp
     """Log-prob and entropy of the last ``T = num_response`` tokens under the policy: ``[B, T]`` each."""
     model = nnx.merge(graphdef, params)
     positions = positions_from_valid(valid_bs)
-    logits, _ = model(tokens_bs, positions, valid_bs)
-    # Position s predicts token s+1: the response tokens are predicted by the T positions before them.
+    # Position s predicts token s+1: the response tokens are predicted by the T positions before them,
+    # and only those go through the output layer.
     s = tokens_bs.shape[1]
-    logits_bt = logits[:, s - num_response - 1 : s - 1]
+    logits_bt, _ = model(tokens_bs, positions, valid_bs, logits_slice=(s - num_response - 1, s - 1))
     return logp_and_entropy(logits_bt, tokens_bs[:, s - num_response :], temperature)
 
 

@@ -133,7 +133,10 @@ class Transformer(nnx.Module):
         cdt = jnp.dtype(self.cfg.compute_dtype)
         return {k: getattr(self, k)[...].astype(cdt) for k in self.LAYER_PARAMS if hasattr(self, k)}
 
-    def __call__(self, tokens_bs, positions_bs, valid_bs, cache: KVCache | None = None):
+    def __call__(self, tokens_bs, positions_bs, valid_bs, cache: KVCache | None = None,
+                 logits_slice: tuple[int, int] | None = None):  # fmt: skip
+        """``logits_slice=(start, stop)`` computes the output layer on those positions only
+        (training needs the response positions; the prompt's vocab-sized logits are never built)."""
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
         inv_freq = rope_inv_freq(cfg)
@@ -188,6 +191,8 @@ class Transformer(nnx.Module):
         kc = None if cache is None else cache.k_lbgkd
         vc = None if cache is None else cache.v_lbgkd
         (x, kc, vc, _), _ = jax.lax.scan(block, (x, kc, vc, jnp.zeros((), jnp.int32)), self._layer_params())
+        if logits_slice is not None:
+            x = x[:, logits_slice[0] : logits_slice[1]]
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         head_hv = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("bsh,hv->bsv", x, head_hv.astype(cdt), preferred_element_type=jnp.float32)
