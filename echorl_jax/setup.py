@@ -145,6 +145,12 @@ def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
         model = hf.load_model(m.path, mesh, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
     else:
         model = sharding.shard_model(Transformer(model_config(cfg), rngs=nnx.Rngs(m.seed)), mesh)
+    span = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
+    if span > model.cfg.max_position_embeddings:
+        raise config_lib.ConfigError(
+            f"data.max_prompt_len + sampling.max_new_tokens = {span} exceeds the model's "
+            f"max_position_embeddings={model.cfg.max_position_embeddings}"
+        )
     if model.cfg.vocab_size < len(tokenizer):
         raise config_lib.ConfigError(
             f"model vocab_size={model.cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"

@@ -193,6 +193,6 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     preempt.restore()
     log.close()
     s.state = state
-    if tc.export_hf and not preempt.requested and jax.process_index() == 0:
+    if tc.export_hf and not preempt.requested:  # every host joins the gather; process 0 writes
         s.export(os.path.join(tc.workdir, "hf_export"))
     return {"step": step, "eval": last_eval, "workdir": tc.workdir, "setup": s}
