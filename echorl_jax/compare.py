@@ -30,8 +30,9 @@ def _variant(cfg: config_lib.Config, method: str, echo: bool, seed: int) -> conf
         # DAPO's overlong buffer (4096 of 20480 tokens) scaled to this response length: the last quarter.
         values["objective"]["overlong_buffer"] = max(cfg.sampling.max_new_tokens // 4, 1)
     values["echo"] = dict(values["echo"], enabled=echo)
+    # The echo grad-norm diagnostic costs an extra backward: off, so the time ratio is EchoRL's own cost.
     values["train"] = dict(values["train"], seed=seed, workdir=os.path.join(base, "compare", name, f"seed{seed}"),
-                           progress=False, export_hf=False, resume=False)  # fmt: skip
+                           progress=False, export_hf=False, resume=False, echo_grad_norm_every=0)  # fmt: skip
     # One warm start (sft.seed) shared by every method and RL seed: the comparison isolates the RL phase.
     values["sft"] = dict(values["sft"], cache_dir=cfg.sft.cache_dir or os.path.join(base, "warmstart"))
     return config_lib.build_config(values)
