@@ -115,7 +115,7 @@ class Mode:
         import numpy as np
 
         from echorl_jax import rollout as rollout_lib
-        from echorl_jax import sharding, train
+        from echorl_jax import train
         from echorl_jax.update import UpdateBatch
 
         s, cfg, rl = self.s, self.cfg, self.cfg.rl
@@ -136,18 +136,9 @@ class Mode:
         old_logp = ro.behaviour_logp  # rl.recompute_logp=False and kl_coef=0 in the default job
         full = UpdateBatch(ro.tokens, ro.valid, ro.response_mask, adv_bt, old_logp, jnp.zeros_like(old_logp),
                            clips.mask_bt)  # fmt: skip
-        rows = full.tokens_bs.shape[0]
-        per_mb = rows // rl.minibatches
-        update_metrics = []
-        for epoch in range(rl.epochs):
-            order = np.arange(rows)
-            if rl.epochs * rl.minibatches > 1:
-                order = np.random.default_rng([cfg.train.seed, step, epoch]).permutation(rows)
-            for m in range(rl.minibatches):
-                idx = jnp.asarray(order[m * per_mb : (m + 1) * per_mb])
-                mb = sharding.shard_batch(jax.tree.map(lambda x, idx=idx: jnp.take(x, idx, axis=0), full), s.mesh)
-                self.state, um = self.train_step(self.state, mb)
-                update_metrics.append(um)
+        # The trainer's own minibatch loop, so the bench times exactly what train.py runs.
+        self.state, update_metrics = train._run_updates(self.train_step, self.state, full, s.mesh, rl,
+                                                        seed=cfg.train.seed, step=step)  # fmt: skip
         jax.block_until_ready(self.state.params)
         timings["update"] = time.perf_counter() - t0
         t1 = time.perf_counter()
