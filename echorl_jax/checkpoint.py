@@ -53,6 +53,18 @@ class Checkpointer:
             raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: {e}") from e
         return step, out["state"], dict(out["host"])
 
+    def read_host(self, step: int | None = None) -> dict:
+        """Only the JSON part of a checkpoint (config, data-iterator state): cheap, and it cannot fail on
+        a model or batch whose shapes changed, so callers can check the config before restoring arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint to restore in {self.directory}")
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types; name the checkpoint either way
+            raise CheckpointError(f"cannot read checkpoint step {step} from {self.directory}: {e}") from e
+        return dict(out["host"])
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

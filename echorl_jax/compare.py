@@ -9,8 +9,10 @@ wall-clock time per RL step as a ratio to the same method without it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+from typing import Mapping
 
 import numpy as np
 
@@ -21,20 +23,20 @@ from echorl_jax.report import markdown_table
 METHODS = ("grpo", "dapo")
 
 
-def _variant(cfg: config_lib.Config, method: str, echo: bool, seed: int) -> config_lib.Config:
+def _variant(cfg: config_lib.Config, given: Mapping, method: str, echo: bool, seed: int) -> config_lib.Config:
+    """The base run's own settings (``given``: config file + overrides, not the resolved config, so that
+    architecture fields read from ``model.path`` are not re-stated) with another method preset, EchoRL on or
+    off, and its own seed and workdir. Objective fields the user set explicitly win over every preset."""
     base = cfg.train.workdir
     name = f"{method}{'+echo' if echo else ''}"
-    values = config_lib.to_dict(cfg)
-    values["objective"] = {"method": method}  # the preset, then the overrides the comparison needs
-    if method == "dapo":
-        # DAPO's overlong buffer (4096 of 20480 tokens) scaled to this response length: the last quarter.
-        values["objective"]["overlong_buffer"] = max(cfg.sampling.max_new_tokens // 4, 1)
-    values["echo"] = dict(values["echo"], enabled=echo)
+    values = copy.deepcopy(dict(given))
+    values["objective"] = {**values.get("objective", {}), "method": method}
+    values["echo"] = {**values.get("echo", {}), "enabled": echo}
     # The echo grad-norm diagnostic costs an extra backward: off, so the time ratio is EchoRL's own cost.
-    values["train"] = dict(values["train"], seed=seed, workdir=os.path.join(base, "compare", name, f"seed{seed}"),
-                           progress=False, export_hf=False, resume=False, echo_grad_norm_every=0)  # fmt: skip
+    values["train"] = {**values.get("train", {}), "seed": seed, "workdir": os.path.join(base, "compare", name, f"seed{seed}"),
+                       "progress": False, "export_hf": False, "resume": False, "echo_grad_norm_every": 0}  # fmt: skip
     # One warm start (sft.seed) shared by every method and RL seed: the comparison isolates the RL phase.
-    values["sft"] = dict(values["sft"], cache_dir=cfg.sft.cache_dir or os.path.join(base, "warmstart"))
+    values["sft"] = {**values.get("sft", {}), "cache_dir": cfg.sft.cache_dir or os.path.join(base, "warmstart")}
     return config_lib.build_config(values)
 
 
@@ -49,14 +51,15 @@ def mean_step_time(workdir: str) -> float:
     return float(np.mean(times)) if times else float("nan")
 
 
-def run(cfg: config_lib.Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+def run(cfg: config_lib.Config, given: Mapping, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """``given``: the base run's config-file values merged with its overrides (``config.merge_given``)."""
     from echorl_jax import train
 
     results: dict[str, dict[int, dict]] = {}
     for seed in seeds:
         for method in METHODS:
             for echo in (False, True):
-                v = _variant(cfg, method, echo, seed)
+                v = _variant(cfg, given, method, echo, seed)
                 name = f"{method}{'+echo' if echo else ''}"
                 print(f"[compare] {name} seed {seed} -> {v.train.workdir}", flush=True)
                 train.train(v)

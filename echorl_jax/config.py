@@ -95,15 +95,15 @@ class SFTConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 20  # RL steps
-    workdir: str = "runs/default"
+    workdir: str = "runs/default"  # one run per workdir; a --config file FILE.py without one uses runs/FILE
     seed: int = 0
-    log_every: int = 1
+    log_every: int = 1  # write train metrics (metrics.jsonl, TensorBoard; a stdout line without the progress bar) every N steps
     eval_every: int = 10  # 0 = only at the end
     eval_samples: int = 4  # k samples per held-out prompt (avg@k, pass@k)
     eval_temperature: float = 0.6  # 0 = greedy
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
-    resume: bool = True  # continue from the latest checkpoint in workdir
+    resume: bool = True  # continue the run saved in workdir (its config must match); false = move it aside, start afresh
     export_hf: bool = True  # write the final policy as a HF directory
     progress: bool = True  # progress bar
     echo_grad_norm_every: int = 0  # log the echo term's gradient norm every N steps (one extra backward); 0 = off
@@ -270,9 +270,14 @@ def load_config_file(path: str) -> dict:
     return dict(values)
 
 
+def merge_given(values: Mapping | None = None, overrides: Mapping | None = None) -> dict:
+    """Config-file values with the command-line overrides on top: what the user set, before defaults."""
+    return _merge(dict(values or {}), overrides or {})
+
+
 def build_config(values: Mapping | None = None, overrides: Mapping | None = None) -> Config:
     """Defaults <- config-file values <- overrides, then validation."""
-    merged = _merge(dict(values or {}), overrides or {})
+    merged = merge_given(values, overrides)
     merged = _apply_method_preset(merged)
     cfg = _build(Config, merged, "")
     validate(cfg, merged)
@@ -332,6 +337,7 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(opt.schedule in ("constant", "cosine"), "optim.schedule", opt.schedule, "allowed: constant, cosine")
     _check(opt.max_grad_norm >= 0, "optim.max_grad_norm", opt.max_grad_norm, "must be >= 0 (0 disables)")
     _check(train.steps >= 0, "train.steps", train.steps, "must be >= 0")
+    _check(train.log_every >= 1, "train.log_every", train.log_every, "must be >= 1")
     _check(train.eval_samples >= 1, "train.eval_samples", train.eval_samples, "must be >= 1")
     _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
     _check(cfg.data.on_overlong in ("drop", "error"), "data.on_overlong", cfg.data.on_overlong, "allowed: drop, error")

@@ -22,7 +22,13 @@ def parse_args(argv: list[str]):
     args, rest = parser.parse_known_args(argv)
     values = config_lib.load_config_file(args.config) if args.config else default_values()
     overrides = config_lib.parse_overrides(rest)
-    return args, config_lib.build_config(values, overrides)
+    given = config_lib.merge_given(values, overrides)
+    if args.config and "workdir" not in given.get("train", {}):
+        # One run per workdir: a config file's runs do not land in (and resume) the default's.
+        stem = os.path.splitext(os.path.basename(args.config))[0]
+        given = config_lib.merge_given(given, {"train": {"workdir": os.path.join("runs", stem)}})
+    args.given = given
+    return args, config_lib.build_config(given)
 
 
 def default_values() -> dict:
@@ -56,18 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
     maybe_init_distributed()
-    if args.compare:
-        from echorl_jax import compare
-
-        compare.run(cfg, seeds=tuple(int(x) for x in args.seeds.split(",") if x))
-        return 0
-    from echorl_jax import report, train
-
-    USER_ERRORS = _user_errors()
+    from echorl_jax import compare, report, train
 
     try:
+        if args.compare:
+            compare.run(cfg, args.given, seeds=tuple(int(x) for x in args.seeds.split(",") if x))
+            return 0
         result = train.train(cfg)
-    except USER_ERRORS as e:  # bad paths, data rows, checkpoints: a message, not a traceback
+    except _user_errors() as e:  # bad paths, data rows, checkpoints, a changed config: a message, not a traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     report.write_report(cfg, result)

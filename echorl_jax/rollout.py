@@ -46,6 +46,17 @@ def make_scorer(obj_cfg, echo_cfg, delimiter_ids: np.ndarray, max_new_tokens: in
     return score
 
 
+class Collected(NamedTuple):
+    """One step's rollouts (N groups) and what it cost to get them."""
+
+    rollout: Rollout
+    reward_ng: np.ndarray
+    correct_ng: np.ndarray
+    info: dict[str, float]  # summed verifier counters (+ dynamic_fill_groups with dynamic sampling)
+    rounds: int  # prompt batches sampled (> 1 only with DAPO dynamic sampling)
+    sampled_tokens: int  # response tokens generated over all rounds, kept or not
+
+
 def verify(verifier: Verifier, tokenizer, rollout: Rollout, ground_truth: list[str], group_size: int):
     texts = decode_responses(tokenizer, rollout)
     truths = [gt for gt in ground_truth for _ in range(group_size)]
@@ -77,7 +88,7 @@ def collect(
     echo_threshold: float | None,
     max_rounds: int,
     timings: dict[str, float],
-) -> tuple[Rollout, np.ndarray, np.ndarray, dict[str, float], int]:
+) -> Collected:
     """Samples and verifies one step's rollouts.
 
     With DAPO dynamic sampling, zero-variance groups are dropped and more prompts
@@ -85,11 +96,10 @@ def collect(
     draws; any shortfall is filled with dropped groups, counted in the metrics).
     With EchoRL on (``echo_threshold`` set), all-success groups stay: they carry
     the echo signal, and dropping them would switch EchoRL off under DAPO.
-    Returns (rollout, reward_ng, correct_ng, reward info, number of draws).
     """
     kept_rollouts, kept_rewards, kept_correct, spare = [], [], [], []
     info_total: dict[str, float] = {}
-    n_target, n_kept, rounds = None, 0, 0
+    n_target, n_kept, rounds, sampled_tokens = None, 0, 0, 0
     while True:
         batch = next_prompts()
         n_target = n_target or batch.tokens_np.shape[0]
@@ -97,6 +107,7 @@ def collect(
         rollout = sample(params, batch.tokens_np, batch.length_n, jax.random.fold_in(rng, rounds))
         jax.block_until_ready(rollout.tokens)
         t1 = time.perf_counter()
+        sampled_tokens += int(np.asarray(rollout.lengths).sum())
         reward_ng, correct_ng, info = verify(verifier, tokenizer, rollout, batch.ground_truth, group_size)
         timings["sample"] = timings.get("sample", 0.0) + t1 - t0
         timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t1
@@ -104,7 +115,7 @@ def collect(
             info_total[k] = info_total.get(k, 0.0) + float(v)
         rounds += 1
         if not dynamic_sampling:
-            return rollout, reward_ng, correct_ng, info_total, rounds
+            return Collected(rollout, reward_ng, correct_ng, info_total, rounds, sampled_tokens)
         keep = np.asarray(objectives.zero_variance_groups(jnp.asarray(reward_ng)))
         if echo_threshold is not None:
             keep = keep | np.all(reward_ng >= echo_threshold, axis=1)
@@ -128,4 +139,5 @@ def collect(
             filled += len(idx)
     info_total["dynamic_fill_groups"] = float(filled)
     rollout = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *kept_rollouts)
-    return rollout, np.concatenate(kept_rewards), np.concatenate(kept_correct), info_total, rounds
+    return Collected(rollout, np.concatenate(kept_rewards), np.concatenate(kept_correct), info_total, rounds,
+                     sampled_tokens)

@@ -20,8 +20,9 @@ import numpy as np
 
 from echorl_jax import checkpoint as ckpt_lib
 from echorl_jax import config as config_lib
-from echorl_jax import evaluation, rollout as rollout_lib, sharding, update
-from echorl_jax.metrics_log import MetricsLog
+from echorl_jax import evaluation, rollout as rollout_lib, run_state, sharding, update
+from echorl_jax.data_formats import DataError
+from echorl_jax.metrics_log import MetricsLog, to_python
 from echorl_jax.setup import Setup, build_setup
 from echorl_jax.update import TrainState, UpdateBatch
 
@@ -52,15 +53,6 @@ def _jit_train_step(s: Setup, state: TrainState):
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(s.mesh, 2), UpdateBatch(*range(7)))
     return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-
-
-def _forward_logp(s: Setup):
-    @jax.jit
-    def fn(params, tokens_bs, valid_bs):
-        t = s.cfg.sampling.max_new_tokens
-        return update.response_logp(s.graphdef, params, tokens_bs, valid_bs, t, s.train_temperature)[0]
-
-    return fn
 
 
 def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds) -> dict[str, Any]:
@@ -115,45 +107,79 @@ def run_eval(s: Setup, params, step: int) -> dict[str, float]:
     )  # fmt: skip
 
 
+def _num_chunks(rl) -> int:
+    """Row chunks of the full rollout batch that are one micro-batch each."""
+    return rl.minibatches * rl.micro_batches
+
+
+def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Checkpointer]:
+    """A fresh run in a clean workdir, or the exact continuation of the run saved there (run_state.py)."""
+    tc = s.cfg.train
+    directory = os.path.join(tc.workdir, "checkpoints")
+    checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if not tc.resume or latest is None:
+        if run_state.existing_run_files(tc.workdir):  # resume=false, or a run that never saved
+            checkpointer.close()
+            run_state.move_previous_run(tc.workdir, s.log)
+            checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
+        run_state.write_config(tc.workdir, config_lib.to_dict(s.cfg))
+        return 0, state, checkpointer
+    host = checkpointer.read_host(latest)
+    run_state.check_resume(host.get("config"), config_lib.to_dict(s.cfg), tc.workdir, latest)
+    try:
+        start, state, host = checkpointer.restore(state, latest)
+        s.train_pipeline.set_state(host["data"])
+    except (ckpt_lib.CheckpointError, DataError) as e:
+        raise run_state.ResumeMismatch(run_state.mismatch_message(tc.workdir, latest, str(e))) from None
+    s.log(f"resumed from step {start} in {checkpointer.directory}")
+    return start, state, checkpointer
+
+
+def _log_line(step: int, row: dict, last_eval: dict) -> str:
+    acc = next((f" held-out {k} {v:.3f}" for k, v in last_eval.items() if k.startswith("avg@") and "/" not in k), "")
+    return (f"step {step}: reward {row.get('reward/mean', 0):.3f} accuracy {row.get('accuracy', 0):.3f} "
+            f"loss {row.get('loss', 0):.4g} clips {row.get('echo/num_clips', 0):.0f}{acc}")  # fmt: skip
+
+
 def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, Any]:
     """Runs ``cfg.train.steps`` RL steps (resuming from the workdir if a checkpoint exists)."""
     s = setup or build_setup(cfg)
     tc, rl = cfg.train, cfg.rl
-    state = s.state
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(tc.workdir, "checkpoints"), keep=tc.keep_checkpoints)
-    start = 0
-    if tc.resume and checkpointer.latest_step() is not None:
-        start, state, host = checkpointer.restore(state)
-        s.train_pipeline.set_state(host["data"])
-        s.log(f"resumed from step {start} in {checkpointer.directory}")
+    start, state, checkpointer = _open_run(s, s.state)
     log = MetricsLog(tc.workdir, resume_step=start)
     train_step = _jit_train_step(s, state)
-    forward_logp = _forward_logp(s) if (rl.recompute_logp or cfg.objective.kl_coef > 0) else None
+    forward_logp = None
+    if rl.recompute_logp or cfg.objective.kl_coef > 0:
+        forward_logp = update.make_forward_logp(s.graphdef, cfg.sampling.max_new_tokens, s.train_temperature,
+                                                _num_chunks(rl))  # fmt: skip
     score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
     schedule = update.make_schedule(cfg.optim, s.total_updates)
     echo_norm = None
     if cfg.echo.enabled and tc.echo_grad_norm_every > 0:
-        echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature)
+        echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature, _num_chunks(rl))
     preempt = _Preemption()
     base_key = jax.random.key(tc.seed)
     last_eval: dict[str, float] = {}
     if start == 0:
         last_eval = log.write(0, run_eval(s, state.params, 0), kind="eval")
     bar = s.progress(start, tc.steps)
-    step = start
+    step = saved = start
+    save = lambda: checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg)})
     for step in range(start + 1, tc.steps + 1):
         timings: dict[str, float] = {}
         t_step = time.perf_counter()
         key = jax.random.fold_in(base_key, step)
-        ro, reward_ng, correct_ng, info, rounds = rollout_lib.collect(
+        got = rollout_lib.collect(
             lambda: next(s.train_pipeline), s.sample, state.params, key,
             verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
             dynamic_sampling=cfg.objective.dynamic_sampling,
             echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
             max_rounds=rl.max_sample_rounds, timings=timings,
         )  # fmt: skip
+        ro = got.rollout
         t0 = time.perf_counter()
-        reward_dev, adv_bt, clips = score(ro, jnp.asarray(reward_ng))
+        reward_dev, adv_bt, clips = score(ro, jnp.asarray(got.reward_ng))
         old_logp = forward_logp(state.params, ro.tokens, ro.valid) if rl.recompute_logp else ro.behaviour_logp
         if cfg.objective.kl_coef > 0:
             ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid)
@@ -166,28 +192,38 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step)
         jax.block_until_ready(state.params)
         timings["update"] = time.perf_counter() - t0
-        metrics = _rollout_metrics(ro, np.asarray(reward_dev), correct_ng, clips, info, rounds)
+        metrics = _rollout_metrics(ro, np.asarray(reward_dev), got.correct_ng, clips, got.info, got.rounds)
         metrics.update({k: np.mean([float(u[k]) for u in update_metrics]) for k in update_metrics[0]})
         metrics.update(extra)
         metrics["lr"] = float(schedule(int(state.step) - 1))
         step_time = time.perf_counter() - t_step
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         metrics["time/step"] = step_time
-        metrics["tokens_per_s"] = float(np.asarray(ro.lengths).sum()) / max(timings.get("sample", 0.0), 1e-9)
-        row = log.write(step, metrics)
+        # Every generated token over the time of every sampling round (DAPO may draw several).
+        metrics["tokens_per_s"] = got.sampled_tokens / max(timings.get("sample", 0.0), 1e-9)
+        if step % tc.log_every == 0 or step == tc.steps:
+            row = log.write(step, metrics)
+            if not bar.enabled:
+                s.log(_log_line(step, row, last_eval))
+        else:
+            row = to_python(metrics)
         if tc.eval_every > 0 and step % tc.eval_every == 0 and step != tc.steps:
             last_eval = log.write(step, run_eval(s, state.params, step), kind="eval")
         bar.update(row, last_eval)
-        stop = preempt.requested
-        if stop or (tc.save_every > 0 and step % tc.save_every == 0):
-            checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg)})
-        if stop:
+        if preempt.requested or (tc.save_every > 0 and step % tc.save_every == 0):
+            save()
+            saved = step
+        if preempt.requested:
             s.log(f"SIGTERM: saved step {step}, exiting")
             break
-    else:
-        if tc.steps > start:
+    if not preempt.requested:
+        # Also after a resume at the last step (a run preempted there never evaluated it).
+        if not log.has(tc.steps, "eval"):
             last_eval = log.write(tc.steps, run_eval(s, state.params, tc.steps), kind="eval")
-            checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg)})
+        elif start == tc.steps:
+            last_eval = log.last("eval")
+        if step != saved:
+            save()
     checkpointer.close()
     bar.close()
     preempt.restore()

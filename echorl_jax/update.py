@@ -82,17 +82,55 @@ def global_counts(batch: UpdateBatch) -> objectives.GlobalCounts:
     return objectives.global_counts(batch.mask_bt, batch.echo_mask_bt)
 
 
-def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: float):
+def split_rows(x: jax.Array, num_chunks: int) -> jax.Array:
+    """``[B, ...] -> [C, B/C, ...]``, chunk ``c`` holding rows ``c, c + C, ...``.
+
+    Strided rather than contiguous: rows are sharded over the batch axes in contiguous
+    blocks, so every chunk keeps rows on every device and no chunk needs resharding.
+    """
+    return jnp.swapaxes(x.reshape(-1, num_chunks, *x.shape[1:]), 0, 1)
+
+
+def merge_rows(x_c: jax.Array) -> jax.Array:
+    """Inverse of ``split_rows``."""
+    return jnp.swapaxes(x_c, 0, 1).reshape(-1, *x_c.shape[2:])
+
+
+def make_forward_logp(graphdef, num_response: int, temperature: float, num_chunks: int):
+    """Jitted ``(params, tokens_bs, valid_bs) -> logp_bt`` (old / reference log-probs), computed
+    ``num_chunks`` row-chunks at a time so its peak memory is that of one micro-batch."""
+
+    def fn(params, tokens_bs, valid_bs):
+        def one(chunk):
+            return response_logp(graphdef, params, *chunk, num_response, temperature)[0]
+
+        split = (split_rows(tokens_bs, num_chunks), split_rows(valid_bs, num_chunks))
+        return merge_rows(jax.lax.map(one, split))
+
+    return jax.jit(fn)
+
+
+def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: float, num_chunks: int = 1):
     """``(params, batch) -> ||grad(coef * L_echo)||``: the echo term's share of the update (a diagnostic;
-    it costs one extra forward + backward, so the trainer runs it only every few steps)."""
+    it costs one extra forward + backward, so the trainer runs it only every few steps). Gradients are
+    accumulated over ``num_chunks`` row-chunks, as in the train step."""
 
-    def echo_term(params, batch: UpdateBatch):
-        t = batch.mask_bt.shape[1]
-        logp, _ = response_logp(graphdef, params, batch.tokens_bs, batch.valid_bs, t, temperature)
+    def echo_term(params, mb: UpdateBatch, num_clips):
+        t = mb.mask_bt.shape[1]
+        logp, _ = response_logp(graphdef, params, mb.tokens_bs, mb.valid_bs, t, temperature)
+        return echo_cfg.coef * echo_lib.echo_loss(logp, mb.echo_mask_bt, num_clips)
+
+    def fn(params, batch: UpdateBatch):
         num_clips = global_counts(batch).num_clips
-        return echo_cfg.coef * echo_lib.echo_loss(logp, batch.echo_mask_bt, num_clips)
 
-    return jax.jit(lambda params, batch: optax.global_norm(jax.grad(echo_term)(params, batch)))
+        def accumulate(grads, mb):
+            return jax.tree.map(jnp.add, grads, jax.grad(echo_term)(params, mb, num_clips)), None
+
+        split = jax.tree.map(lambda x: split_rows(x, num_chunks), batch)
+        grads, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), split)
+        return optax.global_norm(grads)
+
+    return jax.jit(fn)
 
 
 def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig, *, micro_batches: int,
@@ -109,7 +147,7 @@ def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig,
 
     def train_step(state: TrainState, batch: UpdateBatch):
         counts = global_counts(batch)
-        split = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
+        split = jax.tree.map(lambda x: split_rows(x, micro_batches), batch)
 
         def accumulate(carry, mb):
             grads, loss, metrics = carry
