@@ -60,13 +60,15 @@ def all_correct(verifier):
     """The task verifier (so the reward phase does its real parsing work), then reward 1 for everything."""
     import numpy as np
 
+    from echorl_jax.rewards import call_verifier
     from echorl_jax.rewards.base import RewardResult
 
-    def verify(responses, ground_truths):
-        real = verifier(responses, ground_truths)
+    def verify(responses, ground_truths, rows):
+        real = call_verifier(verifier, responses, ground_truths, rows)
         n = len(responses)
         return RewardResult(np.ones(n, np.float32), np.ones(n, bool), dict(real.info))
 
+    verify.takes_rows = True  # rows reach the router, which picks the verifier by data_source
     return verify
 
 
@@ -127,7 +129,7 @@ class Mode:
             verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
             dynamic_sampling=cfg.objective.dynamic_sampling,
             echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
-            max_rounds=rl.max_sample_rounds, timings=timings,
+            max_rounds=rl.max_sample_rounds, timings=timings, records=s.train_records,
         )  # fmt: skip
         t0 = time.perf_counter()
         reward_dev, adv_bt, clips = self.score(ro, jnp.asarray(reward_ng))

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from echorl_jax.echo import EchoConfig
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.objectives import ObjectiveConfig
+from echorl_jax.rewards.router import RewardConfig
 from echorl_jax.sampling import SamplingConfig
 from echorl_jax.tasks.arith import ArithTask
 
@@ -64,7 +65,6 @@ class RLConfig:
     minibatches: int = 1  # optimizer steps per epoch
     micro_batches: int = 1  # gradient accumulation inside each optimizer step
     recompute_logp: bool = False  # old log-probs from a forward pass instead of the sampler
-    reward: str = "auto"  # verifier name; auto = the task's own, or math for files
     stop_strings: tuple = ()  # extra stop tokens by text, besides the tokenizer's eos
     max_sample_rounds: int = 3  # DAPO dynamic sampling: prompt batches drawn at most per step
 
@@ -119,6 +119,7 @@ class Config:
     objective: ObjectiveConfig = ObjectiveConfig()
     echo: EchoConfig = EchoConfig()
     rl: RLConfig = RLConfig()
+    reward: RewardConfig = RewardConfig()  # verifier routing, math strictness, custom hook (rewards/router.py)
     optim: OptimConfig = OptimConfig()
     sft: SFTConfig = SFTConfig()
     train: TrainConfig = TrainConfig()
@@ -278,6 +279,8 @@ def merge_given(values: Mapping | None = None, overrides: Mapping | None = None)
 def build_config(values: Mapping | None = None, overrides: Mapping | None = None) -> Config:
     """Defaults <- config-file values <- overrides, then validation."""
     merged = merge_given(values, overrides)
+    if isinstance(merged.get("rl"), Mapping) and "reward" in merged["rl"]:
+        raise ConfigError(f"config key 'rl.reward'={merged['rl']['reward']!r} moved to the 'reward' section: use reward.name")
     merged = _apply_method_preset(merged)
     cfg = _build(Config, merged, "")
     validate(cfg, merged)
@@ -305,7 +308,7 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 def validate(cfg: Config, given: Mapping | None = None) -> None:
     """Section validators, then the combinations no single section can check."""
     given = given or {}
-    for name in ("sampling", "objective", "echo", "task"):
+    for name in ("sampling", "objective", "echo", "task", "reward"):
         section = getattr(cfg, name)
         if hasattr(section, "validate"):
             try:

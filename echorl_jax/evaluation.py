@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from echorl_jax.data import PromptPipeline
+from echorl_jax.rewards import call_verifier, rows_for_batch
 from echorl_jax.rewards.base import Verifier
 from echorl_jax.sampling import decode_responses
 
@@ -34,8 +35,13 @@ def evaluate(
         rollout = sample_fn(params, batch.tokens_np, batch.length_n, jax.random.fold_in(rng, i))
         texts = decode_responses(tokenizer, rollout)
         truths = [gt for gt in batch.ground_truth for _ in range(k)]
-        result = verifier(texts, truths)
-        correct_nk = np.asarray(result.correct_n, bool).reshape(-1, k)
+        rows = rows_for_batch(batch, records, k)
+        keep = np.repeat(np.asarray(batch.valid_n, bool), k)  # padding rows are never graded
+        idx = np.flatnonzero(keep)
+        result = call_verifier(verifier, [texts[i] for i in idx], [truths[i] for i in idx], [rows[i] for i in idx])
+        correct_nk = np.zeros(len(texts), bool)
+        correct_nk[idx] = np.asarray(result.correct_n, bool)
+        correct_nk = correct_nk.reshape(-1, k)
         for row, (idx, valid) in enumerate(zip(batch.record_index, batch.valid_n)):
             if valid:
                 correct_by_record[int(idx)] = correct_nk[row]

@@ -7,7 +7,7 @@ The sampler and the advantage/EchoClip maths are jitted; only the reward call
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ import numpy as np
 
 from echorl_jax import echo as echo_lib
 from echorl_jax import objectives
+from echorl_jax.rewards import call_verifier, rows_for_batch
 from echorl_jax.rewards.base import Verifier
 from echorl_jax.sampling import Rollout, decode_responses
 
@@ -57,11 +58,14 @@ class Collected(NamedTuple):
     sampled_tokens: int  # response tokens generated over all rounds, kept or not
 
 
-def verify(verifier: Verifier, tokenizer, rollout: Rollout, ground_truth: list[str], group_size: int):
+def verify(verifier: Verifier, tokenizer, rollout: Rollout, batch, group_size: int,
+           records: Sequence[dict] | None = None):
+    """Rewards of ``rollout`` (``batch``'s prompts x group_size); ``records`` give row-aware verifiers the
+    prompt and extra_info of each row (without them: data_source only)."""
     texts = decode_responses(tokenizer, rollout)
-    truths = [gt for gt in ground_truth for _ in range(group_size)]
-    result = verifier(texts, truths)
-    n = len(ground_truth)
+    truths = [gt for gt in batch.ground_truth for _ in range(group_size)]
+    result = call_verifier(verifier, texts, truths, rows_for_batch(batch, records, group_size))
+    n = len(batch.ground_truth)
     return (
         np.asarray(result.reward_n, np.float32).reshape(n, group_size),
         np.asarray(result.correct_n, bool).reshape(n, group_size),
@@ -88,6 +92,7 @@ def collect(
     echo_threshold: float | None,
     max_rounds: int,
     timings: dict[str, float],
+    records: Sequence[dict] | None = None,
 ) -> Collected:
     """Samples and verifies one step's rollouts.
 
@@ -108,7 +113,7 @@ def collect(
         jax.block_until_ready(rollout.tokens)
         t1 = time.perf_counter()
         sampled_tokens += int(np.asarray(rollout.lengths).sum())
-        reward_ng, correct_ng, info = verify(verifier, tokenizer, rollout, batch.ground_truth, group_size)
+        reward_ng, correct_ng, info = verify(verifier, tokenizer, rollout, batch, group_size, records)
         timings["sample"] = timings.get("sample", 0.0) + t1 - t0
         timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t1
         for k, v in info.items():

@@ -16,7 +16,8 @@ from echorl_jax import sharding, update
 from echorl_jax.data import PromptPipeline, load_records
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.transformer import Transformer
-from echorl_jax.rewards import get_verifier
+from echorl_jax.rewards import build_router
+from echorl_jax.rewards.custom import RewardSetupError
 from echorl_jax.sampling import make_sampler
 from echorl_jax.tasks import arith
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
@@ -171,10 +172,11 @@ def stop_ids(cfg: config_lib.Config, tokenizer) -> tuple[int, ...]:
 
 
 def default_verifier(cfg: config_lib.Config):
-    name = cfg.rl.reward
-    if name == "auto":
-        name = "arith" if cfg.data.train.startswith(TASK_PREFIX) else "math"
-    return get_verifier(name)
+    """The reward router of ``cfg.reward``; a bad custom hook fails here, before the model loads."""
+    try:
+        return build_router(cfg.reward)
+    except RewardSetupError as e:
+        raise config_lib.ConfigError(str(e)) from e
 
 
 def _warm_start(cfg: config_lib.Config, model, tokenizer, records, mesh, log):
@@ -229,6 +231,7 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_records = load_train_records(cfg)
     eval_records = load_eval_records(cfg)
+    verifier = default_verifier(cfg)  # before the model: a bad reward hook fails fast
     model = build_model(cfg, mesh, tokenizer)
     log(f"model: {model.cfg.model_type}, {sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} params, mesh {dict(mesh.shape)}")
     if cfg.sft.steps > 0:
@@ -269,5 +272,5 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
         total_updates=total_updates, train_temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,
         sample=sample, eval_sample=eval_sample, train_pipeline=train_pipeline, eval_pipeline=eval_pipeline,
         eval_initial_state=eval_state, eval_records=eval_records, train_records=train_records,
-        verifier=default_verifier(cfg), delimiter_ids=delimiter_ids, ref_params=ref_params, log=log,
+        verifier=verifier, delimiter_ids=delimiter_ids, ref_params=ref_params, log=log,
     )  # fmt: skip

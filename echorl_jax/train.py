@@ -175,7 +175,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
             verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
             dynamic_sampling=cfg.objective.dynamic_sampling,
             echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
-            max_rounds=rl.max_sample_rounds, timings=timings,
+            max_rounds=rl.max_sample_rounds, timings=timings, records=s.train_records,
         )  # fmt: skip
         ro = got.rollout
         t0 = time.perf_counter()

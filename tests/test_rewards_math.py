@@ -58,7 +58,7 @@ CASES = [
     ("pi_approximation", r"\boxed{6.28}", r"2\pi", False),
     ("radical_simplified", r"\boxed{\sqrt{8}}", r"2\sqrt{2}", True),
     ("equation_rhs", r"\boxed{x=3}", "3", True),
-    ("plain_last_expression", "3 + 4 = 7", "7", True),
+    ("plain_last_expression", "3 + 4 = 7", "7", False),  # no answer marker: strict (default) ignores it
     ("mixed_number", r"\boxed{3\frac{1}{2}}", "3.5", True),
     ("power", r"\boxed{2^{10}}", "1024", True),
     ("degrees", r"\boxed{45^\circ}", "45", True),
@@ -68,7 +68,7 @@ CASES = [
     ("wrong_word", r"\boxed{\text{Tuesday}}", r"\text{Monday}", False),
     ("plus_minus", r"\boxed{\pm 2}", r"\{-2, 2\}", True),
 ]
-NO_ANSWER_IDS = {"unclosed_last_box", "empty_output", "no_answer", "empty_box"}
+NO_ANSWER_IDS = {"unclosed_last_box", "empty_output", "no_answer", "empty_box", "plain_last_expression"}
 
 # math-verify 0.9.0 grades these wrongly (found while building this table); we keep the
 # right grade and mark them, so a math-verify upgrade that fixes them shows up (strict).
@@ -86,7 +86,7 @@ def verifier():
 
 
 # A test-only worker function: the worker imports it from this module by name.
-def hooked_score(response: str, ground_truth: str, max_chars: int):
+def hooked_score(response: str, ground_truth: str, max_chars: int, strict: bool):
     if response == "CRASH":
         os._exit(3)
     if response == "RAISE":
@@ -95,7 +95,7 @@ def hooked_score(response: str, ground_truth: str, max_chars: int):
         import resource
 
         return [resource.getrlimit(resource.RLIMIT_AS)[0] == 2048 << 20, False, True]  # default
-    return rmath.score_one(response, ground_truth, max_chars)
+    return rmath.score_one(response, ground_truth, max_chars, strict)
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +139,12 @@ def test_find_answer_rules():
     assert fa("The answer is:\n\n  $5$\nDone.") == ("line", "$5$")
     assert fa("**Final Answer**: 9") == ("line", "9")
     assert fa("work\n#### 1,200") == ("line", "1,200")
-    assert fa("we get 2 + 2 = 4") == ("text", "we get 2 + 2 = 4")
-    assert fa("   ") == ("none", "")
+    assert fa("we get 2 + 2 = 4") == ("none", "")  # strict: no marker, no answer
+    assert fa("we get 2 + 2 = 4", strict=False) == ("text", "we get 2 + 2 = 4")
+    assert fa("   ", strict=False) == ("none", "")
     assert fa("x" * 50 + r"\boxed{5}", max_chars=9) == ("boxed", "5")
-    assert fa(r"\boxed{5}" + "x" * 50, max_chars=20) == ("text", "x" * 20)
+    assert fa(r"\boxed{5}" + "x" * 50, max_chars=20) == ("none", "")
+    assert fa(r"\boxed{5}" + "x" * 50, max_chars=20, strict=False) == ("text", "x" * 20)
 
 
 def test_long_responses_are_truncated_to_their_tail(verifier):
@@ -258,3 +260,21 @@ def test_registry_and_validation():
         get_verifier("math", timeout_s=0)
     with pytest.raises(ValueError, match="num_workers=0"):
         MathVerifier(num_workers=0)
+
+
+RANDOM_OUTPUT = "marbles 1/5 3M the tot"  # an untrained model's noise; its rightmost number is 3
+
+
+def test_strict_requires_an_answer_marker(verifier):
+    assert verifier.strict
+    res = verifier([RANDOM_OUTPUT, "The answer is 3", r"so \boxed{3}", "answer: 3", "#### 3", "3 + 4 = 7"], ["3"] * 6)
+    assert res.correct_n.tolist() == [False, True, True, True, True, False]
+    assert res.info["no_answer"] == 2
+
+
+def test_loose_mode_reenables_whole_text_fallback():
+    assert rmath.score_one(RANDOM_OUTPUT, "3").correct is False
+    assert rmath.score_one(RANDOM_OUTPUT, "3", strict=False).correct is True
+    with MathVerifier(num_workers=1, timeout_s=20.0, strict=False) as loose:
+        res = loose([RANDOM_OUTPUT, "3 + 4 = 7", r"\boxed{4}"], ["3", "7", "3"])
+    assert res.correct_n.tolist() == [True, True, False]

@@ -1,7 +1,10 @@
 """Verifiers by name: ``get_verifier("math", timeout_s=5.0)``.
 
 A new verifier is one entry in ``VERIFIERS``: a name and a factory (usually the
-class) whose keyword arguments come from the config.
+class) whose keyword arguments come from the config (``router.verifier_kwargs``).
+The trainer calls a ``RewardRouter`` built from the ``reward`` config section
+(``router.py``): it picks each row's verifier by ``data_source`` and runs the
+user's own function (``custom.py``) where the config names one.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 from typing import Callable
 
 from echorl_jax.rewards.base import RewardResult, Verifier
+from echorl_jax.rewards.custom import CustomReward, RewardRow
 from echorl_jax.rewards.math import MathVerifier
+from echorl_jax.rewards.router import RewardConfig, RewardRouter, build_router, call_verifier, rows_for_batch
 
 def _arith(**kwargs) -> Verifier:
     from echorl_jax.tasks.arith import ArithVerifier  # lazy: tasks.arith imports rewards.base
@@ -32,4 +37,5 @@ def get_verifier(name: str, **kwargs) -> Verifier:
     return factory(**kwargs)
 
 
-__all__ = ["VERIFIERS", "MathVerifier", "RewardResult", "Verifier", "get_verifier"]
+__all__ = ["VERIFIERS", "CustomReward", "MathVerifier", "RewardConfig", "RewardResult", "RewardRouter", "RewardRow",
+           "Verifier", "build_router", "call_verifier", "get_verifier", "rows_for_batch"]

@@ -1,6 +1,9 @@
 """The verifier interface: host-side Python that turns responses into rewards.
 
-A verifier is any callable ``(responses, ground_truths) -> RewardResult``.
+A verifier is any callable ``(responses, ground_truths) -> RewardResult``. One
+that also needs each row's record (the router, a custom hook) sets
+``takes_rows = True`` and is called with a third argument, the ``RewardRow``s
+(``rewards.call_verifier`` does the dispatch).
 Rewards run on the host, outside jit; the trainer reshapes them to ``[N, G]``.
 Model outputs are untrusted input: verifiers parse them, never ``eval`` them.
 """

@@ -11,8 +11,11 @@ Answer extraction (``find_answer``) — the first rule that finds a candidate de
      when the rest is blank. X that reads as bare math (no LaTeX delimiters, no
      English words) is parsed as LaTeX (``\\sqrt{2}``, ``(1, 2]``); otherwise
      math-verify picks the expression out of the prose ("12 cm." -> 12).
-  3. Else math-verify's own extraction over the whole text: "final answer is" /
-     "answer:" anchors first, then the rightmost LaTeX or number.
+  3. Only with ``strict=False``: else math-verify's own extraction over the whole
+     text ("final answer is" / "answer:" anchors first, then the rightmost LaTeX or
+     number). Off by default because it grades noise: an untrained model's
+     ``marbles 1/5 3M the tot`` "answers" 3. With ``strict=True`` (the default) a
+     response without a rule-1 or rule-2 marker has no answer and scores 0.
 The ground truth is parsed as the content of a box, so bare LaTeX (``\\frac12``) works.
 Equivalence is ``math_verify.verify(gold, pred)`` (symbolic, numeric to 6 places,
 sets/intervals, percentages).
@@ -106,8 +109,8 @@ def last_boxed(text: str) -> str | None:
     return ""
 
 
-def find_answer(text: str, max_chars: int = 20_000) -> Answer:
-    """Apply the extraction rules in the module docstring."""
+def find_answer(text: str, max_chars: int = 20_000, strict: bool = True) -> Answer:
+    """Apply the extraction rules in the module docstring (rule 3 only when not ``strict``)."""
     text = text[-max_chars:]
     boxed = last_boxed(text)
     if boxed is not None:
@@ -122,7 +125,9 @@ def find_answer(text: str, max_chars: int = 20_000) -> Answer:
             rest = text[match.end() :].strip().split("\n", 1)[0]
             tail = rest.strip(" \t*")
         return Answer("line", tail) if tail else Answer("none", "")
-    return Answer("text", text) if text.strip() else Answer("none", "")
+    if strict or not text.strip():
+        return Answer("none", "")
+    return Answer("text", text)
 
 
 # --------------------------------------------------------------------------- #
@@ -157,9 +162,9 @@ def _parse_gold(ground_truth: str) -> list:
     return _parse("\\boxed{" + (boxed or ground_truth) + "}")
 
 
-def score_one(response: str, ground_truth: str, max_chars: int = 20_000) -> Verdict:
+def score_one(response: str, ground_truth: str, max_chars: int = 20_000, strict: bool = True) -> Verdict:
     """Grade one response; the default worker function."""
-    answer = find_answer(response, max_chars)
+    answer = find_answer(response, max_chars, strict)
     if answer.kind == "boxed":
         pred = _parse("\\boxed{" + answer.text + "}")
     elif answer.kind == "line":
@@ -216,7 +221,7 @@ def _worker_main(fd: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     conn = mp_connection.Connection(fd)
-    score_fn, max_chars, memory_limit_mb = conn.recv()  # from the trainer: trusted
+    score_fn, max_chars, strict, memory_limit_mb = conn.recv()  # from the trainer: trusted
     if memory_limit_mb:
         import resource
 
@@ -226,7 +231,7 @@ def _worker_main(fd: int) -> None:
     from sympy.parsing import sympy_parser
 
     for response, gold in _WARMUP:
-        score_one(response, gold, max_chars)
+        score_one(response, gold, max_chars, strict=False)  # rule 3 too: warm every parse path
     sympy_parser.stringify_expr = _eval_guard(sympy_parser.stringify_expr)
     conn.send_bytes(b'"ready"')
     while True:
@@ -238,7 +243,7 @@ def _worker_main(fd: int) -> None:
             return
         idx, response, ground_truth = msg
         try:
-            out = list(score_fn(response, ground_truth, max_chars))
+            out = list(score_fn(response, ground_truth, max_chars, strict))
         except Exception:  # noqa: BLE001  (MemoryError, RecursionError, ...)
             logger.exception("math verifier item %d failed", idx)
             out = None
@@ -298,8 +303,11 @@ class MathVerifier:
     """``(responses, ground_truths) -> RewardResult`` for math answers.
 
     reward = ``correct_reward * correct + format_reward * boxed``, where ``boxed``
-    means the final answer is a well-formed ``\\boxed{}``. Items that time out or
-    crash their worker score 0 and count in ``info["timeouts"]``/``info["errors"]``;
+    means the final answer is a well-formed ``\\boxed{}``. ``strict`` (default)
+    grades only a marked final answer (``\\boxed{}``, "answer is X", "#### X");
+    ``strict=False`` also takes the rightmost number in the text (rule 3 above).
+    Items that time out or crash their worker score 0 and count in
+    ``info["timeouts"]``/``info["errors"]``;
     ``info["no_answer"]`` counts responses in which no final answer was found.
     The worker pool lives until ``close()`` (or the ``with`` block ends) and is
     reused across calls. Not thread-safe.
@@ -312,10 +320,11 @@ class MathVerifier:
         format_reward: float = 0.0,
         correct_reward: float = 1.0,
         *,
+        strict: bool = True,
         max_chars: int = 20_000,
         memory_limit_mb: int | None = 2048,
         startup_timeout_s: float = 120.0,
-        _score_fn: Callable[[str, str, int], Sequence] = score_one,  # test hook
+        _score_fn: Callable[[str, str, int, bool], Sequence] = score_one,  # test hook
     ):
         for key, value, ok, allowed in [
             ("timeout_s", timeout_s, timeout_s > 0, "> 0"),
@@ -330,8 +339,9 @@ class MathVerifier:
         self.format_reward = float(format_reward)
         self.correct_reward = float(correct_reward)
         self.max_chars = int(max_chars)
+        self.strict = bool(strict)
         self._startup_timeout_s = float(startup_timeout_s)
-        self._init_msg = (_score_fn, self.max_chars, memory_limit_mb)
+        self._init_msg = (_score_fn, self.max_chars, self.strict, memory_limit_mb)
         self._workers: list[_Worker] = [self._start_worker() for _ in range(num_workers)]
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
 
