@@ -10,7 +10,7 @@ def get_config():
         "model": {"model_type": "llama", "attention_bias": False, "tie_embeddings": True, "vocab_size": 128, "hidden_size": 128, "intermediate_size": 344,
                   "num_layers": 4, "num_heads": 4, "num_kv_heads": 2},
         "task": {"min_steps": 1, "max_steps": 4},
-        "data": {"train": "task:arith", "eval": "task:arith", "max_prompt_len": 16, "num_eval_per_level": 32},
+        "data": {"train": "task:arith", "max_prompt_len": 16, "num_eval_per_level": 32},
         "sampling": {"temperature": 1.0, "max_new_tokens": 48},
         "objective": {"method": "grpo"},
         "echo": {"enabled": True, "coef": 0.001},

@@ -45,16 +45,46 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    train: str = "task:arith"  # .parquet / .jsonl / .json path, or task:NAME for a built-in task
-    eval: str = "task:arith"  # held-out prompts ("" = no evaluation)
+    # A .parquet / .jsonl / .json path, a tuple of them (a mixture, concatenated in order;
+    # on the command line "a.jsonl,b.parquet"), or task:NAME for a built-in task.
+    train: str | tuple = "task:arith"
+    eval: str | tuple = "auto"  # held-out prompts, as train; "" = none; auto = the train task, or none for files
     tokenizer: str = ""  # HF tokenizer dir; "" = model.path, or the built-in char tokenizer for tasks
-    template: str = "{prompt}"  # "chat" = tokenizer chat template, else a format string with {prompt}
+    template: str = "auto"  # auto = chat for message-list prompts, {prompt} for strings; "chat"; or a format string with {prompt}
+    prompt_key: str = ""  # file column with the prompt; "" = prompt|question (a.b = field b of struct a)
+    answer_key: str = ""  # file column with the answer; "" = reward_model.ground_truth|ground_truth|answer
     add_bos: bool = False
     max_prompt_len: int = 48  # P: longer prompts are dropped and counted, or fail (on_overlong)
     on_overlong: str = "drop"  # drop | error
     seed: int = 0  # shuffle seed
     num_train: int = 4096  # built-in tasks: generated train prompts
     num_eval_per_level: int = 16  # built-in tasks: held-out prompts per difficulty level
+
+    def __post_init__(self):
+        for key in ("train", "eval"):
+            object.__setattr__(self, key, _data_sources(f"data.{key}", getattr(self, key)))
+
+
+def _data_sources(key: str, value: str | tuple) -> str | tuple:
+    """One source stays a string; several (a tuple, or "a,b") become a tuple of file paths."""
+    if isinstance(value, str):  # command line: "a,b" (or "(a, b)")
+        parts = tuple(p.strip().strip("'\"") for p in value.strip().strip("()[]").split(","))
+    else:
+        parts = tuple(value)
+    if len(parts) == 1 and isinstance(parts[0], str):
+        return parts[0]
+    if not parts:
+        return ""
+    bad = [p for p in parts if not isinstance(p, str) or not p or is_task(p)]
+    if bad:
+        raise ValueError(f"{key}={value!r}: a mixture is a list of data file paths; {bad[0]!r}"
+                         f" is not one (built-in tasks cannot be mixed)")
+    return parts
+
+
+def is_task(spec: str | tuple) -> bool:
+    """`task:NAME`, a built-in task, rather than data files."""
+    return isinstance(spec, str) and spec.startswith("task:")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,9 +373,25 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(train.log_every >= 1, "train.log_every", train.log_every, "must be >= 1")
     _check(train.eval_samples >= 1, "train.eval_samples", train.eval_samples, "must be >= 1")
     _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
+    _validate_data(cfg.data)
     _check(cfg.data.on_overlong in ("drop", "error"), "data.on_overlong", cfg.data.on_overlong, "allowed: drop, error")
     _check(cfg.data.max_prompt_len >= 1, "data.max_prompt_len", cfg.data.max_prompt_len, "must be >= 1")
     _check(cfg.sft.steps >= 0, "sft.steps", cfg.sft.steps, "must be >= 0")
+
+
+def _validate_data(data: DataConfig) -> None:
+    from echorl_jax.data import DataError, check_template
+
+    _check(data.train not in ("", "auto"), "data.train", data.train, "give a data file, a tuple of files or task:NAME")
+    _check(
+        not (is_task(data.eval) and not is_task(data.train)), "data.eval", data.eval,
+        f"a built-in task cannot be the held-out set of a file dataset (data.train={data.train!r}): "
+        "set data.eval to your eval file(s), or '' for no evaluation",
+    )  # fmt: skip
+    try:
+        check_template(data.template)
+    except DataError as e:
+        raise ConfigError(f"config key data.template: {e}") from None
 
 
 def to_dict(cfg: Config) -> dict:

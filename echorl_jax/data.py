@@ -22,10 +22,10 @@ import grain
 import jax
 import numpy as np
 
-from echorl_jax.data_formats import DataError, Prompt, load_records  # noqa: F401  (re-export)
+from echorl_jax.data_formats import DataError, Prompt, load_files, load_records  # noqa: F401  (re-export)
 
-__all__ = ["DataError", "PromptBatch", "PromptPipeline", "load_records", "render_prompt",
-           "tokenize_prompts"]
+__all__ = ["DataError", "PromptBatch", "PromptPipeline", "check_template", "load_files",
+           "load_records", "render_prompt", "tokenize_prompts"]
 
 
 class PromptBatch(NamedTuple):
@@ -46,27 +46,37 @@ def _tokenizer_name(tokenizer: Any) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
-def _check_template(template: str) -> None:
-    if template == "chat":
+def check_template(template: str) -> None:
+    """"auto", "chat", or a format string whose only field is {prompt}; else DataError."""
+    if template in ("auto", "chat"):
         return
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
         raise DataError(f"prompt template {template!r} is not a valid format string: {e}") from e
     if fields != {"prompt"}:
-        raise DataError(f"prompt template {template!r} must be 'chat' or a format string whose"
-                        f" only field is {{prompt}} (use {{{{ }}}} for literal braces);"
+        raise DataError(f"prompt template {template!r} must be 'auto', 'chat' or a format string"
+                        f" whose only field is {{prompt}} (use {{{{ }}}} for literal braces);"
                         f" found fields {sorted(fields)}")
 
 
 def render_prompt(prompt: Prompt, tokenizer: Any, template: str) -> str:
-    """Prompt -> text. `template` is "chat" or a format string with `{prompt}`.
+    """Prompt -> text. `template` is "auto", "chat" or a format string with `{prompt}`.
 
+    "auto" (verl's behaviour): "chat" for a message list, "{prompt}" for a string.
     "chat": the tokenizer's chat template with the generation prompt appended (a
-    string prompt becomes one user message). Format string: a message list
-    contributes only its last user message's content.
+    string prompt becomes one user message). Format string: a string prompt, or a
+    message list that is a single user message (its content); longer message lists
+    raise rather than silently lose messages.
     """
-    _check_template(template)
+    check_template(template)
+    if template == "auto":
+        template = "{prompt}" if isinstance(prompt, str) else "chat"
+        if template == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template, which"
+                            f" data.template='auto' applies to message-list prompts; set"
+                            f" data.template (a format string such as '{{prompt}}' takes"
+                            f" single-user-message prompts)")
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template;"
@@ -74,11 +84,13 @@ def render_prompt(prompt: Prompt, tokenizer: Any, template: str) -> str:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if not isinstance(prompt, str):
-        users = [m["content"] for m in prompt if m["role"] == "user"]
-        if not users:
-            raise DataError(f"template {template!r} needs a user message; prompt has roles"
-                            f" {[m['role'] for m in prompt]}")
-        prompt = users[-1]
+        roles = [m["role"] for m in prompt]
+        if roles != ["user"]:
+            raise DataError(f"format-string template {template!r} takes a string or a single user"
+                            f" message, but the prompt is {len(roles)} message(s) with roles"
+                            f" {roles}; use template 'chat' (or 'auto') to apply the tokenizer's"
+                            f" chat template to the whole conversation")
+        prompt = prompt[0]["content"]
     return template.format(prompt=prompt)
 
 
@@ -122,7 +134,7 @@ class PromptPipeline:
         *,
         batch_size: int,
         max_prompt_len: int,
-        template: str = "chat",
+        template: str = "auto",
         add_bos: bool = False,
         pad_id: int | None = None,
         mode: Literal["train", "eval"] = "train",
@@ -143,7 +155,7 @@ class PromptPipeline:
         _require(shard_count >= 1, "shard_count", shard_count, "an int >= 1")
         _require(0 <= shard_index < shard_count, "shard_index", shard_index,
                  f"in [0, {shard_count})")
-        _check_template(template)
+        check_template(template)
         self.batch_size, self.max_prompt_len, self.mode = batch_size, max_prompt_len, mode
         self.shard_index, self.shard_count = shard_index, shard_count
         self.pad_id = _resolve_pad_id(tokenizer, pad_id)
@@ -156,19 +168,23 @@ class PromptPipeline:
             raise DataError(f"record {int(np.argmax(length_r == 0))}: prompt renders to zero"
                             f" tokens with template {template!r}")
         over_r = length_r > max_prompt_len
+        self.longest = _longest(length_r) if len(length_r) else "no records"
         if on_overlong == "error" and over_r.any():
             i = int(np.argmax(over_r))
             raise DataError(f"record {i}: prompt has {length_r[i]} tokens > max_prompt_len="
-                            f"{max_prompt_len} ({int(over_r.sum())} records over;"
+                            f"{max_prompt_len} ({int(over_r.sum())} records over; {self.longest};"
                             f" on_overlong='drop' skips them)")
         self.num_records = len(records)
         self.dropped_indices = np.flatnonzero(over_r)
         self.num_dropped = len(self.dropped_indices)
         self._record_k = np.flatnonzero(~over_r)
         self.num_kept = k = len(self._record_k)
+        if self.num_records == 0:
+            raise DataError("no prompts: the dataset has 0 records")
         if k == 0:
-            raise DataError(f"no prompts left: {self.num_records} records, {self.num_dropped}"
-                            f" longer than max_prompt_len={max_prompt_len}")
+            raise DataError(f"no prompts left: all {self.num_records} records are longer than"
+                            f" max_prompt_len={max_prompt_len} (shortest {int(length_r.min())}"
+                            f" tokens; {self.longest}) with template {template!r}")
         self._length_k = length_r[self._record_k].astype(np.int32)
         self._offset_k = np.concatenate([[0], np.cumsum(self._length_k[:-1], dtype=np.int64)])
         self._flat = np.concatenate([np.asarray(ids[i], np.int32) for i in self._record_k])
@@ -248,6 +264,12 @@ class PromptPipeline:
             raise DataError(f"data iterator state does not match this pipeline"
                             f" (key: (saved, now)): {diff}")
         self._iter.set_state(grain_state)
+
+
+def _longest(length_r: np.ndarray) -> str:
+    """Where the longest prompt is: the max_prompt_len that keeps every record."""
+    i = int(np.argmax(length_r))
+    return f"longest: record {i}, {int(length_r[i])} tokens"
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

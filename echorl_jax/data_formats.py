@@ -5,6 +5,12 @@ A record is a plain dict::
     {"prompt": str | [{"role": str, "content": str}, ...],
      "ground_truth": str, "data_source": str, **extra_columns}
 
+Columns: the prompt is `prompt`|`question`, the answer
+`reward_model.ground_truth`|`ground_truth`|`answer` (first present), unless
+`prompt_key`/`answer_key` name them (a dotted key reads a nested struct).
+`data_source` defaults to the file's stem. A list of files is a mixture: records
+concatenated in order (`load_files`).
+
 Every user-caused problem (missing file, unknown suffix, bad JSON, missing
 column, wrong type) raises `DataError` naming the file and the row.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +36,42 @@ def _where(path: Path, row: int, line: int | None = None) -> str:
     return f"{path}, line {line} (row {row})" if line is not None else f"{path}, row {row}"
 
 
+def _as_messages(value: Any) -> list | None:
+    """`value` if it is a non-empty list of {role: str, content: str} dicts, else None."""
+    if not (isinstance(value, (list, tuple)) and value):
+        return None
+    if all(isinstance(m, dict) and isinstance(m.get("role"), str)
+           and isinstance(m.get("content"), str) for m in value):
+        return list(value)
+    return None
+
+
+def decode_json_messages(text: str) -> list | None:
+    """A string holding a JSON-encoded message list -> that list; anything else -> None.
+
+    Some exporters (pandas, `datasets.to_json`) write a chat prompt as the JSON
+    text of its message list; rendered as plain text it would be one long prompt.
+    """
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return _as_messages(value)
+
+
 def normalize_prompt(prompt: Any, where: str) -> Prompt:
-    """A non-empty string, or a non-empty list of {role, content} string messages."""
+    """A non-empty string, or a non-empty list of {role, content} string messages.
+
+    A string that parses as a JSON list of {role, content} messages is decoded into them.
+    """
     if isinstance(prompt, str):
         if not prompt:
             raise DataError(f"{where}: 'prompt' is an empty string")
-        return prompt
+        prompt = decode_json_messages(prompt) or prompt
+        if isinstance(prompt, str):
+            return prompt
     if isinstance(prompt, (list, tuple)) and prompt:
         messages = []
         for j, m in enumerate(prompt):
@@ -62,69 +99,89 @@ def _ground_truth(value: Any, key: str, where: str) -> str:
                     f" got {type(value).__name__}: {value!r:.200}")
 
 
-def _data_source(value: Any, where: str) -> str:
+def _data_source(row: dict, where: str, default: str | None) -> str:
+    value = row.get("data_source")
+    if value is None and default is not None:  # absent (or JSON null): the file's stem
+        return default
     if not isinstance(value, str):
         raise DataError(f"{where}: 'data_source' must be a string,"
                         f" got {type(value).__name__}: {value!r:.200}")
     return value
 
 
-def _first_key(row: dict, keys: tuple[str, ...], where: str) -> str:
-    for k in keys:
-        if k in row and row[k] is not None:
-            return k
-    raise DataError(f"{where}: missing {' or '.join(repr(k) for k in keys)}"
-                    f" (row has keys {sorted(row)})")
+PROMPT_KEYS = ("prompt", "question")
+ANSWER_KEYS = ("reward_model.ground_truth", "ground_truth", "answer")  # verl's first
 
 
-def normalize_json_row(row: Any, where: str, default_source: str) -> dict:
-    """JSONL/JSON row: `prompt`|`question`, `ground_truth`|`answer`, optional `data_source`."""
+def _lookup(row: dict, key: str, where: str) -> Any:
+    """`row[key]`; a dotted key reads a nested struct (`reward_model.ground_truth`)."""
+    head, _, rest = key.partition(".")
+    if head not in row:
+        raise DataError(f"{where}: missing {head!r} (data key {key!r}; row has keys {sorted(row)})")
+    value = row[head]
+    if rest:
+        if not isinstance(value, dict) or value.get(rest) is None:
+            raise DataError(f"{where}: {head!r} must be a struct with a {rest!r} field"
+                            f" (data key {key!r}), got {value!r:.200}")
+        value = value[rest]
+    if value is None:
+        raise DataError(f"{where}: {key!r} is null")
+    return value
+
+
+def _pick_key(row: dict, given: str, auto: tuple[str, ...], what: str, where: str) -> str:
+    if given:
+        return given
+    present = [k for k in auto if k.partition(".")[0] in row]
+    if present:  # a null column (e.g. in a union of schemas) yields to a filled one
+        return next((k for k in present if row[k.partition(".")[0]] is not None), present[0])
+    raise DataError(f"{where}: missing {what.split('_')[0]} column"
+                    f" {' or '.join(repr(k) for k in auto)} (row has keys {sorted(row)};"
+                    f" set data.{what} to name it)")
+
+
+def normalize_row(row: Any, where: str, default_source: str | None,
+                  prompt_key: str = "", answer_key: str = "") -> dict:
+    """One file row -> a record. Keys "" = auto: `prompt`|`question`, and
+    `reward_model.ground_truth`|`ground_truth`|`answer`. Other columns are kept."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    pk = _first_key(row, ("prompt", "question"), where)
-    gk = _first_key(row, ("ground_truth", "answer"), where)
-    extra = {k: v for k, v in row.items() if k not in (pk, gk, "data_source")}
-    source = row.get("data_source")
+    pk = _pick_key(row, prompt_key, PROMPT_KEYS, "prompt_key", where)
+    gk = _pick_key(row, answer_key, ANSWER_KEYS, "answer_key", where)
+    used = {pk.partition(".")[0], gk.partition(".")[0], "data_source"}
     return {
-        **extra,
-        "prompt": normalize_prompt(row[pk], where),
-        "ground_truth": _ground_truth(row[gk], gk, where),
-        "data_source": default_source if source is None else _data_source(source, where),
+        **{k: v for k, v in row.items() if k not in used},
+        "prompt": normalize_prompt(_lookup(row, pk, where), where),
+        "ground_truth": _ground_truth(_lookup(row, gk, where), gk, where),
+        "data_source": _data_source(row, where, default_source),
     }
 
 
-def normalize_verl_row(row: dict, where: str) -> dict:
-    """verl parquet row: `prompt`, `reward_model.ground_truth`, `data_source`."""
-    rm = row["reward_model"]
-    if not isinstance(rm, dict) or rm.get("ground_truth") is None:
-        raise DataError(f"{where}: 'reward_model' must be a struct with a 'ground_truth'"
-                        f" field, got {rm!r:.200}")
-    extra = {k: v for k, v in row.items() if k not in ("prompt", "reward_model", "data_source")}
-    return {
-        **extra,
-        "prompt": normalize_prompt(row["prompt"], where),
-        "ground_truth": _ground_truth(rm["ground_truth"], "reward_model.ground_truth", where),
-        "data_source": _data_source(row["data_source"], where),
-    }
-
-
-def read_parquet(path: Path) -> list[dict]:
+def read_parquet(path: Path, prompt_key: str = "", answer_key: str = "") -> list[dict]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(f"{path}: not a readable parquet file ({e})") from e
-    missing = [c for c in ("prompt", "reward_model", "data_source") if c not in table.column_names]
+    columns = set(table.column_names)
+    missing = []
+    for given, auto in ((prompt_key, PROMPT_KEYS), (answer_key, ANSWER_KEYS)):
+        keys = (given,) if given else auto
+        if not any(k.partition(".")[0] in columns for k in keys):
+            missing.append(" or ".join(map(repr, keys)))
     if missing:
         raise DataError(
-            f"{path}, row 0: missing column(s) {missing}; verl-style parquet needs"
-            f" 'prompt', 'reward_model' (struct with 'ground_truth') and 'data_source'"
-            f" (found columns {table.column_names})")
-    return [normalize_verl_row(r, _where(path, i)) for i, r in enumerate(table.to_pylist())]
+            f"{path}, row 0: missing column(s) {', '.join(missing)}; verl-style parquet has"
+            f" 'prompt', 'reward_model' (struct with 'ground_truth') and 'data_source', or set"
+            f" data.prompt_key / data.answer_key (found columns {table.column_names})")
+    # verl files always carry data_source: a null there is an error, not the file name.
+    source = None if "data_source" in columns else path.stem
+    return [normalize_row(r, _where(path, i), source, prompt_key, answer_key)
+            for i, r in enumerate(table.to_pylist())]
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, prompt_key: str = "", answer_key: str = "") -> list[dict]:
     records = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -135,11 +192,11 @@ def read_jsonl(path: Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-            records.append(normalize_json_row(row, where, path.stem))
+            records.append(normalize_row(row, where, path.stem, prompt_key, answer_key))
     return records
 
 
-def read_json(path: Path) -> list[dict]:
+def read_json(path: Path, prompt_key: str = "", answer_key: str = "") -> list[dict]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -147,10 +204,11 @@ def read_json(path: Path) -> list[dict]:
                         f" column {e.colno})") from e
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
-    return [normalize_json_row(r, _where(path, i), path.stem) for i, r in enumerate(rows)]
+    return [normalize_row(r, _where(path, i), path.stem, prompt_key, answer_key)
+            for i, r in enumerate(rows)]
 
 
-def load_records(path: str | Path) -> list[dict]:
+def load_records(path: str | Path, prompt_key: str = "", answer_key: str = "") -> list[dict]:
     """Read one data file into records, dispatching on its suffix."""
     path = Path(path)
     readers = {".parquet": read_parquet, ".jsonl": read_jsonl, ".json": read_json}
@@ -159,4 +217,19 @@ def load_records(path: str | Path) -> list[dict]:
                         f" expected one of {list(readers)}")
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    return readers[path.suffix](path)
+    return readers[path.suffix](path, prompt_key, answer_key)
+
+
+def load_files(paths: str | Path | Sequence[str | Path], prompt_key: str = "",
+               answer_key: str = "") -> list[dict]:
+    """A mixture: each file's records in order, concatenated; each keeps its own data_source."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    return [r for p in paths for r in load_records(p, prompt_key, answer_key)]
+
+
+def require_text_field(records: Sequence[dict], field: str, path: str | Path, why: str) -> None:
+    """Every record of file `path` has a non-empty string `field`, else DataError naming the row."""
+    for i, r in enumerate(records):
+        if not (isinstance(r.get(field), str) and r[field]):
+            raise DataError(f"{path}, row {i}: {why} needs a non-empty string {field!r} field"
+                            f" (JSONL/JSON key or parquet column); row has keys {sorted(r)}")

@@ -13,7 +13,8 @@ from flax import nnx
 from echorl_jax import config as config_lib
 from echorl_jax import echo as echo_lib
 from echorl_jax import sharding, update
-from echorl_jax.data import PromptPipeline, load_records
+from echorl_jax.data import DataError, PromptPipeline, load_records
+from echorl_jax.data_formats import require_text_field
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import build_router
@@ -106,7 +107,7 @@ def load_tokenizer(cfg: config_lib.Config):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer directory {path!r} (data.tokenizer or model.path) does not exist")
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if cfg.data.train.startswith(TASK_PREFIX):
+    if config_lib.is_task(cfg.data.train):
         return build_char_tokenizer(os.path.join(cfg.train.workdir, "tokenizer"))
     raise config_lib.ConfigError("data.tokenizer is empty and model.path is empty: no tokenizer for a file dataset")
 
@@ -118,20 +119,39 @@ def _task_name(spec: str) -> str:
     return name
 
 
+def _load_files(cfg: config_lib.Config, spec: str | tuple, sft_targets: bool = False) -> list[dict]:
+    """Records of one file or a mixture, in order; with `sft_targets`, each row must carry a solution."""
+    records = []
+    for path in (spec,) if isinstance(spec, str) else spec:
+        part = load_records(path, cfg.data.prompt_key, cfg.data.answer_key)
+        if sft_targets:
+            require_text_field(part, "solution", path, f"sft.steps={cfg.sft.steps} (warm start on worked solutions)")
+        records += part
+    return records
+
+
 def load_train_records(cfg: config_lib.Config) -> list[dict]:
-    if cfg.data.train.startswith(TASK_PREFIX):
+    if config_lib.is_task(cfg.data.train):
         _task_name(cfg.data.train)
         return arith.make_records(cfg.task, "train", cfg.data.num_train, cfg.data.seed)
-    return load_records(cfg.data.train)
+    return _load_files(cfg, cfg.data.train, sft_targets=cfg.sft.steps > 0)
+
+
+def eval_source(cfg: config_lib.Config) -> str | tuple:
+    """data.eval with "auto" resolved: the train task's held-out split, or none for files."""
+    if cfg.data.eval == "auto":
+        return cfg.data.train if config_lib.is_task(cfg.data.train) else ""
+    return cfg.data.eval
 
 
 def load_eval_records(cfg: config_lib.Config) -> list[dict]:
-    if not cfg.data.eval:
+    spec = eval_source(cfg)
+    if not spec:
         return []
-    if cfg.data.eval.startswith(TASK_PREFIX):
-        _task_name(cfg.data.eval)
+    if config_lib.is_task(spec):
+        _task_name(spec)
         return arith.make_eval_records(cfg.task, cfg.data.num_eval_per_level, cfg.data.seed + 1)
-    return load_records(cfg.data.eval)
+    return _load_files(cfg, spec)
 
 
 def model_config(cfg: config_lib.Config) -> ModelConfig:
@@ -210,6 +230,18 @@ def _warm_start(cfg: config_lib.Config, model, tokenizer, records, mesh, log):
     return model
 
 
+def _pipeline(split: str, spec, records: list[dict], tokenizer, log, **kw) -> PromptPipeline:
+    """A PromptPipeline whose errors and drop count name the split and its source."""
+    try:
+        pipe = PromptPipeline(records, tokenizer, **kw)
+    except DataError as e:
+        raise DataError(f"data.{split}={spec!r}: {e}") from None
+    if pipe.num_dropped:
+        log(f"dropped {pipe.num_dropped} of {pipe.num_records} {split} prompts longer than "
+            f"data.max_prompt_len={kw['max_prompt_len']} ({pipe.longest})")
+    return pipe
+
+
 def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) -> Setup:
     rl, tc = cfg.rl, cfg.train
     devices = jax.devices()
@@ -252,14 +284,15 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     sample = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size, **common)
     pipe_kw = dict(max_prompt_len=cfg.data.max_prompt_len, template=cfg.data.template, add_bos=cfg.data.add_bos,
                    pad_id=pad_id, on_overlong=cfg.data.on_overlong)  # fmt: skip
-    train_pipeline = PromptPipeline(train_records, tokenizer, batch_size=rl.prompts_per_step, mode="train",
-                                    seed=cfg.data.seed, **pipe_kw)  # fmt: skip
-    if train_pipeline.num_dropped:
-        log(f"dropped {train_pipeline.num_dropped} train prompts longer than data.max_prompt_len={cfg.data.max_prompt_len}")
+    train_pipeline = _pipeline("train", cfg.data.train, train_records, tokenizer, log, batch_size=rl.prompts_per_step,
+                               mode="train", seed=cfg.data.seed, **pipe_kw)  # fmt: skip
     eval_pipeline = eval_sample = eval_state = None
-    if eval_records:
+    if not eval_records:
+        log("no held-out evaluation: set data.eval to an eval file (or files)")
+    else:
         eval_batch = max(sharding.batch_divisor(mesh), min(rl.prompts_per_step, len(eval_records)))
-        eval_pipeline = PromptPipeline(eval_records, tokenizer, batch_size=eval_batch, mode="eval", **pipe_kw)
+        eval_pipeline = _pipeline("eval", eval_source(cfg), eval_records, tokenizer, log, batch_size=eval_batch,
+                                  mode="eval", **pipe_kw)  # fmt: skip
         eval_state = eval_pipeline.get_state()
         t = tc.eval_temperature
         eval_cfg = dataclasses.replace(cfg.sampling, temperature=t if t > 0 else 1.0, greedy=t <= 0)

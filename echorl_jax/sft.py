@@ -74,7 +74,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def build_sft_batch(records: Sequence[dict], tokenizer, prompt_len: int, response_len: int,
-                    template: str = "{prompt}", add_bos: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+                    template: str = "auto", add_bos: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
     """Records with ``prompt`` and ``solution`` -> rollout-layout arrays.
 
     Returns ``tokens_bs`` int32 ``[B, P+T]`` (prompt right-aligned at column P,
@@ -187,7 +187,7 @@ def _as_dict(cfg) -> dict:
 
 
 def cache_key(model: nnx.Module, tokenizer, records: Sequence[dict], sft_cfg, *, mesh, prompt_len: int,
-              response_len: int, seed: int, template: str = "{prompt}", add_bos: bool = False) -> str:  # fmt: skip
+              response_len: int, seed: int, template: str = "auto", add_bos: bool = False) -> str:  # fmt: skip
     """Short hash of everything that determines the warm-started weights (``model`` placed on ``mesh``).
 
     The mesh itself is not part of the key: it changes only float summation order.
@@ -280,7 +280,7 @@ def warm_start(
     cache_dir: str | None,
     seed: int,
     log_fn: Callable[[int, dict[str, float]], Any] | None = None,
-    template: str = "{prompt}",
+    template: str = "auto",
     add_bos: bool = False,
 ) -> nnx.Module:
     """``sft_cfg.steps`` AdamW steps on ``records``' worked solutions; updates ``model`` in place and returns it.

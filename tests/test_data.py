@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from echorl_jax.data import (DataError, PromptPipeline, load_records, render_prompt,
+from echorl_jax.data import (DataError, PromptPipeline, load_files, load_records, render_prompt,
                              tokenize_prompts)
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n"
@@ -37,13 +37,14 @@ def tok():
     return make_tokenizer()
 
 
-def make_records(n: int, seed: int = 0) -> list[dict]:
+def make_records(n: int, seed: int = 0, system: bool = True) -> list[dict]:
+    """Odd rows string prompts, even rows message lists ([system,] user)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         text = f"q{i}:" + "x" * int(rng.integers(0, 12))
-        prompt = text if i % 2 else [{"role": "system", "content": "be brief"},
-                                     {"role": "user", "content": text}]
+        head = [{"role": "system", "content": "be brief"}] if system else []
+        prompt = text if i % 2 else [*head, {"role": "user", "content": text}]
         out.append({"prompt": prompt, "ground_truth": str(i), "data_source": f"src{i % 3}"})
     return out
 
@@ -166,13 +167,17 @@ def test_render_chat_and_format(tok):
         "<s><|system|>S\n<|user|>first\n<|assistant|>A\n<|user|>last\n<|assistant|>")
     assert render_prompt("hi", tok, "chat") == tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
-    assert render_prompt(msgs, tok, "Question: {prompt}\nAnswer:") == "Question: last\nAnswer:"
+    # A format string never silently keeps one message of a conversation.
+    with pytest.raises(DataError, match=r"4 message\(s\).*'system', 'user', 'assistant'.*'chat'"):
+        render_prompt(msgs, tok, "Question: {prompt}\nAnswer:")
+    one_user = [{"role": "user", "content": "only"}]
+    assert render_prompt(one_user, tok, "Question: {prompt}\nAnswer:") == "Question: only\nAnswer:"
     assert render_prompt("a {b}", tok, "{prompt}") == "a {b}"  # prompt text is not re-formatted
     with pytest.raises(DataError, match="tiny-char.*no chat template"):
         render_prompt("hi", make_tokenizer(chat=False), "chat")
     with pytest.raises(DataError, match=r"only field is \{prompt\}.*'question'"):
         render_prompt("hi", tok, "{question}")
-    with pytest.raises(DataError, match="needs a user message"):
+    with pytest.raises(DataError, match=r"roles \['system'\]"):
         render_prompt([{"role": "system", "content": "S"}], tok, "{prompt}")
 
 
@@ -195,9 +200,9 @@ def reference_row(record, tok, template, p, pad):
     return [pad] * (p - len(ids)) + ids, len(ids)
 
 
-@pytest.mark.parametrize("template", ["chat", "Q: {prompt}\nA:"])
+@pytest.mark.parametrize("template", ["auto", "chat", "Q: {prompt}\nA:"])
 def test_left_padding_matches_reference(tok, template):
-    recs = make_records(23)
+    recs = make_records(23, system=template != "Q: {prompt}\nA:")
     p = 40
     pipe = PromptPipeline(recs, tok, batch_size=4, max_prompt_len=p, template=template,
                           mode="eval", shard_index=0, shard_count=1)
@@ -216,7 +221,7 @@ def test_left_padding_matches_reference(tok, template):
 
 
 def test_overlong_dropped_counted_or_error(tok):
-    recs = make_records(30)
+    recs = make_records(30, system=False)
     lengths = [len(x) for x in tokenize_prompts([r["prompt"] for r in recs], tok, "{prompt}")]
     p = int(np.median(lengths))
     over = [i for i, n in enumerate(lengths) if n > p]
@@ -306,3 +311,95 @@ def test_config_errors(tok):
         train_pipe(tok, make_records(4), shard_index=2, shard_count=2)
     with pytest.raises(DataError, match="no full batch"):
         train_pipe(tok, make_records(3), batch_size=4, num_epochs=1)
+
+
+# --- template "auto", JSON-encoded prompts, column mapping, mixtures ----------------
+
+
+def test_auto_template_per_record_type(tok):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
+    # Message lists get the chat template (as verl does); strings stay as they are.
+    assert render_prompt(msgs, tok, "auto") == "<s><|system|>S\n<|user|>hi\n<|assistant|>"
+    assert render_prompt("a {b}", tok, "auto") == "a {b}"
+    plain = make_tokenizer(chat=False)
+    assert render_prompt("hi", plain, "auto") == "hi"  # e.g. the arith task's char tokenizer
+    with pytest.raises(DataError, match=r"record 1: tokenizer 'tiny-char' has no chat template.*"
+                                        r"data\.template"):
+        tokenize_prompts(["ok", msgs], plain, "auto")
+    pipe = PromptPipeline(make_records(6), tok, batch_size=6, max_prompt_len=48, mode="eval",
+                          shard_index=0, shard_count=1)  # default template: auto
+    b = next(pipe)
+    for row, i, n in zip(b.tokens_np, b.record_index, b.length_n):
+        p = make_records(6)[i]["prompt"]
+        want = render_prompt(p, tok, "chat" if isinstance(p, list) else "{prompt}")
+        assert row[len(row) - n:].tolist() == tok(want, add_special_tokens=False)["input_ids"]
+
+
+def test_json_encoded_message_list_is_decoded(tmp_path):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"}]
+    rows = [{"prompt": json.dumps(msgs), "answer": "2"},
+            {"prompt": "[1, 2] -- sort this", "answer": "x"},  # not JSON: a plain prompt
+            {"prompt": "[1, 2]", "answer": "x"},  # JSON, but not messages
+            {"prompt": " " + json.dumps(msgs[1:]), "answer": "2"}]
+    (tmp_path / "a.jsonl").write_text(_jsonl([json.dumps(r) for r in rows]))
+    got = [r["prompt"] for r in load_records(tmp_path / "a.jsonl")]
+    assert got == [msgs, "[1, 2] -- sort this", "[1, 2]", msgs[1:]]
+    pq.write_table(pa.table({"prompt": [json.dumps(msgs)], "data_source": ["d"],
+                             "reward_model": [{"ground_truth": "2"}]}), tmp_path / "a.parquet")
+    assert load_records(tmp_path / "a.parquet")[0]["prompt"] == msgs
+
+
+def test_column_mapping(tmp_path):
+    rows = [{"problem": "2+2?", "final": 4, "extra": {"gold": "four"}, "id": 1}]
+    (tmp_path / "trl.jsonl").write_text(_jsonl([json.dumps(r) for r in rows]))
+    assert load_records(tmp_path / "trl.jsonl", prompt_key="problem", answer_key="final") == [
+        {"prompt": "2+2?", "ground_truth": "4", "data_source": "trl",
+         "extra": {"gold": "four"}, "id": 1}]
+    # A dotted key reads a nested struct.
+    rec = load_records(tmp_path / "trl.jsonl", prompt_key="problem", answer_key="extra.gold")[0]
+    assert rec["ground_truth"] == "four" and "extra" not in rec and rec["final"] == 4
+    # A plain parquet (no reward_model, no data_source) loads with the keys set.
+    pq.write_table(pa.table({"problem": ["a?", "b?"], "final": ["1", "2"]}), tmp_path / "p.parquet")
+    assert load_records(tmp_path / "p.parquet", prompt_key="problem", answer_key="final") == [
+        {"prompt": "a?", "ground_truth": "1", "data_source": "p"},
+        {"prompt": "b?", "ground_truth": "2", "data_source": "p"}]
+    # ... and with auto keys when it has `prompt` and `answer` columns.
+    pq.write_table(pa.table({"prompt": ["a?"], "answer": ["1"]}), tmp_path / "q.parquet")
+    assert load_records(tmp_path / "q.parquet")[0]["ground_truth"] == "1"
+    # Errors name the file, the row and the key.
+    with pytest.raises(DataError, match=r"p\.parquet, row 0: missing column\(s\) 'question'"):
+        load_records(tmp_path / "p.parquet", prompt_key="question", answer_key="final")
+    (tmp_path / "two.jsonl").write_text(_jsonl([json.dumps(rows[0]), json.dumps({"problem": "x"})]))
+    with pytest.raises(DataError, match=r"two\.jsonl, line 2 \(row 1\): missing 'final'"):
+        load_records(tmp_path / "two.jsonl", prompt_key="problem", answer_key="final")
+    with pytest.raises(DataError, match=r"trl\.jsonl, line 1 \(row 0\): 'extra' must be a struct"
+                                        r" with a 'nope' field \(data key 'extra\.nope'\)"):
+        load_records(tmp_path / "trl.jsonl", prompt_key="problem", answer_key="extra.nope")
+    with pytest.raises(DataError, match=r"\(row 0\): missing answer column.*data\.answer_key"):
+        load_records(tmp_path / "trl.jsonl", prompt_key="problem")
+
+
+def test_mixture_concatenates_in_order_and_keeps_sources(tmp_path):
+    (tmp_path / "gsm.jsonl").write_text(_jsonl([json.dumps({"prompt": f"g{i}", "answer": i})
+                                                for i in range(3)]))
+    pq.write_table(pa.table({"prompt": ["m0"], "data_source": ["math"],
+                             "reward_model": [{"ground_truth": "0"}]}), tmp_path / "m.parquet")
+    recs = load_files([tmp_path / "gsm.jsonl", str(tmp_path / "m.parquet")])
+    assert [(r["prompt"], r["data_source"]) for r in recs] == [
+        ("g0", "gsm"), ("g1", "gsm"), ("g2", "gsm"), ("m0", "math")]
+    assert load_files(tmp_path / "gsm.jsonl") == load_records(tmp_path / "gsm.jsonl")
+    (tmp_path / "bad.jsonl").write_text(_jsonl([GOOD, "{"]))
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2"):
+        load_files([tmp_path / "gsm.jsonl", tmp_path / "bad.jsonl"])
+
+
+def test_length_errors_name_the_longest_prompt(tok):
+    recs = [{"prompt": "x" * n, "ground_truth": "", "data_source": "s"} for n in (5, 30, 12, 9)]
+    kw = dict(batch_size=1, max_prompt_len=10, template="{prompt}", shard_index=0, shard_count=1)
+    with pytest.raises(DataError, match=r"record 1: prompt has 30 tokens.*longest: record 1,"
+                                        r" 30 tokens"):
+        PromptPipeline(recs, tok, on_overlong="error", **kw)
+    with pytest.raises(DataError, match=r"no prompts left: all 4 records.*max_prompt_len=4"
+                                        r" \(shortest 5 tokens; longest: record 1, 30 tokens\)"):
+        PromptPipeline(recs, tok, **dict(kw, max_prompt_len=4))
+    assert PromptPipeline(recs, tok, **kw).longest == "longest: record 1, 30 tokens"
