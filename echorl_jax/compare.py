@@ -26,9 +26,6 @@ def _variant(cfg: config_lib.Config, method: str, echo: bool, seed: int) -> conf
     name = f"{method}{'+echo' if echo else ''}"
     values = config_lib.to_dict(cfg)
     values["objective"] = {"method": method}  # the preset, then the overrides the comparison needs
-    if method == "dapo":
-        # DAPO's overlong buffer (4096 of 20480 tokens) scaled to this response length: the last quarter.
-        values["objective"]["overlong_buffer"] = max(cfg.sampling.max_new_tokens // 4, 1)
     values["echo"] = dict(values["echo"], enabled=echo)
     # The echo grad-norm diagnostic costs an extra backward: off, so the time ratio is EchoRL's own cost.
     values["train"] = dict(values["train"], seed=seed, workdir=os.path.join(base, "compare", name, f"seed{seed}"),
