@@ -318,16 +318,33 @@ def build_config(values: Mapping | None = None, overrides: Mapping | None = None
 
 
 def _apply_method_preset(merged: dict) -> dict:
-    """``objective.method`` names a preset (methods.py); fields set explicitly win over it."""
+    """``objective.method`` names a preset (methods.py); fields set explicitly win over it.
+
+    Length-relative preset values (dapo's overlong_buffer) are resolved here against the
+    merged ``sampling.max_new_tokens``. ``NAME+echo`` selects preset NAME and turns EchoRL
+    on: the built config reads ``objective.method=NAME``, ``echo.enabled=True``.
+    """
     from echorl_jax import methods
 
-    objective = dict(merged.get("objective") or {})
-    name = objective.get("method", ObjectiveConfig.method)
+    section = lambda key: dict(merged[key]) if isinstance(merged.get(key), Mapping) else {}
+    objective, sampling, echo = section("objective"), section("sampling"), section("echo")
+    name = _coerce("objective.method", objective.get("method", ObjectiveConfig.method), str)
+    max_new_tokens = sampling.get("max_new_tokens", SamplingConfig.max_new_tokens)
+    max_new_tokens = _coerce("sampling.max_new_tokens", max_new_tokens, int)
     try:
-        preset = methods.method_fields(name)
+        base, with_echo = methods.split_method_name(name)
+        preset = methods.method_fields(base, max_new_tokens)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return dict(merged, objective={**preset, **objective})
+    out = dict(merged, objective={**preset, **objective, "method": base})
+    if with_echo:
+        if "enabled" in echo and not _coerce("echo.enabled", echo["enabled"], bool):
+            raise ConfigError(
+                f"config key objective.method={name!r} turns EchoRL on, but echo.enabled=False is also given; "
+                f"use objective.method={base!r} for no EchoRL, or drop echo.enabled"
+            )
+        out["echo"] = dict(echo, enabled=True)
+    return out
 
 
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -364,7 +381,8 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(
         cfg.objective.overlong_buffer < cfg.sampling.max_new_tokens,
         "objective.overlong_buffer", cfg.objective.overlong_buffer,
-        f"must be < sampling.max_new_tokens={cfg.sampling.max_new_tokens} (set it explicitly for short responses)",
+        f"must be < sampling.max_new_tokens={cfg.sampling.max_new_tokens} (leave it unset and the dapo preset "
+        "uses a fifth of max_new_tokens)",
     )  # fmt: skip
     _check(opt.learning_rate > 0, "optim.learning_rate", opt.learning_rate, "must be > 0")
     _check(opt.schedule in ("constant", "cosine"), "optim.schedule", opt.schedule, "allowed: constant, cosine")

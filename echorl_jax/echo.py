@@ -126,8 +126,12 @@ def step_stats(entropy_bt, mask_bt, end_bt):
 
 
 def group_outcomes(reward_ng, threshold: float):
-    """bool ``(success_ng, all_success_n, all_fail_n)``."""
-    success_ng = reward_ng >= threshold
+    """bool ``(success_ng, all_success_n, all_fail_n)``.
+
+    The threshold is compared in the reward's dtype, so rewards of 0.9 (float32) pass
+    ``success_threshold=0.9`` whatever precision the threshold was given in.
+    """
+    success_ng = reward_ng >= jnp.asarray(threshold, reward_ng.dtype)
     return success_ng, success_ng.all(axis=1), ~success_ng.any(axis=1)
 
 

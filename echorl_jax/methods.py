@@ -5,6 +5,10 @@ switched on for any method with ``echo.enabled`` (or the ``"<method>+echo"``
 name form accepted by ``split_method_name``). Adding a variant is one
 ``register_method`` call.
 
+Values that depend on the response length (DAPO's overlong buffer) are given as
+``OfMaxNewTokens(fraction)`` and resolved against ``sampling.max_new_tokens``
+when the config is built, so every preset runs at every response length.
+
 KL to a reference policy is off in every preset (DAPO and Dr.GRPO drop it for
 RLVR, and it saves a reference forward); set ``kl_coef=0.04, kl_kind="k3"`` for
 the original GRPO.
@@ -21,14 +25,39 @@ _FIELDS = {f.name for f in dataclasses.fields(ObjectiveConfig)}
 _METHODS: dict[str, MappingProxyType] = {}
 
 
+@dataclasses.dataclass(frozen=True)
+class OfMaxNewTokens:
+    """A token-count preset value given as a fraction of ``sampling.max_new_tokens``."""
+
+    fraction: float
+
+    def resolve(self, max_new_tokens: int) -> int:
+        # Rounded, at least 1 token and strictly below T (a buffer must leave room before
+        # it); T = 1 leaves no room, so it resolves to 0 (off).
+        return min(max(round(self.fraction * max_new_tokens), 1), max_new_tokens - 1)
+
+
+def resolve_fields(fields: dict, max_new_tokens: int | None) -> dict:
+    """``fields`` with every ``OfMaxNewTokens`` turned into tokens for this response length."""
+    relative = sorted(k for k, v in fields.items() if isinstance(v, OfMaxNewTokens))
+    if relative and max_new_tokens is None:
+        raise ValueError(
+            f"method {fields.get('method')!r}: {relative} scale with the response length; "
+            "pass max_new_tokens (sampling.max_new_tokens) or set them explicitly"
+        )
+    return {k: v.resolve(max_new_tokens) if isinstance(v, OfMaxNewTokens) else v for k, v in fields.items()}
+
+
 def register_method(name: str, **fields) -> None:
-    """Register preset ``name``; ``fields`` are ObjectiveConfig overrides."""
+    """Register preset ``name``; ``fields`` are ObjectiveConfig overrides (ints that
+    count response tokens may be ``OfMaxNewTokens``)."""
     unknown = set(fields) - _FIELDS
     if unknown:
         raise ValueError(f"method {name!r}: unknown ObjectiveConfig fields {sorted(unknown)}")
     if "+" in name:
         raise ValueError(f"method name {name!r} may not contain '+' (reserved for '+echo')")
-    ObjectiveConfig(method=name, **fields).validate()
+    for max_new_tokens in (1, 48, 20480):  # every length a config may give must validate
+        ObjectiveConfig(**resolve_fields(dict(fields, method=name), max_new_tokens)).validate()
     _METHODS[name] = MappingProxyType(dict(fields, method=name))
 
 
@@ -36,7 +65,8 @@ def register_method(name: str, **fields) -> None:
 register_method("grpo", estimator="grpo", policy_loss="ppo", aggregation="seq-mean-token-mean")
 # Dr.GRPO: no std division, constant length normaliser (removes length/difficulty bias).
 register_method("drgrpo", estimator="drgrpo", policy_loss="ppo", aggregation="seq-mean-token-sum-norm")
-# DAPO: clip-higher, token-level mean, dynamic sampling, soft overlong punishment (paper: 4096 of 20480).
+# DAPO: clip-higher, token-level mean, dynamic sampling, soft overlong punishment over the last
+# fifth of the response length (paper: 4096 of 20480 tokens).
 register_method(
     "dapo",
     estimator="grpo",
@@ -45,7 +75,7 @@ register_method(
     clip_high=0.28,
     aggregation="token-mean",
     dynamic_sampling=True,
-    overlong_buffer=4096,
+    overlong_buffer=OfMaxNewTokens(0.2),
     overlong_penalty=1.0,
 )
 # GSPO: sequence-level (length-normalised) ratio with the paper's tiny clip range.
@@ -64,26 +94,33 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def method_fields(name: str) -> dict:
-    """The ObjectiveConfig field values a preset sets."""
+def method_fields(name: str, max_new_tokens: int | None = None) -> dict:
+    """The ObjectiveConfig field values a preset sets; length-relative values are
+    resolved for ``max_new_tokens`` (left as ``OfMaxNewTokens`` when it is None)."""
     if name not in _METHODS:
         raise ValueError(f"objective.method={name!r} is not a known method; expected one of {list_methods()}")
-    return dict(_METHODS[name])
+    fields = dict(_METHODS[name])
+    return fields if max_new_tokens is None else resolve_fields(fields, max_new_tokens)
 
 
 def split_method_name(name: str) -> tuple[str, bool]:
     """``"dapo+echo"`` -> ``("dapo", True)``; ``"dapo"`` -> ``("dapo", False)``."""
     base, plus, suffix = name.partition("+")
     if plus and suffix != "echo":
-        raise ValueError(f"method {name!r}: the only suffix allowed is '+echo'")
+        raise ValueError(f"objective.method={name!r}: the only suffix allowed is '+echo'")
     return base, bool(plus)
 
 
-def get_method(name: str, **overrides) -> ObjectiveConfig:
-    """ObjectiveConfig for preset ``name`` (``+echo`` suffix ignored here), with overrides."""
+def get_method(name: str, max_new_tokens: int | None = None, **overrides) -> ObjectiveConfig:
+    """ObjectiveConfig for preset ``name`` (``+echo`` suffix ignored here), with overrides.
+
+    ``max_new_tokens`` is needed when the preset has length-relative values that
+    ``overrides`` do not set (dapo's ``overlong_buffer``).
+    """
     base, _ = split_method_name(name)
     fields = method_fields(base)
     fields.update(overrides)
+    fields = resolve_fields(fields, max_new_tokens)
     unknown = set(fields) - _FIELDS
     if unknown:
         raise ValueError(f"method {base!r}: unknown ObjectiveConfig fields {sorted(unknown)}")

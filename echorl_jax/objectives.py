@@ -50,7 +50,7 @@ class ObjectiveConfig:
     aggregation: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     norm_length: int = 0  # constant divisor for seq-mean-token-sum-norm; 0 = use T
     adv_eps: float = 1e-6  # added to std in grpo / reinforce_pp whitening
-    logratio_clamp: float = 20.0  # |log pi - log pi_old| (and the k3 log-ratio) are clamped to this
+    logratio_clamp: float = 20.0  # |log pi - log pi_old| is clamped to this (k3: log(pi_ref/pi) <= this)
     kl_coef: float = 0.0  # weight of KL(pi || pi_ref) loss term; 0 = no reference policy needed
     kl_kind: str = "k3"  # KL estimator: k1 | k2 | k3 (low-variance)
     entropy_coef: float = 0.0  # entropy bonus weight (loss -= coef * entropy)
@@ -80,14 +80,27 @@ class ObjectiveConfig:
 # ----------------------------------------------------------------------------- advantages
 
 
+def _whiten(centred, std, eps: float):
+    """``centred / (std + eps)``, exactly 0 where the spread is 0 (also with eps = 0)."""
+    return jnp.where(std > 0, centred / (std + eps), 0.0)
+
+
 def group_baseline_advantage(reward_ng: jax.Array, estimator: str, eps: float) -> jax.Array:
-    """Sequence-level advantage ``adv_ng`` before any token whitening."""
+    """Sequence-level advantage ``adv_ng`` before any token whitening.
+
+    A group whose rewards are all equal gets exactly 0 for every estimator.
+    """
     G = reward_ng.shape[1]
-    centred_ng = reward_ng - reward_ng.mean(axis=1, keepdims=True)
+    # Centre on a group member first. Equal rewards then differ by exactly 0 and close ones
+    # by their exact difference, so the mean/std below are accurate relative to the spread,
+    # not the magnitude: the float32 mean of seven 0.9s is 1 ulp off, which GRPO's
+    # 1/(std + eps) with std ~ 0 would turn into an advantage of -0.1 for every rollout.
+    diff_ng = reward_ng - reward_ng[:, :1]
+    centred_ng = diff_ng - diff_ng.mean(axis=1, keepdims=True)
     if estimator == "grpo":
         # Unbiased std; with G = 1 the centred reward is 0, so the divisor is irrelevant.
         std_n1 = jnp.sqrt((centred_ng**2).sum(axis=1, keepdims=True) / max(G - 1, 1))
-        return centred_ng / (std_n1 + eps)
+        return _whiten(centred_ng, std_n1, eps)
     if estimator == "rloo":
         # r_i - mean_{j != i} r_j == G/(G-1) (r_i - mu); G = 1 has no baseline -> 0.
         return centred_ng * (G / max(G - 1, 1))
@@ -100,7 +113,8 @@ def compute_advantages(reward_ng: jax.Array, mask_bt: jax.Array, cfg: ObjectiveC
     """Outcome advantages ``adv_bt`` float32 [B, T], zero on padding.
 
     reinforce_pp: group-mean baseline, then whitened over the valid tokens of the
-    whole batch given here (token-weighted mean, unbiased std, ``/(std + eps)``).
+    whole batch given here (token-weighted mean, unbiased std, ``/(std + eps)``);
+    if every valid token has the same value the result is exactly 0.
     """
     N, G = reward_ng.shape
     mask_bt = mask_bt.astype(bool)
@@ -108,9 +122,12 @@ def compute_advantages(reward_ng: jax.Array, mask_bt: jax.Array, cfg: ObjectiveC
     adv_bt = jnp.where(mask_bt, adv_b[:, None], 0.0)
     if cfg.estimator == "reinforce_pp":
         n = mask_bt.sum().astype(jnp.float32)
-        mean = adv_bt.sum() / jnp.maximum(n, 1.0)
-        var = jnp.where(mask_bt, (adv_bt - mean) ** 2, 0.0).sum() / jnp.maximum(n - 1.0, 1.0)
-        adv_bt = jnp.where(mask_bt, (adv_bt - mean) / (jnp.sqrt(var) + cfg.adv_eps), 0.0)
+        # Same shift as in group_baseline_advantage, by the first valid token's value.
+        first = jnp.argmax(mask_bt.reshape(-1))
+        x_bt = jnp.where(mask_bt, adv_bt - adv_bt.reshape(-1)[first], 0.0)
+        d_bt = jnp.where(mask_bt, x_bt - x_bt.sum() / jnp.maximum(n, 1.0), 0.0)
+        std = jnp.sqrt((d_bt**2).sum() / jnp.maximum(n - 1.0, 1.0))
+        adv_bt = jnp.where(mask_bt, _whiten(d_bt, std, cfg.adv_eps), 0.0)
     return adv_bt
 
 
@@ -248,8 +265,10 @@ def kl_bt(logp_bt, ref_logp_bt, kind: str, clamp: float = 20.0):
     if kind == "k2":
         return 0.5 * log_r_bt**2
     if kind == "k3":
-        log_r_bt = jnp.clip(log_r_bt, -clamp, clamp)  # exp overflow guard
-        return jnp.exp(log_r_bt) - log_r_bt - 1.0
+        # Guard only the overflow side: a strongly under-weighted token (log r << 0)
+        # keeps its true value and gradient. expm1 keeps small values accurate.
+        log_r_bt = jnp.minimum(log_r_bt, clamp)
+        return jnp.expm1(log_r_bt) - log_r_bt
     raise ValueError(f"objective.kl_kind={kind!r} is not one of {list(KL_KINDS)}")
 
 

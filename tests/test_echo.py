@@ -165,6 +165,23 @@ def test_min_step_len_and_failed_group():
     np.testing.assert_array_equal(m.sum(1), [0, 0, 1])  # failed rollout's steps are not pooled
 
 
+def test_equal_non_binary_group_follows_success_threshold():
+    """Equal rewards of 0.9: zero advantage (any estimator); at the default threshold 1.0 every
+    rollout failed, so the group is all-fail and gets no clip; with success_threshold=0.9 it
+    is all-success (compared in float32, so 0.9 passes 0.9) and gets one clip."""
+    rows = [([2, 1, 2], [1, 2, 1]), ([2, 2], [1, 1]), ([2], [0.5])]
+    assert clips_for(rows, reward=(0.9,) * 3).sum() == 0
+    m = clips_for(rows, reward=(0.9,) * 3, cfg=EchoConfig(success_threshold=0.9))
+    np.testing.assert_array_equal(m.sum(1), [2, 0, 0])  # row 0's first step (mean entropy 1.5)
+    reward = jnp.full((1, 7), 0.9, jnp.float32)
+    for threshold, want in ((1.0, (False, True)), (0.9, (True, False)), (np.float64(0.9), (True, False))):
+        _, all_success, all_fail = E.group_outcomes(reward, threshold)
+        assert (bool(all_success[0]), bool(all_fail[0])) == want, threshold
+    for estimator in O.ESTIMATORS:
+        adv = O.compute_advantages(reward, jnp.ones((7, 4), bool), ObjectiveConfig(estimator=estimator))
+        assert np.all(np.asarray(adv) == 0.0)
+
+
 def test_long_row_step_entropy_is_step_local():
     # Large entropies early would swamp a global prefix sum in float32.
     B, TT = 2, 1024

@@ -1,13 +1,15 @@
 """Method presets, config validation, and compile-once checks for the public functions."""
 
-import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from echorl_jax import config as config_lib
 from echorl_jax import echo as E
+from echorl_jax import main
 from echorl_jax import methods as M
 from echorl_jax import objectives as O
 from echorl_jax.echo import EchoConfig
@@ -16,7 +18,7 @@ from echorl_jax.objectives import LossBatch, ObjectiveConfig
 EXPECTED = {
     "grpo": dict(estimator="grpo", policy_loss="ppo", aggregation="seq-mean-token-mean"),
     "drgrpo": dict(estimator="drgrpo", policy_loss="ppo", aggregation="seq-mean-token-sum-norm"),
-    "dapo": dict(estimator="grpo", clip_high=0.28, aggregation="token-mean", dynamic_sampling=True, overlong_buffer=4096),
+    "dapo": dict(estimator="grpo", clip_high=0.28, aggregation="token-mean", dynamic_sampling=True),
     "gspo": dict(estimator="grpo", policy_loss="gspo", clip_low=3e-4, clip_high=4e-4),
     "rloo": dict(estimator="rloo", policy_loss="ppo"),
     "reinforce_pp": dict(estimator="reinforce_pp", policy_loss="ppo"),
@@ -27,7 +29,7 @@ EXPECTED = {
 def test_registry_has_all_methods_with_expected_fields():
     assert M.list_methods() == sorted(EXPECTED)
     for name, fields in EXPECTED.items():
-        cfg = M.get_method(name)
+        cfg = M.get_method(name, max_new_tokens=64)
         assert cfg.method == name
         for k, v in fields.items():
             assert getattr(cfg, k) == v, (name, k)
@@ -37,7 +39,7 @@ def test_registry_has_all_methods_with_expected_fields():
 def test_presets_set_objective_fields_only_and_echo_is_separate():
     assert M.split_method_name("dapo+echo") == ("dapo", True)
     assert M.split_method_name("dapo") == ("dapo", False)
-    assert M.get_method("dapo+echo") == M.get_method("dapo")
+    assert M.get_method("dapo+echo", max_new_tokens=64) == M.get_method("dapo", max_new_tokens=64)
     assert M.get_method("grpo", kl_coef=0.04).kl_coef == 0.04
     with pytest.raises(ValueError, match="suffix"):
         M.split_method_name("dapo+foo")
@@ -59,20 +61,73 @@ def test_register_new_method():
         M.register_method("bad", estimator="nope")
 
 
+def test_dapo_overlong_buffer_scales_with_response_length():
+    assert M.method_fields("dapo")["overlong_buffer"] == M.OfMaxNewTokens(0.2)
+    got = {t: M.get_method("dapo", max_new_tokens=t).overlong_buffer for t in (20480, 48, 28, 8, 3, 2, 1)}
+    assert got == {20480: 4096, 48: 10, 28: 6, 8: 2, 3: 1, 2: 1, 1: 0}  # the paper's 4096 of 20480; always < T
+    assert M.get_method("dapo", overlong_buffer=7).overlong_buffer == 7  # explicit values need no length
+    with pytest.raises(ValueError, match=r"'dapo'.*overlong_buffer.*max_new_tokens"):
+        M.get_method("dapo")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build(method=None, **sections):
+    """config.build_config on the built-in default's values (configs/default.py) plus overrides."""
+    overrides = dict(sections)
+    if method is not None:
+        overrides["objective"] = {"method": method, **overrides.get("objective", {})}
+    return config_lib.build_config(main.default_values(), overrides)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("echo", [False, True], ids=["", "+echo"])
+def test_every_preset_builds_on_the_default_config(name, echo):
+    """`--config.objective.method=NAME[+echo]` works on the default config (max_new_tokens 48)."""
+    cfg = build(name + ("+echo" if echo else ""), echo={} if echo else {"enabled": False})
+    assert cfg.objective == M.get_method(name, max_new_tokens=cfg.sampling.max_new_tokens)
+    assert cfg.objective.method == name and cfg.echo.enabled == echo
+    assert cfg.objective.overlong_buffer == (10 if name == "dapo" else 0)
+    # Command-line strings resolve the same way.
+    cli = config_lib.parse_overrides([f"--config.objective.method={name}", "--config.sampling.max_new_tokens=20480"])
+    assert config_lib.build_config(main.default_values(), cli).objective.overlong_buffer == (4096 if name == "dapo" else 0)
+
+
+def test_preset_values_resolve_against_merged_length_and_explicit_values_win():
+    assert build("dapo", sampling={"max_new_tokens": "100"}).objective.overlong_buffer == 20
+    assert build("dapo", objective={"overlong_buffer": 3}).objective.overlong_buffer == 3
+    assert build("dapo", objective={"overlong_buffer": 0}).objective.overlong_buffer == 0  # explicitly off
+    with pytest.raises(config_lib.ConfigError, match="objective.overlong_buffer=48.*max_new_tokens=48"):
+        build("dapo", objective={"overlong_buffer": 48})
+
+
+def test_plus_echo_method_name():
+    cfg = build("dapo+echo", echo={"enabled": "true", "coef": 0.01})
+    assert (cfg.objective.method, cfg.echo.enabled, cfg.echo.coef) == ("dapo", True, 0.01)
+    assert cfg.objective.dynamic_sampling
+    for enabled in (False, "false", "0"):
+        with pytest.raises(config_lib.ConfigError, match=r"'grpo\+echo'.*echo.enabled=False"):
+            build("grpo+echo", echo={"enabled": enabled})
+    with pytest.raises(config_lib.ConfigError, match=r"objective.method='grpo\+ehco'.*'\+echo'"):
+        build("grpo+ehco")
+    with pytest.raises(config_lib.ConfigError, match="'ppo'.*not a known method"):
+        build("ppo+echo")
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_each_method_with_echo_gives_finite_loss_and_grad(name):
     rng = np.random.default_rng(0)
     N, G, T = 2, 4, 8
     B = N * G
-    obj = M.get_method(name)
+    obj = M.get_method(name, max_new_tokens=T)
     reward = jnp.asarray([[1, 1, 1, 1], [1, 0, 0, 1]], jnp.float32)
     length = rng.integers(1, T - 3, size=B)  # inside the overlong-free zone so rewards stay 1
     mask = jnp.asarray(np.arange(T)[None] < length[:, None])
     tokens = jnp.asarray(rng.integers(0, 4, size=(B, T)), jnp.int32)
     logp = jnp.asarray(-rng.uniform(0.1, 2, size=(B, T)), jnp.float32)
     ent = jnp.asarray(rng.uniform(0, 2, size=(B, T)), jnp.float32)
-    if obj.overlong_buffer:
-        obj = dataclasses.replace(obj, overlong_buffer=4)
+    assert obj.overlong_buffer == (2 if name == "dapo" else 0)  # round(0.2 * 8)
 
     @jax.jit
     def step(reward, mask, tokens, logp, ent):

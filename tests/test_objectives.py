@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from echorl_jax import objectives as O
 from echorl_jax.echo import EchoConfig
@@ -141,6 +143,70 @@ def test_advantages_all_equal_rewards_are_exactly_zero(estimator):
     assert np.all(got == 0.0)
 
 
+def _advantages(reward, mask, estimator, eps=1e-6):
+    cfg = ObjectiveConfig(estimator=estimator, adv_eps=eps)
+    return np.asarray(O.compute_advantages(f32(reward), jnp.asarray(mask), cfg))
+
+
+@pytest.mark.parametrize("estimator", O.ESTIMATORS)
+@pytest.mark.parametrize("G,r", [(15, 2.5), (7, 0.9), (8, 0.1), (5, -3.3), (16, 1e4 / 3)])
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_equal_non_binary_rewards_give_exactly_zero(estimator, G, r, eps):
+    """The float32 mean of G copies of r can be 1 ulp off r; GRPO used to divide that by
+    (std ~ 1e-8) + 1e-6 (G=15, r=2.5 gave -0.191 for every rollout). A float64 reference says 0."""
+    reward = np.full((2, G), r, np.float32)
+    reward[1] = np.float32(r) * 2  # a second equal group
+    mask = np.ones((2 * G, 3), bool)
+    assert np.all(ref_advantages(reward, np.full(2 * G, 3), 3, estimator) == 0.0)
+    got = _advantages(reward, mask, estimator, eps)
+    assert np.all(got == 0.0), got[:, 0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(r=st.floats(-1e6, 1e6, width=32), G=st.integers(1, 16), estimator=st.sampled_from(O.ESTIMATORS))
+def test_equal_groups_are_exactly_zero_property(r, G, estimator):
+    got = _advantages(np.full((1, G), r, np.float32), np.ones((G, 2), bool), estimator)
+    assert np.all(got == 0.0)
+    assert not bool(O.zero_variance_groups(f32(np.full((1, G), r)))[0])  # and DAPO drops the group
+
+
+@pytest.mark.parametrize("estimator", O.ESTIMATORS)
+@pytest.mark.parametrize("spread", ["ulps", "1e-7", "1e-5", "mixed"])
+def test_near_equal_groups_match_float64_reference(estimator, spread):
+    """Groups that differ only in the last bits: float32 result within float32 precision of a
+    float64 reference on the same (float32) rewards, relative to the largest advantage."""
+    rng = np.random.default_rng(11)
+    N, G, T = 6, 7, 5
+    base = rng.choice([0.9, 2.5, 0.1, -7.7, 1e3], size=(N, 1))
+    if spread == "ulps":
+        reward = base.astype(np.float32) + np.spacing(base.astype(np.float32)) * rng.integers(0, 3, size=(N, G))
+    elif spread == "mixed":  # near-equal, equal and ordinary groups side by side
+        reward = base + rng.normal(size=(N, G)) * np.array([[1e-6], [0], [1], [1e-6], [0], [0.3]]) * np.abs(base)
+    else:
+        reward = base + rng.normal(size=(N, G)) * float(spread) * np.abs(base)
+    reward = reward.astype(np.float32)
+    lengths = rng.integers(1, T + 1, size=N * G)
+    mask = np.arange(T)[None] < lengths[:, None]
+    want = ref_advantages(reward, lengths, T, estimator)
+    got = _advantages(reward, mask, estimator)
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-6 * max(np.abs(want).max(), 1e-30))
+    if estimator != "reinforce_pp":  # its batch whitening shifts equal groups by -m/s, as published
+        zero_n = np.all(got.reshape(N, G, T) == 0, axis=(1, 2))
+        np.testing.assert_array_equal(zero_n, ~np.asarray(O.zero_variance_groups(f32(reward))))
+
+
+def test_reinforce_pp_whitening_of_one_shared_value_is_zero():
+    """Whitening over tokens that all carry the same centred value (only one row is valid):
+    the float32 token mean is off by an ulp, which /(std ~ 0 + eps) used to amplify."""
+    cfg_mask = np.zeros((3, 16), bool)
+    for reward in ([0.9, 0.1, 0.5], [2.5, 0.3, 0.0], [1.0, 0.0, 0.0]):
+        for n_tok in (3, 7, 11, 16):
+            mask = cfg_mask.copy()
+            mask[0, :n_tok] = True
+            got = _advantages(np.asarray([reward], np.float32), mask, "reinforce_pp")
+            assert np.all(got == 0.0), (reward, n_tok, got[0, :2])
+
+
 def test_rloo_is_leave_one_out():
     reward = np.array([[1.0, 0.0, 0.0, 1.0]], np.float32)
     got = np.asarray(O.compute_advantages(f32(reward), jnp.ones((4, 1), bool), ObjectiveConfig(estimator="rloo")))
@@ -263,6 +329,26 @@ def test_kl_matches_reference(kind):
     got = O.kl_bt(f32(d["logp"]), f32(d["ref"]), kind)
     np.testing.assert_allclose(got, ref_kl(d["logp"], d["ref"], kind), rtol=1e-4, atol=1e-5)
     assert np.all(np.asarray(O.kl_bt(f32(d["logp"]), f32(d["logp"]), kind)) == 0)
+
+
+def test_k3_under_weighted_tokens_keep_value_and_gradient():
+    """Only the overflow side of log(pi_ref/pi) is clamped: a token with log r = -78 has
+    k3 = 77 and gradient ~1 (a +-20 clamp gave 19 and no gradient). Reference: float64 on
+    the same float32 inputs."""
+    clamp = 20.0
+    log_r = np.array([-78.0, -30.0, -20.5, -5.0, -1e-3, -1e-5, 0.0, 1e-5, 1e-3, 3.0, 19.5, 25.0, 90.0])
+    logp = f32(-np.linspace(0.1, 3.0, log_r.size))
+    ref = f32(np.asarray(logp, np.float64) + log_r)
+    x = np.minimum(np.asarray(ref, np.float64) - np.asarray(logp, np.float64), clamp)
+    want = np.expm1(x) - x  # = pi_ref/pi - 1 - log(pi_ref/pi)
+    want_grad = np.where(x < clamp, -np.expm1(x), 0.0)  # d k3 / d logp; 0 past the overflow guard
+    got = np.asarray(O.kl_bt(logp, ref, "k3", clamp), np.float64)
+    assert abs(got[0] - 77.0) < 1e-4
+    # float32 precision of the terms: expm1(x) - x cancels for small |x|, and x itself is rounded.
+    assert np.all(np.abs(got - want) <= 4e-7 * (np.abs(x) * (1 + np.abs(np.expm1(x))) + np.abs(want))), got - want
+    grad = np.asarray(jax.grad(lambda lp: O.kl_bt(lp, ref, "k3", clamp).sum())(logp))
+    np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=1e-6)
+    assert np.all(np.isfinite(got)) and np.all(np.isfinite(grad))
 
 
 def test_total_loss_matches_reference_sum():
