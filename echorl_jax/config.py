@@ -95,7 +95,7 @@ class RLConfig:
     minibatches: int = 1  # optimizer steps per epoch
     micro_batches: int = 1  # gradient accumulation inside each optimizer step
     recompute_logp: bool = False  # old log-probs from a forward pass instead of the sampler
-    stop_strings: tuple = ()  # extra stop tokens by text, besides the tokenizer's eos
+    stop_strings: tuple = ()  # extra stop texts (one or more tokens each), besides the default stops (docs/components.md)
     max_sample_rounds: int = 3  # DAPO dynamic sampling: prompt batches drawn at most per step
 
 
@@ -369,7 +369,8 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     if cfg.model.path:
         arch = {f.name for f in dataclasses.fields(ModelConfig)} - {"param_dtype", "compute_dtype", "remat"}
         clash = sorted(arch & set(given.get("model", {})))
-        _check(not clash, f"model.{clash[0] if clash else ''}", "set", "the architecture comes from model.path/config.json; only param_dtype, compute_dtype and remat may be overridden")
+        if clash:
+            _check(False, f"model.{clash[0]}", given["model"][clash[0]], f"the architecture comes from model.path={cfg.model.path!r} (its config.json); only param_dtype, compute_dtype and remat may be overridden")
     rl, opt, train = cfg.rl, cfg.optim, cfg.train
     for key in ("prompts_per_step", "group_size", "epochs", "minibatches", "micro_batches"):
         _check(getattr(rl, key) >= 1, f"rl.{key}", getattr(rl, key), "must be >= 1")

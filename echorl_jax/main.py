@@ -39,6 +39,22 @@ def default_values() -> dict:
     return config_lib.load_config_file(path) if os.path.isfile(path) else {}
 
 
+def resolved_config_dict(cfg) -> dict:
+    """The config as a dict, with the architecture read from ``model.path/config.json`` when set."""
+    import dataclasses
+
+    from echorl_jax import config as config_lib
+
+    values = config_lib.to_dict(cfg)
+    if cfg.model.path:
+        from echorl_jax.models.config import load_hf_config
+
+        m = cfg.model
+        arch = load_hf_config(m.path, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        values["model"].update(dataclasses.asdict(arch))
+    return values
+
+
 def maybe_init_distributed() -> None:
     # Multi-host (TPU pods, multi-node GPU): every host runs this same program.
     if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")):
@@ -59,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         import json
 
-        print(json.dumps(config_lib.to_dict(cfg), indent=2))
+        try:
+            values = resolved_config_dict(cfg)
+        except _user_errors() as e:
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(values, indent=2))
         return 0
     maybe_init_distributed()
     from echorl_jax import compare, report, train

@@ -7,7 +7,8 @@ rows, group-major: row ``b = n·G + g``). Inside one ``jit``:
 1. prefill each distinct prompt once ([N, P]) into a cache of P slots;
 2. repeat its cache and last logits G times (group-major);
 3. a ``lax.while_loop`` over [B, 1] decode steps that exits as soon as every
-   row has emitted a stop token, or after T tokens. The loop is split into a
+   row has emitted a stop token (or completed a stop sequence), or after T
+   tokens. The loop is split into a
    few segments whose cache grows to P + T slots: all rows write the same
    slot, so early steps need not read (attend over) the empty tail — on CPU
    the decode step is dominated by reading the cache.
@@ -25,6 +26,13 @@ importance ratio is 1 on-policy up to numerics. Greedy decoding reports
 log-probs and entropy at temperature 1. Draws are exact inverse-CDF samples
 with one uniform per row from the stream fold_in(fold_in(rng, row), step), so
 a seed fixes the rollout whatever the mesh.
+
+Stops: ``stop_ids`` entries are token ids or token-id sequences. Single ids
+are checked with one ``isin`` per step. Multi-token sequences are a padded
+``[S, L]`` constant (right-aligned, -1 = wildcard); each row carries its last
+L generated tokens and is done when they end with any sequence. The response
+mask covers the whole stop sequence and nothing after; ``stop_len`` says how
+many trailing tokens it has, so ``decode_responses`` can leave it out.
 
 Sharding: rows are sharded over the mesh batch axes ``("data", "fsdp")``;
 parameters stay on their own shardings. When N (prefill) or B (decode) is not
@@ -89,8 +97,9 @@ class Rollout(NamedTuple):
     response_mask: jax.Array  # [B, T] bool: generated tokens up to and including the first stop
     behaviour_logp: jax.Array  # [B, T] f32: log-prob of the token under softmax(logits/temp), 0 off-mask
     entropy: jax.Array  # [B, T] f32: entropy of that full distribution, 0 off-mask
-    lengths: jax.Array  # [B] int32: response length including the stop token
-    truncated: jax.Array  # [B] bool: no stop token within T
+    lengths: jax.Array  # [B] int32: response length including the stop token(s)
+    truncated: jax.Array  # [B] bool: no stop token / sequence within T
+    stop_len: Any = None  # [B] int32: trailing tokens that form the stop (0 if truncated); None = 1 if stopped
 
 
 # ----------------------------------------------------------------------------- token choice
@@ -181,10 +190,41 @@ class _Loop(NamedTuple):
     last_tok_b: jax.Array  # token t-1, fed to the model this iteration
     last_valid_b: jax.Array  # whether token t-1 is real (row not stopped before it)
     done_b: jax.Array  # row has emitted a stop token (or is padding)
+    hist_bl: jax.Array  # the row's last L generated tokens (L = longest multi-token stop; 0 if none)
+    stop_len_b: jax.Array  # tokens of the stop that ended the row (0 while running)
     tokens_bt: jax.Array
     mask_bt: jax.Array
     logp_bt: jax.Array
     entropy_bt: jax.Array
+
+
+def split_stops(stops) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """``stop_ids`` entries (an id or a sequence of ids) -> (single ids, multi-token sequences)."""
+    single, multi = [], []
+    for entry in stops:
+        seq = (int(entry),) if isinstance(entry, (int, np.integer)) else tuple(int(i) for i in entry)
+        if not seq:
+            raise ValueError("stop_ids: an empty stop sequence would stop every row at once")
+        (single if len(seq) == 1 else multi).append(seq[0] if len(seq) == 1 else seq)
+    return tuple(dict.fromkeys(single)), tuple(dict.fromkeys(multi))
+
+
+def stop_sequence_table(seqs) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences -> (ids [S, L] int32 right-aligned, -1 before a shorter one; lengths [S] int32)."""
+    width = max((len(q) for q in seqs), default=0)
+    ids_sl = np.full((len(seqs), width), -1, np.int32)
+    for i, q in enumerate(seqs):
+        ids_sl[i, width - len(q) :] = q
+    return ids_sl, np.asarray([len(q) for q in seqs], np.int32)
+
+
+def ends_with_stop(hist_bl, ids_sl, len_s):
+    """Longest stop sequence each row's history ends with ([B] int32, 0 = none).
+
+    ``hist_bl`` holds the last L tokens (oldest first); ``ids_sl`` is ``stop_sequence_table``'s.
+    """
+    match_bs = jnp.all((hist_bl[:, None, :] == ids_sl[None]) | (ids_sl[None] < 0), axis=-1)
+    return jnp.max(jnp.where(match_bs, len_s[None], 0), axis=-1, initial=0)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -216,7 +256,7 @@ class Sampler:
             raise ValueError(f"decode_segments={decode_segments!r} is invalid: must be an integer >= 1")
         self.decode_segments = min(decode_segments, cfg.max_new_tokens)
         self.graphdef, self.cfg, self.group_size = graphdef, cfg, group_size
-        self.stop_ids = tuple(int(s) for s in stop_ids)
+        self.stop_ids, self.stop_seqs = split_stops(stop_ids)
         self.pad_id, self.mesh = int(pad_id), mesh
         self.traces = 0
         self._jitted = jax.jit(self._sample)
@@ -299,23 +339,33 @@ class Sampler:
         # 3. decode. Row keys fold in the global row index, so draws do not depend on the mesh.
         row_keys_b = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b_pad))
         stop_ids = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
+        seq_ids_sl, seq_len_s = (jnp.asarray(x) for x in stop_sequence_table(self.stop_seqs))
         pad_row_b = jnp.arange(b_pad) >= b
 
-        def pick(logits_bv, t, done_b):
+        def pick(logits_bv, t, done_b, hist_bl, stop_len_b):
             keys_b = jax.vmap(jax.random.fold_in, (0, None))(row_keys_b, t)
             tok_b, logp_b, ent_b = choose_tokens(logits_bv, keys_b, cfg)
             live_b = ~done_b
             tok_b = jnp.where(live_b, tok_b, pad_id)
-            stop_b = live_b & jnp.isin(tok_b, stop_ids) if self.stop_ids else jnp.zeros_like(live_b)
-            return tok_b, live_b, done_b | stop_b, jnp.where(live_b, logp_b, 0.0), jnp.where(live_b, ent_b, 0.0)
+            hit_b = jnp.isin(tok_b, stop_ids).astype(jnp.int32) if self.stop_ids else jnp.zeros_like(tok_b)
+            if self.stop_seqs:  # shift in the new token, then match every sequence at once
+                hist_bl = jnp.concatenate([hist_bl[:, 1:], tok_b[:, None]], axis=1)
+                hit_b = jnp.maximum(hit_b, ends_with_stop(hist_bl, seq_ids_sl, seq_len_s))
+            stop_b = live_b & (hit_b > 0)
+            stop_len_b = jnp.where(stop_b, hit_b, stop_len_b)
+            return (tok_b, live_b, done_b | stop_b, jnp.where(live_b, logp_b, 0.0), jnp.where(live_b, ent_b, 0.0),
+                    hist_bl, stop_len_b)  # fmt: skip
 
         def write(buf_bt, col_b, t):
             return jax.lax.dynamic_update_slice(buf_bt, col_b[:, None].astype(buf_bt.dtype), (0, t))
 
-        tok0, live0, done0, lp0, ent0 = pick(logits_bv, 0, pad_row_b)
+        hist0 = jnp.full((b_pad, seq_ids_sl.shape[1]), -2, jnp.int32)  # -2: no token yet, matches nothing
+        tok0, live0, done0, lp0, ent0, hist0, stop_len0 = pick(logits_bv, 0, pad_row_b, hist0,
+                                                               jnp.zeros((b_pad,), jnp.int32))  # fmt: skip
         zeros = lambda dt: self._rows_sharded(jnp.zeros((b_pad, t_max), dt))  # noqa: E731
         init = _Loop(
             t=jnp.ones((), jnp.int32), cache=cache, last_tok_b=tok0, last_valid_b=live0, done_b=done0,
+            hist_bl=hist0, stop_len_b=stop_len0,
             tokens_bt=write(jnp.full((b_pad, t_max), pad_id, jnp.int32), tok0, 0),
             mask_bt=write(zeros(bool), live0, 0),
             logp_bt=write(zeros(jnp.float32), lp0, 0),
@@ -325,9 +375,10 @@ class Sampler:
         def body(s: _Loop):
             positions_b1 = (lengths_b + s.t - 1)[:, None]  # token t-1 sits at prompt length + t - 1
             logits_b1v, cache = model(s.last_tok_b[:, None], positions_b1, s.last_valid_b[:, None], s.cache)
-            tok_b, live_b, done_b, lp_b, ent_b = pick(logits_b1v[:, 0], s.t, s.done_b)
+            tok_b, live_b, done_b, lp_b, ent_b, hist_bl, stop_len_b = pick(
+                logits_b1v[:, 0], s.t, s.done_b, s.hist_bl, s.stop_len_b)
             return _Loop(
-                s.t + 1, cache, tok_b, live_b, done_b,
+                s.t + 1, cache, tok_b, live_b, done_b, hist_bl, stop_len_b,
                 write(s.tokens_bt, tok_b, s.t), write(s.mask_bt, live_b, s.t),
                 write(s.logp_bt, lp_b, s.t), write(s.entropy_bt, ent_b, s.t),
             )  # fmt: skip
@@ -347,6 +398,7 @@ class Sampler:
             entropy=out.entropy_bt[:b],
             lengths=jnp.sum(mask_bt, axis=1, dtype=jnp.int32),
             truncated=~out.done_b[:b],
+            stop_len=out.stop_len_b[:b],
         )
         if self.mesh is not None and b % div == 0:
             rollout = Rollout(*(jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, x.ndim))
@@ -359,7 +411,7 @@ def make_sampler(
     cfg: SamplingConfig,
     *,
     group_size: int,
-    stop_ids: Sequence[int],
+    stop_ids: Sequence[int | Sequence[int]],
     pad_id: int,
     mesh=None,
     decode_segments: int = 4,
@@ -369,6 +421,7 @@ def make_sampler(
     ``graphdef_or_model``: the ``graphdef`` from ``nnx.split(model)``, or the model.
     ``prompt_tokens_np`` [N, P] int32 are left-padded; ``prompt_lengths`` [N] count
     the real tokens (1..P). The result has ``B = N·group_size`` rows, group-major.
+    ``stop_ids``: token ids and/or token-id sequences; a row stops after any of them.
     With ``mesh``, parameters must already be on it (``sharding.shard_model``).
     ``decode_segments``: the decode loop runs in this many pieces whose cache holds
     P + T·i/n slots, so early steps attend over fewer empty slots (each piece
@@ -382,10 +435,11 @@ def make_sampler(
 
 
 def decode_responses(tokenizer, rollout: Rollout, **decode_kwargs) -> list[str]:
-    """Response text per row: tokens up to, but excluding, the stop token."""
+    """Response text per row: tokens up to, but excluding, the stop token(s)."""
     t = rollout.response_mask.shape[1]
     tokens_bt = np.asarray(rollout.tokens)[:, -t:]
-    n_b = np.asarray(rollout.lengths) - (~np.asarray(rollout.truncated)).astype(np.int32)
+    stop_len = rollout.stop_len if rollout.stop_len is not None else ~np.asarray(rollout.truncated)
+    n_b = np.asarray(rollout.lengths) - np.asarray(stop_len).astype(np.int32)
     rows = [tokens_bt[i, : n_b[i]].tolist() for i in range(len(n_b))]
     if hasattr(tokenizer, "batch_decode"):  # HF fast tokenizers decode a batch in one Rust call
         return list(tokenizer.batch_decode(rows, **decode_kwargs))
@@ -396,6 +450,11 @@ def _as_ids(x) -> tuple[int, ...]:
     if x is None:
         return ()
     return tuple(int(i) for i in (x if isinstance(x, (list, tuple)) else [x]))
+
+
+def _as_stops(stops) -> tuple:
+    """Hashable stop entries: ints stay ints, sequences become tuples."""
+    return tuple(int(s) if isinstance(s, (int, np.integer)) else tuple(int(i) for i in s) for s in stops)
 
 
 @functools.lru_cache(maxsize=8)
@@ -424,7 +483,7 @@ def generate_text(
     group_size: int = 1,
     *,
     seed: int = 0,
-    stop_ids: Sequence[int] | None = None,
+    stop_ids: Sequence[int | Sequence[int]] | None = None,
     pad_id: int | None = None,
     mesh=None,
     add_special_tokens: bool = True,
@@ -432,15 +491,17 @@ def generate_text(
     """Samples ``group_size`` responses per plain prompt string; returns ``N·G`` texts, group-major.
 
     No chat template is applied (see ``data.render_prompt``). ``stop_ids``
-    defaults to the tokenizer's eos id(s); ``pad_id`` to its pad (else eos) id.
+    (ids and/or id sequences) defaults to the tokenizer's eos id(s); ``pad_id``
+    to its pad (else the first single stop) id.
     Samplers are cached per (model structure, config), so repeated calls with
     the same prompt shape do not recompile.
     """
     if not prompts:
         return []
-    stop = _as_ids(tokenizer.eos_token_id) if stop_ids is None else _as_ids(list(stop_ids))
+    stop = _as_ids(tokenizer.eos_token_id) if stop_ids is None else _as_stops(stop_ids)
     if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+        single = split_stops(stop)[0]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (single[0] if single else 0)
     tokens_np, lengths_n = tokenize_left_padded(tokenizer, prompts, pad_id, add_special_tokens)
     graphdef, state = nnx.split(model)
     try:

@@ -16,6 +16,7 @@ from echorl_jax import sharding, update
 from echorl_jax.data import DataError, PromptPipeline, load_records
 from echorl_jax.data_formats import require_text_field
 from echorl_jax.models.config import ModelConfig
+from echorl_jax.models.tokenizer import default_stops, describe_stops, load_hf_tokenizer
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import build_router
 from echorl_jax.rewards.custom import RewardSetupError
@@ -47,6 +48,7 @@ class Setup:
     delimiter_ids: np.ndarray
     ref_params: Any
     log: Callable[[str], None]
+    stop_ids: tuple = ()  # what ends a response: token ids and token-id sequences (stop_ids())
 
     @property
     def model(self) -> nnx.Module:
@@ -55,7 +57,7 @@ class Setup:
     def export(self, out_dir: str) -> None:
         from echorl_jax.models import hf
 
-        hf.export_model(self.model, out_dir, tokenizer=self.tokenizer)
+        hf.export_model(self.model, out_dir, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
 
     def progress(self, start: int, total: int):
         return Progress(start, total, enabled=self.cfg.train.progress and jax.process_index() == 0)
@@ -101,12 +103,8 @@ def _log(msg: str) -> None:
 
 def load_tokenizer(cfg: config_lib.Config):
     path = cfg.data.tokenizer or cfg.model.path
-    if path:
-        from transformers import AutoTokenizer
-
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"tokenizer directory {path!r} (data.tokenizer or model.path) does not exist")
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if path:  # exactly the tokenizer the directory holds (models/tokenizer.py says why not AutoTokenizer)
+        return load_hf_tokenizer(path, key="data.tokenizer" if cfg.data.tokenizer else "model.path")
     if config_lib.is_task(cfg.data.train):
         return build_char_tokenizer(os.path.join(cfg.train.workdir, "tokenizer"))
     raise config_lib.ConfigError("data.tokenizer is empty and model.path is empty: no tokenizer for a file dataset")
@@ -179,13 +177,15 @@ def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
     return model
 
 
-def stop_ids(cfg: config_lib.Config, tokenizer) -> tuple[int, ...]:
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def stop_ids(cfg: config_lib.Config, tokenizer) -> tuple[int | tuple[int, ...], ...]:
+    """Default stops (models.tokenizer.default_stops), then ``rl.stop_strings`` as an id or id sequence each."""
+    dirs = tuple(dict.fromkeys(d for d in (cfg.model.path, cfg.data.tokenizer) if d))
+    ids: list = list(default_stops(tokenizer, dirs, chat=cfg.data.template == "chat"))
     for text in cfg.rl.stop_strings:
-        enc = tokenizer.encode(text, add_special_tokens=False)
-        if len(enc) != 1:
-            raise config_lib.ConfigError(f"rl.stop_strings entry {text!r} is {len(enc)} tokens; stop strings must be one token")
-        ids.append(enc[0])
+        enc = tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) and text else []
+        if not enc:
+            raise config_lib.ConfigError(f"rl.stop_strings entry {text!r} is invalid: must be a non-empty string")
+        ids.append(enc[0] if len(enc) == 1 else tuple(enc))
     if not ids:
         raise config_lib.ConfigError("the tokenizer has no eos_token and rl.stop_strings is empty: nothing stops a response")
     return tuple(dict.fromkeys(ids))
@@ -300,10 +300,13 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     delimiter_ids = np.asarray(echo_lib.discover_delimiters(tokenizer), np.int32)
     if cfg.echo.enabled and delimiter_ids.size == 0:
         raise config_lib.ConfigError("echo.enabled=True but the tokenizer has no token containing a newline")
+    for line in describe_stops(tokenizer, stops, delimiter_ids):
+        log(line)
     return Setup(
         cfg=cfg, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, state=state, optimizer=optimizer,
         total_updates=total_updates, train_temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,
         sample=sample, eval_sample=eval_sample, train_pipeline=train_pipeline, eval_pipeline=eval_pipeline,
         eval_initial_state=eval_state, eval_records=eval_records, train_records=train_records,
         verifier=verifier, delimiter_ids=delimiter_ids, ref_params=ref_params, log=log,
+        stop_ids=stops,
     )  # fmt: skip

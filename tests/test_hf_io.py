@@ -117,17 +117,28 @@ def test_export_bfloat16_and_load_it(qwen2_dir, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
-def test_export_writes_tokenizer(tmp_path):
-    # A llama-typed directory: transformers 5 loads any qwen2-typed one with Qwen2Tokenizer,
-    # whatever tokenizer_config.json says, which re-splits the character tokenizer.
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_export_writes_tokenizer_and_special_ids(tmp_path, model_type):
+    # echorl reads the tokenizer.json itself: transformers 5's AutoTokenizer loads any qwen2-typed
+    # directory with Qwen2Tokenizer, whatever tokenizer_config.json says, re-splitting this tokenizer.
+    from echorl_jax.models.tokenizer import load_hf_tokenizer
     from echorl_jax.tasks.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    cfg = ModelConfig(model_type="llama", attention_bias=False, tie_embeddings=False, vocab_size=V, head_dim=16)
-    export_model(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path), tokenizer=tok)
-    again = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    assert again("1+2=3\n")["input_ids"] == tok("1+2=3\n")["input_ids"]
+    qwen2 = model_type == "qwen2"
+    cfg = ModelConfig(model_type=model_type, attention_bias=qwen2, tie_embeddings=False, vocab_size=V, head_dim=16)
+    newline = tok.encode("\n", add_special_tokens=False)
+    export_model(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path), tokenizer=tok, stop_ids=(2, newline, (7, 8)))
+    text = "1+2=3\n 45\n"
+    assert load_hf_tokenizer(str(tmp_path))(text)["input_ids"] == tok(text)["input_ids"]
+    if not qwen2:
+        assert transformers.AutoTokenizer.from_pretrained(str(tmp_path))(text)["input_ids"] == tok(text)["input_ids"]
     assert load_model(str(tmp_path)).cfg == cfg
+    # config.json carries the special ids; generation_config.json every single-token stop (not (7, 8)).
+    hf_cfg = transformers.AutoConfig.from_pretrained(str(tmp_path))
+    assert (hf_cfg.bos_token_id, hf_cfg.eos_token_id, hf_cfg.pad_token_id) == (1, 2, 0)
+    gen = transformers.GenerationConfig.from_pretrained(str(tmp_path))
+    assert gen.eos_token_id == [2, *newline] and (gen.bos_token_id, gen.pad_token_id) == (1, 0)
 
 
 def test_export_rejects_unknown_dtype(qwen2_dir, tmp_path):

@@ -270,3 +270,66 @@ def test_generate_text_and_decode_responses():
     assert texts == ["defgh", "gh", "rstuvwxy"]  # stop token excluded; truncated row keeps all 8
     texts = generate_text(model, tok, ["ef"], SamplingConfig(greedy=True, max_new_tokens=8), group_size=2)
     assert texts == ["gh", "gh"]
+
+
+# ----------------------------------------------------------------------------- multi-token stop sequences
+
+
+def _first_stop_reference(resp_t, stops):
+    """Slow reference: (cut, stop_len) at the first position where the response ends with a stop."""
+    seqs = [tuple(s) if isinstance(s, tuple) else (s,) for s in stops]
+    for t in range(len(resp_t)):
+        hits = [len(q) for q in seqs if t + 1 >= len(q) and tuple(resp_t[t + 1 - len(q) : t + 1]) == q]
+        if hits:
+            return t + 1, max(hits)
+    return len(resp_t), 0
+
+
+def test_multi_token_stops_match_cut_reference(split, sampled):
+    """Generating with stop sequences == generating without any stop, then cutting at the first one."""
+    graphdef, state = split
+    p = PROMPTS_NP.shape[1]
+    free = make_sampler(graphdef, SAMPLED, group_size=3, stop_ids=(), pad_id=PAD)
+    ref = np_(free(state, PROMPTS_NP, LENGTHS_N, jax.random.key(1)))
+    resp = ref.tokens[:, p:]
+    # Stops taken from the unstopped text, so several rows hit them (row 10's is a repeated token).
+    stops = (STOP, tuple(resp[0, 2:4].tolist()), tuple(resp[2, 2:5].tolist()), tuple(resp[10, 2:4].tolist()))
+    r = np_(make_sampler(graphdef, SAMPLED, group_size=3, stop_ids=stops, pad_id=PAD)(
+        state, PROMPTS_NP, LENGTHS_N, jax.random.key(1)))  # fmt: skip
+    cuts = [_first_stop_reference(row.tolist(), stops) for row in resp]
+    n_b = np.array([c for c, _ in cuts])
+    assert {sl for _, sl in cuts} >= {0, 2, 3}, f"want rows stopped by 2- and 3-token stops and a free row: {cuts}"
+    mask_bt = np.arange(T)[None] < n_b[:, None]
+    np.testing.assert_array_equal(r.response_mask, mask_bt)
+    np.testing.assert_array_equal(r.tokens[:, p:], np.where(mask_bt, resp, PAD))
+    np.testing.assert_array_equal(r.tokens[:, :p], ref.tokens[:, :p])
+    np.testing.assert_array_equal(r.valid[:, p:], mask_bt)
+    np.testing.assert_array_equal(r.lengths, n_b)
+    np.testing.assert_array_equal(r.stop_len, [sl for _, sl in cuts])
+    np.testing.assert_array_equal(r.truncated, [sl == 0 for _, sl in cuts])
+    np.testing.assert_allclose(r.behaviour_logp, np.where(mask_bt, ref.behaviour_logp, 0.0), atol=1e-6)
+    np.testing.assert_allclose(r.entropy, np.where(mask_bt, ref.entropy, 0.0), atol=1e-6)
+
+
+def test_multi_token_stop_chain_and_decode():
+    graphdef, state = nnx.split(chain_model(32, 32, {}))  # next token is always a + 1
+    cfg = SamplingConfig(greedy=True, max_new_tokens=6)
+    # (6, 7) stops row 0; (13, 15) never completes; (14, 15, 16) overlaps the single stop 16 (longest wins).
+    sampler = make_sampler(graphdef, cfg, group_size=1, stop_ids=((6, 7), (13, 15), 16, (14, 15, 16)), pad_id=PAD)
+    prompts = np.array([[PAD, 4], [PAD, 12], [PAD, 20], [PAD, 5]], np.int32)
+    r = np_(sampler(state, prompts, np.array([1, 1, 1, 1]), jax.random.key(0)))
+    np.testing.assert_array_equal(r.tokens[:, 2:], [[5, 6, 7, 0, 0, 0], [13, 14, 15, 16, 0, 0],
+                                                    [21, 22, 23, 24, 25, 26], [6, 7, 0, 0, 0, 0]])  # fmt: skip
+    np.testing.assert_array_equal(r.lengths, [3, 4, 6, 2])
+    np.testing.assert_array_equal(r.stop_len, [2, 3, 0, 2])
+    np.testing.assert_array_equal(r.truncated, [False, False, True, False])
+
+    class Ids:
+        decode = staticmethod(lambda ids: ",".join(map(str, ids)))
+
+    assert decode_responses(Ids, r) == ["5", "13", "21,22,23,24,25,26", ""]  # the whole stop sequence is left out
+
+
+def test_stop_sequence_validation():
+    with pytest.raises(ValueError, match="empty stop sequence"):
+        make_sampler(nnx.graphdef(chain_model(32, 32, {})), SamplingConfig(), group_size=1, stop_ids=((),), pad_id=0)

@@ -15,6 +15,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
+SUPPORTED_ACTIVATIONS = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
 
 
 class ModelConfigError(ValueError):
@@ -120,6 +121,11 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json", **overrides: 
         raise ModelConfigError(f"{where}: mlp_bias=true is not supported")
     if hf.get("use_sliding_window"):
         raise ModelConfigError(f"{where}: use_sliding_window=true is not supported")
+    act = hf.get("hidden_act", "silu")  # the default of all three transformers configs
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ModelConfigError(
+            f"{where}: hidden_act={act!r} is not supported (the MLP is SwiGLU: hidden_act must be 'silu')"
+        )
     heads = int(hf["num_attention_heads"])
     fields = dict(
         model_type=model_type,

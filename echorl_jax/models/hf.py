@@ -318,14 +318,47 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def export_model(model: Transformer, out_dir: str, tokenizer: Any = None, dtype: str | None = None) -> None:
-    """Writes ``config.json`` + ``model.safetensors`` (+ tokenizer files) that transformers loads.
+def special_token_ids(tokenizer: Any, stop_ids: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json ids, generation_config.json fields) for an export.
+
+    config.json gets the tokenizer's bos/eos/pad ids; generation_config.json's ``eos_token_id`` is every
+    single-token stop (``stop_ids``, default the tokenizer's eos). Multi-token stop sequences have no
+    ``eos_token_id`` form and are left out (a ``stop_strings`` entry would make ``generate`` demand a
+    tokenizer argument).
+    """
+    ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    singles = [s if isinstance(s, (int, np.integer)) else s[0] for s in stop_ids or () if np.size(s) == 1]
+    eos = list(dict.fromkeys(int(s) for s in singles))
+    if not eos and ids["eos_token_id"] is not None:
+        eos = [int(ids["eos_token_id"])]
+    if ids["eos_token_id"] is None and eos:
+        ids["eos_token_id"] = eos[0]
+    config = {k: int(v) for k, v in ids.items() if v is not None}
+    generation = dict(config, eos_token_id=eos[0] if len(eos) == 1 else eos) if eos else {}
+    return config, generation
+
+
+def export_model(
+    model: Transformer,
+    out_dir: str,
+    tokenizer: Any = None,
+    dtype: str | None = None,
+    stop_ids: Any = None,
+    generation: dict[str, Any] | None = None,
+) -> None:
+    """Writes ``config.json`` + ``model.safetensors`` (+ tokenizer files, ``generation_config.json``).
 
     ``dtype`` (float32 | bfloat16 | float16) defaults to the model's ``param_dtype``. Parameters are
     gathered to the host one at a time; in multi-host runs every process must call this and only
-    process 0 writes. Note: transformers 5 loads any ``model_type: qwen2`` directory's tokenizer as
-    ``Qwen2Tokenizer`` whatever tokenizer_config.json says; reload a non-Qwen tokenizer from such a
-    directory with ``PreTrainedTokenizerFast.from_pretrained``.
+    process 0 writes. ``stop_ids`` (ids and/or id sequences, as the sampler takes) become
+    ``generation_config.json``'s ``eos_token_id`` (see ``special_token_ids``), so ``generate()`` stops
+    where the run stopped; ``generation`` adds fields to that file (e.g. ``temperature``).
+
+    The tokenizer is saved as it is (its ``tokenizer.json`` encodes exactly as it did). Note:
+    transformers 5's ``AutoTokenizer`` still loads any ``model_type: qwen2`` directory's tokenizer as
+    ``Qwen2Tokenizer``, whatever tokenizer_config.json says, re-splitting digits; echorl loads the
+    file itself (``models.tokenizer.load_hf_tokenizer``), and so should other readers of a non-Qwen
+    tokenizer in such a directory (``PreTrainedTokenizerFast.from_pretrained``).
     """
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
@@ -350,9 +383,14 @@ def export_model(model: Transformer, out_dir: str, tokenizer: Any = None, dtype:
         for _ in tensors():  # take part in the gathers, write nothing
             pass
         return
+    token_ids, gen = special_token_ids(tokenizer, stop_ids)
+    gen.update(generation or {})
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(to_hf_config(cfg, dtype=dtype, torch_dtype=dtype), f, indent=2)
+        json.dump(to_hf_config(cfg, dtype=dtype, torch_dtype=dtype, **token_ids), f, indent=2)
     _write_safetensors(os.path.join(out_dir, SAFETENSORS), entries, tensors())
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    if gen:
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)

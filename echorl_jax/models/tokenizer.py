@@ -1,0 +1,133 @@
+"""A checkpoint directory's own tokenizer, and the token ids that end a response.
+
+``load_hf_tokenizer(path)`` returns the tokenizer the directory holds, exactly:
+with a ``tokenizer.json`` it is that file's tokenizer (``PreTrainedTokenizerFast``,
+special tokens and chat template from ``tokenizer_config.json``). ``AutoTokenizer``
+is not used for it because transformers 5 maps some model types to a class that
+rebuilds the pipeline: a ``model_type: qwen2`` directory becomes
+``Qwen2Tokenizer``, whose own digit-splitting pre-tokenizer replaces the file's
+(``" 123"`` -> ``Ġ,1,2,3`` instead of the file's ``Ġ123``).
+
+``default_stops(...)`` lists what stops generation by default, with the reason
+for each id: the tokenizer's eos, every ``eos_token_id`` of the model
+directory's ``generation_config.json``, and the chat template's end-of-turn
+token when prompts use the template (``end_of_turn_token`` gives the rule).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from echorl_jax.models.config import ModelConfigError
+
+# Files that hold a vocabulary (tokenizer_config.json alone does not).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
+GENERATION_CONFIG = "generation_config.json"
+_PROBE = "Echo42probe"  # message content for rendering the chat template
+
+
+def load_hf_tokenizer(path: str, key: str = "data.tokenizer"):
+    """The tokenizer a local directory holds; ``key`` names the config key that gave ``path`` in errors."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path!r} ({key}) does not exist")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in VOCAB_FILES):
+        raise FileNotFoundError(
+            f"{key}={path!r} holds no tokenizer (none of {', '.join(VOCAB_FILES)}): the tokenizer is missing from "
+            "that directory. Set data.tokenizer to the directory of the tokenizer this model was trained with "
+            "(e.g. --config.data.tokenizer=/path/to/base-model), or copy its tokenizer files there."
+        )
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    else:  # sentencepiece / vocab files only: the class named in tokenizer_config.json converts them
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if len(tok) <= len(set(tok.all_special_ids)):
+        raise FileNotFoundError(f"{key}={path!r}: the tokenizer loads with no vocabulary besides special tokens")
+    return tok
+
+
+def generation_eos_ids(path: str) -> tuple[int, ...]:
+    """``eos_token_id`` (an int or a list) of ``path/generation_config.json``; () without one."""
+    file = os.path.join(path, GENERATION_CONFIG)
+    if not path or not os.path.isfile(file):
+        return ()
+    try:
+        with open(file) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelConfigError(f"{file}: not a readable JSON object ({e})") from None
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+        raise ModelConfigError(f"{file}: eos_token_id={eos!r} must be a token id or a list of token ids")
+    return tuple(eos)
+
+
+def _added_tokens(tokenizer) -> list[str]:
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = [str(t) for t in decoder.values()] or list(getattr(tokenizer, "all_special_tokens", []))
+    return [t for t in texts if t.strip()]
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The added token that closes a turn in the tokenizer's chat template (None if there is none).
+
+    Rule: render a user message and an assistant message whose content is a probe
+    word, with ``add_generation_prompt=False``; the end-of-turn token is the
+    longest added (special) token that the text right after the probe starts with,
+    whitespace skipped (ChatML ``<|im_end|>``, Llama 3 ``<|eot_id|>``, Gemma
+    ``<end_of_turn>``, Mistral ``</s>``). If the template will not render that
+    conversation, a lone user message is probed instead.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    candidates = sorted(_added_tokens(tokenizer), key=len, reverse=True)
+    for messages in ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}],
+                     [{"role": "user", "content": _PROBE}]):  # fmt: skip
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        except Exception:  # noqa: BLE001 -- templates raise anything (jinja errors, raise_exception)
+            continue
+        if not isinstance(text, str) or _PROBE not in text:
+            continue
+        rest = text[text.rindex(_PROBE) + len(_PROBE) :].lstrip()
+        found = next((c for c in candidates if rest.startswith(c)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def default_stops(tokenizer, model_dirs: tuple[str, ...] = (), chat: bool = False) -> dict[int, str]:
+    """Token id -> why it stops a response, in order: tokenizer eos, generation_config.json, chat end of turn."""
+    stops: dict[int, str] = {}
+    if tokenizer.eos_token_id is not None:
+        stops[int(tokenizer.eos_token_id)] = "tokenizer eos"
+    for path in model_dirs:
+        for i in generation_eos_ids(path):
+            stops.setdefault(i, f"{os.path.join(path, GENERATION_CONFIG)} eos_token_id")
+    if chat:
+        token = end_of_turn_token(tokenizer)
+        if token is not None:
+            stops.setdefault(int(tokenizer.convert_tokens_to_ids(token)), "chat template end of turn")
+    return stops
+
+
+def describe_ids(tokenizer, ids: Any) -> str:
+    """``"5 '<|im_end|>'"`` for an id, ``"(7, 8) '\\n\\n'"`` for an id sequence: ids with their texts."""
+    seq = [ids] if isinstance(ids, int) else list(ids)
+    text = tokenizer.decode(seq, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return f"{ids if isinstance(ids, int) else tuple(seq)} {text!r}"
+
+
+def describe_stops(tokenizer, stops, delimiter_ids) -> list[str]:
+    """Start-up log lines: every stop with its text, and the step delimiters (count + a few texts)."""
+    shown = ", ".join(repr(tokenizer.decode([int(i)])) for i in delimiter_ids[:6])
+    more = ", ..." if len(delimiter_ids) > 6 else ""
+    return [
+        "stop ids: " + "; ".join(describe_ids(tokenizer, s) for s in stops),
+        f"step delimiters: {len(delimiter_ids)} tokens" + (f", e.g. {shown}{more}" if len(delimiter_ids) else ""),
+    ]
