@@ -352,6 +352,14 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"config key {key}={value!r} is invalid: {allowed}")
 
 
+NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "remat")  # model fields that may override config.json
+
+
+def architecture_fields() -> set[str]:
+    """ModelConfig fields that describe the architecture (read from config.json when model.path is set)."""
+    return {f.name for f in dataclasses.fields(ModelConfig)} - set(NUMERICS_FIELDS)
+
+
 def validate(cfg: Config, given: Mapping | None = None) -> None:
     """Section validators, then the combinations no single section can check."""
     given = given or {}
@@ -367,7 +375,7 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.model.path:
-        arch = {f.name for f in dataclasses.fields(ModelConfig)} - {"param_dtype", "compute_dtype", "remat"}
+        arch = architecture_fields()
         clash = sorted(arch & set(given.get("model", {})))
         if clash:
             _check(False, f"model.{clash[0]}", given["model"][clash[0]], f"the architecture comes from model.path={cfg.model.path!r} (its config.json); only param_dtype, compute_dtype and remat may be overridden")

@@ -22,6 +22,10 @@ def parse_args(argv: list[str]):
     args, rest = parser.parse_known_args(argv)
     values = config_lib.load_config_file(args.config) if args.config else default_values()
     overrides = config_lib.parse_overrides(rest)
+    if not args.config and overrides.get("model", {}).get("path"):
+        # The built-in default with your own model: its architecture comes from model.path/config.json.
+        arch = config_lib.architecture_fields()
+        values = dict(values, model={k: v for k, v in values.get("model", {}).items() if k not in arch})
     given = config_lib.merge_given(values, overrides)
     if args.config and "workdir" not in given.get("train", {}):
         # One run per workdir: a config file's runs do not land in (and resume) the default's.

@@ -177,10 +177,18 @@ def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
     return model
 
 
-def stop_ids(cfg: config_lib.Config, tokenizer) -> tuple[int | tuple[int, ...], ...]:
-    """Default stops (models.tokenizer.default_stops), then ``rl.stop_strings`` as an id or id sequence each."""
+def uses_chat_template(cfg: config_lib.Config, records: list[dict]) -> bool:
+    """Whether prompts are rendered with the chat template: always for "chat", for message prompts with "auto"."""
+    t = cfg.data.template
+    return t == "chat" or (t == "auto" and any(not isinstance(r["prompt"], str) for r in records))
+
+
+def stop_ids(cfg: config_lib.Config, tokenizer, chat: bool | None = None) -> tuple[int | tuple[int, ...], ...]:
+    """Default stops (models.tokenizer.default_stops), then ``rl.stop_strings`` as an id or id sequence each.
+    ``chat``: prompts use the chat template, so its end-of-turn token stops too (default: data.template == "chat")."""
     dirs = tuple(dict.fromkeys(d for d in (cfg.model.path, cfg.data.tokenizer) if d))
-    ids: list = list(default_stops(tokenizer, dirs, chat=cfg.data.template == "chat"))
+    chat = cfg.data.template == "chat" if chat is None else chat
+    ids: list = list(default_stops(tokenizer, dirs, chat=chat))
     for text in cfg.rl.stop_strings:
         enc = tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) and text else []
         if not enc:
@@ -279,7 +287,7 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
     ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 else None
 
-    stops = stop_ids(cfg, tokenizer)
+    stops = stop_ids(cfg, tokenizer, chat=uses_chat_template(cfg, train_records + eval_records))
     common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
     sample = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size, **common)
     pipe_kw = dict(max_prompt_len=cfg.data.max_prompt_len, template=cfg.data.template, add_bos=cfg.data.add_bos,
