@@ -136,6 +136,7 @@ class TrainConfig:
     resume: bool = True  # continue the run saved in workdir (its config must match); false = move it aside, start afresh
     export_hf: bool = True  # write the final policy as a HF directory
     progress: bool = True  # progress bar
+    collapse_guard: str = "warn"  # off | warn | stop: on collapsing accuracy, exploding entropy, never-ending responses (guard.py)
     echo_grad_norm_every: int = 0  # log the echo term's gradient norm every N steps (one extra backward); 0 = off
 
 
@@ -397,6 +398,8 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(opt.schedule in ("constant", "cosine"), "optim.schedule", opt.schedule, "allowed: constant, cosine")
     _check(opt.max_grad_norm >= 0, "optim.max_grad_norm", opt.max_grad_norm, "must be >= 0 (0 disables)")
     _check(train.steps >= 0, "train.steps", train.steps, "must be >= 0")
+    _check(train.collapse_guard in ("off", "warn", "stop"), "train.collapse_guard", train.collapse_guard,
+           "allowed: off, warn, stop")
     _check(train.log_every >= 1, "train.log_every", train.log_every, "must be >= 1")
     _check(train.eval_samples >= 1, "train.eval_samples", train.eval_samples, "must be >= 1")
     _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")

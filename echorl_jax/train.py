@@ -22,6 +22,7 @@ from echorl_jax import checkpoint as ckpt_lib
 from echorl_jax import config as config_lib
 from echorl_jax import evaluation, rollout as rollout_lib, run_state, sharding, update
 from echorl_jax.data_formats import DataError
+from echorl_jax.guard import Guard
 from echorl_jax.metrics_log import MetricsLog, to_python
 from echorl_jax.setup import Setup, build_setup
 from echorl_jax.update import TrainState, UpdateBatch
@@ -159,10 +160,12 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     if cfg.echo.enabled and tc.echo_grad_norm_every > 0:
         echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature, _num_chunks(rl))
     preempt = _Preemption()
+    guard = Guard(tc.collapse_guard, s.log)
     base_key = jax.random.key(tc.seed)
     last_eval: dict[str, float] = {}
     if start == 0:
         last_eval = log.write(0, run_eval(s, state.params, 0), kind="eval")
+        guard.update(last_eval, "eval")
     bar = s.progress(start, tc.steps)
     step = saved = start
     save = lambda: checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg)})
@@ -207,16 +210,19 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
                 s.log(_log_line(step, row, last_eval))
         else:
             row = to_python(metrics)
+        collapsed = guard.update(row)
         if tc.eval_every > 0 and step % tc.eval_every == 0 and step != tc.steps:
             last_eval = log.write(step, run_eval(s, state.params, step), kind="eval")
+            collapsed |= guard.update(last_eval, "eval")
         bar.update(row, last_eval)
-        if preempt.requested or (tc.save_every > 0 and step % tc.save_every == 0):
+        if preempt.requested or collapsed or (tc.save_every > 0 and step % tc.save_every == 0):
             save()
             saved = step
-        if preempt.requested:
-            s.log(f"SIGTERM: saved step {step}, exiting")
+        if preempt.requested or collapsed:
+            s.log(f"{'SIGTERM' if preempt.requested else 'collapse guard'}: saved step {step}, exiting")
             break
-    if not preempt.requested:
+    stopped = preempt.requested or (bool(guard.fired) and tc.collapse_guard == "stop")
+    if not stopped:
         # Also after a resume at the last step (a run preempted there never evaluated it).
         if not log.has(tc.steps, "eval"):
             last_eval = log.write(tc.steps, run_eval(s, state.params, tc.steps), kind="eval")
@@ -229,6 +235,6 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     preempt.restore()
     log.close()
     s.state = state
-    if tc.export_hf and not preempt.requested:  # every host joins the gather; process 0 writes
+    if tc.export_hf and not stopped:  # every host joins the gather; process 0 writes
         s.export(os.path.join(tc.workdir, "hf_export"))
     return {"step": step, "eval": last_eval, "workdir": tc.workdir, "setup": s}
