@@ -5,7 +5,7 @@ are zero and the policy gradient vanishes. EchoRL picks, per eligible group,
 the highest-entropy reasoning step among the successful rollouts and adds an
 NLL ("echo") loss on the prefix of that rollout ending at that step.
 
-Rules (fixed shapes, no Python loops over the batch; DESIGN.md §5):
+Rules (fixed shapes, no Python loops over the batch; docs/objectives.md):
 
 * Steps. A step ends with, and includes, a delimiter token (any id in
   ``delimiter_ids``; negative ids are padding and never match). The last step

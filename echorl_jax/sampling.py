@@ -90,7 +90,7 @@ class SamplingConfig:
 
 
 class Rollout(NamedTuple):
-    """One sampled batch (DESIGN.md §3); rows group-major, ``b = n·G + g``."""
+    """One sampled batch (the rollout batch of docs/training.md); rows group-major, ``b = n·G + g``."""
 
     tokens: jax.Array  # [B, P+T] int32: left-padded prompt + response, pad_id after the stop
     valid: jax.Array  # [B, P+T] bool: real prompt tokens + response tokens through the first stop

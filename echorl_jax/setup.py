@@ -271,7 +271,27 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_records = load_train_records(cfg)
     eval_records = load_eval_records(cfg)
-    verifier = default_verifier(cfg)  # before the model: a bad reward hook fails fast
+    # Everything that can fail on the user's data, template, reward or tokenizer, before any weights load.
+    verifier = default_verifier(cfg)
+    stops = stop_ids(cfg, tokenizer, chat=uses_chat_template(cfg, train_records + eval_records))
+    delimiter_ids = np.asarray(echo_lib.discover_delimiters(tokenizer), np.int32)
+    if cfg.echo.enabled and delimiter_ids.size == 0:
+        raise config_lib.ConfigError("echo.enabled=True but the tokenizer has no token containing a newline")
+    for line in describe_stops(tokenizer, stops, delimiter_ids):
+        log(line)
+    pipe_kw = dict(max_prompt_len=cfg.data.max_prompt_len, template=cfg.data.template, add_bos=cfg.data.add_bos,
+                   pad_id=pad_id, on_overlong=cfg.data.on_overlong)  # fmt: skip
+    train_pipeline = _pipeline("train", cfg.data.train, train_records, tokenizer, log, batch_size=rl.prompts_per_step,
+                               mode="train", seed=cfg.data.seed, **pipe_kw)  # fmt: skip
+    eval_pipeline = eval_state = None
+    if not eval_records:
+        log("no held-out evaluation: set data.eval to an eval file (or files)")
+    else:
+        eval_batch = max(sharding.batch_divisor(mesh), min(rl.prompts_per_step, len(eval_records)))
+        eval_pipeline = _pipeline("eval", eval_source(cfg), eval_records, tokenizer, log, batch_size=eval_batch,
+                                  mode="eval", **pipe_kw)  # fmt: skip
+        eval_state = eval_pipeline.get_state()
+
     model = build_model(cfg, mesh, tokenizer)
     log(f"model: {model.cfg.model_type}, {sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} params, mesh {dict(mesh.shape)}")
     if cfg.sft.steps > 0:
@@ -287,29 +307,13 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
     ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 else None
 
-    stops = stop_ids(cfg, tokenizer, chat=uses_chat_template(cfg, train_records + eval_records))
     common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
     sample = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size, **common)
-    pipe_kw = dict(max_prompt_len=cfg.data.max_prompt_len, template=cfg.data.template, add_bos=cfg.data.add_bos,
-                   pad_id=pad_id, on_overlong=cfg.data.on_overlong)  # fmt: skip
-    train_pipeline = _pipeline("train", cfg.data.train, train_records, tokenizer, log, batch_size=rl.prompts_per_step,
-                               mode="train", seed=cfg.data.seed, **pipe_kw)  # fmt: skip
-    eval_pipeline = eval_sample = eval_state = None
-    if not eval_records:
-        log("no held-out evaluation: set data.eval to an eval file (or files)")
-    else:
-        eval_batch = max(sharding.batch_divisor(mesh), min(rl.prompts_per_step, len(eval_records)))
-        eval_pipeline = _pipeline("eval", eval_source(cfg), eval_records, tokenizer, log, batch_size=eval_batch,
-                                  mode="eval", **pipe_kw)  # fmt: skip
-        eval_state = eval_pipeline.get_state()
+    eval_sample = None
+    if eval_pipeline is not None:
         t = tc.eval_temperature
         eval_cfg = dataclasses.replace(cfg.sampling, temperature=t if t > 0 else 1.0, greedy=t <= 0)
         eval_sample = make_sampler(graphdef, eval_cfg, group_size=tc.eval_samples, **common)
-    delimiter_ids = np.asarray(echo_lib.discover_delimiters(tokenizer), np.int32)
-    if cfg.echo.enabled and delimiter_ids.size == 0:
-        raise config_lib.ConfigError("echo.enabled=True but the tokenizer has no token containing a newline")
-    for line in describe_stops(tokenizer, stops, delimiter_ids):
-        log(line)
     return Setup(
         cfg=cfg, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, state=state, optimizer=optimizer,
         total_updates=total_updates, train_temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,

@@ -103,3 +103,21 @@ def test_file_run_without_eval_says_so(tmp_path):
     n = int(batch.length_n[0])
     want = s.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert batch.tokens_np[0, -n:].tolist() == s.tokenizer(want, add_special_tokens=False)["input_ids"]
+
+
+def test_data_problems_surface_before_any_weights_load(tmp_path, monkeypatch):
+    """Prompt lengths, templates and rewards are checked before the (possibly 7B) model is built."""
+
+    def no_model(*_, **__):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(setup, "build_model", no_model)
+    from byo_fixture import make_bpe_tokenizer
+
+    make_bpe_tokenizer().save_pretrained(tmp_path / "tok")
+    long_prompts = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x " * 50, "answer": "1"}] * 4)
+    cfg = config_lib.build_config(config_lib.load_config_file(TINY), {
+        "train": {"workdir": str(tmp_path / "run")}, "sft": {"steps": 0},
+        "data": {"train": long_prompts, "tokenizer": str(tmp_path / "tok")}})  # fmt: skip
+    with pytest.raises(DataError, match="longest"):
+        setup.build_setup(cfg, log=lambda _: None)
