@@ -60,6 +60,9 @@ def summarize(correct_by_record: dict[int, np.ndarray], records: Sequence[dict],
     for suffix, rows in sorted(groups.items()):
         c = np.stack(rows)
         out[f"avg@{k}{suffix}"] = float(c.mean())
+        # Standard error of avg@k over prompts (each prompt's k samples averaged first): its noise.
+        per_prompt = c.mean(axis=1)
+        out[f"stderr/avg@{k}{suffix}"] = float(per_prompt.std(ddof=1) / np.sqrt(len(rows))) if len(rows) > 1 else 0.0
         out[f"pass@{k}{suffix}"] = float(c.any(axis=1).mean())
         out[f"count{suffix}"] = float(len(rows))
     return out

@@ -65,6 +65,8 @@ def summary_rows(rows: list[dict]) -> list[tuple[str, str, str]]:
         first, last = evals[0], evals[-1]
         for k in sorted(k for k in last if k.startswith(("avg@", "pass@"))):
             out.append((f"held-out {k}", _fmt(first.get(k)), _fmt(last.get(k))))
+        for k in sorted(k for k in last if k.startswith("stderr/avg@") and "/" not in k[len("stderr/"):]):
+            out.append((f"held-out {k[len('stderr/'):]} standard error", _fmt(first.get(k)), _fmt(last.get(k))))
     if train:
         for k in ("reward/mean", "accuracy", "echo/frac_all_success", "echo/frac_mixed", "echo/frac_all_fail",
                   "echo/num_clips", "echo/mean_clip_len", "echo/only_signal_frac", "entropy/mean", "time/step"):  # fmt: skip
