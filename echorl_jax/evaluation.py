@@ -30,6 +30,24 @@ def evaluate(
     Keys: ``avg@k``, ``pass@k`` overall, and the same suffixed ``/source=NAME`` and
     ``/level=D`` (records with a ``difficulty`` field). Padding rows are skipped.
     """
+    correct = grade(sample_fn, params, pipeline, records, verifier, tokenizer, k=k, rng=rng)
+    return summarize(correct, records, k)
+
+
+def grade(
+    sample_fn: Callable,
+    params,
+    pipeline: PromptPipeline,
+    records: Sequence[dict],
+    verifier: Verifier,
+    tokenizer,
+    *,
+    k: int,
+    rng: jax.Array,
+    responses: dict[int, list[str]] | None = None,
+) -> dict[int, np.ndarray]:
+    """The verdicts ``evaluate`` summarizes: record index -> bool ``[k]`` (one per sampled response).
+    ``responses``, if given, is filled with record index -> the ``k`` response texts."""
     correct_by_record: dict[int, np.ndarray] = {}
     for i, batch in enumerate(pipeline):
         rollout = sample_fn(params, batch.tokens_np, batch.length_n, jax.random.fold_in(rng, i))
@@ -45,7 +63,9 @@ def evaluate(
         for row, (idx, valid) in enumerate(zip(batch.record_index, batch.valid_n)):
             if valid:
                 correct_by_record[int(idx)] = correct_nk[row]
-    return summarize(correct_by_record, records, k)
+                if responses is not None:
+                    responses[int(idx)] = texts[row * k : (row + 1) * k]
+    return correct_by_record
 
 
 def summarize(correct_by_record: dict[int, np.ndarray], records: Sequence[dict], k: int) -> dict[str, float]:

@@ -52,9 +52,10 @@ def resolved_config_dict(cfg) -> dict:
     values = config_lib.to_dict(cfg)
     if cfg.model.path:
         from echorl_jax.models.config import load_hf_config
+        from echorl_jax.models.hub import resolve_model_dir
 
         m = cfg.model
-        arch = load_hf_config(m.path, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        arch = load_hf_config(resolve_model_dir(m.path), param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
         values["model"].update(dataclasses.asdict(arch))
     return values
 

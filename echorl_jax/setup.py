@@ -16,6 +16,7 @@ from echorl_jax import sharding, update
 from echorl_jax.data import DataError, PromptPipeline, load_records
 from echorl_jax.data_formats import require_text_field
 from echorl_jax.models.config import ModelConfig
+from echorl_jax.models.hub import resolve_model_dir
 from echorl_jax.models.tokenizer import default_stops, describe_stops, load_hf_tokenizer
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import build_router
@@ -104,7 +105,8 @@ def _log(msg: str) -> None:
 def load_tokenizer(cfg: config_lib.Config):
     path = cfg.data.tokenizer or cfg.model.path
     if path:  # exactly the tokenizer the directory holds (models/tokenizer.py says why not AutoTokenizer)
-        return load_hf_tokenizer(path, key="data.tokenizer" if cfg.data.tokenizer else "model.path")
+        key = "data.tokenizer" if cfg.data.tokenizer else "model.path"
+        return load_hf_tokenizer(resolve_model_dir(path, key), key=key)
     if config_lib.is_task(cfg.data.train):
         return build_char_tokenizer(os.path.join(cfg.train.workdir, "tokenizer"))
     raise config_lib.ConfigError("data.tokenizer is empty and model.path is empty: no tokenizer for a file dataset")
@@ -161,7 +163,7 @@ def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
     if m.path:
         from echorl_jax.models import hf
 
-        model = hf.load_model(m.path, mesh, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        model = hf.load_model(resolve_model_dir(m.path), mesh, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
     else:
         model = sharding.shard_model(Transformer(model_config(cfg), rngs=nnx.Rngs(m.seed)), mesh)
     span = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
@@ -186,7 +188,8 @@ def uses_chat_template(cfg: config_lib.Config, records: list[dict]) -> bool:
 def stop_ids(cfg: config_lib.Config, tokenizer, chat: bool | None = None) -> tuple[int | tuple[int, ...], ...]:
     """Default stops (models.tokenizer.default_stops), then ``rl.stop_strings`` as an id or id sequence each.
     ``chat``: prompts use the chat template, so its end-of-turn token stops too (default: data.template == "chat")."""
-    dirs = tuple(dict.fromkeys(d for d in (cfg.model.path, cfg.data.tokenizer) if d))
+    dirs = (resolve_model_dir(cfg.model.path), resolve_model_dir(cfg.data.tokenizer, "data.tokenizer"))
+    dirs = tuple(dict.fromkeys(d for d in dirs if d))
     chat = cfg.data.template == "chat" if chat is None else chat
     ids: list = list(default_stops(tokenizer, dirs, chat=chat))
     for text in cfg.rl.stop_strings:

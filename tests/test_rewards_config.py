@@ -33,7 +33,7 @@ def rows_of(*sources):
 @pytest.mark.parametrize(
     "reward,match",
     [
-        (dict(name="nope"), r"reward.name='nope'.*known verifiers: auto, arith, custom, math"),
+        (dict(name="nope"), r"reward.name='nope'.*known verifiers: auto, arith, choice, custom, math"),
         (dict(by_source=("gsm8k=nope",)), r"gsm8k=nope.*unknown verifier 'nope'"),
         (dict(by_source=("gsm8k",)), r"by_source entry 'gsm8k'.*SOURCE=VERIFIER"),
         (dict(name="custom"), r"reward.custom is empty"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from echorl_jax.rewards.base import RewardResult, Verifier
+from echorl_jax.rewards.choice import ChoiceVerifier
 from echorl_jax.rewards.custom import CustomReward, RewardRow
 from echorl_jax.rewards.math import MathVerifier
 from echorl_jax.rewards.router import RewardConfig, RewardRouter, build_router, call_verifier, rows_for_batch
@@ -25,6 +26,7 @@ def _arith(**kwargs) -> Verifier:
 VERIFIERS: dict[str, Callable[..., Verifier]] = {
     "math": MathVerifier,
     "arith": _arith,
+    "choice": ChoiceVerifier,
 }
 
 

@@ -4,7 +4,8 @@ Which verifier grades a row (verl's convention: the record's ``data_source``):
   1. the first ``reward.by_source`` entry ``"PATTERN=VERIFIER"`` whose pattern
      matches the row's data_source (``fnmatch``: ``"gsm8k"``, ``"numina_*"``);
   2. else ``reward.name``; ``"auto"`` = ``arith`` for the built-in task's rows
-     (data_source ``"arith"``), ``math`` for everything else.
+     (data_source ``"arith"``), ``choice`` for data_prep's multiple-choice sets
+     (``choice.CHOICE_SOURCES``), ``math`` for everything else.
 A verifier is a registered name (``rewards.VERIFIERS``) or ``"custom"``, the
 user's function in ``reward.custom`` (see ``rewards/custom.py``).
 
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from echorl_jax.rewards.base import RewardResult
+from echorl_jax.rewards.choice import CHOICE_SOURCES
 from echorl_jax.rewards.custom import CustomReward, RewardRow, is_file_spec, split_spec
 
 AUTO, CUSTOM = "auto", "custom"
@@ -58,7 +60,7 @@ class RewardConfig:
     def used_verifiers(self) -> set[str]:
         names = {self.name} | {name for _, name in self.routes()}
         if AUTO in names:
-            names = (names - {AUTO}) | {"arith", "math"}
+            names = (names - {AUTO}) | {"arith", "math", "choice"}
         return names
 
     def validate(self) -> None:
@@ -121,7 +123,9 @@ class RewardRouter:
             if fnmatchcase(data_source, pattern):
                 return name
         if self.default == AUTO:
-            return "arith" if data_source == ARITH_SOURCE else "math"
+            if data_source == ARITH_SOURCE:
+                return "arith"
+            return "choice" if data_source in CHOICE_SOURCES else "math"
         return self.default
 
     def get(self, name: str):
