@@ -18,7 +18,7 @@ import typing
 from typing import Any, Mapping
 
 from echorl_jax.echo import EchoConfig
-from echorl_jax.models.config import ModelConfig
+from echorl_jax.models.config import NUMERICS, ModelConfig
 from echorl_jax.objectives import ObjectiveConfig
 from echorl_jax.rewards.router import RewardConfig
 from echorl_jax.sampling import SamplingConfig
@@ -350,9 +350,9 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.model.path:
-        arch = {f.name for f in dataclasses.fields(ModelConfig)} - {"param_dtype", "compute_dtype", "remat"}
+        arch = {f.name for f in dataclasses.fields(ModelConfig)} - set(NUMERICS)
         clash = sorted(arch & set(given.get("model", {})))
-        _check(not clash, f"model.{clash[0] if clash else ''}", "set", "the architecture comes from model.path/config.json; only param_dtype, compute_dtype and remat may be overridden")
+        _check(not clash, f"model.{clash[0] if clash else ''}", "set", f"the architecture comes from model.path/config.json; only {', '.join(NUMERICS)} may be overridden")
     rl, opt, train = cfg.rl, cfg.optim, cfg.train
     for key in ("prompts_per_step", "group_size", "epochs", "minibatches", "micro_batches"):
         _check(getattr(rl, key) >= 1, f"rl.{key}", getattr(rl, key), "must be >= 1")

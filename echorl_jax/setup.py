@@ -15,7 +15,7 @@ from echorl_jax import echo as echo_lib
 from echorl_jax import sharding, update
 from echorl_jax.data import DataError, PromptPipeline, load_records
 from echorl_jax.data_formats import require_text_field
-from echorl_jax.models.config import ModelConfig
+from echorl_jax.models.config import ModelConfig, numerics
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import build_router
 from echorl_jax.rewards.custom import RewardSetupError
@@ -163,7 +163,7 @@ def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
     if m.path:
         from echorl_jax.models import hf
 
-        model = hf.load_model(m.path, mesh, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        model = hf.load_model(m.path, mesh, **numerics(m))
     else:
         model = sharding.shard_model(Transformer(model_config(cfg), rngs=nnx.Rngs(m.seed)), mesh)
     span = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens

@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 
 from echorl_jax import sharding, update
 from echorl_jax.data import tokenize_prompts
+from echorl_jax.models.config import numerics
 
 CACHE_VERSION = 1  # bump when the training recipe changes, to invalidate old caches
 LOG_EVERY = 10
@@ -222,8 +223,7 @@ def _load_cached(path: str, model: nnx.Module, mesh) -> bool:
         return False
     cfg = model.cfg
     try:
-        loaded = hf.load_model(path, mesh, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                               remat=cfg.remat)  # fmt: skip
+        loaded = hf.load_model(path, mesh, **numerics(cfg))
     except (OSError, ValueError):  # unreadable or mismatched entry: retrain and overwrite it
         return False
     new = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
