@@ -271,11 +271,7 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     graphdef, params = nnx.split(model)
     total_updates = tc.steps * rl.epochs * rl.minibatches
     optimizer = update.make_optimizer(cfg.optim, total_updates)
-    # Moments follow their params' shardings; scalars (counts) created on one device are replicated.
-    opt_state = jax.tree.map(
-        lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, sharding.replicated(mesh)),
-        jax.jit(optimizer.init)(params),
-    )
+    opt_state = update.init_opt_state(optimizer, params, mesh)  # moments sharded like their params
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
     ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 else None
 

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from echorl_jax import echo as echo_lib
-from echorl_jax import objectives
+from echorl_jax import objectives, sharding
 from echorl_jax.models.logprobs import chunked_logp_entropy
 from echorl_jax.models.transformer import positions_from_valid
 
@@ -82,6 +82,22 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
         )
     )
     return in_float32(optax.chain(*chain))
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params, mesh):
+    """Shardings for ``optimizer.init(params)``: every params-shaped subtree (Adam's moments) on its params'
+    shardings, everything else (step counts) replicated. ``jax.jit(optimizer.init)`` alone leaves the moments,
+    zeros that depend on no input, on one device, and replicating them costs the full state per device."""
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    params_def = jax.tree.structure(param_sh)
+    is_params = lambda x: jax.tree.structure(x) == params_def  # noqa: E731
+    return jax.tree.map(lambda sub: param_sh if is_params(sub) else sharding.replicated(mesh),
+                        jax.eval_shape(optimizer.init, params), is_leaf=is_params)  # fmt: skip
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params, mesh):
+    """``optimizer.init(params)`` placed by ``opt_state_shardings`` (moments sharded like their params)."""
+    return jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
 
 
 def response_logp(graphdef, params, tokens_bs, valid_bs, num_response: int, temperature: float):
