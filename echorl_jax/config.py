@@ -18,7 +18,7 @@ import typing
 from typing import Any, Mapping
 
 from echorl_jax.echo import EchoConfig
-from echorl_jax.models.config import ModelConfig
+from echorl_jax.models.config import NUMERICS, ModelConfig
 from echorl_jax.objectives import ObjectiveConfig
 from echorl_jax.rewards.router import RewardConfig
 from echorl_jax.sampling import SamplingConfig
@@ -353,12 +353,9 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"config key {key}={value!r} is invalid: {allowed}")
 
 
-NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "remat")  # model fields that may override config.json
-
-
 def architecture_fields() -> set[str]:
     """ModelConfig fields that describe the architecture (read from config.json when model.path is set)."""
-    return {f.name for f in dataclasses.fields(ModelConfig)} - set(NUMERICS_FIELDS)
+    return {f.name for f in dataclasses.fields(ModelConfig)} - set(NUMERICS)
 
 
 def validate(cfg: Config, given: Mapping | None = None) -> None:
@@ -379,7 +376,7 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
         arch = architecture_fields()
         clash = sorted(arch & set(given.get("model", {})))
         if clash:
-            _check(False, f"model.{clash[0]}", given["model"][clash[0]], f"the architecture comes from model.path={cfg.model.path!r} (its config.json); only param_dtype, compute_dtype and remat may be overridden")
+            _check(False, f"model.{clash[0]}", given["model"][clash[0]], f"the architecture comes from model.path={cfg.model.path!r} (its config.json); only {', '.join(NUMERICS)} may be overridden")
     rl, opt, train = cfg.rl, cfg.optim, cfg.train
     for key in ("prompts_per_step", "group_size", "epochs", "minibatches", "micro_batches"):
         _check(getattr(rl, key) >= 1, f"rl.{key}", getattr(rl, key), "must be >= 1")

@@ -282,6 +282,11 @@ class Sampler:
             tokens_np, lengths_n, rng = put(tokens_np), put(lengths_n), put(rng)
         return self._jitted(state, tokens_np, lengths_n, rng)
 
+    def lower(self, state, prompt_tokens, prompt_lengths, rng):
+        """Ahead-of-time lowering for abstract inputs (``jax.ShapeDtypeStruct``s with shardings): the
+        memory planner compiles the sampler without parameters or prompts."""
+        return self._jitted.lower(state, prompt_tokens, prompt_lengths, rng)
+
     # -- traced -----------------------------------------------------------------------------
 
     def _constrain(self, x, spec):

@@ -15,7 +15,7 @@ from echorl_jax import echo as echo_lib
 from echorl_jax import sharding, update
 from echorl_jax.data import DataError, PromptPipeline, load_records
 from echorl_jax.data_formats import require_text_field
-from echorl_jax.models.config import ModelConfig
+from echorl_jax.models.config import ModelConfig, numerics
 from echorl_jax.models.hub import resolve_model_dir
 from echorl_jax.models.tokenizer import default_stops, describe_stops, load_hf_tokenizer
 from echorl_jax.models.transformer import Transformer
@@ -163,7 +163,7 @@ def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
     if m.path:
         from echorl_jax.models import hf
 
-        model = hf.load_model(resolve_model_dir(m.path), mesh, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        model = hf.load_model(resolve_model_dir(m.path), mesh, **numerics(m))
     else:
         model = sharding.shard_model(Transformer(model_config(cfg), rngs=nnx.Rngs(m.seed)), mesh)
     span = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
@@ -302,11 +302,7 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     graphdef, params = nnx.split(model)
     total_updates = tc.steps * rl.epochs * rl.minibatches
     optimizer = update.make_optimizer(cfg.optim, total_updates)
-    # Moments follow their params' shardings; scalars (counts) created on one device are replicated.
-    opt_state = jax.tree.map(
-        lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, sharding.replicated(mesh)),
-        jax.jit(optimizer.init)(params),
-    )
+    opt_state = update.init_opt_state(optimizer, params, mesh)  # moments sharded like their params
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
     ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 else None
 

@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from echorl_jax import sharding, update
 from echorl_jax.data import tokenize_prompts
+from echorl_jax.models.config import numerics
 
 CACHE_VERSION = 1  # bump when the training recipe changes, to invalidate old caches
 LOG_EVERY = 10
@@ -222,8 +222,7 @@ def _load_cached(path: str, model: nnx.Module, mesh) -> bool:
         return False
     cfg = model.cfg
     try:
-        loaded = hf.load_model(path, mesh, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                               remat=cfg.remat)  # fmt: skip
+        loaded = hf.load_model(path, mesh, **numerics(cfg))
     except (OSError, ValueError):  # unreadable or mismatched entry: retrain and overwrite it
         return False
     new = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
@@ -317,11 +316,8 @@ def warm_start(
     opt = optim_config(sft_cfg)
     optimizer = update.make_optimizer(opt, sft_cfg.steps)
     schedule = update.make_schedule(opt, sft_cfg.steps)
-    opt_state = jax.jit(optimizer.init)(params)
-    # Moments follow their params' shardings; scalars (step counts) come out on one device: replicate them.
-    on_mesh = lambda s: isinstance(s, NamedSharding) and s.mesh == mesh  # noqa: E731
-    opt_sh = jax.tree.map(lambda x: x.sharding if on_mesh(x.sharding) else sharding.replicated(mesh), opt_state)
-    opt_state = jax.device_put(opt_state, opt_sh)
+    opt_state = update.init_opt_state(optimizer, params, mesh)  # moments sharded like their params
+    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
 
     indices = _index_stream(np.random.default_rng(seed), len(records), sft_cfg.batch_size)
 

@@ -46,14 +46,18 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _jit_train_step(s: Setup, state: TrainState):
+def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, temperature: float, state_sh, mesh):
+    """The jitted train step with explicit shardings and donated state (plan.py compiles this same one)."""
     step_fn = update.make_train_step(
-        s.graphdef, s.optimizer, s.cfg.objective, s.cfg.echo,
-        micro_batches=s.cfg.rl.micro_batches, temperature=s.train_temperature,
+        graphdef, optimizer, cfg.objective, cfg.echo, micro_batches=cfg.rl.micro_batches, temperature=temperature,
     )  # fmt: skip
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(s.mesh, 2), UpdateBatch(*range(7)))
+    batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh, 2), UpdateBatch(*range(7)))
     return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+
+
+def _jit_train_step(s: Setup, state: TrainState):
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    return jit_train_step(s.cfg, s.graphdef, s.optimizer, s.train_temperature, state_sh, s.mesh)
 
 
 def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds) -> dict[str, Any]:

@@ -16,8 +16,9 @@ import optax
 from flax import nnx
 
 from echorl_jax import echo as echo_lib
-from echorl_jax import objectives
-from echorl_jax.models.transformer import logp_and_entropy, positions_from_valid
+from echorl_jax import objectives, sharding
+from echorl_jax.models.logprobs import chunked_logp_entropy
+from echorl_jax.models.transformer import positions_from_valid
 
 
 class TrainState(NamedTuple):
@@ -51,7 +52,23 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), main], [warm])
 
 
+def _float32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs ``inner`` on float32 views of the gradients and parameters, so its state (Adam's moments: optax
+    gives the second moment its params' dtype) is float32 even for bfloat16 parameters. A no-op for float32
+    parameters; for bfloat16 ones, ``optax.apply_updates`` rounds the float32 update into each parameter."""
+
+    def update(updates, state, params=None):
+        return inner.update(_float32(updates), state, None if params is None else _float32(params))
+
+    return optax.GradientTransformation(lambda params: inner.init(_float32(params)), update)
+
+
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (+ global-norm clipping) with float32 moments whatever the parameter dtype."""
     chain = []
     if opt_cfg.max_grad_norm > 0:
         chain.append(optax.clip_by_global_norm(opt_cfg.max_grad_norm))
@@ -64,7 +81,23 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
             weight_decay=opt_cfg.weight_decay,
         )
     )
-    return optax.chain(*chain)
+    return in_float32(optax.chain(*chain))
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params, mesh):
+    """Shardings for ``optimizer.init(params)``: every params-shaped subtree (Adam's moments) on its params'
+    shardings, everything else (step counts) replicated. ``jax.jit(optimizer.init)`` alone leaves the moments,
+    zeros that depend on no input, on one device, and replicating them costs the full state per device."""
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    params_def = jax.tree.structure(param_sh)
+    is_params = lambda x: jax.tree.structure(x) == params_def  # noqa: E731
+    return jax.tree.map(lambda sub: param_sh if is_params(sub) else sharding.replicated(mesh),
+                        jax.eval_shape(optimizer.init, params), is_leaf=is_params)  # fmt: skip
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params, mesh):
+    """``optimizer.init(params)`` placed by ``opt_state_shardings`` (moments sharded like their params)."""
+    return jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
 
 
 def response_logp(graphdef, params, tokens_bs, valid_bs, num_response: int, temperature: float):
@@ -73,9 +106,11 @@ def response_logp(graphdef, params, tokens_bs, valid_bs, num_response: int, temp
     positions = positions_from_valid(valid_bs)
     # Position s predicts token s+1: the response tokens are predicted by the T positions before them,
     # and only those go through the output layer.
+    # The output layer then runs model.cfg.logits_chunk positions at a time: no [B, T, V] logits.
     s = tokens_bs.shape[1]
-    logits_bt, _ = model(tokens_bs, positions, valid_bs, logits_slice=(s - num_response - 1, s - 1))
-    return logp_and_entropy(logits_bt, tokens_bs[:, s - num_response :], temperature)
+    hidden_bth, _ = model(tokens_bs, positions, valid_bs, logits_slice=(s - num_response - 1, s - 1), return_hidden=True)
+    targets_bt = tokens_bs[:, s - num_response :]
+    return chunked_logp_entropy(hidden_bth, model.output_head(), targets_bt, temperature, model.cfg.logits_chunk)
 
 
 def global_counts(batch: UpdateBatch) -> objectives.GlobalCounts:
@@ -94,6 +129,15 @@ def split_rows(x: jax.Array, num_chunks: int) -> jax.Array:
 def merge_rows(x_c: jax.Array) -> jax.Array:
     """Inverse of ``split_rows``."""
     return jnp.swapaxes(x_c, 0, 1).reshape(-1, *x_c.shape[2:])
+
+
+def zeros_float32(params):
+    """Gradient accumulators: float32 whatever the parameter dtype (bf16 sums lose small micro-batch terms)."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+
+
+def add_float32(acc, grads):
+    return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
 
 
 def make_forward_logp(graphdef, num_response: int, temperature: float, num_chunks: int):
@@ -124,10 +168,10 @@ def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: fl
         num_clips = global_counts(batch).num_clips
 
         def accumulate(grads, mb):
-            return jax.tree.map(jnp.add, grads, jax.grad(echo_term)(params, mb, num_clips)), None
+            return add_float32(grads, jax.grad(echo_term)(params, mb, num_clips)), None
 
         split = jax.tree.map(lambda x: split_rows(x, num_chunks), batch)
-        grads, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), split)
+        grads, _ = jax.lax.scan(accumulate, zeros_float32(params), split)
         return optax.global_norm(grads)
 
     return jax.jit(fn)
@@ -152,9 +196,9 @@ def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig,
         def accumulate(carry, mb):
             grads, loss, metrics = carry
             (l, m), g = grad_fn(state.params, mb, counts)
-            return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, metrics, m)), None
+            return (add_float32(grads, g), loss + l, jax.tree.map(jnp.add, metrics, m)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = zeros_float32(state.params)
         first = jax.tree.map(lambda x: x[0], split)
         metric_shape = jax.eval_shape(lambda: grad_fn(state.params, first, counts)[0][1])
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)

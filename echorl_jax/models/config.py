@@ -14,8 +14,18 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
-REMAT = ("none", "full", "dots")
+REMAT = ("none", "full", "dots", "attn", "dots_attn")  # see transformer.REMAT_POLICIES
 SUPPORTED_ACTIVATIONS = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
+
+
+# Numerics and memory options: not part of the architecture, so they may be set on top of a model.path
+# config.json (config.validate) and are passed through every reload of a checkpoint.
+NUMERICS = ("param_dtype", "compute_dtype", "remat", "logits_chunk")
+
+
+def numerics(cfg) -> dict[str, Any]:
+    """``{field: value}`` of the NUMERICS fields of a ModelConfig (or a section that extends it)."""
+    return {k: getattr(cfg, k) for k in NUMERICS}
 
 
 class ModelConfigError(ValueError):
@@ -47,7 +57,10 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots (save matmul outputs only)
+    remat: str = "none"  # none | full | dots | attn | dots_attn: what the backward keeps vs recomputes (transformer.REMAT_POLICIES)
+    # Training's output layer runs this many response positions at a time (models/logprobs.py): peak memory
+    # rows * logits_chunk * vocab * 4 bytes per live copy instead of rows * T * vocab * 4; 0 = all at once.
+    logits_chunk: int = 256
     init_std: float = 0.02
 
     @property
@@ -81,6 +94,8 @@ class ModelConfig:
                 bad(key, getattr(self, key), f"allowed: {DTYPES}")
         if self.remat not in REMAT:
             bad("remat", self.remat, f"allowed: {REMAT}")
+        if self.logits_chunk < 0:
+            bad("logits_chunk", self.logits_chunk, "must be >= 0 (0 = no chunking)")
         # Family flags must match what transformers builds for the model_type.
         if self.model_type == "qwen2" and not self.attention_bias:
             bad("attention_bias", self.attention_bias, "qwen2 models always have q/k/v bias")

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from echorl_jax.models.config import ModelConfig
 
@@ -94,6 +95,29 @@ def attention(q_bsnd, k_bgkd, v_bgkd, allowed_bsk):
     return out.reshape(b, s, n, d)
 
 
+# Remat policies (ModelConfig.remat). Names are checkpoint_name tags in the block: "qkv_proj" (q, k, v
+# projections), "attn_out" (attention output, the input of the o projection).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep every weight matmul's output
+    # keep the attention side (q/k/v and the attention output), recompute norms, o projection and the MLP:
+    # a fraction of `dots`' memory (no [b, s, mlp] tensors) that skips re-projecting q/k/v and the
+    # attention-weighted sum of values, whose cost grows with sequence length.
+    "attn": jax.checkpoint_policies.save_only_these_names("qkv_proj", "attn_out"),
+    # `dots` plus the attention output: only elementwise work and the attention's softmax are recomputed.
+    "dots_attn": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("attn_out"),
+    ),
+}
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={name!r} is invalid: allowed none, {', '.join(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
 class Transformer(nnx.Module):
     """``model(tokens_bs, positions_bs, valid_bs, cache) -> (logits_bsv float32, cache)``."""
 
@@ -134,9 +158,11 @@ class Transformer(nnx.Module):
         return {k: getattr(self, k)[...].astype(cdt) for k in self.LAYER_PARAMS if hasattr(self, k)}
 
     def __call__(self, tokens_bs, positions_bs, valid_bs, cache: KVCache | None = None,
-                 logits_slice: tuple[int, int] | None = None):  # fmt: skip
+                 logits_slice: tuple[int, int] | None = None, return_hidden: bool = False):  # fmt: skip
         """``logits_slice=(start, stop)`` computes the output layer on those positions only
-        (training needs the response positions; the prompt's vocab-sized logits are never built)."""
+        (training needs the response positions; the prompt's vocab-sized logits are never built).
+        ``return_hidden`` returns the final-normed hidden states ``[b, s, h]`` (compute dtype) instead
+        of logits: training applies ``output_head()`` chunk by chunk (models/logprobs.py)."""
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
         inv_freq = rope_inv_freq(cfg)
@@ -157,9 +183,9 @@ class Transformer(nnx.Module):
         def block(carry, p):
             x, kc, vc, layer = carry
             y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-            q = jnp.einsum("bsh,hnd->bsnd", y, p["wq"])
-            k = jnp.einsum("bsh,hgd->bsgd", y, p["wk"])
-            v = jnp.einsum("bsh,hgd->bsgd", y, p["wv"])
+            q = checkpoint_name(jnp.einsum("bsh,hnd->bsnd", y, p["wq"]), "qkv_proj")
+            k = checkpoint_name(jnp.einsum("bsh,hgd->bsgd", y, p["wk"]), "qkv_proj")
+            v = checkpoint_name(jnp.einsum("bsh,hgd->bsgd", y, p["wv"]), "qkv_proj")
             if cfg.attention_bias:
                 q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
             if cfg.qk_norm:
@@ -176,17 +202,15 @@ class Transformer(nnx.Module):
                 vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, 0, pos, 0))
                 k_all, v_all = kc[layer].astype(cdt), vc[layer].astype(cdt)
             attn = attention(q, k_all, v_all, allowed_bsk)
-            out = jnp.einsum("bsnd,ndh->bsh", attn, p["wo"])
+            out = jnp.einsum("bsnd,ndh->bsh", checkpoint_name(attn, "attn_out"), p["wo"])
             x = x + (out + p["bo"] if cfg.o_bias else out)
             y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
             mlp = jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"])
             x = x + mlp @ p["w_down"]
             return (x, kc, vc, layer + 1), None
 
-        if cfg.remat == "full":
-            block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-        elif cfg.remat == "dots":
-            block = jax.checkpoint(block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        if cfg.remat != "none":
+            block = jax.checkpoint(block, policy=remat_policy(cfg.remat))
 
         kc = None if cache is None else cache.k_lbgkd
         vc = None if cache is None else cache.v_lbgkd
@@ -194,10 +218,15 @@ class Transformer(nnx.Module):
         if logits_slice is not None:
             x = x[:, logits_slice[0] : logits_slice[1]]
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        head_hv = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bsh,hv->bsv", x, head_hv.astype(cdt), preferred_element_type=jnp.float32)
         new_cache = None if cache is None else KVCache(kc, vc, valid_bk, pos + s)
+        if return_hidden:
+            return x, new_cache
+        logits = jnp.einsum("bsh,hv->bsv", x, self.output_head().astype(cdt), preferred_element_type=jnp.float32)
         return logits, new_cache
+
+    def output_head(self) -> jax.Array:
+        """The output-layer weight ``[h, v]`` in the parameter dtype (the tied embedding, transposed)."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
 
 def positions_from_valid(valid_bs) -> jax.Array:
