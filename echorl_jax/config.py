@@ -350,9 +350,9 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.model.path:
-        arch = {f.name for f in dataclasses.fields(ModelConfig)} - {"param_dtype", "compute_dtype", "remat"}
+        arch = {f.name for f in dataclasses.fields(ModelConfig)} - {"param_dtype", "compute_dtype", "remat", "attention"}
         clash = sorted(arch & set(given.get("model", {})))
-        _check(not clash, f"model.{clash[0] if clash else ''}", "set", "the architecture comes from model.path/config.json; only param_dtype, compute_dtype and remat may be overridden")
+        _check(not clash, f"model.{clash[0] if clash else ''}", "set", "the architecture comes from model.path/config.json; only param_dtype, compute_dtype, remat and attention may be overridden")
     rl, opt, train = cfg.rl, cfg.optim, cfg.train
     for key in ("prompts_per_step", "group_size", "epochs", "minibatches", "micro_batches"):
         _check(getattr(rl, key) >= 1, f"rl.{key}", getattr(rl, key), "must be >= 1")

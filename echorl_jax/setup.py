@@ -163,7 +163,8 @@ def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
     if m.path:
         from echorl_jax.models import hf
 
-        model = hf.load_model(m.path, mesh, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        model = hf.load_model(m.path, mesh, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+                              attention=m.attention)  # fmt: skip
     else:
         model = sharding.shard_model(Transformer(model_config(cfg), rngs=nnx.Rngs(m.seed)), mesh)
     span = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens

@@ -223,7 +223,7 @@ def _load_cached(path: str, model: nnx.Module, mesh) -> bool:
     cfg = model.cfg
     try:
         loaded = hf.load_model(path, mesh, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                               remat=cfg.remat)  # fmt: skip
+                               remat=cfg.remat, attention=cfg.attention)  # fmt: skip
     except (OSError, ValueError):  # unreadable or mismatched entry: retrain and overwrite it
         return False
     new = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))

@@ -15,6 +15,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
+ATTENTION = ("auto", "xla", "xla_chunked", "cudnn", "splash")  # see models/attention.py
 
 
 class ModelConfigError(ValueError):
@@ -47,6 +48,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"  # none | full | dots (save matmul outputs only)
+    attention: str = "auto"  # auto | xla | xla_chunked | cudnn | splash (models/attention.py); not in config.json
     init_std: float = 0.02
 
     @property
@@ -80,6 +82,8 @@ class ModelConfig:
                 bad(key, getattr(self, key), f"allowed: {DTYPES}")
         if self.remat not in REMAT:
             bad("remat", self.remat, f"allowed: {REMAT}")
+        if self.attention not in ATTENTION:
+            bad("attention", self.attention, f"allowed: {ATTENTION}")
         # Family flags must match what transformers builds for the model_type.
         if self.model_type == "qwen2" and not self.attention_bias:
             bad("attention_bias", self.attention_bias, "qwen2 models always have q/k/v bias")
