@@ -74,6 +74,8 @@ def parse_args(argv=None):
     ap.add_argument("--remat", choices=("none", "full", "dots", "attn", "dots_attn"), default="none",
                     help="our activation checkpointing (models/transformer.REMAT_POLICIES)")
     ap.add_argument("--logits-chunk", type=int, default=256, help="our output layer's positions per chunk; 0 = all")
+    ap.add_argument("--attention", choices=("auto", "xla", "xla_chunked", "cudnn", "splash"), default="auto",
+                    help="our attention backend (model.attention; auto: cudnn on GPU+bf16, xla on CPU)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (CPU: the sides alternate between rounds)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side before timing")
@@ -153,7 +155,7 @@ class Ours:
         optimizer = update.make_optimizer(cfg.optim, total_steps=10_000)
         if path is not None:
             model = hf.load_model(path, mesh, param_dtype=dt, compute_dtype=dt, remat=args.remat,
-                                  logits_chunk=args.logits_chunk)
+                                  logits_chunk=args.logits_chunk, attention=args.attention)  # fmt: skip
             graphdef, params = nnx.split(model)
             opt_state = jax.jit(optimizer.init)(params)
             step0 = jax.device_put(np.int32(0), sharding.replicated(mesh))
@@ -162,7 +164,7 @@ class Ours:
                                intermediate_size=args.mlp, num_layers=args.layers, num_heads=args.heads,
                                num_kv_heads=args.kv_heads, tie_embeddings=bool(args.tied), param_dtype=dt,
                                compute_dtype=dt, remat=args.remat, max_position_embeddings=max(4096, args.seq),
-                               logits_chunk=args.logits_chunk)  # fmt: skip
+                               logits_chunk=args.logits_chunk, attention=args.attention)  # fmt: skip
             graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
             shardings = nnx.to_pure_dict(sharding.state_shardings(params, mesh))
             sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
@@ -328,7 +330,8 @@ def main(argv=None):
     if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) < (os.cpu_count() or 1):
         print(f"pinned to cores {sorted(os.sched_getaffinity(0))} (both sides)")
     print(f"model: qwen2 hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} mlp={args.mlp} "
-          f"vocab={args.vocab} tied={bool(args.tied)} dtype={args.dtype} remat={args.remat}; batch {b} x {s} tokens "
+          f"vocab={args.vocab} tied={bool(args.tied)} dtype={args.dtype} remat={args.remat} "
+          f"attention={args.attention}; batch {b} x {s} tokens "
           f"(prompt {s - t} + response {t}); loss: {cfg.objective.method} ppo-clip token-mean + "
           f"{cfg.echo.coef} x echo NLL; AdamW lr {cfg.optim.learning_rate}, clip-norm {cfg.optim.max_grad_norm}")  # fmt: skip
 

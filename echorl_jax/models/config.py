@@ -15,12 +15,13 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots", "attn", "dots_attn")  # see transformer.REMAT_POLICIES
+ATTENTION = ("auto", "xla", "xla_chunked", "cudnn", "splash")  # see models/attention.py
 SUPPORTED_ACTIVATIONS = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
 
 
 # Numerics and memory options: not part of the architecture, so they may be set on top of a model.path
 # config.json (config.validate) and are passed through every reload of a checkpoint.
-NUMERICS = ("param_dtype", "compute_dtype", "remat", "logits_chunk")
+NUMERICS = ("param_dtype", "compute_dtype", "remat", "logits_chunk", "attention")
 
 
 def numerics(cfg) -> dict[str, Any]:
@@ -61,6 +62,7 @@ class ModelConfig:
     # Training's output layer runs this many response positions at a time (models/logprobs.py): peak memory
     # rows * logits_chunk * vocab * 4 bytes per live copy instead of rows * T * vocab * 4; 0 = all at once.
     logits_chunk: int = 256
+    attention: str = "auto"  # auto | xla | xla_chunked | cudnn | splash (models/attention.py); not in config.json
     init_std: float = 0.02
 
     @property
@@ -96,6 +98,8 @@ class ModelConfig:
             bad("remat", self.remat, f"allowed: {REMAT}")
         if self.logits_chunk < 0:
             bad("logits_chunk", self.logits_chunk, "must be >= 0 (0 = no chunking)")
+        if self.attention not in ATTENTION:
+            bad("attention", self.attention, f"allowed: {ATTENTION}")
         # Family flags must match what transformers builds for the model_type.
         if self.model_type == "qwen2" and not self.attention_bias:
             bad("attention_bias", self.attention_bias, "qwen2 models always have q/k/v bias")

@@ -20,9 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from echorl_jax.models import attention as attn_lib
 from echorl_jax.models.config import ModelConfig
-
-_NEG = -1e30  # finite mask value: a fully-masked (padding) query row stays NaN-free
 
 
 class KVCache(NamedTuple):
@@ -84,17 +83,6 @@ def apply_rope(x_bsnd, positions_bs, inv_freq):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q_bsnd, k_bgkd, v_bgkd, allowed_bsk):
-    b, s, n, d = q_bsnd.shape
-    g = k_bgkd.shape[1]
-    q = q_bsnd.reshape(b, s, g, n // g, d)
-    scores = jnp.einsum("bsgrd,bgkd->bgrsk", q, k_bgkd, preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = jnp.where(allowed_bsk[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bgkd.dtype)
-    out = jnp.einsum("bgrsk,bgkd->bsgrd", probs, v_bgkd)
-    return out.reshape(b, s, n, d)
-
-
 # Remat policies (ModelConfig.remat). Names are checkpoint_name tags in the block: "qkv_proj" (q, k, v
 # projections), "attn_out" (attention output, the input of the o projection).
 REMAT_POLICIES = {
@@ -124,6 +112,8 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
+        # The backend that runs here (``auto`` resolved); an unavailable one fails now, at start-up.
+        self.attention_impl = attn_lib.resolve(cfg.attention, cfg.compute_dtype)
         h, f, v, nl = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
         n, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
         dt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
@@ -163,22 +153,23 @@ class Transformer(nnx.Module):
         (training needs the response positions; the prompt's vocab-sized logits are never built).
         ``return_hidden`` returns the final-normed hidden states ``[b, s, h]`` (compute dtype) instead
         of logits: training applies ``output_head()`` chunk by chunk (models/logprobs.py)."""
-        cfg = self.cfg
+        cfg, impl = self.cfg, self.attention_impl
         cdt = jnp.dtype(cfg.compute_dtype)
         inv_freq = rope_inv_freq(cfg)
-        x = self.embed[...].astype(cdt)[tokens_bs]
         s = tokens_bs.shape[1]
 
+        # Attention mask: key slot j is visible to query i iff j <= start + i and valid_bk[b, j].
+        roll = cache is None and attn_lib.needs_right_padding(impl)
+        if roll:  # real tokens to column 0 (see models/attention.py), undone after the layers
+            to_bs, back_bs = attn_lib.right_padding_order(valid_bs)
+            tokens_bs, positions_bs, valid_bs = (attn_lib.take_columns(a, to_bs)
+                                                 for a in (tokens_bs, positions_bs, valid_bs))  # fmt: skip
         if cache is None:
-            # Causal by index: with left padding, real tokens of a row are contiguous at the end.
-            causal = jnp.tril(jnp.ones((s, s), bool))
-            allowed_bsk = causal[None] & valid_bs[:, None, :]
-            valid_bk, pos = None, None
+            valid_bk, pos, start = valid_bs, None, 0
         else:
-            pos = cache.pos
+            pos = start = cache.pos
             valid_bk = jax.lax.dynamic_update_slice(cache.valid_bk, valid_bs, (0, pos))
-            slots = jnp.arange(valid_bk.shape[1])
-            allowed_bsk = (slots[None, :] <= pos + jnp.arange(s)[:, None])[None] & valid_bk[:, None, :]
+        x = self.embed[...].astype(cdt)[tokens_bs]
 
         def block(carry, p):
             x, kc, vc, layer = carry
@@ -201,7 +192,7 @@ class Transformer(nnx.Module):
                 kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, 0, pos, 0))
                 vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, 0, pos, 0))
                 k_all, v_all = kc[layer].astype(cdt), vc[layer].astype(cdt)
-            attn = attention(q, k_all, v_all, allowed_bsk)
+            attn = attn_lib.attention(q, k_all, v_all, valid_bk, q_start=start, impl=impl)
             out = jnp.einsum("bsnd,ndh->bsh", checkpoint_name(attn, "attn_out"), p["wo"])
             x = x + (out + p["bo"] if cfg.o_bias else out)
             y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
@@ -215,6 +206,8 @@ class Transformer(nnx.Module):
         kc = None if cache is None else cache.k_lbgkd
         vc = None if cache is None else cache.v_lbgkd
         (x, kc, vc, _), _ = jax.lax.scan(block, (x, kc, vc, jnp.zeros((), jnp.int32)), self._layer_params())
+        if roll:
+            x = attn_lib.take_columns(x, back_bs)
         if logits_slice is not None:
             x = x[:, logits_slice[0] : logits_slice[1]]
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
