@@ -82,6 +82,15 @@ def hook(event, args):
             writes.append(os.path.relpath(path, workdir))
 sys.addaudithook(hook)
 atexit.register(lambda: open(record, "w").write(json.dumps(sorted(set(writes)))))
+if os.environ.get("SIGTERM_AFTER_FIRST_ROLLOUT") == "1":  # a preemption notice that reaches this host only
+    import signal
+    from echorl_jax import rollout
+    collect = rollout.collect
+    def collect_then_sigterm(*args, **kwargs):
+        out = collect(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    rollout.collect = collect_then_sigterm
 from echorl_jax import main
 sys.exit(main.main(sys.argv[3:]))
 '''
@@ -100,15 +109,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_processes(tmp_path, workdir, reward_path, steps, tag, n=2):
-    """The trainer as ``n`` processes x 4 CPU devices; returns each process's written files and log."""
+def _run_processes(tmp_path, workdir, reward_path, steps, tag, n=2, sigterm_process=None):
+    """The trainer as ``n`` processes x 4 CPU devices; returns each process's written files and log.
+    ``sigterm_process`` gets a SIGTERM during step 1."""
     port = _free_port()
     procs, logs, records = [], [], []
     for i in range(n):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i),
                    JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")  # fmt: skip
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+                   SIGTERM_AFTER_FIRST_ROLLOUT=str(int(i == sigterm_process)))  # fmt: skip
         logs.append(tmp_path / f"{tag}_p{i}.log")
         records.append(tmp_path / f"{tag}_p{i}_writes.json")
         cmd = [sys.executable, "-c", WORKER, str(workdir), str(records[-1]), *_args(workdir, reward_path, steps)]
@@ -140,24 +151,25 @@ def _assert_rows_close(got, want):
 def test_two_processes_match_one_process_with_resume(tmp_path):
     reward_path = tmp_path / "my_reward.py"
     reward_path.write_text(REWARD)
-    # Reference: one process x 8 devices (this pytest process): step 1, then a resumed run to step 2.
+    # Reference: one process x 8 devices (this pytest process), 2 steps straight.
     one = tmp_path / "one"
-    assert main_lib.main(_args(one, reward_path, 1)) == 0
     assert main_lib.main(_args(one, reward_path, 2)) == 0
 
-    # 2 processes x 4 devices, the same: step 1, exit (final checkpoint), a restart that resumes to step 2.
+    # 2 processes x 4 devices: process 1 alone gets SIGTERM during step 1; both save step 1 and exit
+    # cleanly. The restarted job resumes at step 2.
     two = tmp_path / "two"
-    writes, logs = _run_processes(tmp_path, two, reward_path, 1, "first")
+    writes, logs = _run_processes(tmp_path, two, reward_path, 2, "first", sigterm_process=1)
+    assert "SIGTERM: saved step 1, exiting" in logs[0]
     assert os.listdir(two / "checkpoints") == ["1"]
     writes2, logs2 = _run_processes(tmp_path, two, reward_path, 2, "resume")
     assert "resumed from step 1" in logs2[0]
 
     rows_one, rows_two = _metric_rows(one), _metric_rows(two)
-    assert [r["kind"] for r in rows_one] == ["eval", "train", "eval", "train", "eval"]
+    assert [r["kind"] for r in rows_one] == ["eval", "train", "train", "eval"]
     assert 0 < rows_one[1]["reward/mean"] < 1 and rows_one[1]["grad_norm"] > 0  # a real learning signal
     _assert_rows_close(rows_two, rows_one)
-    assert rows_two[3]["reward/mean"] == rows_one[3]["reward/mean"]  # the resumed step drew the same rollouts
-    assert rows_one[3]["reward/mean"] != rows_one[1]["reward/mean"]  # ... which differ from step 1's
+    assert rows_two[2]["reward/mean"] == rows_one[2]["reward/mean"]  # the resumed step drew the same rollouts
+    assert rows_one[2]["reward/mean"] != rows_one[1]["reward/mean"]  # ... which differ from step 1's
 
     want = load_file(str(one / "hf_export" / "model.safetensors"))
     got = load_file(str(two / "hf_export" / "model.safetensors"))
@@ -166,8 +178,8 @@ def test_two_processes_match_one_process_with_resume(tmp_path):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
     # Only process 0 writes run files (metrics, TensorBoard, report, plots, config, HF export, tokenizer).
-    assert {"metrics.jsonl", "report.md", "config.json", "tokenizer"} <= set(writes[0]), writes[0]
+    assert {"metrics.jsonl", "config.json", "tokenizer"} <= set(writes[0]), writes[0]
     assert {"metrics.jsonl", "report.md"} <= set(writes2[0]), writes2[0]
-    assert "hf_export/model.safetensors" in writes2[0] and any(p.startswith("tensorboard") for p in writes2[0])
+    assert "hf_export/model.safetensors.tmp" in writes2[0] and any(p.startswith("tensorboard") for p in writes2[0])
     assert writes[1] == [] and writes2[1] == [], (writes[1], writes2[1])
     assert "report:" not in logs[1] and "report:" not in logs2[1]
