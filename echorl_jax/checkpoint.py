@@ -23,7 +23,8 @@ class CheckpointError(RuntimeError):
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        # gs://... (GCS, what multi-host runs need: every host writes its shards) goes to Orbax as it is.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "host")

@@ -44,6 +44,17 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistConfig:
+    """Multi-process runs (main.maybe_init_distributed). TPU VMs need none of this: auto-detected.
+    Each field falls back to its env var (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
+
+    coordinator: str = ""  # "host:port" of process 0 (GPU nodes, tests); "" = env or auto-detect
+    num_processes: int = 0  # 0 = env or auto-detect
+    process_id: int = -1  # -1 = env or auto-detect
+    initialize: str = "auto"  # auto: when set here/in env or on a TPU VM; "always"; "never"
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     # A .parquet / .jsonl / .json path, a tuple of them (a mixture, concatenated in order;
     # on the command line "a.jsonl,b.parquet"), or task:NAME for a built-in task.
@@ -138,6 +149,7 @@ class TrainConfig:
     progress: bool = True  # progress bar
     collapse_guard: str = "warn"  # off | warn | stop: on collapsing accuracy, exploding entropy, never-ending responses (guard.py)
     echo_grad_norm_every: int = 0  # log the echo term's gradient norm every N steps (one extra backward); 0 = off
+    checkpoint_dir: str = ""  # "" = workdir/checkpoints; multi-host runs need storage every host sees (gs://...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +166,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     sft: SFTConfig = SFTConfig()
     train: TrainConfig = TrainConfig()
+    dist: DistConfig = DistConfig()
 
 
 # ---------------------------------------------------------------- building
@@ -399,6 +412,8 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
            "allowed: off, warn, stop")
     _check(train.log_every >= 1, "train.log_every", train.log_every, "must be >= 1")
     _check(train.eval_samples >= 1, "train.eval_samples", train.eval_samples, "must be >= 1")
+    _check(cfg.dist.initialize in ("auto", "always", "never"), "dist.initialize", cfg.dist.initialize,
+           "one of 'auto', 'always', 'never'")
     _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
     _validate_data(cfg.data)
     _check(cfg.data.on_overlong in ("drop", "error"), "data.on_overlong", cfg.data.on_overlong, "allowed: drop, error")

@@ -5,10 +5,13 @@ Construction tokenizes every record, drops (or rejects) prompts longer than
 offsets. The Grain part is then a pure index map, so its checkpoint state is a
 single integer and restoring it replays exactly the same batches:
 
-    train: range(K).shuffle(seed)[:K//H*H][h::H].repeat(E).batch(N, drop_remainder)
-    eval:  [h, h+H, ...] padded with -1 to a whole number of batches, .batch(N)
+    train: range(K).shuffle(seed).repeat(E).batch(H*N, drop_remainder)[h*N:(h+1)*N]
+    eval:  range(K) padded with -1 to a whole number of H*N batches, each sliced [h*N:(h+1)*N]
 
-(K kept prompts, H hosts, h this host, E epochs, N prompts per batch.)
+(K kept prompts, H hosts, h this host, E epochs, N prompts per host batch.) Every
+host walks the same global stream and takes its block of each global batch, so
+the hosts' batches concatenated in process order are exactly the one-host batch
+of H*N prompts: a seed fixes the run whatever the number of hosts.
 """
 
 from __future__ import annotations
@@ -191,26 +194,24 @@ class PromptPipeline:
         self._ground_truth_k = [records[i]["ground_truth"] for i in self._record_k]
         self._data_source_k = [records[i]["data_source"] for i in self._record_k]
 
+        global_batch = batch_size * shard_count
+        mine = slice(shard_index * batch_size, (shard_index + 1) * batch_size)
+        collate_mine = lambda positions: self._collate(positions[mine])  # noqa: E731  (this host's block)
         if mode == "train":
-            per_shard = k // shard_count  # equal shards: every host yields the same batches
-            if per_shard == 0:
-                raise DataError(f"{k} prompts cannot be split over {shard_count} shards")
             ds = grain.MapDataset.range(k)
             if shuffle:
                 ds = ds.shuffle(seed=seed)  # reseeded per epoch by repeat()
-            ds = ds[: per_shard * shard_count][shard_index::shard_count].repeat(num_epochs)
-            self.num_batches = None if num_epochs is None else per_shard * num_epochs // batch_size
+            ds = ds.repeat(num_epochs)
+            self.num_batches = None if num_epochs is None else k * num_epochs // global_batch
             if self.num_batches == 0:
-                raise DataError(f"batch_size={batch_size} > {per_shard} prompts per shard x"
+                raise DataError(f"batch_size={batch_size} x {shard_count} shard(s) > {k} prompts x"
                                 f" {num_epochs} epoch(s): no full batch")
-            ds = ds.batch(batch_size, drop_remainder=True, batch_fn=self._collate)
+            ds = ds.batch(global_batch, drop_remainder=True, batch_fn=collate_mine)
         else:
-            per_shard = -(-k // shard_count)
-            self.num_batches = -(-per_shard // batch_size)
-            pos = np.full(self.num_batches * batch_size, -1, np.int64)
-            mine = np.arange(shard_index, k, shard_count)
-            pos[: len(mine)] = mine
-            ds = grain.MapDataset.source(pos.tolist()).batch(batch_size, batch_fn=self._collate)
+            self.num_batches = -(-k // global_batch)
+            pos = np.full(self.num_batches * global_batch, -1, np.int64)
+            pos[:k] = np.arange(k)
+            ds = grain.MapDataset.source(pos.tolist()).batch(global_batch, batch_fn=collate_mine)
         # In-memory data: no reader threads (Grain's advice), so nothing runs ahead.
         self._iter = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
                                                                prefetch_buffer_size=0)))

@@ -8,9 +8,11 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from echorl_jax import sharding
 from echorl_jax.data import PromptPipeline
 from echorl_jax.rewards import call_verifier, rows_for_batch
 from echorl_jax.rewards.base import Verifier
+from echorl_jax.rollout import own_rows
 from echorl_jax.sampling import decode_responses
 
 
@@ -51,7 +53,7 @@ def grade(
     correct_by_record: dict[int, np.ndarray] = {}
     for i, batch in enumerate(pipeline):
         rollout = sample_fn(params, batch.tokens_np, batch.length_n, jax.random.fold_in(rng, i))
-        texts = decode_responses(tokenizer, rollout)
+        texts = decode_responses(tokenizer, own_rows(rollout, len(batch.ground_truth) * k))  # this host's rows
         truths = [gt for gt in batch.ground_truth for _ in range(k)]
         rows = rows_for_batch(batch, records, k)
         keep = np.repeat(np.asarray(batch.valid_n, bool), k)  # padding rows are never graded
@@ -59,8 +61,10 @@ def grade(
         result = call_verifier(verifier, [texts[i] for i in idx], [truths[i] for i in idx], [rows[i] for i in idx])
         correct_nk = np.zeros(len(texts), bool)
         correct_nk[idx] = np.asarray(result.correct_n, bool)
-        correct_nk = correct_nk.reshape(-1, k)
-        for row, (idx, valid) in enumerate(zip(batch.record_index, batch.valid_n)):
+        # Every host's results (process order), so each summarises the whole eval set.
+        correct_nk = sharding.gather_rows(correct_nk.reshape(-1, k))
+        record_index, valid_n = sharding.gather_rows(batch.record_index), sharding.gather_rows(batch.valid_n)
+        for row, (idx, valid) in enumerate(zip(record_index, valid_n)):
             if valid:
                 correct_by_record[int(idx)] = correct_nk[row]
                 if responses is not None:

@@ -7,8 +7,10 @@ warm start + GRPO+EchoRL on the arithmetic task, CPU is enough.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
+from typing import Mapping
 
 
 def parse_args(argv: list[str]):
@@ -51,22 +53,68 @@ def resolved_config_dict(cfg) -> dict:
 
     values = config_lib.to_dict(cfg)
     if cfg.model.path:
-        from echorl_jax.models.config import load_hf_config
+        from echorl_jax.models.config import load_hf_config, numerics
         from echorl_jax.models.hub import resolve_model_dir
 
         m = cfg.model
-        arch = load_hf_config(resolve_model_dir(m.path), param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        arch = load_hf_config(resolve_model_dir(m.path), **numerics(m))
         values["model"].update(dataclasses.asdict(arch))
     return values
 
 
-def maybe_init_distributed() -> None:
-    # Multi-host (TPU pods, multi-node GPU): every host runs this same program.
-    if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")):
+def distributed_args(dist, env: Mapping[str, str]) -> dict | None:
+    """``jax.distributed.initialize`` keyword arguments for this run, or None for a single process.
+
+    Explicit settings (``dist.*`` or env JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)
+    must be complete. Otherwise ``dist.initialize="auto"`` initializes with JAX's own detection (``{}``) on
+    a Cloud TPU VM or in a SLURM job, where every host runs this same program.
+    """
+    from echorl_jax.config import ConfigError
+
+    if dist.initialize == "never":
+        return None
+    given = {
+        "coordinator_address": dist.coordinator or env.get("JAX_COORDINATOR_ADDRESS", ""),
+        "num_processes": dist.num_processes or int(env.get("JAX_NUM_PROCESSES", "0") or 0),
+        "process_id": dist.process_id if dist.process_id >= 0 else int(env.get("JAX_PROCESS_ID", "-1") or -1),
+    }
+    unset = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+    if any(given[k] != unset[k] for k in given):
+        missing = [k for k in given if given[k] == unset[k]]
+        if missing:
+            names = {"coordinator_address": "dist.coordinator (JAX_COORDINATOR_ADDRESS)",
+                     "num_processes": "dist.num_processes (JAX_NUM_PROCESSES)",
+                     "process_id": "dist.process_id (JAX_PROCESS_ID)"}  # fmt: skip
+            raise ConfigError(f"multi-process settings are incomplete: {given}; also set "
+                              + ", ".join(names[k] for k in missing))
+        return given
+    if dist.initialize == "always" or _on_tpu_vm() or "SLURM_JOB_ID" in env:
+        return {}
+    return None
+
+
+def _on_tpu_vm() -> bool:
+    """A Google TPU on the PCI bus (how libtpu itself detects a Cloud TPU VM), without touching JAX."""
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == "0x1ae0":
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def maybe_init_distributed(dist) -> None:
+    """Multi-host (TPU pods, multi-node GPU, the localhost tests): every process runs this same program and
+    joins here before JAX touches a device."""
+    kwargs = distributed_args(dist, os.environ)
+    if kwargs is not None:
         import jax
 
-        if os.environ.get("ECHORL_NO_DISTRIBUTED") != "1":
-            jax.distributed.initialize()
+        jax.distributed.initialize(**kwargs)
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            print(f"[echorl] {jax.process_count()} processes, {jax.device_count()} devices", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(values, indent=2))
         return 0
-    maybe_init_distributed()
+    try:
+        maybe_init_distributed(cfg.dist)
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     from echorl_jax import compare, report, train
 
     try:

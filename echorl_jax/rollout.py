@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from echorl_jax import echo as echo_lib
-from echorl_jax import objectives
+from echorl_jax import objectives, sharding
 from echorl_jax.rewards import call_verifier, rows_for_batch
 from echorl_jax.rewards.base import Verifier
 from echorl_jax.sampling import Rollout, decode_responses
@@ -58,18 +58,34 @@ class Collected(NamedTuple):
     sampled_tokens: int  # response tokens generated over all rounds, kept or not
 
 
+def own_rows(rollout: Rollout, rows_per_process: int) -> Rollout:
+    """This process's rows of a (global) rollout on the host: the fields that decoding reads as numpy
+    (``tokens``, ``response_mask``, ``lengths``, ``truncated``); the others are left as they are."""
+    rows = sharding.process_rows(rows_per_process)
+    fields = ("tokens", "response_mask", "lengths", "truncated")
+    return rollout._replace(**{f: sharding.to_host(getattr(rollout, f))[rows] for f in fields})
+
+
 def verify(verifier: Verifier, tokenizer, rollout: Rollout, batch, group_size: int,
            records: Sequence[dict] | None = None):
     """Rewards of ``rollout`` (``batch``'s prompts x group_size); ``records`` give row-aware verifiers the
-    prompt and extra_info of each row (without them: data_source only)."""
-    texts = decode_responses(tokenizer, rollout)
+    prompt and extra_info of each row (without them: data_source only).
+
+    Multi-process: ``batch`` holds this process's prompts; it verifies only their rows, and the
+    rewards of every process are gathered, so all return the same [N_all, G] arrays and summed counters.
+    """
+    n = len(batch.ground_truth)
+    texts = decode_responses(tokenizer, own_rows(rollout, n * group_size))
     truths = [gt for gt in batch.ground_truth for _ in range(group_size)]
     result = call_verifier(verifier, texts, truths, rows_for_batch(batch, records, group_size))
-    n = len(batch.ground_truth)
+    info: dict[str, float] = {}
+    for part in sharding.gather_objects({k: float(v) for k, v in result.info.items()}):
+        for k, v in part.items():
+            info[k] = info.get(k, 0.0) + v
     return (
-        np.asarray(result.reward_n, np.float32).reshape(n, group_size),
-        np.asarray(result.correct_n, bool).reshape(n, group_size),
-        result.info,
+        sharding.gather_rows(np.asarray(result.reward_n, np.float32).reshape(n, group_size)),
+        sharding.gather_rows(np.asarray(result.correct_n, bool).reshape(n, group_size)),
+        info,
     )
 
 
@@ -107,13 +123,13 @@ def collect(
     n_target, n_kept, rounds, sampled_tokens = None, 0, 0, 0
     while True:
         batch = next_prompts()
-        n_target = n_target or batch.tokens_np.shape[0]
         t0 = time.perf_counter()
         rollout = sample(params, batch.tokens_np, batch.length_n, jax.random.fold_in(rng, rounds))
         jax.block_until_ready(rollout.tokens)
         t1 = time.perf_counter()
-        sampled_tokens += int(np.asarray(rollout.lengths).sum())
+        sampled_tokens += int(sharding.to_host(rollout.lengths).sum())
         reward_ng, correct_ng, info = verify(verifier, tokenizer, rollout, batch, group_size, records)
+        n_target = n_target or reward_ng.shape[0]  # every process's prompts
         timings["sample"] = timings.get("sample", 0.0) + t1 - t0
         timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t1
         for k, v in info.items():

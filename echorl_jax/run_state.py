@@ -39,7 +39,7 @@ RESUMABLE_CHANGES = (
     "train.steps", "train.workdir", "train.resume", "train.log_every", "train.eval_every", "train.eval_samples",
     "train.eval_temperature", "train.save_every", "train.keep_checkpoints", "train.progress", "train.export_hf",
     "train.echo_grad_norm_every", "data.eval", "data.num_eval_per_level", "mesh.", "sft.cache_dir",
-    "model.remat", "model.attention", "model.logits_chunk",
+    "model.remat", "model.attention", "model.logits_chunk", "train.checkpoint_dir", "dist.",
 )  # fmt: skip
 
 

@@ -59,7 +59,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from echorl_jax.models.transformer import init_cache, positions_from_valid
-from echorl_jax.sharding import BATCH_AXES, batch_divisor, batch_sharding, logical_to_spec, replicated
+from echorl_jax.sharding import BATCH_AXES, batch_divisor, batch_sharding, gather_rows, logical_to_spec, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +243,9 @@ class Sampler:
     """``sampler(state, prompt_tokens_np [N, P], prompt_lengths [N], rng) -> Rollout``.
 
     ``state`` is the model's nnx State (or the model itself). ``rng`` is a PRNG
-    key or an int seed. ``traces`` counts how often the program was traced
+    key or an int seed. In a multi-process run each process passes its own
+    prompts (host numpy, the same N on every process) and the rollout, a global
+    array, holds every process's prompts in process order. ``traces`` counts how often the program was traced
     (once per distinct input shape).
     """
 
@@ -278,7 +280,13 @@ class Sampler:
         if isinstance(rng, (int, np.integer)):
             rng = jax.random.key(int(rng))
         if self.mesh is not None:
+            if jax.process_count() > 1 and isinstance(tokens_np, np.ndarray):
+                # Multi-process: each process passes its own prompts; the batch is all of them in process
+                # order (sharding.process_rows finds a process's rows of the result).
+                tokens_np, lengths_n = gather_rows(tokens_np), gather_rows(lengths_n)
             put = functools.partial(jax.device_put, device=replicated(self.mesh))
+            if jax.process_count() > 1 and rng.is_fully_addressable:  # a key array goes across as its raw data
+                rng = jax.random.wrap_key_data(put(np.asarray(jax.random.key_data(rng))), impl=jax.random.key_impl(rng))
             tokens_np, lengths_n, rng = put(tokens_np), put(lengths_n), put(rng)
         return self._jitted(state, tokens_np, lengths_n, rng)
 

@@ -108,7 +108,8 @@ def load_tokenizer(cfg: config_lib.Config):
         key = "data.tokenizer" if cfg.data.tokenizer else "model.path"
         return load_hf_tokenizer(resolve_model_dir(path, key), key=key)
     if config_lib.is_task(cfg.data.train):
-        return build_char_tokenizer(os.path.join(cfg.train.workdir, "tokenizer"))
+        # Saved for the user by process 0 only: the others build the same tokenizer in memory.
+        return build_char_tokenizer(os.path.join(cfg.train.workdir, "tokenizer") if jax.process_index() == 0 else None)
     raise config_lib.ConfigError("data.tokenizer is empty and model.path is empty: no tokenizer for a file dataset")
 
 
@@ -270,6 +271,10 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
             f"rl.prompts_per_step*rl.group_size={rows} rows per step (and per minibatch) must be a multiple of the "
             f"mesh's batch axes size {sharding.batch_divisor(mesh)} (mesh.shape={cfg.mesh.shape})"
         )
+    hosts = jax.process_count()  # each process reads 1/hosts of every step's prompts (data.PromptPipeline)
+    if rl.prompts_per_step % hosts:
+        raise config_lib.ConfigError(
+            f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the number of processes ({hosts})")
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_records = load_train_records(cfg)
@@ -284,13 +289,14 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
         log(line)
     pipe_kw = dict(max_prompt_len=cfg.data.max_prompt_len, template=cfg.data.template, add_bos=cfg.data.add_bos,
                    pad_id=pad_id, on_overlong=cfg.data.on_overlong)  # fmt: skip
-    train_pipeline = _pipeline("train", cfg.data.train, train_records, tokenizer, log, batch_size=rl.prompts_per_step,
+    train_pipeline = _pipeline("train", cfg.data.train, train_records, tokenizer, log, batch_size=rl.prompts_per_step // hosts,
                                mode="train", seed=cfg.data.seed, **pipe_kw)  # fmt: skip
     eval_pipeline = eval_state = None
     if not eval_records:
         log("no held-out evaluation: set data.eval to an eval file (or files)")
     else:
         eval_batch = max(sharding.batch_divisor(mesh), min(rl.prompts_per_step, len(eval_records)))
+        eval_batch = -(-eval_batch // hosts)  # per process
         eval_pipeline = _pipeline("eval", eval_source(cfg), eval_records, tokenizer, log, batch_size=eval_batch,
                                   mode="eval", **pipe_kw)  # fmt: skip
         eval_state = eval_pipeline.get_state()

@@ -127,3 +127,54 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 def batch_divisor(mesh: Mesh) -> int:
     """Global batch sizes must be multiples of this (the size of the batch axes)."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+# ----------------------------------------------------------------------------- multi-process helpers
+# Every process runs the same program. Host data (prompts, rewards) is per process: each holds its own
+# rows, in process order, and these helpers turn it into values every process agrees on. With one
+# process they are plain conversions.
+
+
+def to_host(x: Any) -> np.ndarray:
+    """The full value of an array as numpy on every process (an all-gather when it spans processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def gather_rows(x: Any) -> np.ndarray:
+    """Each process's rows (the same count everywhere), concatenated in process order, on every process."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def process_rows(rows_per_process: int) -> slice:
+    """This process's block of a batch gathered with ``gather_rows``."""
+    p = jax.process_index()
+    return slice(p * rows_per_process, (p + 1) * rows_per_process)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """A JSON-serialisable value from every process, in process order (e.g. verifier counters whose keys
+    differ between hosts)."""
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = gather_rows(np.asarray([data.size], np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    rows = gather_rows(padded[None])
+    return [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, sizes)]
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (e.g. SIGTERM seen by one host)."""
+    return bool(gather_rows(np.asarray([flag], np.int32)).any())

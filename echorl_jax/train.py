@@ -41,6 +41,13 @@ class _Preemption:
     def _handle(self, *_):
         self.requested = True
 
+    def sync(self) -> bool:
+        """Whether any process got SIGTERM (one all-gather per step when multi-process), so that every
+        process saves the same step and exits together."""
+        if jax.process_count() > 1:
+            self.requested = sharding.any_process(self.requested)
+        return self.requested
+
     def restore(self):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
@@ -61,11 +68,11 @@ def _jit_train_step(s: Setup, state: TrainState):
 
 
 def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds) -> dict[str, Any]:
-    mask = np.asarray(ro.response_mask)
-    lengths = np.asarray(ro.lengths)
-    entropy = np.asarray(ro.entropy)
+    mask = sharding.to_host(ro.response_mask)  # global arrays: every process computes the same metrics
+    lengths = sharding.to_host(ro.lengths)
+    entropy = sharding.to_host(ro.entropy)
     zero_std = np.all(reward_ng == reward_ng[:, :1], axis=1)
-    has_clip = np.asarray(clips.mask_bt).reshape(reward_ng.shape[0], -1).any(axis=1)
+    has_clip = sharding.to_host(clips.mask_bt).reshape(reward_ng.shape[0], -1).any(axis=1)
     m = {
         "reward/mean": reward_ng.mean(),
         "reward/std": reward_ng.std(),
@@ -73,7 +80,7 @@ def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds) -> dict[str
         "groups/zero_std_frac": zero_std.mean(),
         "response/len_mean": lengths.mean(),
         "response/len_max": lengths.max(),
-        "response/clip_ratio": np.asarray(ro.truncated).mean(),
+        "response/clip_ratio": sharding.to_host(ro.truncated).mean(),
         "entropy/mean": (entropy * mask).sum() / max(mask.sum(), 1),
         # prompts whose only learning signal this step is the echo term
         "echo/only_signal_frac": (zero_std & has_clip).mean(),
@@ -120,11 +127,18 @@ def _num_chunks(rl) -> int:
 def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Checkpointer]:
     """A fresh run in a clean workdir, or the exact continuation of the run saved there (run_state.py)."""
     tc = s.cfg.train
-    directory = os.path.join(tc.workdir, "checkpoints")
+    directory = tc.checkpoint_dir or os.path.join(tc.workdir, "checkpoints")
     checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
     latest = checkpointer.latest_step()
     if not tc.resume or latest is None:
-        if run_state.existing_run_files(tc.workdir):  # resume=false, or a run that never saved
+        if tc.checkpoint_dir and latest is not None:  # not ours to move aside (often gs://)
+            checkpointer.close()
+            raise run_state.ResumeMismatch(
+                f"train.resume=false but train.checkpoint_dir={tc.checkpoint_dir!r} holds checkpoints (step "
+                f"{latest}); give a new train.checkpoint_dir or delete that one (gcloud storage rm -r DIR)")
+        # Process 0 writes the run files, so its answer decides for all (every process takes the same branch).
+        old = run_state.existing_run_files(tc.workdir) if jax.process_index() == 0 else []
+        if sharding.any_process(bool(old)):  # resume=false, or a run that never saved
             checkpointer.close()
             run_state.move_previous_run(tc.workdir, s.log)
             checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
@@ -172,6 +186,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         guard.update(last_eval, "eval")
     bar = s.progress(start, tc.steps)
     step = saved = start
+    stopping = False  # SIGTERM on any process (decided together at the end of a step)
     save = lambda: checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg)})
     for step in range(start + 1, tc.steps + 1):
         timings: dict[str, float] = {}
@@ -186,7 +201,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         )  # fmt: skip
         ro = got.rollout
         t0 = time.perf_counter()
-        reward_dev, adv_bt, clips = score(ro, jnp.asarray(got.reward_ng))
+        reward_dev, adv_bt, clips = score(ro, jnp.asarray(got.reward_ng))  # reward_ng: every process's rows
         old_logp = forward_logp(state.params, ro.tokens, ro.valid) if rl.recompute_logp else ro.behaviour_logp
         if cfg.objective.kl_coef > 0:
             ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid)
@@ -199,7 +214,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step)
         jax.block_until_ready(state.params)
         timings["update"] = time.perf_counter() - t0
-        metrics = _rollout_metrics(ro, np.asarray(reward_dev), got.correct_ng, clips, got.info, got.rounds)
+        metrics = _rollout_metrics(ro, sharding.to_host(reward_dev), got.correct_ng, clips, got.info, got.rounds)
         metrics.update({k: np.mean([float(u[k]) for u in update_metrics]) for k in update_metrics[0]})
         metrics.update(extra)
         metrics["lr"] = float(schedule(int(state.step) - 1))
@@ -219,13 +234,14 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
             last_eval = log.write(step, run_eval(s, state.params, step), kind="eval")
             collapsed |= guard.update(last_eval, "eval")
         bar.update(row, last_eval)
-        if preempt.requested or collapsed or (tc.save_every > 0 and step % tc.save_every == 0):
+        stopping = preempt.sync()
+        if stopping or collapsed or (tc.save_every > 0 and step % tc.save_every == 0):
             save()
             saved = step
-        if preempt.requested or collapsed:
-            s.log(f"{'SIGTERM' if preempt.requested else 'collapse guard'}: saved step {step}, exiting")
+        if stopping or collapsed:
+            s.log(f"{'SIGTERM' if stopping else 'collapse guard'}: saved step {step}, exiting")
             break
-    stopped = preempt.requested or (bool(guard.fired) and tc.collapse_guard == "stop")
+    stopped = stopping or (bool(guard.fired) and tc.collapse_guard == "stop")
     if not stopped:
         # Also after a resume at the last step (a run preempted there never evaluated it).
         if not log.has(tc.steps, "eval"):
