@@ -60,9 +60,9 @@ class Collected(NamedTuple):
 
 def own_rows(rollout: Rollout, rows_per_process: int) -> Rollout:
     """This process's rows of a (global) rollout on the host: the fields that decoding reads as numpy
-    (``tokens``, ``response_mask``, ``lengths``, ``truncated``); the others are left as they are."""
+    (``tokens``, ``response_mask``, ``lengths``, ``truncated``, ``stop_len``); the others are left as they are."""
     rows = sharding.process_rows(rows_per_process)
-    fields = ("tokens", "response_mask", "lengths", "truncated")
+    fields = ("tokens", "response_mask", "lengths", "truncated") + (("stop_len",) if rollout.stop_len is not None else ())
     return rollout._replace(**{f: sharding.to_host(getattr(rollout, f))[rows] for f in fields})
 
 
