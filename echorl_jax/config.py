@@ -53,6 +53,7 @@ class DataConfig:
     template: str = "auto"  # auto = chat for message-list prompts, {prompt} for strings; "chat"; or a format string with {prompt}
     prompt_key: str = ""  # file column with the prompt; "" = prompt|question (a.b = field b of struct a)
     answer_key: str = ""  # file column with the answer; "" = reward_model.ground_truth|ground_truth|answer
+    expert_key: str = ""  # LUFFY (objective.expert_per_group > 0): column with expert responses; "" = expert|target|solution
     add_bos: bool = False
     max_prompt_len: int = 48  # P: longer prompts are dropped and counted, or fail (on_overlong)
     on_overlong: str = "drop"  # drop | error
@@ -388,6 +389,9 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     mb = rows // rl.minibatches
     _check(mb % rl.micro_batches == 0, "rl.micro_batches", rl.micro_batches, f"must divide the minibatch size {mb}")
     _check(not (cfg.objective.estimator == "rloo" and rl.group_size < 2), "rl.group_size", rl.group_size, "rloo needs group_size >= 2")
+    k = cfg.objective.expert_per_group
+    _check(k < rl.group_size, "objective.expert_per_group", k,
+           f"must be < rl.group_size={rl.group_size} (each group keeps at least one on-policy rollout)")
     _check(
         cfg.objective.overlong_buffer < cfg.sampling.max_new_tokens,
         "objective.overlong_buffer", cfg.objective.overlong_buffer,
