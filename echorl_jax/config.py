@@ -35,6 +35,9 @@ class ModelSection(ModelConfig):
 
     path: str = ""  # local Hugging Face directory; "" = random init from the fields here
     seed: int = 0  # init seed when path == ""
+    # Context extension (LUFFY's Qwen2.5-Math: rope_theta 40000, 16k positions); 0 = keep config.json's / the fields'.
+    rope_theta_override: float = 0.0
+    max_position_override: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +365,16 @@ def architecture_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(ModelConfig)} - set(NUMERICS_FIELDS)
 
 
+def context_overrides(model: ModelSection) -> dict[str, Any]:
+    """ModelConfig fields that ``model.rope_theta_override`` / ``model.max_position_override`` replace."""
+    out: dict[str, Any] = {}
+    if model.rope_theta_override > 0:
+        out["rope_theta"] = float(model.rope_theta_override)
+    if model.max_position_override > 0:
+        out["max_position_embeddings"] = int(model.max_position_override)
+    return out
+
+
 def validate(cfg: Config, given: Mapping | None = None) -> None:
     """Section validators, then the combinations no single section can check."""
     given = given or {}
@@ -381,6 +394,8 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
         clash = sorted(arch & set(given.get("model", {})))
         if clash:
             _check(False, f"model.{clash[0]}", given["model"][clash[0]], f"the architecture comes from model.path={cfg.model.path!r} (its config.json); only param_dtype, compute_dtype and remat may be overridden")
+    _check(cfg.model.rope_theta_override >= 0, "model.rope_theta_override", cfg.model.rope_theta_override, "must be >= 0 (0 = keep)")
+    _check(cfg.model.max_position_override >= 0, "model.max_position_override", cfg.model.max_position_override, "must be >= 0 (0 = keep)")
     rl, opt, train = cfg.rl, cfg.optim, cfg.train
     for key in ("prompts_per_step", "group_size", "epochs", "minibatches", "micro_batches"):
         _check(getattr(rl, key) >= 1, f"rl.{key}", getattr(rl, key), "must be >= 1")

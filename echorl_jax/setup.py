@@ -194,7 +194,8 @@ def load_eval_records(cfg: config_lib.Config) -> list[dict]:
 
 
 def model_config(cfg: config_lib.Config) -> ModelConfig:
-    return ModelConfig(**{f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(ModelConfig)})
+    fields = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{**fields, **config_lib.context_overrides(cfg.model)})
 
 
 def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
@@ -202,7 +203,8 @@ def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
     if m.path:
         from echorl_jax.models import hf
 
-        model = hf.load_model(m.path, mesh, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        model = hf.load_model(m.path, mesh, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+                              **config_lib.context_overrides(m))  # fmt: skip
     else:
         model = sharding.shard_model(Transformer(model_config(cfg), rngs=nnx.Rngs(m.seed)), mesh)
     span = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
