@@ -35,6 +35,9 @@ class ModelSection(ModelConfig):
 
     path: str = ""  # local Hugging Face directory; "" = random init from the fields here
     seed: int = 0  # init seed when path == ""
+    # Context extension (LUFFY's Qwen2.5-Math: rope_theta 40000, 16k positions); 0 = keep config.json's / the fields'.
+    rope_theta_override: float = 0.0
+    max_position_override: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,7 @@ class DataConfig:
     template: str = "auto"  # auto = chat for message-list prompts, {prompt} for strings; "chat"; or a format string with {prompt}
     prompt_key: str = ""  # file column with the prompt; "" = prompt|question (a.b = field b of struct a)
     answer_key: str = ""  # file column with the answer; "" = reward_model.ground_truth|ground_truth|answer
+    expert_key: str = ""  # LUFFY (objective.expert_per_group > 0): column with expert responses; "" = expert|target|solution
     add_bos: bool = False
     max_prompt_len: int = 48  # P: longer prompts are dropped and counted, or fail (on_overlong)
     on_overlong: str = "drop"  # drop | error
@@ -371,6 +375,16 @@ def architecture_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(ModelConfig)} - set(NUMERICS)
 
 
+def context_overrides(model: ModelSection) -> dict[str, Any]:
+    """ModelConfig fields that ``model.rope_theta_override`` / ``model.max_position_override`` replace."""
+    out: dict[str, Any] = {}
+    if model.rope_theta_override > 0:
+        out["rope_theta"] = float(model.rope_theta_override)
+    if model.max_position_override > 0:
+        out["max_position_embeddings"] = int(model.max_position_override)
+    return out
+
+
 def validate(cfg: Config, given: Mapping | None = None) -> None:
     """Section validators, then the combinations no single section can check."""
     given = given or {}
@@ -390,6 +404,8 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
         clash = sorted(arch & set(given.get("model", {})))
         if clash:
             _check(False, f"model.{clash[0]}", given["model"][clash[0]], f"the architecture comes from model.path={cfg.model.path!r} (its config.json); only {', '.join(NUMERICS)} may be overridden")
+    _check(cfg.model.rope_theta_override >= 0, "model.rope_theta_override", cfg.model.rope_theta_override, "must be >= 0 (0 = keep)")
+    _check(cfg.model.max_position_override >= 0, "model.max_position_override", cfg.model.max_position_override, "must be >= 0 (0 = keep)")
     rl, opt, train = cfg.rl, cfg.optim, cfg.train
     for key in ("prompts_per_step", "group_size", "epochs", "minibatches", "micro_batches"):
         _check(getattr(rl, key) >= 1, f"rl.{key}", getattr(rl, key), "must be >= 1")
@@ -398,6 +414,9 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     mb = rows // rl.minibatches
     _check(mb % rl.micro_batches == 0, "rl.micro_batches", rl.micro_batches, f"must divide the minibatch size {mb}")
     _check(not (cfg.objective.estimator == "rloo" and rl.group_size < 2), "rl.group_size", rl.group_size, "rloo needs group_size >= 2")
+    k = cfg.objective.expert_per_group
+    _check(k < rl.group_size, "objective.expert_per_group", k,
+           f"must be < rl.group_size={rl.group_size} (each group keeps at least one on-policy rollout)")
     _check(
         cfg.objective.overlong_buffer < cfg.sampling.max_new_tokens,
         "objective.overlong_buffer", cfg.objective.overlong_buffer,

@@ -89,6 +89,20 @@ register_method("reinforce_pp", estimator="reinforce_pp", policy_loss="ppo", agg
 # CISPO (MiniMax-M1): clipped, stop-gradient IS weight on log pi; no lower bound, tune clip_high.
 register_method("cispo", estimator="grpo", policy_loss="cispo", clip_low=1.0, clip_high=0.28, aggregation="token-mean")
 
+# LUFFY (off-policy guidance): k = 1 of the G rows per group is the dataset's expert response; expert tokens
+# take -f(pi)*A with f(p) = p/(p + 0.1), on-policy tokens the PPO clip. Group advantage without the std and
+# a constant-length normaliser (the public LUFFY script: grpo_use_std=False, loss_remove_token_mean=True),
+# entropy bonus 0.001 as there. docs/objectives.md lists where this differs from that script.
+register_method(
+    "luffy",
+    estimator="drgrpo",
+    policy_loss="ppo",
+    aggregation="seq-mean-token-sum-norm",
+    entropy_coef=0.001,
+    expert_per_group=1,
+    shaping_gamma=0.1,
+)
+
 
 def list_methods() -> list[str]:
     return sorted(_METHODS)

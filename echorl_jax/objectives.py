@@ -57,6 +57,8 @@ class ObjectiveConfig:
     dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and refill the batch
     overlong_buffer: int = 0  # DAPO overlong shaping buffer length in tokens; 0 = off
     overlong_penalty: float = 1.0  # DAPO penalty at the max length (reward -= up to this)
+    expert_per_group: int = 0  # LUFFY: k of the G rows of each group are expert responses from the data; 0 = off
+    shaping_gamma: float = 0.1  # LUFFY policy shaping on expert tokens: f(p) = p / (p + gamma)
 
     def validate(self) -> "ObjectiveConfig":
         s = "objective"
@@ -74,6 +76,8 @@ class ObjectiveConfig:
         _check(s, "entropy_coef", self.entropy_coef, self.entropy_coef >= 0, ">= 0")
         _check(s, "overlong_buffer", self.overlong_buffer, self.overlong_buffer >= 0, ">= 0 (0 = off)")
         _check(s, "overlong_penalty", self.overlong_penalty, self.overlong_penalty >= 0, ">= 0")
+        _check(s, "expert_per_group", self.expert_per_group, self.expert_per_group >= 0, ">= 0 (0 = off)")
+        _check(s, "shaping_gamma", self.shaping_gamma, self.shaping_gamma > 0, "> 0")
         return self
 
 
@@ -179,21 +183,25 @@ class LossBatch(NamedTuple):
     old_logp_bt: jax.Array  # f32 [B, T] behaviour log-probs
     ref_logp_bt: jax.Array  # f32 [B, T] reference log-probs; ignored when kl_coef == 0
     echo_mask_bt: jax.Array  # bool [B, T] EchoClip tokens (echo.echo_clips)
+    offpolicy_bt: jax.Array | None = None  # bool [B, T] expert (off-policy) tokens (LUFFY); None = none
 
 
 class GlobalCounts(NamedTuple):
     num_tokens: jax.Array  # f32 scalar: valid tokens in the whole mini-batch
     num_seqs: jax.Array  # f32 scalar: rows with at least one valid token
     num_clips: jax.Array  # f32 scalar: rows holding an EchoClip
+    num_offpolicy_tokens: jax.Array = 0.0  # f32 scalar: valid expert tokens (LUFFY)
 
 
-def global_counts(mask_bt: jax.Array, echo_mask_bt: jax.Array) -> GlobalCounts:
+def global_counts(mask_bt: jax.Array, echo_mask_bt: jax.Array, offpolicy_bt: jax.Array | None = None) -> GlobalCounts:
     """Counts over the WHOLE mini-batch; call before splitting into micro-batches."""
     f32 = jnp.float32
+    off = jnp.zeros((), f32) if offpolicy_bt is None else (mask_bt.astype(bool) & offpolicy_bt.astype(bool)).sum().astype(f32)
     return GlobalCounts(
         num_tokens=mask_bt.sum().astype(f32),
         num_seqs=mask_bt.any(axis=1).sum().astype(f32),
         num_clips=echo_mask_bt.any(axis=1).sum().astype(f32),
+        num_offpolicy_tokens=off,
     )
 
 
@@ -257,6 +265,18 @@ def policy_loss_bt(logp_bt, old_logp_bt, adv_bt, mask_bt, cfg: ObjectiveConfig):
     return jnp.where(mask, loss_bt, 0.0), clipped_bt & mask
 
 
+def offpolicy_loss_bt(logp_bt, adv_bt, offpolicy_bt, gamma: float):
+    """LUFFY per-token loss on expert tokens: ``-f(pi_theta) * A`` with policy shaping
+    ``f(p) = p / (p + gamma)``; the behaviour probability is taken as 1 (importance weight
+    ``pi_theta / 1``) and nothing is clipped. The gradient flows through ``pi_theta``:
+    ``d loss / d log pi = -A * gamma * p / (p + gamma)^2``, largest for tokens the policy finds
+    unlikely (p ~ gamma) rather than vanishing with p as the plain ratio's ``p`` would.
+    """
+    off = offpolicy_bt.astype(bool)
+    p_bt = jnp.exp(jnp.where(off, logp_bt, 0.0))  # padding/on-policy: p = 1, then zeroed
+    return jnp.where(off, -(p_bt / (p_bt + gamma)) * adv_bt, 0.0)
+
+
 def kl_bt(logp_bt, ref_logp_bt, kind: str, clamp: float = 20.0):
     """Per-token KL(pi || pi_ref) estimators on samples from pi (Schulman)."""
     log_r_bt = ref_logp_bt - logp_bt  # log(pi_ref / pi)
@@ -278,28 +298,39 @@ def total_loss(
     """Combined loss for one (micro-)batch and its additive metrics.
 
     loss = agg(policy) + kl_coef*agg(KL) - entropy_coef*agg(H) + echo.coef*L_echo.
-    ``logp_bt``/``entropy_bt`` come from the current policy's single forward pass.
+    ``logp_bt``/``entropy_bt`` come from the current policy's single forward pass. With
+    ``batch.offpolicy_bt`` (LUFFY), "policy" is the clipped surrogate on on-policy tokens plus
+    ``offpolicy_loss_bt`` on expert tokens, aggregated together over all valid tokens.
     """
     mask = batch.mask_bt.astype(bool)
+    off = jnp.zeros_like(mask) if batch.offpolicy_bt is None else mask & batch.offpolicy_bt.astype(bool)
+    on = mask & ~off
     # Padding values may be garbage (-inf / NaN); zero them so gradients stay finite.
     logp_bt = jnp.where(mask, logp_bt, 0.0)
     entropy_bt = jnp.where(mask, entropy_bt, 0.0)
     ref_logp_bt = jnp.where(mask, batch.ref_logp_bt, 0.0)
     agg = lambda x_bt: aggregate(x_bt, mask, counts, obj.aggregation, obj.norm_length)
-    pl_bt, clipped_bt = policy_loss_bt(logp_bt, batch.old_logp_bt, batch.adv_bt, mask, obj)
+    pl_bt, clipped_bt = policy_loss_bt(logp_bt, batch.old_logp_bt, batch.adv_bt, on, obj)
+    if batch.offpolicy_bt is not None:
+        pl_bt = pl_bt + offpolicy_loss_bt(logp_bt, batch.adv_bt, off, obj.shaping_gamma)
     pg_loss = agg(pl_bt)
     entropy = agg(entropy_bt)
     loss = pg_loss - obj.entropy_coef * entropy
     n_tok = jnp.maximum(counts.num_tokens, 1.0)
-    sg_log_ratio_bt = jax.lax.stop_gradient(jnp.where(mask, logp_bt - batch.old_logp_bt, 0.0))
+    # Expert tokens have no behaviour policy to drift from: the drift metric is over on-policy tokens.
+    n_on = jnp.maximum(counts.num_tokens - counts.num_offpolicy_tokens, 1.0)
+    sg_log_ratio_bt = jax.lax.stop_gradient(jnp.where(on, logp_bt - batch.old_logp_bt, 0.0))
     sg_log_ratio_bt = jnp.clip(sg_log_ratio_bt, -obj.logratio_clamp, obj.logratio_clamp)
     metrics = {
         "pg_loss": pg_loss,
         "entropy": entropy,
         "clip_frac": clipped_bt.sum() / n_tok,
         # k3 estimate of KL(pi_old || pi) on the behaviour samples (r = pi/pi_old): drift of this update.
-        "approx_kl_old": jnp.where(mask, jnp.expm1(sg_log_ratio_bt) - sg_log_ratio_bt, 0.0).sum() / n_tok,
+        "approx_kl_old": jnp.where(on, jnp.expm1(sg_log_ratio_bt) - sg_log_ratio_bt, 0.0).sum() / n_on,
     }
+    if obj.expert_per_group > 0:  # LUFFY: mean pi_theta of the expert tokens (how far the policy is from them)
+        p_off = jnp.where(off, jnp.exp(jax.lax.stop_gradient(logp_bt)), 0.0)
+        metrics["offpolicy_prob"] = p_off.sum() / jnp.maximum(counts.num_offpolicy_tokens, 1.0)
     if obj.kl_coef > 0:
         kl = agg(jnp.where(mask, kl_bt(logp_bt, ref_logp_bt, obj.kl_kind, obj.logratio_clamp), 0.0))
         loss = loss + obj.kl_coef * kl

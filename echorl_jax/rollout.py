@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from echorl_jax import echo as echo_lib
-from echorl_jax import objectives, sharding
+from echorl_jax import objectives, offpolicy, sharding
 from echorl_jax.rewards import call_verifier, rows_for_batch
 from echorl_jax.rewards.base import Verifier
 from echorl_jax.sampling import Rollout, decode_responses
@@ -29,7 +29,11 @@ class ScoredRollout(NamedTuple):
 
 
 def make_scorer(obj_cfg, echo_cfg, delimiter_ids: np.ndarray, max_new_tokens: int) -> Callable:
-    """Jitted ``(rollout, reward_ng) -> (shaped reward, adv_bt, clips)``."""
+    """Jitted ``(rollout, reward_ng) -> (shaped reward, adv_bt, clips)``.
+
+    LUFFY (``obj_cfg.expert_per_group = k > 0``): advantages are over the whole mixed group; the
+    expert rows' rewards count for a group's eligibility, but only on-policy rows give EchoClips.
+    """
     delims = jnp.asarray(delimiter_ids, jnp.int32)
 
     @jax.jit
@@ -41,7 +45,11 @@ def make_scorer(obj_cfg, echo_cfg, delimiter_ids: np.ndarray, max_new_tokens: in
         adv_bt = objectives.compute_advantages(reward_ng, rollout.response_mask, obj_cfg)
         t = rollout.response_mask.shape[1]
         response_bt = rollout.tokens[:, -t:]
-        clips = echo_lib.echo_clips(response_bt, rollout.response_mask, rollout.entropy, reward_ng, delims, echo_cfg)
+        sampled_bt = rollout.response_mask
+        if obj_cfg.expert_per_group > 0:
+            expert_b = jnp.asarray(offpolicy.expert_rows(n * g, g, obj_cfg.expert_per_group))
+            sampled_bt = sampled_bt & ~expert_b[:, None]
+        clips = echo_lib.echo_clips(response_bt, sampled_bt, rollout.entropy, reward_ng, delims, echo_cfg)
         return reward_ng, adv_bt, clips
 
     return score
@@ -109,6 +117,7 @@ def collect(
     max_rounds: int,
     timings: dict[str, float],
     records: Sequence[dict] | None = None,
+    add_experts: Callable[[Rollout, Any], Rollout] | None = None,
 ) -> Collected:
     """Samples and verifies one step's rollouts.
 
@@ -117,6 +126,8 @@ def collect(
     draws; any shortfall is filled with dropped groups, counted in the metrics).
     With EchoRL on (``echo_threshold`` set), all-success groups stay: they carry
     the echo signal, and dropping them would switch EchoRL off under DAPO.
+    LUFFY: ``sample`` draws ``G - k`` rollouts per prompt and ``add_experts(rollout, batch)``
+    appends the ``k`` expert rows of each group before verification (``group_size`` is G).
     """
     kept_rollouts, kept_rewards, kept_correct, spare = [], [], [], []
     info_total: dict[str, float] = {}
@@ -128,6 +139,8 @@ def collect(
         jax.block_until_ready(rollout.tokens)
         t1 = time.perf_counter()
         sampled_tokens += int(sharding.to_host(rollout.lengths).sum())
+        if add_experts is not None:
+            rollout = add_experts(rollout, batch)
         reward_ng, correct_ng, info = verify(verifier, tokenizer, rollout, batch, group_size, records)
         n_target = n_target or reward_ng.shape[0]  # every process's prompts
         timings["sample"] = timings.get("sample", 0.0) + t1 - t0

@@ -12,12 +12,12 @@ from flax import nnx
 
 from echorl_jax import config as config_lib
 from echorl_jax import echo as echo_lib
-from echorl_jax import sharding, update
+from echorl_jax import offpolicy, sharding, update
 from echorl_jax.data import DataError, PromptPipeline, load_records
 from echorl_jax.data_formats import require_text_field
 from echorl_jax.models.config import ModelConfig, numerics
 from echorl_jax.models.hub import resolve_model_dir
-from echorl_jax.models.tokenizer import default_stops, describe_stops, load_hf_tokenizer
+from echorl_jax.models.tokenizer import default_stops, describe_stops, end_of_turn_token, load_hf_tokenizer
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import build_router
 from echorl_jax.rewards.custom import RewardSetupError
@@ -50,6 +50,7 @@ class Setup:
     ref_params: Any
     log: Callable[[str], None]
     stop_ids: tuple = ()  # what ends a response: token ids and token-id sequences (stop_ids())
+    experts: offpolicy.ExpertTraces | None = None  # LUFFY expert responses of train_records (expert_per_group > 0)
 
     @property
     def model(self) -> nnx.Module:
@@ -120,22 +121,62 @@ def _task_name(spec: str) -> str:
     return name
 
 
-def _load_files(cfg: config_lib.Config, spec: str | tuple, sft_targets: bool = False) -> list[dict]:
-    """Records of one file or a mixture, in order; with `sft_targets`, each row must carry a solution."""
+def _load_files(cfg: config_lib.Config, spec: str | tuple, sft_targets: bool = False, experts: bool = False) -> list[dict]:
+    """Records of one file or a mixture, in order; with `sft_targets`, each row must carry a solution,
+    with `experts` an expert response (LUFFY)."""
     records = []
     for path in (spec,) if isinstance(spec, str) else spec:
         part = load_records(path, cfg.data.prompt_key, cfg.data.answer_key)
         if sft_targets:
             require_text_field(part, "solution", path, f"sft.steps={cfg.sft.steps} (warm start on worked solutions)")
+        if experts:
+            offpolicy.check_expert_records(part, cfg.data.expert_key, path, _expert_why(cfg))
         records += part
     return records
 
 
+def _expert_why(cfg: config_lib.Config) -> str:
+    return f"objective.expert_per_group={cfg.objective.expert_per_group} (method {cfg.objective.method!r})"
+
+
 def load_train_records(cfg: config_lib.Config) -> list[dict]:
+    experts = cfg.objective.expert_per_group > 0
     if config_lib.is_task(cfg.data.train):
         _task_name(cfg.data.train)
-        return arith.make_records(cfg.task, "train", cfg.data.num_train, cfg.data.seed)
-    return _load_files(cfg, cfg.data.train, sft_targets=cfg.sft.steps > 0)
+        records = arith.make_records(cfg.task, "train", cfg.data.num_train, cfg.data.seed)
+        if experts:  # the task's worked solutions are its expert responses
+            offpolicy.check_expert_records(records, cfg.data.expert_key, cfg.data.train, _expert_why(cfg))
+        return records
+    return _load_files(cfg, cfg.data.train, sft_targets=cfg.sft.steps > 0, experts=experts)
+
+
+def load_experts(cfg: config_lib.Config, records: list[dict], tokenizer, stops, chat: bool, pad_id: int, log):
+    """``(records, ExpertTraces)`` for LUFFY: records whose expert response does not fit in
+    ``sampling.max_new_tokens`` with its stop token are dropped (or fail with data.on_overlong='error')."""
+    single = [s for s in stops if isinstance(s, int)]
+    eot = end_of_turn_token(tokenizer) if chat else None
+    stop_id = int(tokenizer.convert_tokens_to_ids(eot)) if eot is not None else (single[0] if single else None)
+    if stop_id is None:
+        raise config_lib.ConfigError("LUFFY expert responses need a single-token stop (eos or chat end of turn); "
+                                     "the stops are all multi-token rl.stop_strings")
+    t = cfg.sampling.max_new_tokens
+    experts = offpolicy.ExpertTraces(records, tokenizer, key=cfg.data.expert_key, k=cfg.objective.expert_per_group,
+                                     max_new_tokens=t, stop_id=stop_id, pad_id=pad_id)  # fmt: skip
+    over = experts.too_long()
+    if over.any():
+        i = int(np.argmax(over))
+        what = (f"{int(over.sum())} of {len(records)} train records have an expert response longer than "
+                f"sampling.max_new_tokens={t} tokens with its stop (first: record {i}, data_source "
+                f"{records[i]['data_source']!r}, {int(experts.length_rk[i].max())} tokens)")
+        if cfg.data.on_overlong == "error":
+            raise DataError(f"data.train={cfg.data.train!r}: {what}; data.on_overlong='drop' skips them")
+        log(f"dropped {what}")
+        records = [r for r, bad in zip(records, over) if not bad]
+        experts = experts.subset(~over)
+        if not records:
+            raise DataError(f"data.train={cfg.data.train!r}: no records left after dropping long expert responses")
+    log(f"LUFFY: {cfg.objective.expert_per_group} expert row(s) per group, ending with stop id {stop_id}")
+    return records, experts
 
 
 def eval_source(cfg: config_lib.Config) -> str | tuple:
@@ -156,7 +197,8 @@ def load_eval_records(cfg: config_lib.Config) -> list[dict]:
 
 
 def model_config(cfg: config_lib.Config) -> ModelConfig:
-    return ModelConfig(**{f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(ModelConfig)})
+    fields = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{**fields, **config_lib.context_overrides(cfg.model)})
 
 
 def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
@@ -164,7 +206,7 @@ def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
     if m.path:
         from echorl_jax.models import hf
 
-        model = hf.load_model(resolve_model_dir(m.path), mesh, **numerics(m))
+        model = hf.load_model(resolve_model_dir(m.path), mesh, **numerics(m), **config_lib.context_overrides(m))
     else:
         model = sharding.shard_model(Transformer(model_config(cfg), rngs=nnx.Rngs(m.seed)), mesh)
     span = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
@@ -281,7 +323,11 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     eval_records = load_eval_records(cfg)
     # Everything that can fail on the user's data, template, reward or tokenizer, before any weights load.
     verifier = default_verifier(cfg)
-    stops = stop_ids(cfg, tokenizer, chat=uses_chat_template(cfg, train_records + eval_records))
+    chat = uses_chat_template(cfg, train_records + eval_records)
+    stops = stop_ids(cfg, tokenizer, chat=chat)
+    experts = None
+    if cfg.objective.expert_per_group > 0:
+        train_records, experts = load_experts(cfg, train_records, tokenizer, stops, chat, pad_id, log)
     delimiter_ids = np.asarray(echo_lib.discover_delimiters(tokenizer), np.int32)
     if cfg.echo.enabled and delimiter_ids.size == 0:
         raise config_lib.ConfigError("echo.enabled=True but the tokenizer has no token containing a newline")
@@ -313,7 +359,8 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 else None
 
     common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
-    sample = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size, **common)
+    # LUFFY: the sampler draws G - k rollouts per prompt; collect() appends the k expert rows.
+    sample = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size - cfg.objective.expert_per_group, **common)
     eval_sample = None
     if eval_pipeline is not None:
         t = tc.eval_temperature
@@ -325,5 +372,5 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
         sample=sample, eval_sample=eval_sample, train_pipeline=train_pipeline, eval_pipeline=eval_pipeline,
         eval_initial_state=eval_state, eval_records=eval_records, train_records=train_records,
         verifier=verifier, delimiter_ids=delimiter_ids, ref_params=ref_params, log=log,
-        stop_ids=stops,
+        stop_ids=stops, experts=experts,
     )  # fmt: skip

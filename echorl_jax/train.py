@@ -20,7 +20,7 @@ import numpy as np
 
 from echorl_jax import checkpoint as ckpt_lib
 from echorl_jax import config as config_lib
-from echorl_jax import evaluation, rollout as rollout_lib, run_state, sharding, update
+from echorl_jax import evaluation, offpolicy, rollout as rollout_lib, run_state, sharding, update
 from echorl_jax.data_formats import DataError
 from echorl_jax.guard import Guard
 from echorl_jax.metrics_log import MetricsLog, to_python
@@ -58,7 +58,7 @@ def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, temperature: flo
     step_fn = update.make_train_step(
         graphdef, optimizer, cfg.objective, cfg.echo, micro_batches=cfg.rl.micro_batches, temperature=temperature,
     )  # fmt: skip
-    batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh, 2), UpdateBatch(*range(7)))
+    batch_sh = sharding.batch_sharding(mesh, 2)  # every UpdateBatch field is [B, ...]
     return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
 
@@ -67,12 +67,24 @@ def _jit_train_step(s: Setup, state: TrainState):
     return jit_train_step(s.cfg, s.graphdef, s.optimizer, s.train_temperature, state_sh, s.mesh)
 
 
-def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds) -> dict[str, Any]:
-    mask = sharding.to_host(ro.response_mask)  # global arrays: every process computes the same metrics
-    lengths = sharding.to_host(ro.lengths)
-    entropy = sharding.to_host(ro.entropy)
-    zero_std = np.all(reward_ng == reward_ng[:, :1], axis=1)
-    has_clip = sharding.to_host(clips.mask_bt).reshape(reward_ng.shape[0], -1).any(axis=1)
+def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds, num_expert: int = 0) -> dict[str, Any]:
+    """Rollout metrics (every process computes the same from the gathered arrays); with LUFFY
+    (``num_expert = k``) reward, accuracy and lengths are the on-policy rows' (what the policy does),
+    the expert rows' under ``expert/``."""
+    n, g = reward_ng.shape
+    zero_std = np.all(reward_ng == reward_ng[:, :1], axis=1)  # of the mixed group: what the advantage sees
+    has_clip = sharding.to_host(clips.mask_bt).reshape(n, -1).any(axis=1)
+    on_b = ~offpolicy.expert_rows(n * g, g, num_expert)
+    all_lengths = sharding.to_host(ro.lengths)
+    mask = sharding.to_host(ro.response_mask)[on_b]
+    lengths = all_lengths[on_b]
+    entropy = sharding.to_host(ro.entropy)[on_b]
+    truncated = sharding.to_host(ro.truncated)[on_b]
+    if num_expert:
+        expert = {"expert/reward_mean": reward_ng[:, g - num_expert :].mean(),
+                  "expert/accuracy": correct_ng[:, g - num_expert :].mean(),
+                  "expert/len_mean": all_lengths[~on_b].mean()}  # fmt: skip
+        reward_ng, correct_ng = reward_ng[:, : g - num_expert], correct_ng[:, : g - num_expert]
     m = {
         "reward/mean": reward_ng.mean(),
         "reward/std": reward_ng.std(),
@@ -80,7 +92,7 @@ def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds) -> dict[str
         "groups/zero_std_frac": zero_std.mean(),
         "response/len_mean": lengths.mean(),
         "response/len_max": lengths.max(),
-        "response/clip_ratio": sharding.to_host(ro.truncated).mean(),
+        "response/clip_ratio": truncated.mean(),
         "entropy/mean": (entropy * mask).sum() / max(mask.sum(), 1),
         # prompts whose only learning signal this step is the echo term
         "echo/only_signal_frac": (zero_std & has_clip).mean(),
@@ -88,6 +100,8 @@ def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds) -> dict[str
     }
     m.update({f"echo/{k}": v for k, v in clips.metrics.items()})
     m.update({f"reward_info/{k}": v for k, v in info.items()})
+    if num_expert:
+        m.update(expert)
     return m
 
 
@@ -165,6 +179,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     """Runs ``cfg.train.steps`` RL steps (resuming from the workdir if a checkpoint exists)."""
     s = setup or build_setup(cfg)
     tc, rl = cfg.train, cfg.rl
+    k = cfg.objective.expert_per_group  # LUFFY expert rows per group
+    if k and s.experts is None:
+        raise ValueError(f"objective.expert_per_group={k} but the setup was built without expert responses")
     start, state, checkpointer = _open_run(s, s.state)
     log = MetricsLog(tc.workdir, resume_step=start)
     train_step = _jit_train_step(s, state)
@@ -198,6 +215,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
             dynamic_sampling=cfg.objective.dynamic_sampling,
             echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
             max_rounds=rl.max_sample_rounds, timings=timings, records=s.train_records,
+            add_experts=s.experts.add_to if s.experts is not None else None,
         )  # fmt: skip
         ro = got.rollout
         t0 = time.perf_counter()
@@ -207,14 +225,16 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
             ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid)
         else:
             ref_logp = jnp.zeros_like(old_logp)
-        full = UpdateBatch(ro.tokens, ro.valid, ro.response_mask, adv_bt, old_logp, ref_logp, clips.mask_bt)
+        expert_b = jnp.asarray(offpolicy.expert_rows(ro.tokens.shape[0], rl.group_size, k))
+        full = UpdateBatch(ro.tokens, ro.valid, ro.response_mask, adv_bt, old_logp, ref_logp, clips.mask_bt,
+                           ro.response_mask & expert_b[:, None])  # fmt: skip
         extra = {}
         if echo_norm is not None and step % tc.echo_grad_norm_every == 0:
             extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh))
         state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step)
         jax.block_until_ready(state.params)
         timings["update"] = time.perf_counter() - t0
-        metrics = _rollout_metrics(ro, sharding.to_host(reward_dev), got.correct_ng, clips, got.info, got.rounds)
+        metrics = _rollout_metrics(ro, sharding.to_host(reward_dev), got.correct_ng, clips, got.info, got.rounds, k)
         metrics.update({k: np.mean([float(u[k]) for u in update_metrics]) for k in update_metrics[0]})
         metrics.update(extra)
         metrics["lr"] = float(schedule(int(state.step) - 1))

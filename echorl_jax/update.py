@@ -37,6 +37,7 @@ class UpdateBatch(NamedTuple):
     old_logp_bt: jax.Array  # f32 log pi_old
     ref_logp_bt: jax.Array  # f32 reference log-probs (zeros when KL is off)
     echo_mask_bt: jax.Array  # bool EchoClip tokens
+    offpolicy_bt: jax.Array | None = None  # bool expert (off-policy) tokens, LUFFY; None = all on-policy
 
 
 def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
@@ -114,7 +115,7 @@ def response_logp(graphdef, params, tokens_bs, valid_bs, num_response: int, temp
 
 
 def global_counts(batch: UpdateBatch) -> objectives.GlobalCounts:
-    return objectives.global_counts(batch.mask_bt, batch.echo_mask_bt)
+    return objectives.global_counts(batch.mask_bt, batch.echo_mask_bt, batch.offpolicy_bt)
 
 
 def split_rows(x: jax.Array, num_chunks: int) -> jax.Array:
@@ -184,7 +185,8 @@ def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig,
     def loss_fn(params, mb: UpdateBatch, counts):
         t = mb.mask_bt.shape[1]
         logp, entropy = response_logp(graphdef, params, mb.tokens_bs, mb.valid_bs, t, temperature)
-        loss_batch = objectives.LossBatch(mb.mask_bt, mb.adv_bt, mb.old_logp_bt, mb.ref_logp_bt, mb.echo_mask_bt)
+        loss_batch = objectives.LossBatch(mb.mask_bt, mb.adv_bt, mb.old_logp_bt, mb.ref_logp_bt, mb.echo_mask_bt,
+                                          mb.offpolicy_bt)  # fmt: skip
         return objectives.total_loss(logp, entropy, loss_batch, counts, obj_cfg, echo_cfg)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -23,6 +23,8 @@ EXPECTED = {
     "rloo": dict(estimator="rloo", policy_loss="ppo"),
     "reinforce_pp": dict(estimator="reinforce_pp", policy_loss="ppo"),
     "cispo": dict(policy_loss="cispo", clip_low=1.0),
+    "luffy": dict(estimator="drgrpo", policy_loss="ppo", aggregation="seq-mean-token-sum-norm", expert_per_group=1,
+                  shaping_gamma=0.1, entropy_coef=0.001),
 }
 
 

@@ -38,10 +38,14 @@ def test_every_preset_runs_one_rl_step(tmp_path):
             assert cfg.objective.overlong_buffer == round(0.2 * cfg.sampling.max_new_tokens)
         # One model, data pipeline and sampler for all presets (the sampler compiles once); the
         # objective's train step is rebuilt from the setup's config, so swap that in.
-        setup = None if setup is None else dataclasses.replace(setup, cfg=cfg)
+        # luffy draws G - k rollouts and appends k expert rows (the arith task's worked solutions): its own setup.
+        same_layout = setup is not None and setup.cfg.objective.expert_per_group == cfg.objective.expert_per_group
+        setup = dataclasses.replace(setup, cfg=cfg) if same_layout else None
         out = train.train(cfg, setup=setup)
         setup = out["setup"]
         assert out["step"] == 1
         rows = [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if r["kind"] == "train"]
         assert [r["step"] for r in rows] == [1], name
         assert np.isfinite(rows[0]["loss"]) and np.isfinite(rows[0]["grad_norm"]), (name, rows[0])
+        if name == "luffy":  # the expert rows are the task's worked solutions, verified correct
+            assert rows[0]["expert/accuracy"] == 1.0 and 0 < rows[0]["offpolicy_prob"] < 1
