@@ -11,7 +11,7 @@ turns it on (lambda = 0.001). (``objective.method=METHOD+echo`` would contradict
 ``echo.enabled=False`` and is refused.)
 
 Data: the parquet files ``python -m echorl_jax.data_prep`` writes under ``$ECHORL_DATA``
-(default ``data/paper``); override with ``--config.data.train=...`` / ``--config.data.eval=...``.
+(default ``data``: ``data/openr1_math_46k.parquet``, ``data/eval/<benchmark>.parquet``); override with ``--config.data.train=...`` / ``--config.data.eval=...``.
 
 Memory: ``per_device_gib`` is the estimate behind each recipe's accelerator line (docs/recipes.md). It
 counts fp32 parameters + gradients + AdamW moments (16 B/param) sharded over all devices (mesh (1, -1, 1):
@@ -23,7 +23,7 @@ and check the compiled step's memory on the first run.
 
 import os
 
-DATA = os.environ.get("ECHORL_DATA", "data/paper")
+DATA = os.environ.get("ECHORL_DATA", "data")  # where data_prep writes
 
 # Hub id, architecture numbers for the memory estimate, and the accelerator plan per model.
 MODELS = {
@@ -79,7 +79,7 @@ def paper_config(model: str, method: str) -> dict:
                   **m["context"]},
         "mesh": {"shape": (1, -1, 1)},  # FSDP over every device
         # Prompts are chat messages (data_prep): rendered with the tokenizer's chat template.
-        "data": {"train": f"{DATA}/openr1_math_46k.parquet", "eval": f"{DATA}/math500.parquet",
+        "data": {"train": f"{DATA}/openr1_math_46k.parquet", "eval": f"{DATA}/eval/math500.parquet",
                  "max_prompt_len": PROMPT_LEN, "on_overlong": "drop"},
         "sampling": {"temperature": 1.0, "max_new_tokens": RESPONSE_LEN},
         "reward": {"name": "math"},
