@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         overrides = config_lib.parse_overrides(rest)
-        maybe_init_distributed()
+        maybe_init_distributed(config_lib.DistConfig())  # env / TPU-VM detection; the run's config is built later
         run(args, overrides)
     except _user_errors() as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
