@@ -1,10 +1,14 @@
 """GRPO vs GRPO+EchoRL and DAPO vs DAPO+EchoRL on the same seeds and data.
 
-``python -m echorl_jax.main --compare [--config FILE] [overrides]`` runs every
-(method, echo on/off, seed) of the base config in one process and writes
-``compare.md`` / ``compare.json`` in the base workdir: final held-out accuracy
-mean ± std per method, the paired EchoRL gap and its spread, and EchoRL's
-wall-clock time per RL step as a ratio to the same method without it.
+``python -m echorl_jax.main --compare [--config FILE] [--parallel N] [overrides]`` runs every
+(method, echo on/off, seed) of the base config and writes ``compare.md`` / ``compare.json`` in the base
+workdir: final held-out accuracy mean ± std per method, the paired EchoRL gap and its spread, and
+EchoRL's wall-clock time per RL step as a ratio to the same method without it.
+
+One warm start is shared by every run. With ``--parallel 1`` (the default on CPU) the runs go one
+after another in this process; with N > 1 (the default on a GPU: 8) the warm start is trained first in
+its own process, then up to N runs at once as child processes (``launch.py``), each loading it.
+On a GPU every run uses deterministic XLA ops (``--xla_gpu_deterministic_ops=true``).
 """
 
 from __future__ import annotations
@@ -12,23 +16,34 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from typing import Mapping
 
 import numpy as np
 
 from echorl_jax import config as config_lib
+from echorl_jax import launch
 from echorl_jax.metrics_log import read_jsonl
 from echorl_jax.report import markdown_table
 
 METHODS = ("grpo", "dapo")
+GPU_PARALLEL = 8  # small runs at once on one GPU (the H200 measurement ran eight)
+
+
+def _name(method: str, echo: bool) -> str:
+    return f"{method}{'+echo' if echo else ''}"
 
 
 def _variant(cfg: config_lib.Config, given: Mapping, method: str, echo: bool, seed: int) -> config_lib.Config:
+    return config_lib.build_config(variant_values(cfg, given, method, echo, seed))
+
+
+def variant_values(cfg: config_lib.Config, given: Mapping, method: str, echo: bool, seed: int) -> dict:
     """The base run's own settings (``given``: config file + overrides, not the resolved config, so that
     architecture fields read from ``model.path`` are not re-stated) with another method preset, EchoRL on or
     off, and its own seed and workdir. Objective fields the user set explicitly win over every preset."""
     base = cfg.train.workdir
-    name = f"{method}{'+echo' if echo else ''}"
+    name = _name(method, echo)
     values = copy.deepcopy(dict(given))
     values["objective"] = {**values.get("objective", {}), "method": method}
     values["echo"] = {**values.get("echo", {}), "enabled": echo}
@@ -37,7 +52,7 @@ def _variant(cfg: config_lib.Config, given: Mapping, method: str, echo: bool, se
                        "progress": False, "export_hf": False, "resume": False, "echo_grad_norm_every": 0}  # fmt: skip
     # One warm start (sft.seed) shared by every method and RL seed: the comparison isolates the RL phase.
     values["sft"] = {**values.get("sft", {}), "cache_dir": cfg.sft.cache_dir or os.path.join(base, "warmstart")}
-    return config_lib.build_config(values)
+    return values
 
 
 def final_eval(workdir: str) -> dict:
@@ -51,30 +66,76 @@ def mean_step_time(workdir: str) -> float:
     return float(np.mean(times)) if times else float("nan")
 
 
-def run(cfg: config_lib.Config, given: Mapping, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
-    """``given``: the base run's config-file values merged with its overrides (``config.merge_given``)."""
+def run(cfg: config_lib.Config, given: Mapping, seeds: tuple[int, ...] = (0, 1, 2), *, parallel: int = 0,
+        platform: str | None = None, methods: tuple[str, ...] = METHODS) -> dict:  # fmt: skip
+    """``given``: the base run's config-file values merged with its overrides (``config.merge_given``).
+    ``parallel``: runs at once, as child processes (0: 8 on a GPU, else 1 = one after another here);
+    ``platform``: JAX's backend (default: asked of a child process, see ``launch.jax_platform``)."""
+    platform = platform or launch.jax_platform()
+    parallel = parallel or (GPU_PARALLEL if platform == "gpu" else 1)
+    runs = [(method, echo, seed) for seed in seeds for method in methods for echo in (False, True)]
+    if parallel > 1:
+        _run_children(cfg, given, runs, parallel, platform)
+    else:
+        _run_here(cfg, given, runs, platform)
+    results: dict[str, dict[int, dict]] = {}
+    for method, echo, seed in runs:
+        workdir = variant_values(cfg, given, method, echo, seed)["train"]["workdir"]
+        results.setdefault(_name(method, echo), {})[seed] = {
+            "eval": final_eval(workdir),
+            "step_time": mean_step_time(workdir),
+        }
+    return write(cfg, results, seeds, methods, note=_how_run(platform, min(parallel, len(runs))))
+
+
+def _how_run(platform: str, parallel: int) -> str:
+    """compare.md's line on determinism and concurrency."""
+    flags = (launch.child_env(platform) if parallel > 1 else os.environ).get("XLA_FLAGS", "")
+    exact = {"cpu": "deterministic", "gpu": f"{'' if launch.is_deterministic(flags) else 'non-'}deterministic XLA ops"}
+    how = (f"{parallel} runs at once as processes (step times include sharing the device)" if parallel > 1
+           else "one run after another in one process")  # fmt: skip
+    return f"Platform {platform} ({exact.get(platform, 'determinism not measured')}); {how}."
+
+
+def _run_here(cfg: config_lib.Config, given: Mapping, runs, platform: str) -> None:
+    """One after another in this process; the first run trains the warm start, the others load it."""
     from echorl_jax import train
 
-    results: dict[str, dict[int, dict]] = {}
-    for seed in seeds:
-        for method in METHODS:
-            for echo in (False, True):
-                v = _variant(cfg, given, method, echo, seed)
-                name = f"{method}{'+echo' if echo else ''}"
-                print(f"[compare] {name} seed {seed} -> {v.train.workdir}", flush=True)
-                train.train(v)
-                results.setdefault(name, {})[seed] = {
-                    "eval": final_eval(v.train.workdir),
-                    "step_time": mean_step_time(v.train.workdir),
-                }
-    return write(cfg, results, seeds)
+    if platform == "gpu" and not launch.is_deterministic(os.environ.get("XLA_FLAGS", "")):
+        print("[compare] warning: XLA_FLAGS lacks --xla_gpu_deterministic_ops=true, so GPU runs are not "
+              "reproducible (python -m echorl_jax.main --compare sets it before JAX starts)", flush=True)  # fmt: skip
+    for method, echo, seed in runs:
+        v = _variant(cfg, given, method, echo, seed)
+        print(f"[compare] {_name(method, echo)} seed {seed} -> {v.train.workdir}", flush=True)
+        train.train(v)
 
 
-def write(cfg: config_lib.Config, results: dict, seeds) -> dict:
+def _run_children(cfg: config_lib.Config, given: Mapping, runs, parallel: int, platform: str) -> None:
+    """The warm start first, in one process (``sft.py``'s cache is not safe for two writers of the same
+    entry), then up to ``parallel`` runs at once, each loading it from ``sft.cache_dir``."""
+    env = launch.child_env(platform)
+    root = os.path.join(cfg.train.workdir, "compare")
+    jobs = []
+    for method, echo, seed in runs:
+        values = variant_values(cfg, given, method, echo, seed)
+        workdir = values["train"]["workdir"]
+        config_file = launch.write_config_file(os.path.join(workdir, "run_config.py"), values)
+        argv = launch.python_module("echorl_jax.main", "--config", config_file)
+        jobs.append(launch.Job(f"{_name(method, echo)} seed {seed}", argv, os.path.join(workdir, "run.log"), env))
+    if cfg.sft.steps > 0:
+        method, echo, seed = runs[0]
+        config_file = launch.write_config_file(os.path.join(root, "warmstart_config.py"),
+                                               variant_values(cfg, given, method, echo, seed))  # fmt: skip
+        argv = launch.python_module("echorl_jax.compare", "--warm-start", config_file)
+        launch.run_all([launch.Job("warm start", argv, os.path.join(root, "warmstart.log"), env)], 1)
+    launch.run_all(jobs, parallel)
+
+
+def write(cfg: config_lib.Config, results: dict, seeds, methods: tuple[str, ...] = METHODS, note: str = "") -> dict:
     k = cfg.train.eval_samples
     key = f"avg@{k}"
     rows, summary = [], {}
-    for method in METHODS:
+    for method in methods:
         base = np.array([results[method][s]["eval"].get(key, np.nan) for s in seeds])
         echo = np.array([results[method + "+echo"][s]["eval"].get(key, np.nan) for s in seeds])
         t_base = np.array([results[method][s]["step_time"] for s in seeds])
@@ -94,7 +155,7 @@ def write(cfg: config_lib.Config, results: dict, seeds) -> dict:
         "",
         f"Seeds {list(seeds)}; {cfg.train.steps} RL steps; {cfg.rl.prompts_per_step} prompts × {cfg.rl.group_size} "
         f"rollouts; one warm start ({cfg.sft.steps} SFT steps, sft.seed={cfg.sft.seed}) shared by every run; held-out "
-        f"{key} at temperature {cfg.train.eval_temperature}. ± is the sample std over seeds.",
+        f"{key} at temperature {cfg.train.eval_temperature}. ± is the sample std over seeds. {note}".rstrip(),
         "",
         table,
         "",
@@ -108,3 +169,16 @@ def write(cfg: config_lib.Config, results: dict, seeds) -> dict:
     print(text)
     return summary
 
+
+
+def warm_start_only(cfg: config_lib.Config) -> None:
+    """Trains and caches ``cfg``'s warm start (building the run's setup does it) and nothing else."""
+    from echorl_jax import setup
+
+    setup.build_setup(cfg)
+
+
+if __name__ == "__main__":  # the comparison's warm-start process: python -m echorl_jax.compare --warm-start FILE
+    if sys.argv[1:2] != ["--warm-start"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m echorl_jax.compare --warm-start CONFIG_FILE")
+    warm_start_only(config_lib.build_config(config_lib.load_config_file(sys.argv[2])))

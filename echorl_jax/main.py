@@ -21,6 +21,10 @@ def parse_args(argv: list[str]):
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--compare", action="store_true", help="run the GRPO/DAPO ± EchoRL comparison instead")
     parser.add_argument("--seeds", default="0,1,2", help="RL seeds for --compare (comma-separated)")
+    parser.add_argument("--parallel", type=int, default=0,
+                        help="--compare: runs at once, as child processes (default: 8 on a GPU, else 1)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic XLA ops on a GPU (always on with --compare; CPU runs are deterministic)")
     args, rest = parser.parse_known_args(argv)
     values = config_lib.load_config_file(args.config) if args.config else default_values()
     overrides = config_lib.parse_overrides(rest)
@@ -135,23 +139,48 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(values, indent=2))
         return 0
+    from echorl_jax import launch
+
     try:
+        # Before anything starts JAX's backend (nothing above has): XLA reads XLA_FLAGS only then.
+        platform = launch.deterministic_ops_here() if args.compare or args.deterministic else None
         maybe_init_distributed(cfg.dist)
+        parallel = compare_parallel(args.parallel, cfg.dist) if args.compare else 1
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except launch.RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     from echorl_jax import compare, report, train
 
     try:
         if args.compare:
-            compare.run(cfg, args.given, seeds=tuple(int(x) for x in args.seeds.split(",") if x))
+            seeds = tuple(int(x) for x in args.seeds.split(",") if x)
+            compare.run(cfg, args.given, seeds=seeds, parallel=parallel, platform=platform)
             return 0
         result = train.train(cfg)
     except _user_errors() as e:  # bad paths, data rows, checkpoints, a changed config: a message, not a traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except launch.RunFailed as e:  # a --compare run, with the end of its log
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     report.write_report(cfg, result)
     return 0
+
+
+def compare_parallel(requested: int, dist) -> int:
+    """``--parallel`` for this process: 1 in a multi-process job (TPU VM, SLURM, jax.distributed), where
+    every process runs the same runs together; otherwise as requested (0: ``compare.run`` decides)."""
+    from echorl_jax.config import ConfigError
+
+    if distributed_args(dist, os.environ) is None:
+        return requested
+    if requested > 1:
+        raise ConfigError(f"--parallel {requested}: runs cannot be child processes in a multi-process job "
+                          "(TPU VM, SLURM or dist.*); leave --parallel out")  # fmt: skip
+    return 1
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
