@@ -233,8 +233,12 @@ def _load_cached(path: str, model: nnx.Module, mesh) -> bool:
     return True
 
 
-def _store_cached(path: str, model: nnx.Module, tokenizer) -> None:
-    """Exports to a temp dir beside ``path``, then renames it into place (atomic on one filesystem)."""
+def _store_cached(path: str, model: nnx.Module, tokenizer, replace_stale: bool = False) -> None:
+    """Exports to a temp dir beside ``path``, then renames it into place (atomic on one filesystem).
+
+    Several processes may finish the same entry at once (runs sharing ``sft.cache_dir``): the first
+    rename wins and the others drop their copy (same key, same weights). An existing entry is removed
+    only when ``replace_stale`` (it was there at the start and failed to load)."""
     from echorl_jax.models import hf
 
     cache_dir = os.path.dirname(path)
@@ -246,9 +250,16 @@ def _store_cached(path: str, model: nnx.Module, tokenizer) -> None:
     os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
     try:
         hf.export_model(model, tmp, tokenizer)
-        if os.path.isdir(path):  # a stale entry that failed to load
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if replace_stale and os.path.isdir(path):
+            stale = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.stale-", dir=cache_dir)
+            os.replace(path, os.path.join(stale, "entry"))  # atomic: readers see the old entry or none
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process stored this entry first: keep it
+            if not os.path.isdir(path):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -347,5 +358,5 @@ def warm_start(
             log_fn(step, host)
     nnx.update(model, params)
     if path is not None:
-        _store_cached(path, model, tokenizer)
+        _store_cached(path, model, tokenizer, replace_stale=hit)
     return model

@@ -187,3 +187,18 @@ def test_cache_reuses_result_and_keys_change(tok, records, mesh, tmp_path):
     assert len({key, *changed}) == len(changed) + 1
     # Where the cache lives is not part of what it holds.
     assert sft.cache_key(tiny_model(mesh), tok, records, dataclasses.replace(cfg, cache_dir="/x"), **kw) == key
+
+
+def test_cache_store_is_safe_when_another_process_stored_the_entry_first(tok, records, mesh, tmp_path):
+    """Two runs sharing sft.cache_dir finish the same entry: the first rename wins, nothing is deleted."""
+    cache = str(tmp_path / "warm")
+    model = tiny_model(mesh)
+    path = os.path.join(cache, "entry")
+    sft._store_cached(path, model, tok)  # the other process's finished entry
+    marker = os.path.join(path, "written_first")
+    open(marker, "w").close()
+    sft._store_cached(path, tiny_model(mesh, seed=1), tok)  # ours, finished a moment later
+    assert os.path.isfile(marker)  # theirs kept (it may be being read), ours dropped
+    assert [n for n in os.listdir(cache) if n.startswith(".")] == []  # no temp dirs left behind
+    sft._store_cached(path, tiny_model(mesh, seed=1), tok, replace_stale=True)  # a stale entry is replaced
+    assert not os.path.exists(marker) and os.path.isfile(os.path.join(path, "model.safetensors"))
