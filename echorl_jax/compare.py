@@ -47,9 +47,10 @@ def variant_values(cfg: config_lib.Config, given: Mapping, method: str, echo: bo
     values = copy.deepcopy(dict(given))
     values["objective"] = {**values.get("objective", {}), "method": method}
     values["echo"] = {**values.get("echo", {}), "enabled": echo}
-    # The echo grad-norm diagnostic costs an extra backward: off, so the time ratio is EchoRL's own cost.
+    # The echo grad-norm diagnostic (an extra backward) runs only if the config asks for it; its steps are
+    # left out of the step times, so the time ratio stays EchoRL's own cost.
     values["train"] = {**values.get("train", {}), "seed": seed, "workdir": os.path.join(base, "compare", name, f"seed{seed}"),
-                       "progress": False, "export_hf": False, "resume": False, "echo_grad_norm_every": 0}  # fmt: skip
+                       "progress": False, "export_hf": False, "resume": False}  # fmt: skip
     # One warm start (sft.seed) shared by every method and RL seed: the comparison isolates the RL phase.
     values["sft"] = {**values.get("sft", {}), "cache_dir": cfg.sft.cache_dir or os.path.join(base, "warmstart")}
     return values
@@ -62,8 +63,26 @@ def final_eval(workdir: str) -> dict:
 
 def mean_step_time(workdir: str) -> float:
     rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("kind") == "train"]
-    times = [r["time/step"] for r in rows[1:]] or [r["time/step"] for r in rows]  # skip the compiling step
+    plain = [r for r in rows[1:] if "echo/grad_norm" not in r]  # skip the compiling step and diagnostic steps
+    times = [r["time/step"] for r in plain] or [r["time/step"] for r in rows]
     return float(np.mean(times)) if times else float("nan")
+
+
+def regime(workdir: str, key: str) -> dict:
+    """Where the run spent its steps: held-out ``key`` per evaluation, the all-success fraction of groups
+    in the first and last quarter of the steps, and the echo term's gradient norm as a share of the
+    update's (``train.echo_grad_norm_every`` steps; NaN without them)."""
+    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    q = max(len(train_rows) // 4, 1)
+    frac = [r.get("echo/frac_all_success", np.nan) for r in train_rows]
+    share = [r["echo/grad_norm"] / r["grad_norm"] for r in train_rows if r.get("echo/grad_norm") and r.get("grad_norm")]
+    return {
+        "curve": [(r["step"], r.get(key)) for r in rows if r.get("kind") == "eval"],
+        "all_success_first": float(np.nanmean(frac[:q])) if frac else float("nan"),
+        "all_success_last": float(np.nanmean(frac[-q:])) if frac else float("nan"),
+        "echo_grad_share": float(np.mean(share)) if share else float("nan"),
+    }
 
 
 def run(cfg: config_lib.Config, given: Mapping, seeds: tuple[int, ...] = (0, 1, 2), *, parallel: int = 0,
@@ -84,6 +103,7 @@ def run(cfg: config_lib.Config, given: Mapping, seeds: tuple[int, ...] = (0, 1, 
         results.setdefault(_name(method, echo), {})[seed] = {
             "eval": final_eval(workdir),
             "step_time": mean_step_time(workdir),
+            "regime": regime(workdir, f"avg@{cfg.train.eval_samples}"),
         }
     return write(cfg, results, seeds, methods, note=_how_run(platform, min(parallel, len(runs))))
 
@@ -142,14 +162,19 @@ def write(cfg: config_lib.Config, results: dict, seeds, methods: tuple[str, ...]
         t_echo = np.array([results[method + "+echo"][s]["step_time"] for s in seeds])
         gap = echo - base
         ratio = t_echo.mean() / t_base.mean()
-        summary[method] = dict(base=base.tolist(), echo=echo.tolist(), gap_mean=gap.mean(), gap_std=gap.std(ddof=1),
+        summary[method] = dict(base=base.tolist(), echo=echo.tolist(), gap_mean=gap.mean(), gap_std=_sd(gap),
                                step_time_base=t_base.mean(), step_time_echo=t_echo.mean(), overhead_ratio=ratio)  # fmt: skip
-        rows.append((method, f"{base.mean():.3f} ± {base.std(ddof=1):.3f}", f"{echo.mean():.3f} ± {echo.std(ddof=1):.3f}",
-                     f"{gap.mean():+.3f} ± {gap.std(ddof=1):.3f}", f"{t_base.mean():.2f}", f"{t_echo.mean():.2f}",
+        rows.append((method, f"{base.mean():.3f} ± {_sd(base):.3f}", f"{echo.mean():.3f} ± {_sd(echo):.3f}",
+                     f"{gap.mean():+.3f} ± {_sd(gap):.3f}", f"{t_base.mean():.2f}", f"{t_echo.mean():.2f}",
                      f"{ratio:.3f}"))  # fmt: skip
     header = ["method", f"held-out {key} (base)", f"{key} (+EchoRL)", "gap (paired, ± std)", "s/step base",
               "s/step +EchoRL", "time ratio"]  # fmt: skip
     table = markdown_table(header, rows)
+    regime_table = markdown_table(
+        ["run", "all-success groups (first → last quarter)", "echo grad share", f"held-out {key} by step"],
+        [_regime_row(name, [results[name][s].get("regime") for s in seeds])
+         for method in methods for name in (method, method + "+echo")],
+    )  # fmt: skip
     text = "\n".join([
         "# GRPO/DAPO vs +EchoRL",
         "",
@@ -158,6 +183,11 @@ def write(cfg: config_lib.Config, results: dict, seeds, methods: tuple[str, ...]
         f"{key} at temperature {cfg.train.eval_temperature}. ± is the sample std over seeds. {note}".rstrip(),
         "",
         table,
+        "",
+        "Regime (means over seeds; echo grad share = ||grad of λ·L_echo|| / ||grad of the whole loss||, on the "
+        "steps that logged it):",
+        "",
+        regime_table,
         "",
     ])  # fmt: skip
     base_dir = cfg.train.workdir
@@ -169,6 +199,26 @@ def write(cfg: config_lib.Config, results: dict, seeds, methods: tuple[str, ...]
     print(text)
     return summary
 
+
+
+def _sd(x: np.ndarray) -> float:
+    """Sample std over seeds (0 for a single seed, which has no spread to report)."""
+    return float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+def _regime_row(name: str, regimes: list) -> tuple:
+    regimes = [r for r in regimes if r]
+    if not regimes:
+        return (name, "-", "-", "-")
+    mean = lambda k: float(np.nanmean([r[k] for r in regimes]))
+    curve = {}
+    for r in regimes:
+        for step, v in r["curve"]:
+            curve.setdefault(step, []).append(v if v is not None else np.nan)
+    by_step = ", ".join(f"{step}: {np.nanmean(v):.3f}" for step, v in sorted(curve.items()))
+    share = mean("echo_grad_share")
+    return (name, f"{mean('all_success_first'):.2f} → {mean('all_success_last'):.2f}",
+            "-" if np.isnan(share) else f"{share:.2e}", by_step)  # fmt: skip
 
 
 def warm_start_only(cfg: config_lib.Config) -> None:
