@@ -13,8 +13,28 @@ rows, group-major: row ``b = n·G + g``). Inside one ``jit``:
    slot, so early steps need not read (attend over) the empty tail — on CPU
    the decode step is dominated by reading the cache.
 
-Shapes are fixed, so the program compiles once per (N, P) and config and is
-reused every RL step. The sampler takes the nnx ``State`` the trainer trains,
+Continuous batching (``sampling.slots``, 0 < S < N·G): all N prompts are
+prefilled once up front into a per-prompt cache [N, P]; S decode slots hold
+rollouts. When a rollout stops (or reaches T) its slot takes the next pending
+rollout r = n·G + g at the next iteration: prompt n's KV is copied into the
+slot's first P cache slots and its first token is drawn from prompt n's
+prefill logits. The slot table (rollout id, own step) and the insert step live
+inside one ``lax.while_loop`` with fixed shapes; outputs are written per
+rollout id, so the Rollout contract is unchanged. Draws use the stream of the
+rollout id and the rollout's own step, so a rollout's tokens depend on (seed,
+rollout id) only and equal the one-row-per-rollout loop's. The KV cache is
+S × (P + T) instead of N·G × (P + T) (``kv_bytes_per_slot``); no segments
+(slots are at different steps): every step reads the whole cache, masked.
+
+Prompt buckets (``sampling.prompt_buckets``): before prefill the host trims the
+left-padding columns of the [N, P] prompt batch to the smallest power of two
+(>= 16, capped at P) that holds the longest prompt, and pads the outputs back
+to P. Short batches then prefill and attend over, e.g., 64 columns instead of
+2,048, at the price of one compiled program per bucket (at most log2(P/16)+1
+shapes, ~8 for P = 2,048). Padding is masked, so rollouts are the same.
+
+Shapes are fixed, so the program compiles once per (N, bucket) and config and
+is reused every RL step. The sampler takes the nnx ``State`` the trainer trains,
 so sampling reads the same sharded parameters: no weight copy.
 
 Log-probs convention: ``behaviour_logp`` is the log-prob of the sampled token
