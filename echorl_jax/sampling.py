@@ -176,6 +176,12 @@ def inverse_cdf(w_bv, u_b, chunk: int = 256):
 TOP_P_CANDIDATES = 1024  # top-p alone: the nucleus is looked for among this many top tokens first
 
 
+def _top_k(x_bv, k: int):
+    """``lax.top_k`` kept a TopK op: without the barrier, XLA:CPU turned top-k followed by the
+    draw's gather into a full sort of the vocabulary (47 ms vs 1.1 ms at [64, 4096], bench/README.md)."""
+    return jax.lax.optimization_barrier(jax.lax.top_k(x_bv, k))
+
+
 def _truncated_draw(cand_bc, ids_bc, u_b, top_p: float, total_b=None):
     """Inverse-CDF draw among descending candidates, cut to the nucleus when ``top_p < 1``.
 
@@ -205,7 +211,7 @@ def _nucleus_draw(scaled_bv, u_b, top_p: float, candidates: int):
     if candidates >= v:
         neg_bv, ids_bv = jax.lax.sort_key_val(-scaled_bv, iota(), dimension=-1)
         return _truncated_draw(-neg_bv, ids_bv, u_b, top_p)
-    cand_bc, ids_bc = jax.lax.top_k(scaled_bv, candidates)
+    cand_bc, ids_bc = _top_k(scaled_bv, candidates)
     total_b = jnp.sum(jnp.exp(scaled_bv - cand_bc[:, :1]), axis=-1)
     covered = jnp.all(jnp.sum(jnp.exp(cand_bc - cand_bc[:, :1]), axis=-1) >= top_p * total_b)
 
@@ -238,7 +244,7 @@ def choose_tokens(logits_bv, keys_b, cfg: SamplingConfig, top_p_candidates: int 
         tokens_b = inverse_cdf(jnp.exp(scaled_bv - m_b), u_b)  # XLA shares this exp with logp_entropy_of
         return (tokens_b, *logp_entropy_of(scaled_bv, tokens_b))
     if top_k:
-        cand_bc, ids_bc = jax.lax.top_k(scaled_bv, top_k)  # sorted descending
+        cand_bc, ids_bc = _top_k(scaled_bv, top_k)  # sorted descending
         tokens_b = _truncated_draw(cand_bc, ids_bc, u_b, cfg.top_p)
     else:
         tokens_b = _nucleus_draw(scaled_bv, u_b, cfg.top_p, top_p_candidates)
@@ -594,16 +600,20 @@ class Sampler:
 
         Inserting rollout r = n·G + g copies prompt n's prefill KV into the slot's first P cache
         slots and clears the rest of its valid row; its first token is drawn from prompt n's
-        prefill logits (the slot's forward that iteration feeds a dummy token whose key goes to
-        slot P+T-1, which no real token uses, marked invalid). Each draw uses the stream
-        fold_in(fold_in(rng, r), t) with t the rollout's own step, and each rollout attends over
-        exactly its own prompt and tokens, so rollouts equal the one-row-per-rollout loop's.
+        prefill logits (the slot's forward that iteration feeds a dummy token, marked invalid).
+        The last T cache slots are a ring: iteration i writes every row's new key into column
+        P + i mod T (one shared column: an in-place dynamic-update-slice; a per-row scatter into
+        the layer-scanned cache made XLA copy the whole cache). A rollout lives at most T
+        iterations, so it never overwrites its own keys; ``valid_bk`` masks the rest (``ring``).
+        Each draw uses the stream fold_in(fold_in(rng, r), t) with t the rollout's own step, and
+        each rollout attends over exactly its own prompt and tokens (in ring order: sums may
+        differ from the plain loop's in the last bits), so rollouts equal the one-row-per-rollout
+        loop's.
         """
         cfg, g_size, pad_id, mcfg = self.cfg, self.group_size, self.pad_id, model.cfg
         p, t_max = prompt_valid_np.shape[1], cfg.max_new_tokens
         b_pad = _round_up(b, 1 if self.mesh is None else batch_divisor(self.mesh))
         pk_lngpd, pv_lngpd = prompt_cache.k_lbgkd, prompt_cache.v_lbgkd
-        dummy_slot = p + t_max - 1
 
         def insert(cache, ins_s, rid_s):
             """Copies prompt KV into the slots ``ins_s`` (one dynamic-update-slice per inserted slot)."""
@@ -641,11 +651,10 @@ class Sampler:
             n_s = rid_s // g_size
             fresh_s = st.step_s == 0
             feed_s = active_s & ~fresh_s  # feeds a real token this iteration
-            write_s = jnp.where(feed_s, p + st.step_s - 1, dummy_slot)
             positions_s1 = jnp.maximum(lengths_n[n_s] + st.step_s - 1, 0)[:, None]
+            column = p + st.steps % t_max
             logits_s1v, cache = model(st.last_tok_s[:, None], positions_s1, feed_s[:, None],
-                                      st.cache._replace(pos=write_s))  # fmt: skip
-            cache = cache._replace(pos=st.cache.pos)  # per-row write slots live in step_s; keep the carry's shape
+                                      st.cache._replace(pos=column), ring=True)  # fmt: skip
             logits_sv = jax.lax.cond(jnp.any(fresh_s), lambda: jnp.where(fresh_s[:, None], logits_nv[n_s],
                                                                          logits_s1v[:, 0]),
                                      lambda: logits_s1v[:, 0])  # fmt: skip

@@ -27,9 +27,7 @@ and rolls the hidden states back after them -- two gathers per forward, not per 
 holds for every caller (RL rows, SFT rows).
 
 What runs where: decode steps (one query against the cache) always run ``xla`` (the
-scores are ``[b, n, 1, k]``, small). A decode step may give every row its own query slot
-(``q_start`` of shape ``[b]``): the sampler's slot refill keeps rollouts at different steps
-in one batch. ``cudnn`` and ``splash`` handle the full-sequence
+scores are ``[b, n, 1, k]``, small). ``cudnn`` and ``splash`` handle the full-sequence
 forward; a multi-token step into a cache (the sampler's prefill, a traced ``q_start``)
 runs ``xla_chunked`` for them. Query rows that may attend no key (left padding with
 ``xla``/``xla_chunked``) produce finite, backend-dependent values; callers mask them.
@@ -112,12 +110,9 @@ def attention(q_bsnd, k_bgkd, v_bgkd, valid_bk, *, q_start=0, impl: str = "xla")
     """Causal attention with key validity; ``impl`` is a resolved backend (see ``resolve``).
 
     ``q_start`` is the slot of query 0: the Python int 0 for the full-sequence forward (then
-    ``s == k``), the cache position (traced) for cache steps, or one slot per row (``[b]``) for
-    single-token decode steps.
+    ``s == k``), the cache position (traced) for cache steps.
     """
     s, k = q_bsnd.shape[1], k_bgkd.shape[2]
-    if jnp.ndim(q_start) == 1 and s != 1:
-        raise ValueError(f"per-row q_start needs one query per row (decode); got {s} queries")
     full_sequence = isinstance(q_start, int) and q_start == 0 and s == k
     if impl == "xla" or s == 1:
         return xla_attention(q_bsnd, k_bgkd, v_bgkd, valid_bk, q_start)
@@ -132,8 +127,7 @@ def attention(q_bsnd, k_bgkd, v_bgkd, valid_bk, *, q_start=0, impl: str = "xla")
 
 def _allowed_bsk(valid_bk, q_start, s: int):
     slots = jnp.arange(valid_bk.shape[1])
-    q_slot_bs1 = jnp.reshape(q_start, (-1, 1, 1)) + jnp.arange(s)[None, :, None]  # scalar or per-row start
-    return (slots[None, None, :] <= q_slot_bs1) & valid_bk[:, None, :]
+    return (slots[None, :] <= q_start + jnp.arange(s)[:, None])[None] & valid_bk[:, None, :]
 
 
 def xla_attention(q_bsnd, k_bgkd, v_bgkd, valid_bk, q_start=0):

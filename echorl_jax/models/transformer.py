@@ -25,14 +25,12 @@ from echorl_jax.models.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    """Decode cache. ``pos`` is the next slot to write: a scalar shared by every row, or one slot
-    per row (``[b]``, single-token steps only: the sampler's slot refill). Slot i of row b holds a
-    real token iff ``valid_bk[b, i]``."""
+    """Decode cache. ``pos`` slots are filled; slot i of row b holds a real token iff ``valid_bk[b, i]``."""
 
     k_lbgkd: jax.Array  # per kv head, slots contiguous: decode attention reads [k, d] blocks
     v_lbgkd: jax.Array
     valid_bk: jax.Array  # bool
-    pos: jax.Array  # int32 scalar (or [b]): next slot to write
+    pos: jax.Array  # int32 scalar: next slot to write
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -150,8 +148,12 @@ class Transformer(nnx.Module):
         return {k: getattr(self, k)[...].astype(cdt) for k in self.LAYER_PARAMS if hasattr(self, k)}
 
     def __call__(self, tokens_bs, positions_bs, valid_bs, cache: KVCache | None = None,
-                 logits_slice: tuple[int, int] | None = None, return_hidden: bool = False):  # fmt: skip
-        """``logits_slice=(start, stop)`` computes the output layer on those positions only
+                 logits_slice: tuple[int, int] | None = None, return_hidden: bool = False,
+                 ring: bool = False):  # fmt: skip
+        """``ring``: the cache's slots are not in time order (the sampler's slot refill writes every
+        row's token into one shared column that cycles), so a key is visible iff ``valid_bk`` says so
+        -- no causal cut at ``cache.pos``; the caller keeps future slots invalid.
+        ``logits_slice=(start, stop)`` computes the output layer on those positions only
         (training needs the response positions; the prompt's vocab-sized logits are never built).
         ``return_hidden`` returns the final-normed hidden states ``[b, s, h]`` (compute dtype) instead
         of logits: training applies ``output_head()`` chunk by chunk (models/logprobs.py)."""
@@ -166,17 +168,12 @@ class Transformer(nnx.Module):
             to_bs, back_bs = attn_lib.right_padding_order(valid_bs)
             tokens_bs, positions_bs, valid_bs = (attn_lib.take_columns(a, to_bs)
                                                  for a in (tokens_bs, positions_bs, valid_bs))  # fmt: skip
-        per_row = cache is not None and jnp.ndim(cache.pos) == 1
-        if per_row and s != 1:
-            raise ValueError(f"a per-row cache position takes one token per row; got {s}")
-        rows_b = jnp.arange(tokens_bs.shape[0])
         if cache is None:
             valid_bk, pos, start = valid_bs, None, 0
-        elif per_row:  # each row writes its own slot (a scatter of one [g, d] vector per row)
-            pos = start = cache.pos
-            valid_bk = cache.valid_bk.at[rows_b, pos].set(valid_bs[:, 0])
         else:
             pos = start = cache.pos
+            if ring:
+                start = cache.valid_bk.shape[1] - s  # every slot is "before" the query: valid_bk alone masks
             valid_bk = jax.lax.dynamic_update_slice(cache.valid_bk, valid_bs, (0, pos))
         x = self.embed[...].astype(cdt)[tokens_bs]
 
@@ -198,12 +195,8 @@ class Transformer(nnx.Module):
                 k_all, v_all = k, v
             else:
                 # Write this step's k/v into the cache carried through the scan (updated in place).
-                if per_row:
-                    kc = kc.at[layer, rows_b, :, pos, :].set(k[:, :, 0].astype(kc.dtype))
-                    vc = vc.at[layer, rows_b, :, pos, :].set(v[:, :, 0].astype(vc.dtype))
-                else:
-                    kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, 0, pos, 0))
-                    vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, 0, pos, 0))
+                kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, 0, pos, 0))
+                vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, 0, pos, 0))
                 k_all, v_all = kc[layer].astype(cdt), vc[layer].astype(cdt)
             attn = attn_lib.attention(q, k_all, v_all, valid_bk, q_start=start, impl=impl)
             out = jnp.einsum("bsnd,ndh->bsh", checkpoint_name(attn, "attn_out"), p["wo"])
