@@ -9,6 +9,21 @@ each after a warm-up; our compile time is reported separately.
 
     python bench/sampler.py                       # CPU defaults
     python bench/sampler.py --preset qwen2.5-0.5b # GPU-sized (add --skip-peer without a torch GPU)
+    python bench/sampler.py --workload longtail --batch 64 --group 4 --new-tokens 256 --slots 16
+    python bench/sampler.py --preset qwen2.5-0.5b --workload longtail --batch 1024 --group 8 \
+        --new-tokens 4096 --slots 256                # the issue-10 GPU target
+    python bench/sampler.py --breakdown           # where one decode step's time goes
+
+``--workload longtail``: rollout r stops at a length drawn from a log-normal
+(median T/8, sigma 1, capped at T) through the sampler's bench-only hook
+``bench_stop_lengths`` (the stop id is forced at that step). Three runs of
+ours at the same shape: *uniform* (every rollout T tokens, ``--slots`` rows),
+*long-tail plain* (one row per rollout, the batch decodes until its longest
+row stops) and *long-tail refill* (``sampling.slots``: a stopped row's slot
+takes the next rollout). Reported: useful tokens/s (tokens inside the
+response masks), slot occupancy (useful tokens / (decode steps x rows)) and
+the bandwidth floor (every parameter and the whole KV cache read once per
+step, at ``--bandwidth-gbs``). No peer in this mode.
 """
 
 from __future__ import annotations
@@ -44,6 +59,10 @@ def parse_args(argv=None):
     ap.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth for the floor (H200: 4800)")
     ap.add_argument("--skip-peer", action="store_true", help="time only ours (e.g. GPU without torch CUDA)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workload", choices=("uniform", "longtail"), default="uniform")
+    ap.add_argument("--group", type=int, default=1, help="samples per prompt G (prompts = batch / G)")
+    ap.add_argument("--slots", type=int, default=0, help="longtail: decode slots for refill (0: batch / 4)")
+    ap.add_argument("--breakdown", action="store_true", help="time the pieces of one decode step instead")
     args = ap.parse_args(argv)
     if args.preset:
         explicit = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
@@ -116,6 +135,10 @@ def main(argv=None):
     # Ours: temperature 1.0, no stop ids -> exactly t tokens per row.
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=t)
     graphdef, state = nnx.split(model)
+    if args.breakdown:
+        return breakdown(args, model, state, cfg)
+    if args.workload == "longtail":
+        return longtail(args, graphdef, state, cfg, prompts_np)
     sample = make_sampler(graphdef, cfg, group_size=1, stop_ids=(), pad_id=0)
     t0 = time.perf_counter()
     jax.block_until_ready(sample(state, prompts_np, lengths_n, jax.random.key(0)))
@@ -166,6 +189,117 @@ def main(argv=None):
         print(f"bandwidth floor at {args.bandwidth_gbs:.0f} GB/s: {floor_s * 1e3:.3f} ms/step -> "
               f"<= {b / floor_s:.0f} tokens/s; ours per step {ours_s / t * 1e3:.3f} ms "
               f"({floor_s / (ours_s / t):.0%} of floor)")  # fmt: skip
+
+STOP_ID = 2  # the checkpoint's eos id: the long-tail workload forces it
+
+
+def _timed(fn, *a, reps: int = 1):
+    import jax
+
+    jax.block_until_ready(fn(*a))  # compile + warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = jax.block_until_ready(fn(*a))
+    return (time.perf_counter() - t0) / reps, out
+
+
+def _step_bytes(args, state, rows: int) -> int:
+    """Bytes one decode step must read: every parameter and the whole KV cache of ``rows`` rows."""
+    import jax
+    import jax.numpy as jnp
+
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    kv = 2 * args.layers * rows * (args.prompt_len + args.new_tokens) * args.kv_heads * (args.hidden // args.heads)
+    return param_bytes + kv * jnp.dtype(args.dtype).itemsize
+
+
+def longtail(args, graphdef, state, cfg, prompts_np):
+    """Uniform vs long-tail lengths (plain and slot refill) at one shape; see the module docstring."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from echorl_jax.sampling import decode_rows, make_sampler
+
+    b, p, t, g = args.batch, args.prompt_len, args.new_tokens, args.group
+    if b % g:
+        raise SystemExit(f"--batch {b} must be a multiple of --group {g}")
+    n, slots = b // g, args.slots or max(1, b // 4)
+    prompts, lengths = prompts_np[:n], np.full((n,), p, np.int32)
+    draw = np.random.default_rng(args.seed + 1).normal(np.log(t / 8), 1.0, size=b)
+    stop_at = np.clip(np.rint(np.exp(draw)), 1, t).astype(np.int32)
+    print(f"\nlong-tail lengths (log-normal, median T/8 = {t // 8}, sigma 1, cap T = {t}): mean "
+          f"{stop_at.mean():.0f}, median {np.median(stop_at):.0f}, p90 {np.percentile(stop_at, 90):.0f}, "
+          f"max {stop_at.max()}; {n} prompts x G {g} = {b} rollouts; slots {slots}")  # fmt: skip
+    print(f"\n| {'workload':<18} | {'rows':>5} | {'useful tok/s':>12} | {'wall s':>7} | {'steps':>6} | "
+          f"{'occupancy':>9} | {'floor tok/s':>11} | {'of floor':>8} |")  # fmt: skip
+    print("|" + "|".join("-" * w for w in (20, 7, 14, 9, 8, 11, 13, 10)) + "|")
+    results = {}
+    for name, s, lens in (("uniform", slots, np.full((b,), t, np.int32)), ("long-tail plain", 0, stop_at),
+                          ("long-tail refill", slots, stop_at)):  # fmt: skip
+        scfg = dataclasses.replace(cfg, slots=s)
+        sample = make_sampler(graphdef, scfg, group_size=g, stop_ids=(STOP_ID,), pad_id=0)
+        secs, out = _timed(lambda: sample(state, prompts, lengths, jax.random.key(1), bench_stop_lengths=lens))
+        useful = int(np.asarray(out.lengths).sum())
+        rows, steps = decode_rows(scfg, b)[0], int(sample.last_decode_steps)
+        occupancy = useful / (steps * rows)
+        floor_tps = rows * occupancy / (_step_bytes(args, state, rows) / (args.bandwidth_gbs * 1e9))
+        results[name] = useful / secs
+        print(f"| {name:<18} | {rows:>5} | {useful / secs:>12.0f} | {secs:>7.2f} | {steps:>6} | {occupancy:>9.1%} | "
+              f"{floor_tps:>11.0f} | {useful / secs / floor_tps:>8.1%} |")  # fmt: skip
+    print(f"\nlong-tail refill / uniform: {results['long-tail refill'] / results['uniform']:.2f}x; "
+          f"refill / plain: {results['long-tail refill'] / results['long-tail plain']:.2f}x "
+          f"(floor at {args.bandwidth_gbs:.0f} GB/s)")  # fmt: skip
+
+
+def breakdown(args, model, state, cfg):
+    """Times the pieces of one decode step (each jitted alone) at the benchmark's shape."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from echorl_jax.models.transformer import init_cache
+    from echorl_jax.sampling import choose_tokens
+
+    b, p, t = args.batch, args.prompt_len, args.new_tokens
+    graphdef = nnx.graphdef(model)
+    tok_b1 = jnp.full((b, 1), 5, jnp.int32)
+
+    def step_at(slots: int):
+        """One decode step over a full cache of ``slots`` slots, donated (updated in place, as in the loop)."""
+        cache = init_cache(model.cfg, b, slots)
+        cache = cache._replace(valid_bk=jnp.ones_like(cache.valid_bk), pos=jnp.asarray(slots - 1, jnp.int32))
+        fn = jax.jit(lambda st, c: nnx.merge(graphdef, st)(tok_b1, jnp.full((b, 1), slots - 1), tok_b1 > 0, c),
+                     donate_argnums=1)  # fmt: skip
+        for _ in range(2):  # compile + warm-up
+            cache = jax.block_until_ready(fn(state, cache))[1]._replace(pos=jnp.asarray(slots - 1, jnp.int32))
+        t0 = time.perf_counter()
+        for _ in range(5):
+            cache = jax.block_until_ready(fn(state, cache))[1]._replace(pos=jnp.asarray(slots - 1, jnp.int32))
+        return (time.perf_counter() - t0) / 5
+
+    logits = jax.random.normal(jax.random.key(0), (b, args.vocab), jnp.float32) * 3
+    keys = jax.random.split(jax.random.key(1), b)
+    hidden = jnp.ones((b, args.hidden), jnp.dtype(args.dtype))
+    head = jax.jit(lambda st, x: jnp.einsum("bh,hv->bv", x, nnx.merge(graphdef, st).output_head().astype(x.dtype),
+                                            preferred_element_type=jnp.float32))  # fmt: skip
+    rows = [
+        ("model step, cache P+T slots", step_at(p + t)),
+        ("model step, cache P+T/4 slots", step_at(p + t // 4)),
+        ("model step, cache 1 slot", step_at(1)),
+        ("output head alone [B,H]x[H,V]", _timed(head, state, hidden, reps=5)[0]),
+        ("token choice, temperature 1", _timed(jax.jit(lambda l, k: choose_tokens(l, k, cfg)), logits, keys, reps=5)[0]),
+    ]
+    import dataclasses
+
+    for label, c in (("top-p 0.95", dataclasses.replace(cfg, top_p=0.95)), ("top-k 50", dataclasses.replace(cfg, top_k=50))):
+        rows.append((f"token choice, {label}", _timed(jax.jit(lambda l, k, c=c: choose_tokens(l, k, c)), logits, keys,
+                                                      reps=5)[0]))  # fmt: skip
+    print(f"\n| {'piece (batch ' + str(b) + ')':<34} | {'ms':>8} |")
+    print(f"|{'-' * 36}|{'-' * 10}|")
+    for label, secs in rows:
+        print(f"| {label:<34} | {secs * 1e3:>8.2f} |")
 
 
 if __name__ == "__main__":

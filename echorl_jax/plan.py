@@ -55,6 +55,8 @@ class Plan:
     kv_cache: int
     sample_temp: int  # the sampler's temporaries, KV cache included
     sample_peak: int  # parameters + optimizer state stay resident while sampling
+    decode_rows: int = 0  # the sampler's decode batch: sampling.slots, or N·G without refill
+    kv_per_row: int = 0  # KV-cache bytes of one decode row over P + T (whole, not per device)
 
     @property
     def peak(self) -> int:
@@ -119,7 +121,8 @@ def _peak(memory) -> int:
 
 
 def kv_cache_bytes(mcfg, mesh, rows: int, slots: int) -> int:
-    """Per-device bytes of the sampler's k and v caches at their largest (``slots = P + T``)."""
+    """Per-device bytes of the sampler's k and v caches at their largest (``rows`` decode rows,
+    ``slots = P + T`` cache slots each)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -142,7 +145,7 @@ def plan(cfg, devices=None) -> Plan:
     import jax.numpy as jnp
 
     from echorl_jax import sharding, train, update
-    from echorl_jax.sampling import make_sampler
+    from echorl_jax.sampling import decode_rows, kv_bytes_per_slot, make_sampler
 
     devices = list(devices if devices is not None else jax.devices())
     if cfg.mesh.num_devices:
@@ -178,13 +181,15 @@ def plan(cfg, devices=None) -> Plan:
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
     ).compile().memory_analysis()  # fmt: skip
 
+    rows_kv = decode_rows(cfg.sampling, n * rl.group_size, sharding.batch_divisor(mesh))[0]
     param_bytes, opt_bytes = device_bytes(params), device_bytes(opt_state)
     ref = param_bytes if cfg.objective.kl_coef > 0 else 0
     return Plan(
         mesh_shape=dict(mesh.shape), rows_per_minibatch=rows, micro_batches=rl.micro_batches,
         params=param_bytes, optimizer=opt_bytes, ref_params=ref,
         train_temp=train_mem.temp_size_in_bytes, train_peak=_peak(train_mem) + ref,
-        kv_cache=kv_cache_bytes(mcfg, mesh, n * rl.group_size, p + t),
+        kv_cache=kv_cache_bytes(mcfg, mesh, rows_kv, p + t), decode_rows=rows_kv,
+        kv_per_row=kv_bytes_per_slot(mcfg, p, t),
         sample_temp=sample_mem.temp_size_in_bytes, sample_peak=_peak(sample_mem) + opt_bytes + ref,
     )  # fmt: skip
 
@@ -227,7 +232,8 @@ def format_plan(pl: Plan) -> str:
     lines += [
         f"  train temporaries     {gb(pl.train_temp)}   (activations, gradients, logits chunks)",
         f"  train step peak       {gb(pl.train_peak)}",
-        f"  KV cache              {gb(pl.kv_cache)}   (part of the sampler's temporaries)",
+        f"  KV cache              {gb(pl.kv_cache)}   (part of the sampler's temporaries; {pl.decode_rows} decode rows "
+        f"x {gb(pl.kv_per_row).strip()} per row; sampling.slots sets the rows)",
         f"  sampler temporaries   {gb(pl.sample_temp)}",
         f"  sampling peak         {gb(pl.sample_peak)}   (parameters and optimizer state stay resident)",
         f"  peak                  {gb(pl.peak)}",

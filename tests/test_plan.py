@@ -48,3 +48,16 @@ def test_plan_command_line_with_fit(capsys):
     assert code == 0
     assert "parameters" in out and "KV cache" in out and "h200" in out
     assert "recommended for NVIDIA H100 80GB: --config.rl.micro_batches=1" in out
+
+
+def test_plan_kv_cache_follows_sampling_slots():
+    """With slot refill the sampler's cache is slots x (P + T), not N·G x (P + T)."""
+    base = {"mesh": {"shape": (8, 1, 1)}}
+    cfg = config_lib.build_config(config_lib.load_config_file(TINY_CONFIG), {**base, "sampling": {"slots": 8}})
+    pl = plan.plan(cfg)
+    mcfg = setup.model_config(cfg)
+    p, t = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+    assert pl.decode_rows == 8 < cfg.rl.prompts_per_step * cfg.rl.group_size
+    assert pl.kv_per_row == 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.dim_per_head * (p + t) * 4
+    assert pl.kv_cache == pl.kv_per_row * 8 // 8  # 8 rows over 8 devices: one row each
+    assert pl.sample_temp >= pl.kv_cache

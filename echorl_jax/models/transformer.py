@@ -148,8 +148,12 @@ class Transformer(nnx.Module):
         return {k: getattr(self, k)[...].astype(cdt) for k in self.LAYER_PARAMS if hasattr(self, k)}
 
     def __call__(self, tokens_bs, positions_bs, valid_bs, cache: KVCache | None = None,
-                 logits_slice: tuple[int, int] | None = None, return_hidden: bool = False):  # fmt: skip
-        """``logits_slice=(start, stop)`` computes the output layer on those positions only
+                 logits_slice: tuple[int, int] | None = None, return_hidden: bool = False,
+                 ring: bool = False):  # fmt: skip
+        """``ring``: the cache's slots are not in time order (the sampler's slot refill writes every
+        row's token into one shared column that cycles), so a key is visible iff ``valid_bk`` says so
+        -- no causal cut at ``cache.pos``; the caller keeps future slots invalid.
+        ``logits_slice=(start, stop)`` computes the output layer on those positions only
         (training needs the response positions; the prompt's vocab-sized logits are never built).
         ``return_hidden`` returns the final-normed hidden states ``[b, s, h]`` (compute dtype) instead
         of logits: training applies ``output_head()`` chunk by chunk (models/logprobs.py)."""
@@ -168,6 +172,8 @@ class Transformer(nnx.Module):
             valid_bk, pos, start = valid_bs, None, 0
         else:
             pos = start = cache.pos
+            if ring:
+                start = cache.valid_bk.shape[1] - s  # every slot is "before" the query: valid_bk alone masks
             valid_bk = jax.lax.dynamic_update_slice(cache.valid_bk, valid_bs, (0, pos))
         x = self.embed[...].astype(cdt)[tokens_bs]
 
