@@ -148,6 +148,7 @@ def _assert_rows_close(got, want):
             assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), (g["kind"], g["step"], k, g[k], w[k])
 
 
+@pytest.mark.slow  # ~1-3 min: three trainer processes; CI runs it (.ci/run)
 def test_two_processes_match_one_process_with_resume(tmp_path):
     reward_path = tmp_path / "my_reward.py"
     reward_path.write_text(REWARD)

@@ -108,7 +108,8 @@ RUN_METHODS = {"qwen25_math_7b": ("dapo", "drgrpo", "grpo", "luffy"), "llama31_8
 RUN = [p for p in RECIPES if recipe_name(p)[1] in RUN_METHODS.get(recipe_name(p)[0], ())]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", pytest.param("llama", marks=pytest.mark.slow),
+                                    pytest.param("qwen3", marks=pytest.mark.slow)])
 def test_recipes_run_one_rl_step_shrunk_to_a_tiny_model(tmp_path, family):
     setups = {}  # by expert rows per group: the sampler (and its compiled program) is shared across methods
     for i, path in enumerate(p for p in RUN if FAMILY_OF[recipe_name(p)[0]] == family):
