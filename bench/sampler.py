@@ -260,7 +260,7 @@ def breakdown(args, model, state, cfg):
     from flax import nnx
 
     from echorl_jax.models.transformer import init_cache
-    from echorl_jax.sampling import choose_tokens
+    from echorl_jax.draw import choose_tokens
 
     b, p, t = args.batch, args.prompt_len, args.new_tokens
     graphdef = nnx.graphdef(model)
