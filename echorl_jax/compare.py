@@ -210,7 +210,10 @@ def _regime_row(name: str, regimes: list) -> tuple:
     regimes = [r for r in regimes if r]
     if not regimes:
         return (name, "-", "-", "-")
-    mean = lambda k: float(np.nanmean([r[k] for r in regimes]))
+    def mean(k: str) -> float:  # NaN when no seed logged it (e.g. no echo grad-norm steps), without a warning
+        v = np.array([r[k] for r in regimes], float)
+        return float(v[~np.isnan(v)].mean()) if (~np.isnan(v)).any() else float("nan")
+
     curve = {}
     for r in regimes:
         for step, v in r["curve"]:
