@@ -9,7 +9,8 @@ Edit the paths, then: python -m echorl_jax.main --config configs/byo_example.py
 def get_config():
     return {
         # config.json + *.safetensors + tokenizer files; the architecture is read from config.json.
-        "model": {"path": "/path/to/Qwen2.5-0.5B-Instruct", "param_dtype": "bfloat16", "compute_dtype": "bfloat16",
+        # fp32 master weights and Adam moments, bf16 compute (docs/training.md, Memory).
+        "model": {"path": "/path/to/Qwen2.5-0.5B-Instruct", "param_dtype": "float32", "compute_dtype": "bfloat16",
                   "remat": "full"},
         # verl parquet: prompt (chat messages or text), reward_model.ground_truth, data_source[, extra_info].
         # "auto" applies the tokenizer's chat template to message prompts; a tuple of files is a mixture.
