@@ -61,7 +61,7 @@ def resolved_config_dict(cfg) -> dict:
         from echorl_jax.models.hub import resolve_model_dir
 
         m = cfg.model
-        arch = load_hf_config(resolve_model_dir(m.path), **numerics(m))
+        arch = load_hf_config(resolve_model_dir(m.path), **numerics(m), **config_lib.context_overrides(m))
         values["model"].update(dataclasses.asdict(arch))
     return values
 

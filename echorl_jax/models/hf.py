@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from echorl_jax.models.config import ModelConfig, load_hf_config, to_hf_config
 from echorl_jax.models.transformer import Transformer
-from echorl_jax.sharding import make_mesh, state_shardings
+from echorl_jax.sharding import make_mesh, state_shardings, to_host
 
 SAFETENSORS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -310,14 +310,6 @@ def load_model(path: str, mesh: Mesh | None = None, **config_overrides: Any) -> 
 # --------------------------------------------------------------------------- export
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def special_token_ids(tokenizer: Any, stop_ids: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json ids, generation_config.json fields) for an export.
 
@@ -374,7 +366,7 @@ def export_model(
 
     def tensors() -> Iterator[np.ndarray]:
         for name in names:
-            host = _to_host(params[name])  # one stacked parameter on the host at a time
+            host = to_host(params[name])  # one stacked parameter on the host at a time
             layout = _LAYOUTS[name]
             for x in host if layout.stacked else [host]:
                 yield layout.to_hf(x).astype(np_dtype)
