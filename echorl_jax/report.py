@@ -68,11 +68,19 @@ def summary_rows(rows: list[dict]) -> list[tuple[str, str, str]]:
         for k in sorted(k for k in last if k.startswith("stderr/avg@") and "/" not in k[len("stderr/"):]):
             out.append((f"held-out {k[len('stderr/'):]} standard error", _fmt(first.get(k)), _fmt(last.get(k))))
     if train:
+        # One step's train metrics are noisy (16 prompts): average the first and last tenth of the run.
+        n = max(1, len(train) // 10)
+        where = f" (mean of first/last {n} steps)" if n > 1 else ""
         for k in ("reward/mean", "accuracy", "echo/frac_all_success", "echo/frac_mixed", "echo/frac_all_fail",
                   "echo/num_clips", "echo/mean_clip_len", "echo/only_signal_frac", "entropy/mean", "time/step"):  # fmt: skip
             if k in train[-1]:
-                out.append((f"train {k}", _fmt(train[0].get(k)), _fmt(train[-1].get(k))))
+                out.append((f"train {k}{where}", _fmt(_mean(train[:n], k)), _fmt(_mean(train[-n:], k))))
     return out
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _fmt(v: Any) -> str:

@@ -18,6 +18,7 @@ SHORT = {
     "model.hidden_size": 64,
     "model.intermediate_size": 172,
     "model.num_layers": 2,
+    "task.min_steps": 1,
     "task.max_steps": 2,
     "data.max_prompt_len": 8,
     "data.num_eval_per_level": 8,
