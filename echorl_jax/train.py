@@ -9,6 +9,7 @@ weights are copied between engines. Per step:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -175,9 +176,37 @@ def _log_line(step: int, row: dict, last_eval: dict) -> str:
             f"loss {row.get('loss', 0):.4g} clips {row.get('echo/num_clips', 0):.0f}{acc}")  # fmt: skip
 
 
+# What build_setup bakes into a Setup (model and warm start, data pipelines, samplers, verifier, optimizer
+# and its schedule length, the reference copy): a setup can be reused for a config that differs elsewhere.
+SETUP_SECTIONS = ("model", "mesh", "dist", "data", "task", "sampling", "rl", "reward", "optim", "sft")
+SETUP_KEYS = ("objective.expert_per_group", "train.steps", "train.eval_temperature", "train.eval_samples")
+
+
+def setup_for(cfg: config_lib.Config, setup: Setup) -> Setup:
+    """``setup`` with ``cfg`` as its config, or a ConfigError naming what the setup was built with instead."""
+    if setup.cfg == cfg:
+        return setup
+    a, b = config_lib.to_dict(setup.cfg), config_lib.to_dict(cfg)
+    diff = [f"{sec}: {a[sec]} vs {b[sec]}" for sec in SETUP_SECTIONS if a[sec] != b[sec]]
+    for key in SETUP_KEYS:
+        sec, name = key.split(".")
+        if a[sec][name] != b[sec][name]:
+            diff.append(f"{key}: {a[sec][name]!r} vs {b[sec][name]!r}")
+    if (setup.ref_params is None) != (cfg.objective.kl_coef == 0):
+        diff.append(f"objective.kl_coef: {setup.cfg.objective.kl_coef!r} vs {cfg.objective.kl_coef!r} (reference copy)")
+    if diff:
+        raise config_lib.ConfigError("train(cfg, setup=...): the setup was built from a config that differs where "
+                                     "the setup fixed it (setup's vs cfg's):\n  " + "\n  ".join(diff))
+    return dataclasses.replace(setup, cfg=cfg)
+
+
 def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, Any]:
-    """Runs ``cfg.train.steps`` RL steps (resuming from the workdir if a checkpoint exists)."""
-    s = setup or build_setup(cfg)
+    """Runs ``cfg.train.steps`` RL steps (resuming from the workdir if a checkpoint exists).
+
+    ``setup`` (a previous run's ``out["setup"]``) skips building the model, data and samplers again;
+    ``cfg`` may differ from the setup's in the objective, echo and run settings (workdir, seed, ...).
+    """
+    s = build_setup(cfg) if setup is None else setup_for(cfg, setup)
     tc, rl = cfg.train, cfg.rl
     k = cfg.objective.expert_per_group  # LUFFY expert rows per group
     if k and s.experts is None:

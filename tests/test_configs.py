@@ -24,6 +24,7 @@ def test_config_file_builds(path):
     assert cfg.train.steps >= 1 and cfg.rl.group_size >= 2
 
 
+@pytest.mark.slow  # ~30 s compiling a 23M-parameter model; CI runs the slow tests separately
 def test_evidence_large_runs_shrunk(tmp_path):
     """Its own model shape and sections, only the lengths cut (the real run needs a GPU)."""
     shrink = {"sft.steps": 2, "sft.batch_size": 8, "rl.prompts_per_step": 2, "train.steps": 1,

@@ -148,3 +148,21 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     saved = Checkpointer(str(workdir / "checkpoints")).latest_step()
     assert saved is not None and 1 <= saved < 1000
     assert max(r["step"] for r in read_jsonl(metrics) if r["kind"] == "train") == saved
+
+
+def test_reused_setup_takes_the_new_config_or_refuses(tmp_path):
+    """train(cfg, setup=...) runs cfg (its workdir, objective, config.json), not the setup's; settings the
+    setup fixed (optimizer, reference copy) may not differ."""
+    first = train.train(tiny_cfg(tmp_path / "a", train={"steps": 1, "export_hf": False}))
+    other = tiny_cfg(tmp_path / "b", objective={"method": "rloo"}, train={"steps": 1, "export_hf": False, "seed": 3})
+    out = train.train(other, setup=first["setup"])
+    assert out["step"] == 1 and out["setup"].cfg == other
+    assert len(_rows(tmp_path / "a")) == 1 and len(_rows(tmp_path / "b")) == 1
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["objective"]["method"] == "rloo" and saved["train"]["seed"] == 3
+    for bad, match in [({"optim": {"learning_rate": 0.5}}, r"optim: .*learning_rate"),
+                       ({"objective": {"kl_coef": 0.1}}, r"objective.kl_coef: 0.0 vs 0.1"),
+                       ({"train": {"steps": 2}}, r"train.steps: 1 vs 2")]:  # fmt: skip
+        cfg = tiny_cfg(tmp_path / "c", **{"train": {"steps": 1, "export_hf": False}, **bad})
+        with pytest.raises(config_lib.ConfigError, match=match):
+            train.train(cfg, setup=first["setup"])
