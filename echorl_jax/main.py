@@ -21,6 +21,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--compare", action="store_true", help="run the GRPO/DAPO ± EchoRL comparison instead")
     parser.add_argument("--seeds", default="0,1,2", help="RL seeds for --compare (comma-separated)")
+    parser.add_argument("--methods", default="grpo,dapo",
+                        help="methods for --compare, each run with and without EchoRL (comma-separated)")
     parser.add_argument("--parallel", type=int, default=0,
                         help="--compare: runs at once, as child processes (default: 8 on a GPU, else 1)")
     parser.add_argument("--deterministic", action="store_true",
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         platform = launch.deterministic_ops_here() if args.compare or args.deterministic else None
         maybe_init_distributed(cfg.dist)
         parallel = compare_parallel(args.parallel, cfg.dist) if args.compare else 1
+        methods = compare_methods(args.methods) if args.compare else ()
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.compare:
             seeds = tuple(int(x) for x in args.seeds.split(",") if x)
-            compare.run(cfg, args.given, seeds=seeds, parallel=parallel, platform=platform)
+            compare.run(cfg, args.given, seeds=seeds, parallel=parallel, platform=platform, methods=methods)
             return 0
         result = train.train(cfg)
     except _user_errors() as e:  # bad paths, data rows, checkpoints, a changed config: a message, not a traceback
@@ -168,6 +171,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report.write_report(cfg, result)
     return 0
+
+
+def compare_methods(spec: str) -> tuple[str, ...]:
+    """``--methods`` as preset names; an unknown or ``+echo`` name is a ConfigError (each runs ± EchoRL anyway)."""
+    from echorl_jax import config as config_lib, methods as methods_lib
+
+    names = tuple(x.strip() for x in spec.split(",") if x.strip())
+    bad = [n for n in names if n not in methods_lib.list_methods()]
+    if not names or bad:
+        raise config_lib.ConfigError(f"--methods={spec!r}: expected comma-separated methods from "
+                                     f"{methods_lib.list_methods()} (each runs with and without EchoRL)")
+    return names
 
 
 def compare_parallel(requested: int, dist) -> int:

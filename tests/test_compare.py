@@ -107,3 +107,13 @@ def test_parallel_runs_are_refused_in_a_multi_process_job():
     assert main.compare_parallel(0, multi) == 1
     with pytest.raises(config_lib.ConfigError, match="--parallel 3"):
         main.compare_parallel(3, multi)
+
+
+def test_methods_flag_names_presets_and_refuses_others():
+    from echorl_jax import main
+
+    assert main.compare_methods("grpo") == ("grpo",)
+    assert main.compare_methods(" rloo, dapo ") == ("rloo", "dapo")
+    for bad in ("", "grpo+echo", "grpo,ppo"):
+        with pytest.raises(config_lib.ConfigError, match="--methods"):
+            main.compare_methods(bad)
