@@ -192,6 +192,8 @@ def setup_for(cfg: config_lib.Config, setup: Setup) -> Setup:
         sec, name = key.split(".")
         if a[sec][name] != b[sec][name]:
             diff.append(f"{key}: {a[sec][name]!r} vs {b[sec][name]!r}")
+    if cfg.echo.enabled and setup.delimiter_ids.size == 0:
+        diff.append("echo.enabled: the setup's tokenizer has no token containing a newline")
     if (setup.ref_params is None) != (cfg.objective.kl_coef == 0):
         diff.append(f"objective.kl_coef: {setup.cfg.objective.kl_coef!r} vs {cfg.objective.kl_coef!r} (reference copy)")
     if diff:

@@ -3,7 +3,6 @@ references, the mixed group layout, expert data checks, and one RL step of luffy
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -321,7 +320,6 @@ def test_luffy_and_luffy_echo_run_one_rl_step_on_a_jsonl(tmp_path):
         cfg = luffy_cfg(tmp_path, f, **{"objective.method": method, "train.workdir": str(tmp_path / method),
                                         "echo.enabled": method == "luffy+echo"})
         assert cfg.objective.expert_per_group == 1 and cfg.echo.enabled == (method == "luffy+echo")
-        setup = None if setup is None else dataclasses.replace(setup, cfg=cfg)
         out = train.train(cfg, setup=setup)
         setup = out["setup"]
         row = next(r for r in read_jsonl(tmp_path / method / "metrics.jsonl") if r["kind"] == "train")

@@ -3,7 +3,6 @@ recipe per model family x method runs one RL step shrunk to a tiny random model 
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import runpy
@@ -117,7 +116,7 @@ def test_recipes_run_one_rl_step_shrunk_to_a_tiny_model(tmp_path, family):
         cfg = shrunk(path, tmp_path, echo=i % 2 == 1)  # EchoRL on every other method
         assert cfg.model.model_type == family
         k = cfg.objective.expert_per_group
-        setup = dataclasses.replace(setups[k], cfg=cfg) if k in setups else None
+        setup = setups.get(k)
         out = train.train(cfg, setup=setup)
         setups[k] = out["setup"]
         rows = [r for r in read_jsonl(os.path.join(cfg.train.workdir, "metrics.jsonl")) if r["kind"] == "train"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
@@ -36,11 +35,11 @@ def test_every_preset_runs_one_rl_step(tmp_path):
         assert cfg.objective.method == name and cfg.echo.enabled  # the tiny config has EchoRL on anyway
         if name == "dapo":
             assert cfg.objective.overlong_buffer == round(0.2 * cfg.sampling.max_new_tokens)
-        # One model, data pipeline and sampler for all presets (the sampler compiles once); the
-        # objective's train step is rebuilt from the setup's config, so swap that in.
-        # luffy draws G - k rollouts and appends k expert rows (the arith task's worked solutions): its own setup.
+        # One model, data pipeline and sampler for all presets (the sampler compiles once); train() runs
+        # cfg's objective on it. luffy draws G - k rollouts and appends k expert rows (the arith task's
+        # worked solutions): its own setup.
         same_layout = setup is not None and setup.cfg.objective.expert_per_group == cfg.objective.expert_per_group
-        setup = dataclasses.replace(setup, cfg=cfg) if same_layout else None
+        setup = setup if same_layout else None
         out = train.train(cfg, setup=setup)
         setup = out["setup"]
         assert out["step"] == 1
