@@ -21,6 +21,7 @@ from echorl_jax.models.tokenizer import default_stops, describe_stops, end_of_tu
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import build_router
 from echorl_jax.rewards.custom import RewardSetupError
+from echorl_jax.rewards.router import check_math_options_used
 from echorl_jax.sampling import make_sampler
 from echorl_jax.tasks import arith
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
@@ -323,6 +324,10 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     eval_records = load_eval_records(cfg)
     # Everything that can fail on the user's data, template, reward or tokenizer, before any weights load.
     verifier = default_verifier(cfg)
+    try:
+        check_math_options_used(cfg.reward, [r["data_source"] for r in train_records + eval_records])
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
     chat = uses_chat_template(cfg, train_records + eval_records)
     stops = stop_ids(cfg, tokenizer, chat=chat)
     experts = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import jax
@@ -16,6 +17,7 @@ from echorl_jax.rewards.custom import RewardFnError
 from echorl_jax.sampling import Rollout
 from echorl_jax.setup import default_verifier
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANDOM_OUTPUT = "marbles 1/5 3M the tot"  # the trial's random-model output; rightmost number 3
 
 
@@ -48,6 +50,29 @@ def rows_of(*sources):
 def test_bad_reward_config_fails_at_validation(reward, match):
     with pytest.raises(config_lib.ConfigError, match=match):
         cfg_of(**reward)
+
+
+def test_math_options_on_data_without_math_rows_are_refused():
+    """reward.name=auto sends the built-in task's rows to arith: a math option set there would do nothing."""
+    from echorl_jax.rewards.router import check_math_options_used
+
+    strict_off = cfg_of(strict=False).reward
+    with pytest.raises(ValueError, match=r"reward.strict is set but no row of the data.*arith -> arith"):
+        check_math_options_used(strict_off, ["arith", "arith"])
+    check_math_options_used(strict_off, ["arith", "gsm8k"])  # gsm8k rows are graded by math
+    check_math_options_used(cfg_of().reward, ["arith"])  # nothing set, nothing to refuse
+    routed = cfg_of(by_source=("gsm8k=arith",), format_reward=0.5).reward
+    with pytest.raises(ValueError, match=r"reward.format_reward.*gsm8k -> arith"):
+        check_math_options_used(routed, ["gsm8k"])
+
+
+def test_setup_refuses_math_options_on_the_built_in_task(tmp_path):
+    from echorl_jax.setup import build_setup
+
+    cfg = config_lib.build_config(config_lib.load_config_file(os.path.join(ROOT, "configs", "tiny_test.py")),
+                                  {"reward": {"strict": False}, "train": {"workdir": str(tmp_path)}})  # fmt: skip
+    with pytest.raises(config_lib.ConfigError, match=r"reward.strict is set but no row of the data"):
+        build_setup(cfg)
 
 
 def test_old_key_and_overrides():

@@ -99,6 +99,21 @@ class RewardConfig:
             raise ValueError(f"reward.num_workers={self.num_workers!r} must be >= 1")
 
 
+def check_math_options_used(cfg: RewardConfig, data_sources: Sequence[str]) -> None:
+    """A math option (``reward.strict``, ``format_reward`` ...) set while no row of the data routes to the
+    math verifier would be silently ignored: a ValueError naming the option and the data's sources.
+    ``validate`` catches the routings that never reach math; this catches ``auto`` on data without math rows."""
+    changed = [k for k in _MATH_ONLY if getattr(cfg, k) != getattr(RewardConfig, k)]
+    if not changed:
+        return
+    router = RewardRouter(cfg.name, cfg.routes(), {})
+    sources = sorted(set(data_sources))
+    if not any(router.verifier_for(src) == "math" for src in sources):
+        routed = ", ".join(f"{src or '(none)'} -> {router.verifier_for(src)}" for src in sources[:8])
+        raise ValueError(f"reward.{changed[0]} is set but no row of the data is graded by the math verifier "
+                         f"(data_source -> verifier: {routed})")
+
+
 def verifier_kwargs(cfg: RewardConfig, name: str) -> dict[str, Any]:
     """The config options a registered verifier takes (only math has options)."""
     if name != "math":
