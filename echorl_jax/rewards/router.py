@@ -57,6 +57,10 @@ class RewardConfig:
             out.append((pattern.strip(), name.strip()))
         return out
 
+    def changed_math_options(self) -> list[str]:
+        """The math-only options set away from their defaults."""
+        return [k for k in _MATH_ONLY if getattr(self, k) != getattr(RewardConfig, k)]
+
     def used_verifiers(self) -> set[str]:
         names = {self.name} | {name for _, name in self.routes()}
         if AUTO in names:
@@ -87,7 +91,7 @@ class RewardConfig:
             if is_file_spec(module) and not os.path.isfile(module):
                 raise ValueError(f"reward.custom={self.custom!r}: file {module!r} does not exist")
         if "math" not in used:
-            changed = [k for k in _MATH_ONLY if getattr(self, k) != getattr(RewardConfig, k)]
+            changed = self.changed_math_options()
             if changed:
                 raise ValueError(
                     f"reward.{changed[0]} is set but no row is graded by the math verifier "
@@ -103,7 +107,7 @@ def check_math_options_used(cfg: RewardConfig, data_sources: Sequence[str]) -> N
     """A math option (``reward.strict``, ``format_reward`` ...) set while no row of the data routes to the
     math verifier would be silently ignored: a ValueError naming the option and the data's sources.
     ``validate`` catches the routings that never reach math; this catches ``auto`` on data without math rows."""
-    changed = [k for k in _MATH_ONLY if getattr(cfg, k) != getattr(RewardConfig, k)]
+    changed = cfg.changed_math_options()
     if not changed:
         return
     router = RewardRouter(cfg.name, cfg.routes(), {})
