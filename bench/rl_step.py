@@ -16,7 +16,7 @@ update still does the same forward + backward + AdamW either way.)
 The step mirrors ``train.train``'s loop body piece by piece (``rollout.collect``,
 ``rollout.make_scorer``, ``train._jit_train_step``, the metrics); phases:
 ``sample`` (jitted generation), ``reward`` (decode + verify on the host),
-``update`` (score + train_step, as ``time/update`` in train.py; its ``score``
+``update`` (score + train_step, as ``time/update`` in trainer/train.py; its ``score``
 part — advantages + EchoClips — is also shown alone, timed with one extra
 sync), ``metrics`` (host-side metric reduction). The two modes alternate step
 by step (order flipped every step) so contention hits both alike; the first
@@ -91,9 +91,8 @@ class Mode:
     def __init__(self, args, echo: bool, workdir: str):
         import jax
 
-        from echorl_jax import rollout as rollout_lib
-        from echorl_jax import setup as setup_lib
-        from echorl_jax import train, update
+        from echorl_jax.rl import update
+        from echorl_jax.trainer import rollout as rollout_lib, setup as setup_lib, train
 
         self.name = "echo on" if echo else "echo off"
         self.cfg = cfg = make_cfg(args, echo, workdir, args.warmup + args.steps)
@@ -116,9 +115,8 @@ class Mode:
         import jax.numpy as jnp
         import numpy as np
 
-        from echorl_jax import rollout as rollout_lib
-        from echorl_jax import train
-        from echorl_jax.update import UpdateBatch
+        from echorl_jax.rl.update import UpdateBatch
+        from echorl_jax.trainer import rollout as rollout_lib, train
 
         s, cfg, rl = self.s, self.cfg, self.cfg.rl
         timings: dict[str, float] = {}
@@ -133,12 +131,12 @@ class Mode:
         )  # fmt: skip
         t0 = time.perf_counter()
         reward_dev, adv_bt, clips = self.score(ro, jnp.asarray(reward_ng))
-        jax.block_until_ready(clips.mask_bt)  # the one sync train.py does not do: times score on its own
+        jax.block_until_ready(clips.mask_bt)  # the one sync trainer/train.py does not do: times score on its own
         timings["score"] = time.perf_counter() - t0
         old_logp = ro.behaviour_logp  # rl.recompute_logp=False and kl_coef=0 in the default job
         full = UpdateBatch(ro.tokens, ro.valid, ro.response_mask, adv_bt, old_logp, jnp.zeros_like(old_logp),
                            clips.mask_bt)  # fmt: skip
-        # The trainer's own minibatch loop, so the bench times exactly what train.py runs.
+        # The trainer's own minibatch loop, so the bench times exactly what trainer/train.py runs.
         self.state, update_metrics = train._run_updates(self.train_step, self.state, full, s.mesh, rl,
                                                         seed=cfg.train.seed, step=step)  # fmt: skip
         jax.block_until_ready(self.state.params)
@@ -198,9 +196,8 @@ def phase_table(off: dict, on: dict) -> str:
 
 def via_train(args, tmp: str) -> None:
     """Runs train.train once per mode and reads the per-phase timings the trainer itself logs."""
-    from echorl_jax import setup as setup_lib
-    from echorl_jax import train
-    from echorl_jax.metrics_log import read_jsonl
+    from echorl_jax.trainer import setup as setup_lib, train
+    from echorl_jax.trainer.metrics_log import read_jsonl
 
     results = {}
     for echo in (False, True):

@@ -105,7 +105,8 @@ def main(argv=None):
     import numpy as np
     from flax import nnx
 
-    from echorl_jax.sampling import SamplingConfig, make_sampler
+    from echorl_jax.sampling.config import SamplingConfig
+    from echorl_jax.sampling.sampler import make_sampler
 
     b, p, t = args.batch, args.prompt_len, args.new_tokens
     backend = jax.default_backend()
@@ -220,7 +221,7 @@ def longtail(args, graphdef, state, cfg, prompts_np):
     import jax
     import numpy as np
 
-    from echorl_jax.sampling import decode_rows, make_sampler
+    from echorl_jax.sampling.sampler import decode_rows, make_sampler
 
     b, p, t, g = args.batch, args.prompt_len, args.new_tokens, args.group
     if b % g:
@@ -260,7 +261,7 @@ def breakdown(args, model, state, cfg):
     from flax import nnx
 
     from echorl_jax.models.transformer import init_cache
-    from echorl_jax.draw import choose_tokens
+    from echorl_jax.sampling.draw import choose_tokens
 
     b, p, t = args.batch, args.prompt_len, args.new_tokens
     graphdef = nnx.graphdef(model)

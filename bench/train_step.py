@@ -97,7 +97,7 @@ def make_batch(args, obj_cfg):
     import jax.numpy as jnp
     import numpy as np
 
-    from echorl_jax import objectives
+    from echorl_jax.rl import objectives
 
     b, s = args.batch, args.seq
     t = s - max(1, round(s * args.prompt_frac))
@@ -144,10 +144,12 @@ class Ours:
         import numpy as np
         from flax import nnx
 
-        from echorl_jax import sharding, train, update
+        from echorl_jax import sharding
         from echorl_jax.models import hf
         from echorl_jax.models.config import ModelConfig
         from echorl_jax.models.transformer import Transformer
+        from echorl_jax.rl import update
+        from echorl_jax.trainer import train
 
         self.jax = jax
         dt = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]

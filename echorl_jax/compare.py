@@ -21,10 +21,9 @@ from typing import Mapping
 
 import numpy as np
 
-from echorl_jax import config as config_lib
-from echorl_jax import launch
-from echorl_jax.metrics_log import read_jsonl
-from echorl_jax.report import markdown_table
+from echorl_jax import config as config_lib, launch
+from echorl_jax.trainer.metrics_log import read_jsonl
+from echorl_jax.trainer.report import markdown_table
 
 METHODS = ("grpo", "dapo")
 GPU_PARALLEL = 8  # small runs at once on one GPU (the H200 measurement ran eight)
@@ -119,7 +118,7 @@ def _how_run(platform: str, parallel: int) -> str:
 
 def _run_here(cfg: config_lib.Config, given: Mapping, runs, platform: str) -> None:
     """One after another in this process; the first run trains the warm start, the others load it."""
-    from echorl_jax import train
+    from echorl_jax.trainer import train
 
     if platform == "gpu" and not launch.is_deterministic(os.environ.get("XLA_FLAGS", "")):
         print("[compare] warning: XLA_FLAGS lacks --xla_gpu_deterministic_ops=true, so GPU runs are not "
@@ -131,7 +130,7 @@ def _run_here(cfg: config_lib.Config, given: Mapping, runs, platform: str) -> No
 
 
 def _run_children(cfg: config_lib.Config, given: Mapping, runs, parallel: int, platform: str) -> None:
-    """The warm start first, in one process (``sft.py``'s cache is not safe for two writers of the same
+    """The warm start first, in one process (``trainer/sft.py``'s cache is not safe for two writers of the same
     entry), then up to ``parallel`` runs at once, each loading it from ``sft.cache_dir``."""
     env = launch.child_env(platform)
     root = os.path.join(cfg.train.workdir, "compare")
@@ -226,7 +225,7 @@ def _regime_row(name: str, regimes: list) -> tuple:
 
 def warm_start_only(cfg: config_lib.Config) -> None:
     """Trains and caches ``cfg``'s warm start (building the run's setup does it) and nothing else."""
-    from echorl_jax import setup
+    from echorl_jax.trainer import setup
 
     setup.build_setup(cfg)
 

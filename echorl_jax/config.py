@@ -17,11 +17,11 @@ import types
 import typing
 from typing import Any, Mapping
 
-from echorl_jax.echo import EchoConfig
 from echorl_jax.models.config import NUMERICS, ModelConfig
-from echorl_jax.objectives import ObjectiveConfig
 from echorl_jax.rewards.router import RewardConfig
-from echorl_jax.sampling import SamplingConfig
+from echorl_jax.rl.echo import EchoConfig
+from echorl_jax.rl.objectives import ObjectiveConfig
+from echorl_jax.sampling.config import SamplingConfig
 from echorl_jax.tasks.arith import ArithTask
 
 
@@ -48,7 +48,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistConfig:
-    """Multi-process runs (main.maybe_init_distributed). TPU VMs need none of this: auto-detected.
+    """Multi-process runs (cli.maybe_init_distributed). TPU VMs need none of this: auto-detected.
     Each field falls back to its env var (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
 
     coordinator: str = ""  # "host:port" of process 0 (GPU nodes, tests); "" = env or auto-detect
@@ -151,7 +151,7 @@ class TrainConfig:
     resume: bool = True  # continue the run saved in workdir (its config must match); false = move it aside, start afresh
     export_hf: bool = True  # write the final policy as a HF directory
     progress: bool = True  # progress bar
-    collapse_guard: str = "warn"  # off | warn | stop: on collapsing accuracy, exploding entropy, never-ending responses (guard.py)
+    collapse_guard: str = "warn"  # off | warn | stop: on collapsing accuracy, exploding entropy, never-ending responses (trainer/guard.py)
     echo_grad_norm_every: int = 0  # log the echo term's gradient norm every N steps (one extra backward); 0 = off
     checkpoint_dir: str = ""  # "" = workdir/checkpoints; multi-host runs need storage every host sees (gs://...)
 
@@ -336,13 +336,13 @@ def build_config(values: Mapping | None = None, overrides: Mapping | None = None
 
 
 def _apply_method_preset(merged: dict) -> dict:
-    """``objective.method`` names a preset (methods.py); fields set explicitly win over it.
+    """``objective.method`` names a preset (rl/methods.py); fields set explicitly win over it.
 
     Length-relative preset values (dapo's overlong_buffer) are resolved here against the
     merged ``sampling.max_new_tokens``. ``NAME+echo`` selects preset NAME and turns EchoRL
     on: the built config reads ``objective.method=NAME``, ``echo.enabled=True``.
     """
-    from echorl_jax import methods
+    from echorl_jax.rl import methods
 
     section = lambda key: dict(merged[key]) if isinstance(merged.get(key), Mapping) else {}
     objective, sampling, echo = section("objective"), section("sampling"), section("echo")
@@ -441,7 +441,7 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
 
 
 def _validate_data(data: DataConfig) -> None:
-    from echorl_jax.data import DataError, check_template
+    from echorl_jax.data.pipeline import DataError, check_template
 
     _check(data.train not in ("", "auto"), "data.train", data.train, "give a data file, a tuple of files or task:NAME")
     _check(

@@ -7,16 +7,16 @@ warm start + GRPO+EchoRL on the arithmetic task, CPU is enough.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
-from typing import Mapping
+
+from echorl_jax import cli
 
 
 def parse_args(argv: list[str]):
     from echorl_jax import config as config_lib
 
-    parser = argparse.ArgumentParser(prog="echorl-jax", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m echorl_jax.main", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None, help="Python config file with get_config() (default: built-in)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--compare", action="store_true", help="run the GRPO/DAPO ± EchoRL comparison instead")
@@ -28,7 +28,7 @@ def parse_args(argv: list[str]):
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic XLA ops on a GPU (always on with --compare; CPU runs are deterministic)")
     args, rest = parser.parse_known_args(argv)
-    values = config_lib.load_config_file(args.config) if args.config else default_values()
+    values = config_lib.load_config_file(args.config) if args.config else cli.default_values()
     overrides = config_lib.parse_overrides(rest)
     if not args.config and overrides.get("model", {}).get("path"):
         # The built-in default with your own model: its architecture comes from model.path/config.json.
@@ -41,14 +41,6 @@ def parse_args(argv: list[str]):
         given = config_lib.merge_given(given, {"train": {"workdir": os.path.join("runs", stem)}})
     args.given = given
     return args, config_lib.build_config(given)
-
-
-def default_values() -> dict:
-    from echorl_jax import config as config_lib
-
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, "configs", "default.py")
-    return config_lib.load_config_file(path) if os.path.isfile(path) else {}
 
 
 def resolved_config_dict(cfg) -> dict:
@@ -68,61 +60,6 @@ def resolved_config_dict(cfg) -> dict:
     return values
 
 
-def distributed_args(dist, env: Mapping[str, str]) -> dict | None:
-    """``jax.distributed.initialize`` keyword arguments for this run, or None for a single process.
-
-    Explicit settings (``dist.*`` or env JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)
-    must be complete. Otherwise ``dist.initialize="auto"`` initializes with JAX's own detection (``{}``) on
-    a Cloud TPU VM or in a SLURM job, where every host runs this same program.
-    """
-    from echorl_jax.config import ConfigError
-
-    if dist.initialize == "never":
-        return None
-    given = {
-        "coordinator_address": dist.coordinator or env.get("JAX_COORDINATOR_ADDRESS", ""),
-        "num_processes": dist.num_processes or int(env.get("JAX_NUM_PROCESSES", "0") or 0),
-        "process_id": dist.process_id if dist.process_id >= 0 else int(env.get("JAX_PROCESS_ID", "-1") or -1),
-    }
-    unset = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
-    if any(given[k] != unset[k] for k in given):
-        missing = [k for k in given if given[k] == unset[k]]
-        if missing:
-            names = {"coordinator_address": "dist.coordinator (JAX_COORDINATOR_ADDRESS)",
-                     "num_processes": "dist.num_processes (JAX_NUM_PROCESSES)",
-                     "process_id": "dist.process_id (JAX_PROCESS_ID)"}  # fmt: skip
-            raise ConfigError(f"multi-process settings are incomplete: {given}; also set "
-                              + ", ".join(names[k] for k in missing))
-        return given
-    if dist.initialize == "always" or _on_tpu_vm() or "SLURM_JOB_ID" in env:
-        return {}
-    return None
-
-
-def _on_tpu_vm() -> bool:
-    """A Google TPU on the PCI bus (how libtpu itself detects a Cloud TPU VM), without touching JAX."""
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            with open(vendor) as f:
-                if f.read().strip() == "0x1ae0":
-                    return True
-        except OSError:
-            pass
-    return False
-
-
-def maybe_init_distributed(dist) -> None:
-    """Multi-host (TPU pods, multi-node GPU, the localhost tests): every process runs this same program and
-    joins here before JAX touches a device."""
-    kwargs = distributed_args(dist, os.environ)
-    if kwargs is not None:
-        import jax
-
-        jax.distributed.initialize(**kwargs)
-        if jax.process_count() > 1 and jax.process_index() == 0:
-            print(f"[echorl] {jax.process_count()} processes, {jax.device_count()} devices", flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     from echorl_jax import config as config_lib
 
@@ -136,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             values = resolved_config_dict(cfg)
-        except _user_errors() as e:
+        except cli.user_errors() as e:
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         print(json.dumps(values, indent=2))
@@ -146,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Before anything starts JAX's backend (nothing above has): XLA reads XLA_FLAGS only then.
         platform = launch.deterministic_ops_here() if args.compare or args.deterministic else None
-        maybe_init_distributed(cfg.dist)
+        cli.maybe_init_distributed(cfg.dist)
         parallel = compare_parallel(args.parallel, cfg.dist) if args.compare else 1
         methods = compare_methods(args.methods) if args.compare else ()
     except config_lib.ConfigError as e:
@@ -155,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     except launch.RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from echorl_jax import compare, report, train
+    from echorl_jax import compare
+    from echorl_jax.trainer import report, train
 
     try:
         if args.compare:
@@ -163,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             compare.run(cfg, args.given, seeds=seeds, parallel=parallel, platform=platform, methods=methods)
             return 0
         result = train.train(cfg)
-    except _user_errors() as e:  # bad paths, data rows, checkpoints, a changed config: a message, not a traceback
+    except cli.user_errors() as e:  # bad paths, data rows, checkpoints, a changed config: a message, not a traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except launch.RunFailed as e:  # a --compare run, with the end of its log
@@ -175,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare_methods(spec: str) -> tuple[str, ...]:
     """``--methods`` as preset names; an unknown or ``+echo`` name is a ConfigError (each runs ± EchoRL anyway)."""
-    from echorl_jax import config as config_lib, methods as methods_lib
+    from echorl_jax import config as config_lib
+    from echorl_jax.rl import methods as methods_lib
 
     names = tuple(x.strip() for x in spec.split(",") if x.strip())
     bad = [n for n in names if n not in methods_lib.list_methods()]
@@ -190,7 +129,7 @@ def compare_parallel(requested: int, dist) -> int:
     every process runs the same runs together; otherwise as requested (0: ``compare.run`` decides)."""
     from echorl_jax.config import ConfigError
 
-    if distributed_args(dist, os.environ) is None:
+    if cli.distributed_args(dist, os.environ) is None:
         return requested
     if requested > 1:
         raise ConfigError(f"--parallel {requested}: runs cannot be child processes in a multi-process job "
@@ -198,22 +137,5 @@ def compare_parallel(requested: int, dist) -> int:
     return 1
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from echorl_jax.checkpoint import CheckpointError
-    from echorl_jax.config import ConfigError
-    from echorl_jax.data_formats import DataError
-    from echorl_jax.models.config import ModelConfigError
-
-    errors: list[type[BaseException]] = [ConfigError, DataError, ModelConfigError, CheckpointError, FileNotFoundError]
-    from echorl_jax.models.hf import CheckpointError as HFCheckpointError
-
-    errors.append(HFCheckpointError)
-    return tuple(errors)
-
-
-def cli() -> None:
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    cli()
+    sys.exit(main())

@@ -71,8 +71,8 @@ class Plan:
 
 def model_config(cfg):
     """The run's ModelConfig; for ``model.path`` from its config.json only (no weights are read)."""
-    from echorl_jax import setup
     from echorl_jax.models.config import load_hf_config, numerics
+    from echorl_jax.trainer import setup
 
     return load_hf_config(cfg.model.path, **numerics(cfg.model)) if cfg.model.path else setup.model_config(cfg)
 
@@ -109,7 +109,7 @@ def abstract_opt_state(optimizer, params, mesh):
     """The optimizer state as the trainer places it (update.init_opt_state), abstract."""
     import jax
 
-    from echorl_jax import update
+    from echorl_jax.rl import update
 
     shardings = update.opt_state_shardings(optimizer, params, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -144,8 +144,10 @@ def plan(cfg, devices=None) -> Plan:
     import jax
     import jax.numpy as jnp
 
-    from echorl_jax import sharding, train, update
-    from echorl_jax.sampling import decode_rows, kv_bytes_per_slot, make_sampler
+    from echorl_jax import sharding
+    from echorl_jax.rl import update
+    from echorl_jax.sampling.sampler import decode_rows, kv_bytes_per_slot, make_sampler
+    from echorl_jax.trainer import train
 
     devices = list(devices if devices is not None else jax.devices())
     if cfg.mesh.num_devices:

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from byo_fixture import make_byo_dir
 
-from echorl_jax import analyze_steps, data_prep
-from echorl_jax.data import tokenize_prompts
+from echorl_jax.data import prep
+from echorl_jax.data.pipeline import tokenize_prompts
+from echorl_jax.evaluation import step_entropy
 from echorl_jax.models.hf import load_model
 from echorl_jax.models.tokenizer import load_hf_tokenizer
 
@@ -26,7 +27,7 @@ def setup(tmp_path_factory):
              "target": [{"role": "assistant", "content": t}], "reward_model": {"ground_truth": "46"}}
             for i, t in enumerate(TRACES)]  # fmt: skip
     pq.write_table(pa.Table.from_pylist(rows), d / "raw.parquet")
-    data = data_prep.write_parquet(data_prep.convert("openr1_math_46k", [d / "raw.parquet"]), d / "openr1.parquet")
+    data = prep.write_parquet(prep.convert("openr1_math_46k", [d / "raw.parquet"]), d / "openr1.parquet")
     return byo, str(data), d
 
 
@@ -55,7 +56,7 @@ def reference(byo, prompt, solution):
 def test_expert_traces_match_the_reference(setup, tmp_path):
     byo, data, _ = setup
     out = tmp_path / "out"
-    assert analyze_steps.main(["--model", byo, "--data", data, "--out", str(out), "--batch", "3"]) == 0
+    assert step_entropy.main(["--model", byo, "--data", data, "--out", str(out), "--batch", "3"]) == 0
     result = json.loads((out / "summary.json").read_text())
     rows = result["solutions"]
     assert len(rows) == len(TRACES)
@@ -83,7 +84,7 @@ def test_rollouts_use_only_correct_responses(setup, tmp_path):
     path = tmp_path / "responses.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "out"
-    assert analyze_steps.main(["--model", byo, "--data", str(path), "--source", "rollouts", "--out", str(out)]) == 0
+    assert step_entropy.main(["--model", byo, "--data", str(path), "--source", "rollouts", "--out", str(out)]) == 0
     rows = json.loads((out / "summary.json").read_text())["solutions"]
     assert [r["tokens"] for r in rows] == [reference(byo, lines[i]["prompt"], TRACES[i])[0] for i in (0, 2)]
 
@@ -91,5 +92,5 @@ def test_rollouts_use_only_correct_responses(setup, tmp_path):
 def test_missing_expert_column_is_a_clear_error(tmp_path, capsys):
     path = tmp_path / "plain.jsonl"
     path.write_text(json.dumps({"prompt": "p", "answer": "1"}) + "\n")
-    assert analyze_steps.main(["--model", str(tmp_path), "--data", str(path)]) == 2
+    assert step_entropy.main(["--model", str(tmp_path), "--data", str(path)]) == 2
     assert "needs an 'expert' column" in capsys.readouterr().err

@@ -10,10 +10,11 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from byo_fixture import IM_END, make_byo_dir
 from tokenizers import Tokenizer
 
-from echorl_jax.metrics_log import read_jsonl
+from echorl_jax.trainer.metrics_log import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "configs", "byo_example.py")
@@ -39,6 +40,7 @@ def write_verl_parquet(path, source, n, *, system=False):
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
+@pytest.mark.slow  # a long end-to-end run: CI runs it (python -m pytest -q -m slow)
 def test_byo_example_config_runs_on_a_tiny_chat_model(tmp_path):
     model = make_byo_dir(tmp_path / "model", generation_eos=[0, 7])
     math_train, mine_train, test = (str(tmp_path / n) for n in ("math.parquet", "my_task.parquet", "test.parquet"))

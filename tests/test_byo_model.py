@@ -7,12 +7,11 @@ import pytest
 from byo_fixture import CHATML, EOS, IM_END, VOCAB_SIZE, make_bpe_tokenizer, make_byo_dir
 from tokenizers import Tokenizer
 
-from echorl_jax import config as config_lib
-from echorl_jax import main as main_lib
-from echorl_jax import setup as setup_lib
+from echorl_jax import config as config_lib, main as main_lib
 from echorl_jax.models.config import ModelConfig, ModelConfigError, from_hf_config, to_hf_config
 from echorl_jax.models.hf import export_model, load_model
 from echorl_jax.models.tokenizer import end_of_turn_token
+from echorl_jax.trainer import setup as setup_lib
 
 TEXTS = (" 123", "What is 12 + 34?\n\nThe answer is 46.", "<|im_start|>user\n 1234<|im_end|>\n")
 

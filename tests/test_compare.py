@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from echorl_jax import compare, launch
-from echorl_jax import config as config_lib
-from echorl_jax.metrics_log import read_jsonl
+from echorl_jax import compare, config as config_lib, launch
+from echorl_jax.trainer.metrics_log import read_jsonl
 from tests.test_train import ROOT, TINY
 
 
@@ -65,6 +64,7 @@ def _rows(workdir, name) -> list[dict]:
     return [{k: v for k, v in r.items() if "time" not in k and k != "tokens_per_s"} for r in rows]
 
 
+@pytest.mark.slow  # a long end-to-end run: CI runs it (python -m pytest -q -m slow)
 def test_concurrent_runs_match_the_in_process_runs_and_share_one_warm_start(tmp_path, monkeypatch):
     seq, par = tmp_path / "seq", tmp_path / "par"
     given = _given(seq)

@@ -10,8 +10,14 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from echorl_jax.data import (DataError, PromptPipeline, load_files, load_records, render_prompt,
-                             tokenize_prompts)
+from echorl_jax.data.pipeline import (
+    DataError,
+    PromptPipeline,
+    load_files,
+    load_records,
+    render_prompt,
+    tokenize_prompts,
+)
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")

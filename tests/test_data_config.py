@@ -8,9 +8,9 @@ import os
 import pytest
 
 from echorl_jax import config as config_lib
-from echorl_jax import setup
-from echorl_jax.data import DataError
+from echorl_jax.data.pipeline import DataError
 from echorl_jax.tasks import arith
+from echorl_jax.trainer import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_test.py")

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from echorl_jax import data_prep
-from echorl_jax.data_formats import DataError, load_records
+from echorl_jax.data import prep
+from echorl_jax.data.formats import DataError, load_records
 from echorl_jax.rewards import RewardRow, build_router
 from echorl_jax.rewards.router import RewardConfig
 
@@ -25,11 +25,11 @@ def write(tmp_path, name, rows, fmt="parquet"):
     return path
 
 
-def prep(tmp_path, source, rows, fmt="parquet", **kw):
+def run_prep(tmp_path, source, rows, fmt="parquet", **kw):
     """Convert through the CLI, then read back with the trainer's loader."""
     src = write(tmp_path, f"in_{source}", rows, fmt)
     out = tmp_path / "out" / f"{source}.parquet"
-    assert data_prep.main([source, str(src), "--out", str(out), *kw.get("args", ())]) == 0
+    assert prep.main([source, str(src), "--out", str(out), *kw.get("args", ())]) == 0
     return load_records(out), pq.read_table(out).to_pylist()
 
 
@@ -41,7 +41,7 @@ def user_text(rec):
 def test_math_answer_is_the_last_box_of_the_solution(tmp_path):
     rows = [{"problem": "What is $1+1$?", "solution": "First \\boxed{3}... no: $1+1=\\boxed{2}$.", "level": "Level 1",
              "type": "Algebra"}]
-    recs, raw = prep(tmp_path, "math", rows, fmt="jsonl")
+    recs, raw = run_prep(tmp_path, "math", rows, fmt="jsonl")
     assert recs[0]["ground_truth"] == "2" and recs[0]["data_source"] == "math"
     assert user_text(recs[0]) == "What is $1+1$?\n" + INSTR
     assert raw[0]["reward_model"] == {"style": "rule", "ground_truth": "2"}
@@ -56,7 +56,7 @@ def test_dapo_instructions_are_replaced_and_duplicates_dropped(tmp_path):
            "reward_model": {"ground_truth": "2", "style": "rule-lighteval/MATH_v2"}, "extra_info": {"index": "a"}}
     other = dict(row, prompt=[{"role": "user", "content": dapo.replace("x+1=3", "x+2=3")}],
                  reward_model={"ground_truth": "1", "style": "rule"})
-    recs, _ = prep(tmp_path, "dapo_math_17k", [row, row, other, row])
+    recs, _ = run_prep(tmp_path, "dapo_math_17k", [row, row, other, row])
     assert [r["ground_truth"] for r in recs] == ["2", "1"]
     assert user_text(recs[0]) == "Find $x$ if $x+1=3$.\n" + INSTR
     assert recs[0]["data_source"] == "dapo_math_17k"
@@ -68,7 +68,7 @@ def test_openr1_keeps_the_expert_trace_as_a_column(tmp_path):
              "target": [{"role": "assistant", "content": "<think>\n2*2*2 = 8\n</think>\n\n\\boxed{8}"}],
              "ability": "math", "reward_model": {"ground_truth": "8", "style": "rule"},
              "extra_info": {"index": 0, "split": "default"}}]
-    recs, raw = prep(tmp_path, "openr1_math_46k", rows)
+    recs, raw = run_prep(tmp_path, "openr1_math_46k", rows)
     assert recs[0]["expert"] == "<think>\n2*2*2 = 8\n</think>\n\n\\boxed{8}"
     assert "expert" in pq.read_schema(tmp_path / "out" / "openr1_math_46k.parquet").names  # top-level column
     assert user_text(recs[0]) == "Compute $2^3$.\n" + INSTR  # the system prompt is not carried over
@@ -84,7 +84,7 @@ def test_openr1_keeps_the_expert_trace_as_a_column(tmp_path):
     ("olympiadbench", {"question": "Find N.", "final_answer": ["$\\frac{1}{3}$"], "id": 1}, "\\frac{1}{3}"),
 ])  # fmt: skip
 def test_math_eval_sets(tmp_path, source, row, answer):
-    recs, raw = prep(tmp_path, source, [row])
+    recs, raw = run_prep(tmp_path, source, [row])
     assert recs[0]["ground_truth"] == answer and recs[0]["data_source"] == source
     assert user_text(recs[0]) == "Find N.\n" + INSTR and raw[0]["extra_info"]["split"] == "test"
 
@@ -94,7 +94,7 @@ def test_arc_choices_and_numeric_labels(tmp_path):
                                                                     "label": ["A", "B", "C"]}, "answerKey": "B"},
             {"id": "q2", "question": "Pick two.", "choices": {"text": ["one", "two"], "label": ["1", "2"]},
              "answerKey": "2"}]  # fmt: skip
-    recs, raw = prep(tmp_path, "arc_c", rows)
+    recs, raw = run_prep(tmp_path, "arc_c", rows)
     assert [r["ground_truth"] for r in recs] == ["B", "B"]
     assert "Which is a gas?\n\nA. Ice\nB. Steam\nC. Rock\n" in user_text(recs[0])
     assert "letter of the correct option" in user_text(recs[0]) and raw[0]["ability"] == "choice"
@@ -104,9 +104,9 @@ def test_arc_choices_and_numeric_labels(tmp_path):
 def test_gpqa_shuffle_is_deterministic_by_seed_and_the_letter_follows_the_answer(tmp_path):
     rows = [{"Question": f"Q{i}?", "Correct Answer": "right", "Incorrect Answer 1": "w1",
              "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3"} for i in range(12)]  # fmt: skip
-    a = data_prep.convert("gpqa_diamond", [write(tmp_path, "g", rows)], seed=0)
-    b = data_prep.convert("gpqa_diamond", [write(tmp_path, "g", rows)], seed=0)
-    c = data_prep.convert("gpqa_diamond", [write(tmp_path, "g", rows)], seed=1)
+    a = prep.convert("gpqa_diamond", [write(tmp_path, "g", rows)], seed=0)
+    b = prep.convert("gpqa_diamond", [write(tmp_path, "g", rows)], seed=0)
+    c = prep.convert("gpqa_diamond", [write(tmp_path, "g", rows)], seed=1)
     assert a == b and a != c
     for rec in a:
         choices, letter = rec["extra_info"]["choices"], rec["reward_model"]["ground_truth"]
@@ -118,7 +118,7 @@ def test_gpqa_shuffle_is_deterministic_by_seed_and_the_letter_follows_the_answer
 def test_mmlu_pro_ten_options(tmp_path):
     rows = [{"question_id": 1, "question": "Pick J.", "options": [f"o{i}" for i in range(10)], "answer": "J",
              "answer_index": 9, "cot_content": "", "category": "math", "src": "x"}]  # fmt: skip
-    recs, raw = prep(tmp_path, "mmlu_pro", rows, fmt="json")
+    recs, raw = run_prep(tmp_path, "mmlu_pro", rows, fmt="json")
     assert recs[0]["ground_truth"] == "J" and "J. o9" in user_text(recs[0])
 
 
@@ -136,16 +136,16 @@ def test_unknown_columns_name_the_file_and_the_columns_found(tmp_path):
     path = write(tmp_path, "weird", [{"text": "hi", "label": 3}])
     with pytest.raises(DataError, match=r"weird.parquet: not a 'aime24' export.*problem.*'problem', 'question'.*"
                                         r"has columns \['label', 'text'\]"):
-        data_prep.convert("aime24", [path])
+        prep.convert("aime24", [path])
     with pytest.raises(DataError, match=r"not a 'openr1_math_46k' export.*expert trace"):
-        data_prep.convert("openr1_math_46k", [write(tmp_path, "noexp", [{"problem": "p", "answer": "1"}])])
+        prep.convert("openr1_math_46k", [write(tmp_path, "noexp", [{"problem": "p", "answer": "1"}])])
     with pytest.raises(DataError, match="unknown source 'gsm9k'"):
-        data_prep.convert("gsm9k", [path])
-    assert data_prep.main(["aime24", str(path)]) == 2
+        prep.convert("gsm9k", [path])
+    assert prep.main(["aime24", str(path)]) == 2
 
 
 def test_a_row_without_an_answer_names_the_row(tmp_path):
     path = write(tmp_path, "m", [{"problem": "p", "solution": "\\boxed{1}"}, {"problem": "q", "solution": "none"}],
                  fmt="jsonl")
     with pytest.raises(DataError, match=r"m.jsonl, row 1: no usable answer"):
-        data_prep.convert("math", [path])
+        prep.convert("math", [path])

@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 
-from echorl_jax.metrics_log import read_jsonl
+import pytest
+
+from echorl_jax.trainer.metrics_log import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +35,7 @@ SHORT = {
 }
 
 
+@pytest.mark.slow  # a long end-to-end run: CI runs it (python -m pytest -q -m slow)
 def test_shortened_default_run_builds_and_applies_echo_clips(tmp_path):
     workdir = tmp_path / "default"
     args = [f"--config.{k}={v}" for k, v in SHORT.items()] + [f"--config.train.workdir={workdir}"]

@@ -6,13 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from echorl_jax import echo as E
-from echorl_jax import objectives as O
-from echorl_jax.echo import EchoConfig
-from echorl_jax.objectives import LossBatch, ObjectiveConfig
+from echorl_jax.rl import echo as E, objectives as O
+from echorl_jax.rl.echo import EchoConfig
+from echorl_jax.rl.objectives import LossBatch, ObjectiveConfig
 
 N, G, T = 3, 3, 10
 DELIMS = (1, 4)
@@ -277,7 +275,7 @@ def test_all_success_batch_grpo_grad_zero_echo_grad_is_lambda_nll_grad():
     lam = 0.001
     g_echo = grad_fn(params, EchoConfig(coef=lam))
 
-    # Reference: NLL over the reference clips only, computed without echo.py.
+    # Reference: NLL over the reference clips only, computed without rl/echo.py.
     want_clip, _ = ref_echo_clips(tokens, lengths, ent, reward, DELIMS, EchoConfig())
 
     rows = np.flatnonzero(want_clip.any(1))

@@ -2,19 +2,20 @@
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from byo_fixture import make_byo_dir
 from flax import nnx
 
 from echorl_jax import config as config_lib
-from echorl_jax import data_prep, evaluate, evaluation, paper_table
-from echorl_jax.checkpoint import Checkpointer
-from echorl_jax.data_formats import load_files
+from echorl_jax.data import prep
+from echorl_jax.data.formats import load_files
+from echorl_jax.evaluation import benchmark, paper_table
 from echorl_jax.models.hf import load_model
-from echorl_jax.setup import build_setup
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from echorl_jax.trainer import grading
+from echorl_jax.trainer.checkpoint import Checkpointer
+from echorl_jax.trainer.setup import build_setup
 
 MAX_PROMPT = 320
 
@@ -29,7 +30,7 @@ def files(tmp_path_factory):
     for name, rows in (("aime24", math_rows), ("arc_c", arc_rows)):
         src = d / f"raw_{name}.parquet"
         pq.write_table(pa.Table.from_pylist(rows), src)
-        out.append(str(data_prep.write_parquet(data_prep.convert(name, [src]), d / f"{name}.parquet")))
+        out.append(str(prep.write_parquet(prep.convert(name, [src]), d / f"{name}.parquet")))
     return out
 
 
@@ -43,7 +44,7 @@ def run(tmp_path, name, files, *source, k=2):
     out = tmp_path / f"{name}.json"
     argv = [*source, "--data", ",".join(files), "--k", str(k), "--max-new-tokens", "6", "--out", str(out),
             "--responses", str(tmp_path / f"{name}.jsonl"), f"--config.data.max_prompt_len={MAX_PROMPT}"]
-    assert evaluate.main(argv) == 0
+    assert benchmark.main(argv) == 0
     lines = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
     return json.loads(out.read_text()), (tmp_path / f"{name}.md").read_text(), lines
 
@@ -53,7 +54,7 @@ def test_model_eval_table_and_json_equal_summarize(tmp_path, files, byo, capsys)
     records = load_files(files)
     verdicts = {int(i): v for i, v in result["verdicts"].items()}
     assert sorted(verdicts) == list(range(len(records))) and all(len(v) == 2 for v in verdicts.values())
-    assert result["metrics"] == evaluation.summarize(verdicts, records, 2)
+    assert result["metrics"] == grading.summarize(verdicts, records, 2)
     assert set(result["benchmarks"]) == {"aime24", "arc_c"}
     assert result["benchmarks"]["aime24"]["count"] == 5 and result["benchmarks"]["arc_c"]["count"] == 3
     header = table.splitlines()[0]
@@ -90,7 +91,7 @@ def test_checkpoint_params_are_restored(tmp_path, files, byo):
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, files, capsys):
-    assert evaluate.main(["--checkpoint", str(tmp_path), "--data", files[0]]) == 2
+    assert benchmark.main(["--checkpoint", str(tmp_path), "--data", files[0]]) == 2
     assert "not a training workdir" in capsys.readouterr().err
 
 

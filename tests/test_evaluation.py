@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from echorl_jax.evaluation import summarize
+from echorl_jax.trainer.grading import summarize
 
 
 def test_summarize_matches_a_slow_reference():

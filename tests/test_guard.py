@@ -1,6 +1,6 @@
 """Collapse guard against a measured collapse (default config, lr 1e-3, RESULTS.md) and a healthy run."""
 
-from echorl_jax.guard import Guard, check
+from echorl_jax.trainer.guard import Guard, check
 
 # Per-step (accuracy, entropy/mean, response/clip_ratio) of the lr 1e-3 default run on the 2-core CPU.
 COLLAPSE = [

@@ -6,11 +6,10 @@ import huggingface_hub
 import pytest
 from byo_fixture import make_byo_dir
 
-from echorl_jax import config as config_lib
-from echorl_jax import main as main_lib
-from echorl_jax import setup as setup_lib
+from echorl_jax import config as config_lib, main as main_lib
 from echorl_jax.models import hub
 from echorl_jax.sharding import make_mesh
+from echorl_jax.trainer import setup as setup_lib
 
 
 @pytest.fixture

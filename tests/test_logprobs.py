@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from echorl_jax import echo as echo_lib
-from echorl_jax import objectives, update
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.logprobs import chunked_logp_entropy
 from echorl_jax.models.transformer import Transformer
+from echorl_jax.rl import echo as echo_lib, objectives, update
 
 
 def reference_logp_entropy(hidden_bth, head_hv, targets_bt, temperature):

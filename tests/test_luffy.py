@@ -12,16 +12,13 @@ import pytest
 from byo_fixture import IM_END, VOCAB_SIZE, make_bpe_tokenizer
 
 from echorl_jax import config as config_lib
-from echorl_jax import methods, offpolicy
-from echorl_jax import objectives as O
-from echorl_jax import rollout as rollout_lib
-from echorl_jax import setup as setup_lib
-from echorl_jax import train
-from echorl_jax.data_formats import DataError
-from echorl_jax.echo import EchoConfig
-from echorl_jax.metrics_log import read_jsonl
-from echorl_jax.objectives import LossBatch
-from echorl_jax.sampling import Rollout
+from echorl_jax.data.formats import DataError
+from echorl_jax.rl import methods, objectives as O, offpolicy
+from echorl_jax.rl.echo import EchoConfig
+from echorl_jax.rl.objectives import LossBatch
+from echorl_jax.sampling.sampler import Rollout
+from echorl_jax.trainer import rollout as rollout_lib, setup as setup_lib, train
+from echorl_jax.trainer.metrics_log import read_jsonl
 
 GAMMA = 0.1
 

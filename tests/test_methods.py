@@ -7,13 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echorl_jax import config as config_lib
-from echorl_jax import echo as E
-from echorl_jax import main
-from echorl_jax import methods as M
-from echorl_jax import objectives as O
-from echorl_jax.echo import EchoConfig
-from echorl_jax.objectives import LossBatch, ObjectiveConfig
+from echorl_jax import cli, config as config_lib
+from echorl_jax.rl import echo as E, methods as M, objectives as O
+from echorl_jax.rl.echo import EchoConfig
+from echorl_jax.rl.objectives import LossBatch, ObjectiveConfig
 
 EXPECTED = {
     "grpo": dict(estimator="grpo", policy_loss="ppo", aggregation="seq-mean-token-mean"),
@@ -80,7 +77,7 @@ def build(method=None, **sections):
     overrides = dict(sections)
     if method is not None:
         overrides["objective"] = {"method": method, **overrides.get("objective", {})}
-    return config_lib.build_config(main.default_values(), overrides)
+    return config_lib.build_config(cli.default_values(), overrides)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -92,8 +89,8 @@ def test_every_preset_builds_on_the_default_config(name, echo):
     assert cfg.objective.method == name and cfg.echo.enabled == echo
     assert cfg.objective.overlong_buffer == (10 if name == "dapo" else 0)
     # Command-line strings resolve the same way.
-    cli = config_lib.parse_overrides([f"--config.objective.method={name}", "--config.sampling.max_new_tokens=20480"])
-    assert config_lib.build_config(main.default_values(), cli).objective.overlong_buffer == (4096 if name == "dapo" else 0)
+    overrides = config_lib.parse_overrides([f"--config.objective.method={name}", "--config.sampling.max_new_tokens=20480"])
+    assert config_lib.build_config(cli.default_values(), overrides).objective.overlong_buffer == (4096 if name == "dapo" else 0)
 
 
 def test_preset_values_resolve_against_merged_length_and_explicit_values_win():

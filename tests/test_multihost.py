@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from echorl_jax import main as main_lib
+from echorl_jax import cli, main as main_lib
 from echorl_jax.config import ConfigError, DistConfig
-from echorl_jax.data import PromptPipeline
+from echorl_jax.data.pipeline import PromptPipeline
 from tests.test_data import make_records, make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def test_host_batches_concatenate_to_the_one_host_batch():
 
 
 def test_distributed_args():
-    args = main_lib.distributed_args
+    args = cli.distributed_args
     assert args(DistConfig(), {}) is None  # a plain single-process run (no TPU on this machine)
     env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
     assert args(DistConfig(), env) == {"coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 3}
@@ -84,7 +84,7 @@ sys.addaudithook(hook)
 atexit.register(lambda: open(record, "w").write(json.dumps(sorted(set(writes)))))
 if os.environ.get("SIGTERM_AFTER_FIRST_ROLLOUT") == "1":  # a preemption notice that reaches this host only
     import signal
-    from echorl_jax import rollout
+    from echorl_jax.trainer import rollout
     collect = rollout.collect
     def collect_then_sigterm(*args, **kwargs):
         out = collect(*args, **kwargs)

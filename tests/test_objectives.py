@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from echorl_jax import objectives as O
-from echorl_jax.echo import EchoConfig
-from echorl_jax.objectives import LossBatch, ObjectiveConfig
+from echorl_jax.rl import objectives as O
+from echorl_jax.rl.echo import EchoConfig
+from echorl_jax.rl.objectives import LossBatch, ObjectiveConfig
 
 # ----------------------------------------------------------------------------- references
 

@@ -14,8 +14,8 @@ import pytest
 from byo_fixture import VOCAB_SIZE, make_bpe_tokenizer
 
 from echorl_jax import config as config_lib
-from echorl_jax import train
-from echorl_jax.metrics_log import read_jsonl
+from echorl_jax.trainer import train
+from echorl_jax.trainer.metrics_log import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(ROOT, "configs", "paper")
@@ -107,7 +107,7 @@ RUN_METHODS = {"qwen25_math_7b": ("dapo", "drgrpo", "grpo", "luffy"), "llama31_8
 RUN = [p for p in RECIPES if recipe_name(p)[1] in RUN_METHODS.get(recipe_name(p)[0], ())]
 
 
-@pytest.mark.parametrize("family", ["qwen2", pytest.param("llama", marks=pytest.mark.slow),
+@pytest.mark.parametrize("family", [pytest.param("qwen2", marks=pytest.mark.slow), pytest.param("llama", marks=pytest.mark.slow),
                                     pytest.param("qwen3", marks=pytest.mark.slow)])
 def test_recipes_run_one_rl_step_shrunk_to_a_tiny_model(tmp_path, family):
     setups = {}  # by expert rows per group: the sampler (and its compiled program) is shared across methods

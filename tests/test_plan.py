@@ -7,9 +7,10 @@ import os
 import jax
 from flax import nnx
 
-from echorl_jax import config as config_lib
-from echorl_jax import plan, setup, sharding, update
+from echorl_jax import config as config_lib, plan, sharding
 from echorl_jax.models.transformer import Transformer
+from echorl_jax.rl import update
+from echorl_jax.trainer import setup
 from tests.test_train import ROOT
 
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny_test.py")
@@ -31,7 +32,7 @@ def test_plan_counts_equal_the_bytes_of_a_real_placed_model_and_optimizer():
     mesh = sharding.make_mesh((2, 2, 2))
     model = sharding.shard_model(Transformer(setup.model_config(cfg), rngs=nnx.Rngs(0)), mesh)
     _, params = nnx.split(model)
-    opt_state = update.init_opt_state(update.make_optimizer(cfg.optim, 10), params, mesh)  # as setup.py does
+    opt_state = update.init_opt_state(update.make_optimizer(cfg.optim, 10), params, mesh)  # as trainer/setup.py does
     assert pl.params == _device0_bytes(params)
     assert pl.optimizer == _device0_bytes(opt_state)
     # fp32 moments (mu, nu) of bf16 params, sharded like them: 4x the parameter bytes, plus the step counts.

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from echorl_jax import echo as echo_lib
-from echorl_jax import objectives, update
 from echorl_jax.models.config import REMAT, ModelConfig
 from echorl_jax.models.transformer import Transformer
+from echorl_jax.rl import echo as echo_lib, objectives, update
 from tests.test_logprobs import _Optim
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from echorl_jax import config as config_lib
-from echorl_jax import methods, train
-from echorl_jax.metrics_log import read_jsonl
+from echorl_jax.rl import methods
+from echorl_jax.trainer import train
+from echorl_jax.trainer.metrics_log import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_test.py")
@@ -24,6 +26,7 @@ def one_step_cfg(workdir, method: str) -> config_lib.Config:
     return config_lib.build_config(config_lib.load_config_file(TINY), overrides)
 
 
+@pytest.mark.slow  # a long end-to-end run: CI runs it (python -m pytest -q -m slow)
 def test_every_preset_runs_one_rl_step(tmp_path):
     """No overrides beyond the method name: length-dependent preset values (dapo's
     overlong buffer) resolve against the tiny config's max_new_tokens."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from echorl_jax.report import summary_rows
+from echorl_jax.trainer.report import summary_rows
 
 
 def test_train_rows_average_first_and_last_tenth_and_eval_rows_are_single_evaluations():

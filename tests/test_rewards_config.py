@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from echorl_jax import config as config_lib
-from echorl_jax import evaluation, rollout
-from echorl_jax.data import PromptBatch
+from echorl_jax.data.pipeline import PromptBatch
 from echorl_jax.rewards import VERIFIERS, RewardResult, RewardRow, build_router, call_verifier
 from echorl_jax.rewards.custom import RewardFnError
-from echorl_jax.sampling import Rollout
-from echorl_jax.setup import default_verifier
+from echorl_jax.sampling.sampler import Rollout
+from echorl_jax.trainer import grading, rollout
+from echorl_jax.trainer.setup import default_verifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANDOM_OUTPUT = "marbles 1/5 3M the tot"  # the trial's random-model output; rightmost number 3
@@ -67,7 +67,7 @@ def test_math_options_on_data_without_math_rows_are_refused():
 
 
 def test_setup_refuses_math_options_on_the_built_in_task(tmp_path):
-    from echorl_jax.setup import build_setup
+    from echorl_jax.trainer.setup import build_setup
 
     cfg = config_lib.build_config(config_lib.load_config_file(os.path.join(ROOT, "configs", "tiny_test.py")),
                                   {"reward": {"strict": False}, "train": {"workdir": str(tmp_path)}})  # fmt: skip
@@ -262,6 +262,6 @@ def test_evaluate_skips_padding_rows(hook_path):
     def sample_fn(params, tokens, lengths, rng):
         return fake_rollout(4)
 
-    out = evaluation.evaluate(sample_fn, None, pipeline, RECORDS, router, RowTokenizer(texts), k=2, rng=jax.random.key(0))
+    out = grading.evaluate(sample_fn, None, pipeline, RECORDS, router, RowTokenizer(texts), k=2, rng=jax.random.key(0))
     assert len(calls) == 2
     assert out["avg@2"] == 0.5 and out["pass@2"] == 1.0 and out["count"] == 1.0

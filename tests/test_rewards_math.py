@@ -8,8 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from echorl_jax.rewards import VERIFIERS, MathVerifier, get_verifier
-from echorl_jax.rewards import math as rmath
+from echorl_jax.rewards import VERIFIERS, MathVerifier, get_verifier, math as rmath
 
 # (id, response, ground truth, correct). Expected values are the right grades.
 CASES = [

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echorl_jax.data import PromptBatch
+from echorl_jax.data.pipeline import PromptBatch
 from echorl_jax.rewards.base import RewardResult
-from echorl_jax.rollout import collect
-from echorl_jax.sampling import Rollout
+from echorl_jax.sampling.sampler import Rollout
+from echorl_jax.trainer.rollout import collect
 
 N, G, T = 4, 2, 3
 

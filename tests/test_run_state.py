@@ -7,18 +7,18 @@ import signal
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from echorl_jax import compare, main, run_state, train, update
-from echorl_jax import config as config_lib
-from echorl_jax.checkpoint import Checkpointer
-from echorl_jax.metrics_log import read_jsonl
+from echorl_jax import compare, config as config_lib, main
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.transformer import Transformer
+from echorl_jax.rl import update
+from echorl_jax.trainer import run_state, train
+from echorl_jax.trainer.checkpoint import Checkpointer
+from echorl_jax.trainer.metrics_log import read_jsonl
 from tests.test_train import ROOT, TINY, tiny_cfg
 
 
@@ -68,6 +68,7 @@ def test_config_diff_ignores_resumable_keys_and_fields_unknown_to_one_side():
     assert run_state.config_diff(saved, now) == [("train.seed", 0, 1)]
 
 
+@pytest.mark.slow  # a long end-to-end run: CI runs it (python -m pytest -q -m slow)
 def test_cli_refuses_a_changed_method_in_the_same_workdir(tmp_path):
     """The README's override example, run after a default run in the same workdir."""
     w = tmp_path / "cli"
@@ -168,7 +169,7 @@ def test_forward_logp_is_micro_batched_values_and_memory():
 
 
 def test_echo_grad_norm_is_micro_batched_and_exact():
-    from echorl_jax.echo import EchoConfig
+    from echorl_jax.rl.echo import EchoConfig
 
     graphdef, params, tokens, valid, t = _model_and_batch()
     b = tokens.shape[0]

@@ -10,7 +10,8 @@ from scipy import stats
 
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.transformer import Transformer, logp_and_entropy, positions_from_valid
-from echorl_jax.sampling import Rollout, SamplingConfig, decode_responses, generate_text, make_sampler
+from echorl_jax.sampling.config import SamplingConfig
+from echorl_jax.sampling.sampler import Rollout, decode_responses, generate_text, make_sampler
 from echorl_jax.sharding import make_mesh, shard_model
 
 # init_std 0.3 spreads the logits (std ~1.7), so greedy margins dwarf fp32 noise.

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from echorl_jax import sft, sharding
+from echorl_jax import sharding
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.transformer import Transformer, positions_from_valid
 from echorl_jax.tasks.arith import ArithTask, make_records
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
+from echorl_jax.trainer import sft
 
 P, T = 20, 44  # the default task's prompts are <= 14 chars, solutions + eos <= 41
 

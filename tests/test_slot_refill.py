@@ -11,8 +11,15 @@ from flax import nnx
 
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.transformer import Transformer, logp_and_entropy, positions_from_valid
-from echorl_jax.draw import choose_tokens
-from echorl_jax.sampling import Rollout, SamplingConfig, decode_rows, kv_bytes_per_slot, make_sampler, prompt_bucket
+from echorl_jax.sampling.draw import choose_tokens
+from echorl_jax.sampling.sampler import (
+    Rollout,
+    SamplingConfig,
+    decode_rows,
+    kv_bytes_per_slot,
+    make_sampler,
+    prompt_bucket,
+)
 from echorl_jax.sharding import make_mesh, shard_model
 
 TINY = ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

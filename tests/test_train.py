@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from echorl_jax import config as config_lib
-from echorl_jax import train
-from echorl_jax.checkpoint import Checkpointer
-from echorl_jax.metrics_log import read_jsonl
+from echorl_jax.trainer import train
+from echorl_jax.trainer.checkpoint import Checkpointer
+from echorl_jax.trainer.metrics_log import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_test.py")
@@ -41,6 +41,7 @@ def _params(result):
     return jax.tree.map(np.asarray, jax.device_get(result["setup"].state.params))
 
 
+@pytest.mark.slow  # a long end-to-end run: CI runs it (python -m pytest -q -m slow)
 def test_main_entry_point_two_steps(tmp_path):
     """`python -m echorl_jax.main` writes metrics, a checkpoint, an HF export and a report."""
     workdir = tmp_path / "run"
@@ -87,6 +88,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
     assert [r["step"] for r in _rows(tmp_path / "c")] == [1, 2, 3]
 
 
+@pytest.mark.slow  # a long end-to-end run: CI runs it (python -m pytest -q -m slow)
 def test_one_device_and_eight_device_mesh_agree(tmp_path):
     one = train.train(tiny_cfg(tmp_path / "one", mesh={"shape": (1, 1, 1), "num_devices": 1},
                                train={"export_hf": False}))  # fmt: skip
@@ -128,6 +130,7 @@ def test_other_methods_run(tmp_path, method):
         assert abs(row["kl_ref"]) < 1e-6 and abs(row["approx_kl_old"]) < 1e-6
 
 
+@pytest.mark.slow  # a long end-to-end run: CI runs it (python -m pytest -q -m slow)
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     """Preemption: SIGTERM mid-run saves the current step and exits 0; a rerun resumes from it."""
     import signal

@@ -41,8 +41,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from echorl_jax.models.config import ATTENTION as IMPLS
-from echorl_jax.models.config import ModelConfigError
+from echorl_jax.models.config import ATTENTION as IMPLS, ModelConfigError
 
 Q_BLOCK = 512  # xla_chunked block sizes: a [b, n, 512, 512] fp32 block is 1 MiB per row and head
 K_BLOCK = 512

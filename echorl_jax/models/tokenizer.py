@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 from echorl_jax.models.config import ModelConfigError
@@ -26,6 +27,23 @@ from echorl_jax.models.config import ModelConfigError
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
 GENERATION_CONFIG = "generation_config.json"
 _PROBE = "Echo42probe"  # message content for rendering the chat template
+
+
+def transformers_quietly():
+    """The ``transformers`` module, imported without its "PyTorch was not found. Models won't be
+    available ..." advice: we use its tokenizers only, and without torch that line reads like a broken
+    install. Only that import is quieted (its other advice is left as the user set it)."""
+    if "transformers" not in sys.modules:
+        old = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+        try:
+            import transformers  # noqa: F401
+        finally:
+            if old is None:
+                del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+            else:
+                os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = old
+    return sys.modules["transformers"]
 
 
 def load_hf_tokenizer(path: str, key: str = "data.tokenizer"):
@@ -39,13 +57,9 @@ def load_hf_tokenizer(path: str, key: str = "data.tokenizer"):
             "(e.g. --config.data.tokenizer=/path/to/base-model), or copy its tokenizer files there."
         )
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        from transformers import PreTrainedTokenizerFast
-
-        tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        tok = transformers_quietly().PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     else:  # sentencepiece / vocab files only: the class named in tokenizer_config.json converts them
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = transformers_quietly().AutoTokenizer.from_pretrained(path, local_files_only=True)
     if len(tok) <= len(set(tok.all_special_ids)):
         raise FileNotFoundError(f"{key}={path!r}: the tokenizer loads with no vocabulary besides special tokens")
     return tok

@@ -53,8 +53,7 @@ import time
 import weakref
 from collections import deque
 from functools import lru_cache
-from multiprocessing import connection as mp_connection
-from multiprocessing import Pipe
+from multiprocessing import Pipe, connection as mp_connection
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np

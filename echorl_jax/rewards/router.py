@@ -6,7 +6,7 @@ Which verifier grades a row (verl's convention: the record's ``data_source``):
   2. else ``reward.name``; ``"auto"`` = ``arith`` for the built-in task's rows
      (data_source ``"arith"``), ``choice`` for data_prep's multiple-choice sets
      (``choice.CHOICE_SOURCES``), ``math`` for everything else.
-A verifier is a registered name (``rewards.VERIFIERS``) or ``"custom"``, the
+A verifier is a registered name (``registry.VERIFIERS``) or ``"custom"``, the
 user's function in ``reward.custom`` (see ``rewards/custom.py``).
 
 The router groups a batch's rows by verifier, calls each verifier once on its
@@ -28,6 +28,7 @@ import numpy as np
 from echorl_jax.rewards.base import RewardResult
 from echorl_jax.rewards.choice import CHOICE_SOURCES
 from echorl_jax.rewards.custom import CustomReward, RewardRow, is_file_spec, split_spec
+from echorl_jax.rewards.registry import VERIFIERS, get_verifier
 
 AUTO, CUSTOM = "auto", "custom"
 ARITH_SOURCE = "arith"  # tasks.arith.DATA_SOURCE (not imported: tasks.arith imports rewards)
@@ -68,8 +69,6 @@ class RewardConfig:
         return names
 
     def validate(self) -> None:
-        from echorl_jax.rewards import VERIFIERS  # lazy: the registry imports this module
-
         known = sorted({*VERIFIERS, CUSTOM})
         if self.name not in (AUTO, *known):
             raise ValueError(f"reward.name={self.name!r} is unknown; known verifiers: {', '.join([AUTO, *known])}")
@@ -181,8 +180,6 @@ class RewardRouter:
 
 def build_router(cfg: RewardConfig) -> RewardRouter:
     """The router ``cfg`` describes; imports ``cfg.custom`` now (RewardSetupError if it is bad)."""
-    from echorl_jax.rewards import VERIFIERS, get_verifier
-
     cfg.validate()
     factories: dict[str, Callable[[], Any]] = {
         name: (lambda name=name: get_verifier(name, **verifier_kwargs(cfg, name))) for name in VERIFIERS

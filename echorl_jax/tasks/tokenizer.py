@@ -16,7 +16,10 @@ themselves when they want them.
 from __future__ import annotations
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+
+from echorl_jax.models.tokenizer import transformers_quietly
+
+PreTrainedTokenizerFast = transformers_quietly().PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3
 CHARS = ("\n", "\t") + tuple(chr(c) for c in range(32, 127))  # "\n" is id 4

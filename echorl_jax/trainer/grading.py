@@ -9,11 +9,11 @@ import jax
 import numpy as np
 
 from echorl_jax import sharding
-from echorl_jax.data import PromptPipeline
+from echorl_jax.data.pipeline import PromptPipeline
 from echorl_jax.rewards import call_verifier, rows_for_batch
 from echorl_jax.rewards.base import Verifier
-from echorl_jax.rollout import own_rows
-from echorl_jax.sampling import decode_responses
+from echorl_jax.sampling.sampler import decode_responses
+from echorl_jax.trainer.rollout import own_rows
 
 
 def evaluate(

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from echorl_jax import echo as echo_lib
-from echorl_jax import objectives, sharding
+from echorl_jax import sharding
 from echorl_jax.models.logprobs import chunked_logp_entropy
 from echorl_jax.models.transformer import positions_from_valid
+from echorl_jax.rl import echo as echo_lib, objectives
 
 
 class TrainState(NamedTuple):

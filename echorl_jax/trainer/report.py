@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any
 
-from echorl_jax.metrics_log import read_jsonl
+from echorl_jax.trainer.metrics_log import read_jsonl
 
 PLOTS = {
     "accuracy.png": ("Held-out accuracy", "eval", r"^avg@\d+(/level=\d+)?$"),

@@ -10,11 +10,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from echorl_jax import config as config_lib
-from echorl_jax import echo as echo_lib
-from echorl_jax import offpolicy, sharding, update
-from echorl_jax.data import DataError, PromptPipeline, load_records
-from echorl_jax.data_formats import require_text_field
+from echorl_jax import config as config_lib, sharding
+from echorl_jax.data.formats import require_text_field
+from echorl_jax.data.pipeline import DataError, PromptPipeline, load_records
 from echorl_jax.models.config import ModelConfig, numerics
 from echorl_jax.models.hub import resolve_model_dir
 from echorl_jax.models.tokenizer import default_stops, describe_stops, end_of_turn_token, load_hf_tokenizer
@@ -22,7 +20,8 @@ from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import build_router
 from echorl_jax.rewards.custom import RewardSetupError
 from echorl_jax.rewards.router import check_math_options_used
-from echorl_jax.sampling import make_sampler
+from echorl_jax.rl import echo as echo_lib, offpolicy, update
+from echorl_jax.sampling.sampler import make_sampler
 from echorl_jax.tasks import arith
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
 
@@ -255,7 +254,7 @@ def default_verifier(cfg: config_lib.Config):
 
 
 def _warm_start(cfg: config_lib.Config, model, tokenizer, records, mesh, log):
-    from echorl_jax import sft
+    from echorl_jax.trainer import sft
 
     cache_dir = cfg.sft.cache_dir or os.path.join(cfg.train.workdir, "warmstart")
     bar = Progress(0, cfg.sft.steps, enabled=cfg.train.progress and jax.process_index() == 0, desc="warm start")

@@ -11,8 +11,8 @@ rows, group-major: row ``b = n·G + g``). Inside one ``jit``:
    tokens (``decode_loops.decode_plain``; with ``sampling.slots``, S decode
    slots refilled from the queue of rollouts instead: ``decode_loops.decode_refill``).
 
-Token drawing and the log-probs convention live in ``draw.py``; stop ids and
-stop sequences in ``stops.py``.
+Token drawing and the log-probs convention live in ``sampling/draw.py``; stop ids and
+stop sequences in ``sampling/stops.py``.
 
 Prompt buckets (``sampling.prompt_buckets``): before prefill the host trims the
 left-padding columns of the [N, P] prompt batch to the smallest power of two
@@ -38,55 +38,20 @@ length (T), s P+T, v vocab.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from echorl_jax.decode_loops import decode_plain, decode_refill, keep_rows, round_up
-from echorl_jax.draw import choose_tokens, logp_entropy_of
 from echorl_jax.models.transformer import init_cache, positions_from_valid
-from echorl_jax.sharding import BATCH_AXES, batch_divisor, batch_sharding, gather_rows, logical_to_spec, replicated
-from echorl_jax.stops import as_ids, as_stops, ends_with_stop, split_stops, stop_sequence_table
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How responses are drawn (the ``sampling`` config section)."""
-
-    temperature: float = 1.0  # softmax temperature for drawing and for behaviour_logp / entropy
-    top_p: float = 1.0  # nucleus: smallest top set with probability >= top_p (1.0 = off)
-    top_k: int = 0  # draw among the k most likely tokens (0 = off)
-    greedy: bool = False  # argmax decoding; logp / entropy then use temperature 1
-    max_new_tokens: int = 64  # T: response length the batch is padded to
-    slots: int = 0  # decode rows with slot refill (continuous batching); 0 or >= N·G: one row per rollout
-    prompt_buckets: bool = True  # trim the prompt batch's left padding to a power-of-two width before prefill
-
-    def validate(self, prefix: str = "sampling") -> None:
-        def bad(key, allowed):
-            raise ValueError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: {allowed}")
-
-        temperature = self.temperature
-        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-            bad("temperature", "must be a finite number > 0 (use greedy=True for argmax decoding)")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            bad("top_p", "must be in (0, 1]; 1.0 turns nucleus sampling off")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            bad("top_k", "must be an integer >= 0; 0 turns top-k off")
-        if not isinstance(self.greedy, bool):
-            bad("greedy", "must be True or False")
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            bad("max_new_tokens", "must be an integer >= 1")
-        if not isinstance(self.slots, int) or isinstance(self.slots, bool) or self.slots < 0:
-            bad("slots", "must be an integer >= 0; 0 decodes one row per rollout (no refill)")
-        if not isinstance(self.prompt_buckets, bool):
-            bad("prompt_buckets", "must be True or False")
+from echorl_jax.sampling.config import SamplingConfig
+from echorl_jax.sampling.decode import decode_plain, decode_refill, keep_rows, round_up
+from echorl_jax.sampling.step import DecodeStep
+from echorl_jax.sampling.stops import as_ids, as_stops, split_stops
+from echorl_jax.sharding import batch_divisor, batch_sharding, gather_rows, replicated
 
 
 class Rollout(NamedTuple):
@@ -128,7 +93,7 @@ def kv_bytes_per_slot(mcfg, prompt_len: int, new_tokens: int) -> int:
     return 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.dim_per_head * (prompt_len + new_tokens) * itemsize
 
 
-class Sampler:
+class Sampler(DecodeStep):
     """``sampler(state, prompt_tokens_np [N, P], prompt_lengths [N], rng) -> Rollout``.
 
     ``state`` is the model's nnx State (or the model itself). ``rng`` is a PRNG
@@ -145,15 +110,8 @@ class Sampler:
 
     def __init__(self, graphdef, cfg: SamplingConfig, group_size: int, stop_ids, pad_id: int, mesh,
                  decode_segments: int = 4):  # fmt: skip
-        cfg.validate()
-        if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size={group_size!r} is invalid: must be an integer >= 1")
-        if not isinstance(decode_segments, int) or decode_segments < 1:
-            raise ValueError(f"decode_segments={decode_segments!r} is invalid: must be an integer >= 1")
-        self.decode_segments = min(decode_segments, cfg.max_new_tokens)
-        self.graphdef, self.cfg, self.group_size = graphdef, cfg, group_size
-        self.stop_ids, self.stop_seqs = split_stops(stop_ids)
-        self.pad_id, self.mesh = int(pad_id), mesh
+        super().__init__(cfg, group_size, stop_ids, pad_id, mesh, decode_segments)
+        self.graphdef = graphdef
         self.traces = 0
         self.last_decode_steps = None
         self._jitted = jax.jit(self._sample, static_argnames=("p_out",))
@@ -204,48 +162,6 @@ class Sampler:
         memory planner compiles the sampler without parameters or prompts (at the full prompt width)."""
         return self._jitted.lower(state, prompt_tokens, prompt_lengths, rng, None, p_out=prompt_tokens.shape[1])
 
-    # -- traced -----------------------------------------------------------------------------
-
-    def _constrain(self, x, spec):
-        return x if self.mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
-
-    def _rows_sharded(self, x):
-        return self._constrain(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
-
-    def _kv_sharded(self, x_lbgkd):
-        spec = None if self.mesh is None else logical_to_spec(
-            (None, "batch", "kv_heads", None, "head_dim"), x_lbgkd.shape, self.mesh)  # fmt: skip
-        return self._constrain(x_lbgkd, spec)
-
-    def _pick(self, logits_bv, keys_b, done_b, hist_bl, stop_len_b, force_b):
-        """Draws one token per row; rows already done emit ``pad_id`` with log-prob/entropy 0.
-
-        Returns (token, live: row drew a real token, done after it, logp, entropy, history, stop_len).
-        """
-        cfg, pad_id = self.cfg, self.pad_id
-        tok_b, logp_b, ent_b = choose_tokens(logits_bv, keys_b, cfg)
-        if force_b is not None:  # bench/test hook: the first stop id, with its log-prob under the model
-            stop_b = jnp.full_like(tok_b, self.stop_ids[0])
-            scaled_bv = logits_bv.astype(jnp.float32) / (1.0 if cfg.greedy else cfg.temperature)
-            tok_b = jnp.where(force_b, stop_b, tok_b)
-            logp_b = jnp.where(force_b, logp_entropy_of(scaled_bv, stop_b)[0], logp_b)
-        live_b = ~done_b
-        tok_b = jnp.where(live_b, tok_b, pad_id)
-        stop_ids = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
-        hit_b = jnp.isin(tok_b, stop_ids).astype(jnp.int32) if self.stop_ids else jnp.zeros_like(tok_b)
-        if self.stop_seqs:  # shift in the new token, then match every sequence at once
-            seq_ids_sl, seq_len_s = (jnp.asarray(x) for x in stop_sequence_table(self.stop_seqs))
-            hist_bl = jnp.concatenate([hist_bl[:, 1:], tok_b[:, None]], axis=1)
-            hit_b = jnp.maximum(hit_b, ends_with_stop(hist_bl, seq_ids_sl, seq_len_s))
-        stop_b = live_b & (hit_b > 0)
-        stop_len_b = jnp.where(stop_b, hit_b, stop_len_b)
-        return (tok_b, live_b, done_b | stop_b, jnp.where(live_b, logp_b, 0.0), jnp.where(live_b, ent_b, 0.0),
-                hist_bl, stop_len_b)  # fmt: skip
-
-    def _hist(self, rows: int):
-        width = max((len(q) for q in self.stop_seqs), default=0)
-        return jnp.full((rows, width), -2, jnp.int32)  # -2: no token yet, matches nothing
-
     def _sample(self, state, prompt_np, lengths_n, rng, stop_at_r, *, p_out: int):
         self.traces += 1
         cfg, g_size, pad_id = self.cfg, self.group_size, self.pad_id
@@ -261,8 +177,8 @@ class Sampler:
         lengths_n = lengths_n.astype(jnp.int32)
         valid_np = jnp.arange(p)[None, :] >= (p - lengths_n)[:, None]
         prompt_np = jnp.where(valid_np, prompt_np.astype(jnp.int32), pad_id)
-        tok = self._rows_sharded(keep_rows(prompt_np, n, n_pad))
-        val = self._rows_sharded(keep_rows(valid_np, n, n_pad))
+        tok = self.rows_sharded(keep_rows(prompt_np, n, n_pad))
+        val = self.rows_sharded(keep_rows(valid_np, n, n_pad))
         pos = positions_from_valid(val)
         cache = init_cache(mcfg, n_pad, p)
         if p > 1:  # all but the last token: its logits are unused, so XLA drops the [N, P, V] head

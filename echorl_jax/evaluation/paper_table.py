@@ -1,7 +1,7 @@
 """The paper's results table: six in-distribution math sets, three out-of-distribution sets, their averages.
 
 ``benchmark_scores(metrics, k)`` picks each data_source's avg@k / pass@k / count out
-of an ``evaluation.summarize`` dict; ``markdown_table(rows, k)`` lays runs out as
+of an ``trainer.grading.summarize`` dict; ``markdown_table(rows, k)`` lays runs out as
 the paper does (columns AIME24 ... ID avg, ARC-c ... OOD avg), in percent. An
 average is over the benchmarks present; a column with no data shows "-", and the
 average's header then says how many of its sets it covers. data_sources outside
@@ -21,7 +21,7 @@ PAPER_SOURCES = tuple(src for _, src in IN_DISTRIBUTION + OUT_OF_DISTRIBUTION)
 
 
 def benchmark_scores(metrics: Mapping[str, float], k: int) -> dict[str, dict[str, float]]:
-    """data_source -> {"avg@k", "pass@k", "count"} from ``evaluation.summarize``'s ``/source=NAME`` keys."""
+    """data_source -> {"avg@k", "pass@k", "count"} from ``trainer.grading.summarize``'s ``/source=NAME`` keys."""
     out: dict[str, dict[str, float]] = {}
     prefix = f"avg@{k}/source="
     for key in metrics:

@@ -15,13 +15,10 @@ Shape letters: b rows, v vocab, c candidates (or a chunk of the vocab), j chunks
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:
-    from echorl_jax.sampling import SamplingConfig
+from echorl_jax.sampling.config import SamplingConfig
 
 
 def logp_entropy_of(scaled_bv, tokens_b):

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echorl_jax import echo as echo_lib
-from echorl_jax import objectives, offpolicy, sharding
+from echorl_jax import sharding
 from echorl_jax.rewards import call_verifier, rows_for_batch
 from echorl_jax.rewards.base import Verifier
-from echorl_jax.sampling import Rollout, decode_responses
+from echorl_jax.rl import echo as echo_lib, objectives, offpolicy
+from echorl_jax.sampling.sampler import Rollout, decode_responses
 
 
 class ScoredRollout(NamedTuple):

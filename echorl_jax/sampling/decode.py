@@ -21,7 +21,7 @@ S × (P + T) instead of N·G × (P + T) (``sampling.kv_bytes_per_slot``); no
 segments (slots are at different steps): every step reads the whole cache, masked.
 
 Both are the ``Sampler``'s own traced code, split out for length: they take the
-sampler for its config and its per-step helpers (``_pick``, ``_hist``, sharding
+sampler for its config and its per-step helpers (``pick``, ``hist``, sharding
 constraints).
 
 Shape letters: b rows (B), n prompts (N), p prompt length (P), t response
@@ -30,16 +30,14 @@ length (T), s slots (S), r rollouts, v vocab.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from echorl_jax.models.transformer import init_cache
+from echorl_jax.sampling.step import DecodeStep
 from echorl_jax.sharding import batch_divisor
-
-if TYPE_CHECKING:
-    from echorl_jax.sampling import Sampler
 
 
 def round_up(x: int, m: int) -> int:
@@ -101,7 +99,7 @@ class _Decoded(NamedTuple):
     steps: jax.Array  # decode iterations (each draws one token per busy row)
 
 
-def decode_plain(sampler: Sampler, model, cache, logits_nv, lengths_n, rng, stop_at_b, b: int, b_pad: int) -> _Decoded:
+def decode_plain(sampler: DecodeStep, model, cache, logits_nv, lengths_n, rng, stop_at_b, b: int, b_pad: int) -> _Decoded:
     """One row per rollout: repeat each prompt's cache G times; rows share the write slot."""
     cfg, g_size, pad_id, mcfg = sampler.cfg, sampler.group_size, sampler.pad_id, model.cfg
     n, p, t_max = lengths_n.shape[0], cache.valid_bk.shape[1], cfg.max_new_tokens
@@ -111,8 +109,8 @@ def decode_plain(sampler: Sampler, model, cache, logits_nv, lengths_n, rng, stop
 
     def grow(cache, slots: int):  # zero-pads the cache's slot axis to `slots`
         extra = slots - cache.valid_bk.shape[1]
-        pad_kv = lambda x: sampler._kv_sharded(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))))  # noqa: E731
-        valid_bk = sampler._rows_sharded(jnp.pad(cache.valid_bk, ((0, 0), (0, extra))))
+        pad_kv = lambda x: sampler.kv_sharded(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))))  # noqa: E731
+        valid_bk = sampler.rows_sharded(jnp.pad(cache.valid_bk, ((0, 0), (0, extra))))
         return cache._replace(k_lbgkd=pad_kv(cache.k_lbgkd), v_lbgkd=pad_kv(cache.v_lbgkd), valid_bk=valid_bk)
 
     # Decode segment i runs steps [ends[i-1], ends[i]) over a cache of P + ends[i] slots:
@@ -120,8 +118,8 @@ def decode_plain(sampler: Sampler, model, cache, logits_nv, lengths_n, rng, stop
     ends = sorted({-(-t_max * (i + 1) // sampler.decode_segments) for i in range(sampler.decode_segments)})
     cache = cache._replace(k_lbgkd=expand(cache.k_lbgkd, axis=1), v_lbgkd=expand(cache.v_lbgkd, axis=1),
                            valid_bk=expand(cache.valid_bk))  # fmt: skip
-    logits_bv = sampler._rows_sharded(expand(logits_nv))
-    lengths_b = sampler._rows_sharded(expand(lengths_n))
+    logits_bv = sampler.rows_sharded(expand(logits_nv))
+    lengths_b = sampler.rows_sharded(expand(lengths_n))
 
     # Row keys fold in the global row (= rollout) index, so draws do not depend on the mesh.
     row_keys_b = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b_pad))
@@ -130,14 +128,14 @@ def decode_plain(sampler: Sampler, model, cache, logits_nv, lengths_n, rng, stop
     def pick(logits_bv, t, done_b, hist_bl, stop_len_b):
         keys_b = jax.vmap(jax.random.fold_in, (0, None))(row_keys_b, t)
         force_b = None if stop_at_b is None else t == stop_at_b - 1
-        return sampler._pick(logits_bv, keys_b, done_b, hist_bl, stop_len_b, force_b)
+        return sampler.pick(logits_bv, keys_b, done_b, hist_bl, stop_len_b, force_b)
 
     def write(buf_bt, col_b, t):
         return jax.lax.dynamic_update_slice(buf_bt, col_b[:, None].astype(buf_bt.dtype), (0, t))
 
-    tok0, live0, done0, lp0, ent0, hist0, stop_len0 = pick(logits_bv, 0, pad_row_b, sampler._hist(b_pad),
+    tok0, live0, done0, lp0, ent0, hist0, stop_len0 = pick(logits_bv, 0, pad_row_b, sampler.hist(b_pad),
                                                            jnp.zeros((b_pad,), jnp.int32))  # fmt: skip
-    zeros = lambda dt: sampler._rows_sharded(jnp.zeros((b_pad, t_max), dt))  # noqa: E731
+    zeros = lambda dt: sampler.rows_sharded(jnp.zeros((b_pad, t_max), dt))  # noqa: E731
     init = _Loop(
         t=jnp.ones((), jnp.int32), cache=cache, last_tok_b=tok0, last_valid_b=live0, done_b=done0,
         hist_bl=hist0, stop_len_b=stop_len0,
@@ -165,7 +163,7 @@ def decode_plain(sampler: Sampler, model, cache, logits_nv, lengths_n, rng, stop
     return _Decoded(out.tokens_bt, out.mask_bt, out.logp_bt, out.entropy_bt, out.done_b, out.stop_len_b, out.t)
 
 
-def decode_refill(sampler: Sampler, model, prompt_cache, prompt_valid_np, logits_nv, lengths_n, rng, stop_at_r, b: int,
+def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, logits_nv, lengths_n, rng, stop_at_r, b: int,
                   s_rows: int) -> _Decoded:  # fmt: skip
     """Continuous batching in fixed shapes: ``s_rows`` slots; a slot whose rollout ends takes the
     next pending rollout (ids in group-major order) at the next iteration.
@@ -191,7 +189,7 @@ def decode_refill(sampler: Sampler, model, prompt_cache, prompt_valid_np, logits
         """Copies prompt KV into the slots ``ins_s`` (one dynamic-update-slice per inserted slot)."""
         n_s = jnp.minimum(rid_s, b - 1) // g_size
         fresh_sk = jnp.pad(prompt_valid_np[n_s], ((0, 0), (0, t_max)))
-        valid_sk = sampler._rows_sharded(jnp.where(ins_s[:, None], fresh_sk, cache.valid_bk))
+        valid_sk = sampler.rows_sharded(jnp.where(ins_s[:, None], fresh_sk, cache.valid_bk))
         order_s = jnp.argsort(~ins_s, stable=True)  # inserted slots first
 
         def one(j, kv):
@@ -201,18 +199,18 @@ def decode_refill(sampler: Sampler, model, prompt_cache, prompt_valid_np, logits
                                                       start) for c, pc in zip(kv, (pk_lngpd, pv_lngpd)))  # fmt: skip
 
         k, v = jax.lax.fori_loop(0, jnp.sum(ins_s, dtype=jnp.int32), one, (cache.k_lbgkd, cache.v_lbgkd))
-        return cache._replace(k_lbgkd=sampler._kv_sharded(k), v_lbgkd=sampler._kv_sharded(v), valid_bk=valid_sk)
+        return cache._replace(k_lbgkd=sampler.kv_sharded(k), v_lbgkd=sampler.kv_sharded(v), valid_bk=valid_sk)
 
     slots = jnp.arange(s_rows, dtype=jnp.int32)
     empty = init_cache(mcfg, s_rows, p + t_max)
-    empty = empty._replace(k_lbgkd=sampler._kv_sharded(empty.k_lbgkd), v_lbgkd=sampler._kv_sharded(empty.v_lbgkd),
-                           valid_bk=sampler._rows_sharded(empty.valid_bk))  # fmt: skip
-    zeros = lambda dt: sampler._rows_sharded(jnp.zeros((b_pad, t_max), dt))  # noqa: E731
+    empty = empty._replace(k_lbgkd=sampler.kv_sharded(empty.k_lbgkd), v_lbgkd=sampler.kv_sharded(empty.v_lbgkd),
+                           valid_bk=sampler.rows_sharded(empty.valid_bk))  # fmt: skip
+    zeros = lambda dt: sampler.rows_sharded(jnp.zeros((b_pad, t_max), dt))  # noqa: E731
     init = _Slots(
         cache=insert(empty, slots < b, slots), rid_s=slots, step_s=jnp.zeros_like(slots),
-        last_tok_s=jnp.full_like(slots, pad_id), hist_sl=sampler._hist(s_rows), stop_len_s=jnp.zeros_like(slots),
+        last_tok_s=jnp.full_like(slots, pad_id), hist_sl=sampler.hist(s_rows), stop_len_s=jnp.zeros_like(slots),
         next_rid=jnp.asarray(s_rows, jnp.int32), steps=jnp.zeros((), jnp.int32),
-        tokens_rt=sampler._rows_sharded(jnp.full((b_pad, t_max), pad_id, jnp.int32)), mask_rt=zeros(bool),
+        tokens_rt=sampler.rows_sharded(jnp.full((b_pad, t_max), pad_id, jnp.int32)), mask_rt=zeros(bool),
         logp_rt=zeros(jnp.float32), entropy_rt=zeros(jnp.float32),
         done_r=jnp.zeros((b_pad,), bool), stop_len_r=jnp.zeros((b_pad,), jnp.int32),
     )  # fmt: skip
@@ -232,7 +230,7 @@ def decode_refill(sampler: Sampler, model, prompt_cache, prompt_valid_np, logits
                                  lambda: logits_s1v[:, 0])  # fmt: skip
         keys_s = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(rng, r), t))(rid_s, st.step_s)
         force_s = None if stop_at_r is None else st.step_s == stop_at_r[rid_s] - 1
-        tok_s, _, done_s, lp_s, ent_s, hist_sl, stop_len_s = sampler._pick(
+        tok_s, _, done_s, lp_s, ent_s, hist_sl, stop_len_s = sampler.pick(
             logits_sv, keys_s, ~active_s, st.hist_sl, st.stop_len_s, force_s)
 
         # Per-rollout outputs: idle slots write out of bounds (dropped).

@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echorl_jax import checkpoint as ckpt_lib
-from echorl_jax import config as config_lib
-from echorl_jax import evaluation, offpolicy, rollout as rollout_lib, run_state, sharding, update
-from echorl_jax.data_formats import DataError
-from echorl_jax.guard import Guard
-from echorl_jax.metrics_log import MetricsLog, to_python
-from echorl_jax.setup import Setup, build_setup
-from echorl_jax.update import TrainState, UpdateBatch
+from echorl_jax import config as config_lib, sharding
+from echorl_jax.data.formats import DataError
+from echorl_jax.rl import offpolicy, update
+from echorl_jax.rl.update import TrainState, UpdateBatch
+from echorl_jax.trainer import checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state
+from echorl_jax.trainer.guard import Guard
+from echorl_jax.trainer.metrics_log import MetricsLog, to_python
+from echorl_jax.trainer.setup import Setup, build_setup
 
 
 class _Preemption:
@@ -128,7 +128,7 @@ def run_eval(s: Setup, params, step: int) -> dict[str, float]:
         return {}
     s.eval_pipeline.set_state(s.eval_initial_state)
     rng = jax.random.fold_in(jax.random.key(s.cfg.train.seed + 1), step)
-    return evaluation.evaluate(
+    return grading.evaluate(
         s.eval_sample, params, s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
         k=s.cfg.train.eval_samples, rng=rng,
     )  # fmt: skip
@@ -140,7 +140,7 @@ def _num_chunks(rl) -> int:
 
 
 def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Checkpointer]:
-    """A fresh run in a clean workdir, or the exact continuation of the run saved there (run_state.py)."""
+    """A fresh run in a clean workdir, or the exact continuation of the run saved there (trainer/run_state.py)."""
     tc = s.cfg.train
     directory = tc.checkpoint_dir or os.path.join(tc.workdir, "checkpoints")
     checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)

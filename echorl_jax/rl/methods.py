@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from types import MappingProxyType
 
-from echorl_jax.objectives import ObjectiveConfig
+from echorl_jax.rl.objectives import ObjectiveConfig
 
 _FIELDS = {f.name for f in dataclasses.fields(ObjectiveConfig)}
 _METHODS: dict[str, MappingProxyType] = {}

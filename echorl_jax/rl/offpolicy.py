@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echorl_jax.data_formats import DataError
-from echorl_jax.sampling import Rollout
+from echorl_jax.data.formats import DataError
+from echorl_jax.sampling.sampler import Rollout
 
 EXPERT_KEYS = ("expert", "target", "solution")
 

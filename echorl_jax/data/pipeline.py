@@ -25,7 +25,7 @@ import grain
 import jax
 import numpy as np
 
-from echorl_jax.data_formats import DataError, Prompt, load_files, load_records  # noqa: F401  (re-export)
+from echorl_jax.data.formats import DataError, Prompt, load_files, load_records  # noqa: F401  (re-export)
 
 __all__ = ["DataError", "PromptBatch", "PromptPipeline", "check_template", "load_files",
            "load_records", "render_prompt", "tokenize_prompts"]

@@ -37,9 +37,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from echorl_jax import sharding, update
-from echorl_jax.data import tokenize_prompts
+from echorl_jax import sharding
+from echorl_jax.data.pipeline import tokenize_prompts
 from echorl_jax.models.config import numerics
+from echorl_jax.rl import update
 
 CACHE_VERSION = 1  # bump when the training recipe changes, to invalidate old caches
 LOG_EVERY = 10

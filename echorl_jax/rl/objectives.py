@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echorl_jax import echo as echo_lib
+from echorl_jax.rl import echo as echo_lib
 
 ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")
 POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "pg")
@@ -41,7 +41,7 @@ def _check(section: str, name: str, value, ok: bool, what: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    method: str = "grpo"  # informational name of the preset (see methods.py)
+    method: str = "grpo"  # informational name of the preset (see rl/methods.py)
     estimator: str = "grpo"  # advantage estimator: grpo | drgrpo | rloo | reinforce_pp
     policy_loss: str = "ppo"  # per-token surrogate: ppo | gspo | gspo_token | cispo | pg
     clip_low: float = 0.2  # ratio lower bound is 1 - clip_low (>= 1 means unbounded below)
