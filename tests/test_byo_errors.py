@@ -2,9 +2,7 @@
 Each gets the right behaviour or a clear start-up message naming the setting."""
 
 import json
-import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
