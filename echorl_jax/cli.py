@@ -121,9 +121,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from echorl_jax.config import ConfigError
     from echorl_jax.data.formats import DataError
     from echorl_jax.models.config import ModelConfigError
+    from echorl_jax.rewards.custom import RewardFnError
     from echorl_jax.trainer.checkpoint import CheckpointError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, ModelConfigError, CheckpointError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, DataError, ModelConfigError, CheckpointError, FileNotFoundError,
+                                          RewardFnError]  # a custom reward that returned a bad value
     from echorl_jax.models.hf import CheckpointError as HFCheckpointError
 
     errors.append(HFCheckpointError)

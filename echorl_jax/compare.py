@@ -175,7 +175,7 @@ def write(cfg: config_lib.Config, results: dict, seeds, methods: tuple[str, ...]
          for method in methods for name in (method, method + "+echo")],
     )  # fmt: skip
     text = "\n".join([
-        "# GRPO/DAPO vs +EchoRL",
+        f"# {'/'.join(m.upper() for m in methods)} vs +EchoRL",
         "",
         f"Seeds {list(seeds)}; {cfg.train.steps} RL steps; {cfg.rl.prompts_per_step} prompts × {cfg.rl.group_size} "
         f"rollouts; one warm start ({cfg.sft.steps} SFT steps, sft.seed={cfg.sft.seed}) shared by every run; held-out "

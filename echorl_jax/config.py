@@ -67,6 +67,8 @@ class DataConfig:
     template: str = "auto"  # auto = chat for message-list prompts, {prompt} for strings; "chat"; or a format string with {prompt}
     prompt_key: str = ""  # file column with the prompt; "" = prompt|question (a.b = field b of struct a)
     answer_key: str = ""  # file column with the answer; "" = reward_model.ground_truth|ground_truth|answer
+    eval_prompt_key: str = ""  # the eval files' prompt column; "" = as data.prompt_key
+    eval_answer_key: str = ""  # the eval files' answer column; "" = as data.answer_key (e.g. TRL-style train, verl eval)
     expert_key: str = ""  # LUFFY (objective.expert_per_group > 0): column with expert responses; "" = expert|target|solution
     add_bos: bool = False
     max_prompt_len: int = 48  # P: longer prompts are dropped and counted, or fail (on_overlong)

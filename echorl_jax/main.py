@@ -19,7 +19,7 @@ def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(prog="python -m echorl_jax.main", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None, help="Python config file with get_config() (default: built-in)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--compare", action="store_true", help="run the GRPO/DAPO ± EchoRL comparison instead")
+    parser.add_argument("--compare", action="store_true", help="compare --methods (default GRPO, DAPO), each with and without EchoRL, instead")
     parser.add_argument("--seeds", default="0,1,2", help="RL seeds for --compare (comma-separated)")
     parser.add_argument("--methods", default="grpo,dapo",
                         help="methods for --compare, each run with and without EchoRL (comma-separated)")

@@ -80,7 +80,8 @@ def test_multi_token_stop_strings(byo):
     tok = setup_lib.load_tokenizer(cfg_for(byo))
     stops = setup_lib.stop_ids(cfg_for(byo, rl={"stop_strings": ("The answer", "\n")}), tok)
     multi = tok.encode("The answer", add_special_tokens=False)
-    assert len(multi) > 1 and stops == (0, 7, tuple(multi), *tok.encode("\n", add_special_tokens=False))
+    im_end = tok.convert_tokens_to_ids(IM_END)  # template auto + a chat tokenizer: its end of turn stops too
+    assert len(multi) > 1 and stops == (0, 7, im_end, tuple(multi), *tok.encode("\n", add_special_tokens=False))
 
 
 @pytest.mark.parametrize("template, want", [

@@ -324,9 +324,11 @@ def test_config_errors(tok):
 
 def test_auto_template_per_record_type(tok):
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
-    # Message lists get the chat template (as verl does); strings stay as they are.
+    # A tokenizer with a chat template gets it for message lists (as verl does) and for strings, as one
+    # user message: a chat model fed raw text never stops at its end-of-turn token (issue 23).
     assert render_prompt(msgs, tok, "auto") == "<s><|system|>S\n<|user|>hi\n<|assistant|>"
-    assert render_prompt("a {b}", tok, "auto") == "a {b}"
+    assert render_prompt("a {b}", tok, "auto") == "<s><|user|>a {b}\n<|assistant|>"
+    assert render_prompt("a {b}", tok, "{prompt}") == "a {b}"
     plain = make_tokenizer(chat=False)
     assert render_prompt("hi", plain, "auto") == "hi"  # e.g. the arith task's char tokenizer
     with pytest.raises(DataError, match=r"record 1: tokenizer 'tiny-char' has no chat template.*"
@@ -337,7 +339,7 @@ def test_auto_template_per_record_type(tok):
     b = next(pipe)
     for row, i, n in zip(b.tokens_np, b.record_index, b.length_n):
         p = make_records(6)[i]["prompt"]
-        want = render_prompt(p, tok, "chat" if isinstance(p, list) else "{prompt}")
+        want = render_prompt(p, tok, "chat")
         assert row[len(row) - n:].tolist() == tok(want, add_special_tokens=False)["input_ids"]
 
 

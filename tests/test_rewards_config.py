@@ -54,16 +54,32 @@ def test_bad_reward_config_fails_at_validation(reward, match):
 
 def test_math_options_on_data_without_math_rows_are_refused():
     """reward.name=auto sends the built-in task's rows to arith: a math option set there would do nothing."""
-    from echorl_jax.rewards.router import check_math_options_used
+    from echorl_jax.rewards.router import check_against_data
 
     strict_off = cfg_of(strict=False).reward
     with pytest.raises(ValueError, match=r"reward.strict is set but no row of the data.*arith -> arith"):
-        check_math_options_used(strict_off, ["arith", "arith"])
-    check_math_options_used(strict_off, ["arith", "gsm8k"])  # gsm8k rows are graded by math
-    check_math_options_used(cfg_of().reward, ["arith"])  # nothing set, nothing to refuse
+        check_against_data(strict_off, ["arith", "arith"])
+    check_against_data(strict_off, ["arith", "gsm8k"])  # gsm8k rows are graded by math
+    check_against_data(cfg_of().reward, ["arith"])  # nothing set, nothing to refuse
     routed = cfg_of(by_source=("gsm8k=arith",), format_reward=0.5).reward
     with pytest.raises(ValueError, match=r"reward.format_reward.*gsm8k -> arith"):
-        check_math_options_used(routed, ["gsm8k"])
+        check_against_data(routed, ["gsm8k"])
+
+
+def test_by_source_pattern_matching_no_data_source_is_refused_and_the_table_is_returned():
+    """A typo'd pattern (easy_mul_v2 for easy_mul) would route nothing and grade everything by math."""
+    from echorl_jax.rewards.router import check_against_data
+
+    typo = cfg_of(by_source=("easy_mul_v2=math",)).reward
+    with pytest.raises(ValueError, match=r"by_source entry 'easy_mul_v2=math' matches no data_source.*"
+                                         r"easy_mul -> math, gsm8k -> math"):
+        check_against_data(typo, ["gsm8k", "easy_mul", "gsm8k"])
+    glob = cfg_of(by_source=("easy_*=arith",)).reward
+    # Train rows "easy_mul" and eval rows "easy_mul_test" both match the glob; the table shows each source.
+    assert check_against_data(glob, ["easy_mul", "easy_mul_test", "aime24"]) == {
+        "aime24": "math", "easy_mul": "arith", "easy_mul_test": "arith"}
+    exact = cfg_of(by_source=("easy_mul=arith",)).reward
+    assert check_against_data(exact, ["easy_mul", "easy_mul_test"]) == {"easy_mul": "arith", "easy_mul_test": "math"}
 
 
 def test_setup_refuses_math_options_on_the_built_in_task(tmp_path):

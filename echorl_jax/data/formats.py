@@ -120,6 +120,8 @@ def _lookup(row: dict, key: str, where: str) -> Any:
         raise DataError(f"{where}: missing {head!r} (data key {key!r}; row has keys {sorted(row)})")
     value = row[head]
     if rest:
+        if isinstance(value, dict) and rest in value and value[rest] is None:
+            raise DataError(f"{where}: {key!r} is null (a row needs a value there)")
         if not isinstance(value, dict) or value.get(rest) is None:
             raise DataError(f"{where}: {head!r} must be a struct with a {rest!r} field"
                             f" (data key {key!r}), got {value!r:.200}")
@@ -129,7 +131,7 @@ def _lookup(row: dict, key: str, where: str) -> Any:
     return value
 
 
-def _pick_key(row: dict, given: str, auto: tuple[str, ...], what: str, where: str) -> str:
+def _pick_key(row: dict, given: str, auto: tuple[str, ...], what: str, where: str, prefix: str = "data.") -> str:
     if given:
         return given
     present = [k for k in auto if k.partition(".")[0] in row]
@@ -137,17 +139,18 @@ def _pick_key(row: dict, given: str, auto: tuple[str, ...], what: str, where: st
         return next((k for k in present if row[k.partition(".")[0]] is not None), present[0])
     raise DataError(f"{where}: missing {what.split('_')[0]} column"
                     f" {' or '.join(repr(k) for k in auto)} (row has keys {sorted(row)};"
-                    f" set data.{what} to name it)")
+                    f" set {prefix}{what} to name it)")
 
 
 def normalize_row(row: Any, where: str, default_source: str | None,
-                  prompt_key: str = "", answer_key: str = "") -> dict:
+                  prompt_key: str = "", answer_key: str = "", key_prefix: str = "data.") -> dict:
     """One file row -> a record. Keys "" = auto: `prompt`|`question`, and
-    `reward_model.ground_truth`|`ground_truth`|`answer`. Other columns are kept."""
+    `reward_model.ground_truth`|`ground_truth`|`answer`. Other columns are kept. ``key_prefix`` names the
+    config keys in errors (``data.`` -> ``data.prompt_key``; ``data.eval_`` for the eval files)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    pk = _pick_key(row, prompt_key, PROMPT_KEYS, "prompt_key", where)
-    gk = _pick_key(row, answer_key, ANSWER_KEYS, "answer_key", where)
+    pk = _pick_key(row, prompt_key, PROMPT_KEYS, "prompt_key", where, key_prefix)
+    gk = _pick_key(row, answer_key, ANSWER_KEYS, "answer_key", where, key_prefix)
     used = {pk.partition(".")[0], gk.partition(".")[0], "data_source"}
     return {
         **{k: v for k, v in row.items() if k not in used},
@@ -157,7 +160,7 @@ def normalize_row(row: Any, where: str, default_source: str | None,
     }
 
 
-def read_parquet(path: Path, prompt_key: str = "", answer_key: str = "") -> list[dict]:
+def read_parquet(path: Path, prompt_key: str = "", answer_key: str = "", key_prefix: str = "data.") -> list[dict]:
     import pyarrow.parquet as pq
 
     try:
@@ -174,14 +177,14 @@ def read_parquet(path: Path, prompt_key: str = "", answer_key: str = "") -> list
         raise DataError(
             f"{path}, row 0: missing column(s) {', '.join(missing)}; verl-style parquet has"
             f" 'prompt', 'reward_model' (struct with 'ground_truth') and 'data_source', or set"
-            f" data.prompt_key / data.answer_key (found columns {table.column_names})")
+            f" {key_prefix}prompt_key / {key_prefix}answer_key (found columns {table.column_names})")
     # verl files always carry data_source: a null there is an error, not the file name.
     source = None if "data_source" in columns else path.stem
-    return [normalize_row(r, _where(path, i), source, prompt_key, answer_key)
+    return [normalize_row(r, _where(path, i), source, prompt_key, answer_key, key_prefix)
             for i, r in enumerate(table.to_pylist())]
 
 
-def read_jsonl(path: Path, prompt_key: str = "", answer_key: str = "") -> list[dict]:
+def read_jsonl(path: Path, prompt_key: str = "", answer_key: str = "", key_prefix: str = "data.") -> list[dict]:
     records = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -192,11 +195,11 @@ def read_jsonl(path: Path, prompt_key: str = "", answer_key: str = "") -> list[d
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-            records.append(normalize_row(row, where, path.stem, prompt_key, answer_key))
+            records.append(normalize_row(row, where, path.stem, prompt_key, answer_key, key_prefix))
     return records
 
 
-def read_json(path: Path, prompt_key: str = "", answer_key: str = "") -> list[dict]:
+def read_json(path: Path, prompt_key: str = "", answer_key: str = "", key_prefix: str = "data.") -> list[dict]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -204,27 +207,32 @@ def read_json(path: Path, prompt_key: str = "", answer_key: str = "") -> list[di
                         f" column {e.colno})") from e
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
-    return [normalize_row(r, _where(path, i), path.stem, prompt_key, answer_key)
+    return [normalize_row(r, _where(path, i), path.stem, prompt_key, answer_key, key_prefix)
             for i, r in enumerate(rows)]
 
 
-def load_records(path: str | Path, prompt_key: str = "", answer_key: str = "") -> list[dict]:
-    """Read one data file into records, dispatching on its suffix."""
+def load_records(path: str | Path, prompt_key: str = "", answer_key: str = "", key_prefix: str = "data.") -> list[dict]:
+    """Read one data file into records, dispatching on its suffix (``key_prefix``: see ``normalize_row``)."""
     path = Path(path)
     readers = {".parquet": read_parquet, ".jsonl": read_jsonl, ".json": read_json}
+    if path.is_dir():
+        found = sorted(str(f.name) for f in path.iterdir() if f.suffix in readers)[:5]
+        raise DataError(f"{path}: is a directory; give data files ({', '.join(readers)}), e.g. "
+                        + (", ".join(str(path / f) for f in found) if found else "none found in it")
+                        + " (several files: a comma-separated list or a tuple)")
     if path.suffix not in readers:
         raise DataError(f"{path}: unknown data file suffix {path.suffix!r};"
                         f" expected one of {list(readers)}")
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    return readers[path.suffix](path, prompt_key, answer_key)
+    return readers[path.suffix](path, prompt_key, answer_key, key_prefix)
 
 
 def load_files(paths: str | Path | Sequence[str | Path], prompt_key: str = "",
-               answer_key: str = "") -> list[dict]:
+               answer_key: str = "", key_prefix: str = "data.") -> list[dict]:
     """A mixture: each file's records in order, concatenated; each keeps its own data_source."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    return [r for p in paths for r in load_records(p, prompt_key, answer_key)]
+    return [r for p in paths for r in load_records(p, prompt_key, answer_key, key_prefix)]
 
 
 def require_text_field(records: Sequence[dict], field: str, path: str | Path, why: str) -> None:

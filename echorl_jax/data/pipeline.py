@@ -28,7 +28,7 @@ import numpy as np
 from echorl_jax.data.formats import DataError, Prompt, load_files, load_records  # noqa: F401  (re-export)
 
 __all__ = ["DataError", "PromptBatch", "PromptPipeline", "check_template", "load_files",
-           "load_records", "render_prompt", "tokenize_prompts"]
+           "load_records", "render_prompt", "resolve_template", "tokenize_prompts"]
 
 
 class PromptBatch(NamedTuple):
@@ -63,23 +63,31 @@ def check_template(template: str) -> None:
                         f" found fields {sorted(fields)}")
 
 
+def resolve_template(template: str, tokenizer: Any) -> str:
+    """``data.template`` as applied: "auto" is "chat" when the tokenizer has a chat template (a chat
+    model's prompts, strings included, go through it) and "{prompt}" (the text as it is) otherwise."""
+    check_template(template)
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "{prompt}"
+    return template
+
+
 def render_prompt(prompt: Prompt, tokenizer: Any, template: str) -> str:
     """Prompt -> text. `template` is "auto", "chat" or a format string with `{prompt}`.
 
-    "auto" (verl's behaviour): "chat" for a message list, "{prompt}" for a string.
+    "auto": "chat" when the tokenizer has a chat template, else "{prompt}" for a string (a message
+    list then needs a chat template or an explicit format string) -- ``resolve_template``.
     "chat": the tokenizer's chat template with the generation prompt appended (a
     string prompt becomes one user message). Format string: a string prompt, or a
     message list that is a single user message (its content); longer message lists
     raise rather than silently lose messages.
     """
-    check_template(template)
-    if template == "auto":
-        template = "{prompt}" if isinstance(prompt, str) else "chat"
-        if template == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template, which"
-                            f" data.template='auto' applies to message-list prompts; set"
-                            f" data.template (a format string such as '{{prompt}}' takes"
-                            f" single-user-message prompts)")
+    given, template = template, resolve_template(template, tokenizer)
+    if given == "auto" and template != "chat" and not isinstance(prompt, str):
+        raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template, which"
+                        f" data.template='auto' applies to message-list prompts; set"
+                        f" data.template (a format string such as '{{prompt}}' takes"
+                        f" single-user-message prompts)")
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template;"
@@ -284,4 +292,4 @@ def _resolve_pad_id(tokenizer: Any, pad_id: int | None) -> int:
         if candidate is not None:
             return int(candidate)
     raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no pad or eos token;"
-                    f" pass pad_id explicitly")
+                    f" and no pad_id was given (models.tokenizer.pad_token_id picks one)")

@@ -107,7 +107,9 @@ def eval_config(args, overrides: dict, host_config: dict | None):
     values = _strip_architecture(config_lib.merge_given(values, overrides))
     files = tuple(f for f in args.data.split(",") if f)
     cfg = config_lib.build_config(values)
-    records = load_files(files, cfg.data.prompt_key, cfg.data.answer_key)
+    # The files are eval data: their column keys are the eval ones (data.eval_*, defaulting to data.*).
+    keys = (cfg.data.eval_prompt_key or cfg.data.prompt_key, cfg.data.eval_answer_key or cfg.data.answer_key)
+    records = load_files(files, *keys, key_prefix="data.eval_")
     import jax
 
     devices = jax.devices()[: cfg.mesh.num_devices or None]
@@ -118,7 +120,7 @@ def eval_config(args, overrides: dict, host_config: dict | None):
         sampling["max_new_tokens"] = args.max_new_tokens
     evaluation = {
         # train = the eval files (nothing else needs to exist); a prompt too long fails rather than being skipped
-        "data": {"train": files, "eval": files, "on_overlong": "error"},
+        "data": {"train": files, "eval": files, "on_overlong": "error", "prompt_key": keys[0], "answer_key": keys[1]},
         "sft": {"steps": 0},
         "rl": {"prompts_per_step": prompts, "minibatches": 1, "micro_batches": 1},
         "sampling": sampling,

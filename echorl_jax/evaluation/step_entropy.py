@@ -79,7 +79,7 @@ def step_table(model_dir: str, solutions, *, template: str = "auto", max_len: in
     from echorl_jax import sharding
     from echorl_jax.models import hf
     from echorl_jax.models.hub import resolve_model_dir
-    from echorl_jax.models.tokenizer import load_hf_tokenizer
+    from echorl_jax.models.tokenizer import load_hf_tokenizer, pad_token_id
     from echorl_jax.rl import echo, update
 
     model_dir = resolve_model_dir(model_dir)
@@ -87,7 +87,7 @@ def step_table(model_dir: str, solutions, *, template: str = "auto", max_len: in
     mesh = sharding.make_mesh((-1, 1, 1), jax.devices())
     graphdef, params = nnx.split(hf.load_model(model_dir, mesh))
     delims = jnp.asarray(echo.discover_delimiters(tokenizer), jnp.int32)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)[0]  # padding is masked: any id serves
     prompts, answers = _tokenize(tokenizer, solutions, template, max_len)
     P, T = max(map(len, prompts)), max(map(len, answers))
     rows = -(-batch // sharding.batch_divisor(mesh)) * sharding.batch_divisor(mesh)

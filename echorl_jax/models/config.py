@@ -114,12 +114,21 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     out: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
     if rope_type == "llama3":
-        out.update(
-            rope_factor=float(params["factor"]),
-            rope_low_freq_factor=float(params["low_freq_factor"]),
-            rope_high_freq_factor=float(params["high_freq_factor"]),
-            rope_original_max_position=int(params["original_max_position_embeddings"]),
-        )
+        fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [f for f in fields if params.get(f) is None]
+        if missing:
+            key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+            raise ModelConfigError(f"{where}: {key} of type 'llama3' lacks {', '.join(missing)} "
+                                   f"(it needs {', '.join(fields)}); has {sorted(params)}")
+        try:
+            out.update(
+                rope_factor=float(params["factor"]),
+                rope_low_freq_factor=float(params["low_freq_factor"]),
+                rope_high_freq_factor=float(params["high_freq_factor"]),
+                rope_original_max_position=int(params["original_max_position_embeddings"]),
+            )
+        except (TypeError, ValueError) as e:
+            raise ModelConfigError(f"{where}: rope scaling 'llama3' has a non-numeric field ({e}): {params}") from None
     elif rope_type != "default":
         raise ModelConfigError(f"{where}: rope scaling type {rope_type!r} is not supported (supported: default, llama3)")
     return out

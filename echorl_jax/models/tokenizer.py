@@ -130,6 +130,19 @@ def default_stops(tokenizer, model_dirs: tuple[str, ...] = (), chat: bool = Fals
     return stops
 
 
+def pad_token_id(tokenizer, stops=()) -> tuple[int, str]:
+    """``(pad id, why)``: the tokenizer's pad token, else its eos, else the first single-token stop
+    (``rl.stop_strings``), else 0; ``why`` is "" for a pad or eos token, else a start-up line saying what
+    pads. Any id can pad: padding is masked everywhere (attention, losses, decoding)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        if getattr(tokenizer, attr, None) is not None:
+            return int(getattr(tokenizer, attr)), ""
+    single = [s for s in stops if isinstance(s, int)]
+    pad = single[0] if single else 0
+    what = f"the first stop id {pad}" if single else "id 0"
+    return pad, f"pad id: {what} (the tokenizer has no pad or eos token; padding is masked, so any id serves)"
+
+
 def describe_ids(tokenizer, ids: Any) -> str:
     """``"5 '<|im_end|>'"`` for an id, ``"(7, 8) '\\n\\n'"`` for an id sequence: ids with their texts."""
     seq = [ids] if isinstance(ids, int) else list(ids)

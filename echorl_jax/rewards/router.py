@@ -102,19 +102,26 @@ class RewardConfig:
             raise ValueError(f"reward.num_workers={self.num_workers!r} must be >= 1")
 
 
-def check_math_options_used(cfg: RewardConfig, data_sources: Sequence[str]) -> None:
-    """A math option (``reward.strict``, ``format_reward`` ...) set while no row of the data routes to the
-    math verifier would be silently ignored: a ValueError naming the option and the data's sources.
-    ``validate`` catches the routings that never reach math; this catches ``auto`` on data without math rows."""
-    changed = cfg.changed_math_options()
-    if not changed:
-        return
+def check_against_data(cfg: RewardConfig, data_sources: Sequence[str]) -> dict[str, str]:
+    """The verifier of every data source (sorted), after refusing what the data would silently ignore:
+    a ``reward.by_source`` pattern that matches none of the sources (a typo routes nothing), and a math
+    option (``reward.strict``, ``format_reward`` ...) set while no source routes to the math verifier
+    (``validate`` catches routings that never reach math; this catches ``auto`` on data without math rows).
+    ValueError names the pattern or option and the data's sources."""
     router = RewardRouter(cfg.name, cfg.routes(), {})
-    sources = sorted(set(data_sources))
-    if not any(router.verifier_for(src) == "math" for src in sources):
-        routed = ", ".join(f"{src or '(none)'} -> {router.verifier_for(src)}" for src in sources[:8])
+    table = {src: router.verifier_for(src) for src in sorted(set(data_sources))}
+    shown = ", ".join(f"{src or '(none)'} -> {name}" for src, name in list(table.items())[:8])
+    shown += ", ..." if len(table) > 8 else ""
+    for pattern, name in router.routes:
+        if not any(fnmatchcase(src, pattern) for src in table):
+            raise ValueError(f"reward.by_source entry '{pattern}={name}' matches no data_source of the train or eval "
+                             f"data (data_source -> verifier: {shown}); fix the pattern (fnmatch: 'numina_*') or "
+                             "remove the entry")
+    changed = cfg.changed_math_options()
+    if changed and "math" not in table.values():
         raise ValueError(f"reward.{changed[0]} is set but no row of the data is graded by the math verifier "
-                         f"(data_source -> verifier: {routed})")
+                         f"(data_source -> verifier: {shown})")
+    return table
 
 
 def verifier_kwargs(cfg: RewardConfig, name: str) -> dict[str, Any]:

@@ -12,14 +12,14 @@ from flax import nnx
 
 from echorl_jax import config as config_lib, sharding
 from echorl_jax.data.formats import require_text_field
-from echorl_jax.data.pipeline import DataError, PromptPipeline, load_records
+from echorl_jax.data.pipeline import DataError, PromptPipeline, load_records, resolve_template
 from echorl_jax.models.config import ModelConfig, numerics
 from echorl_jax.models.hub import resolve_model_dir
-from echorl_jax.models.tokenizer import default_stops, describe_stops, end_of_turn_token, load_hf_tokenizer
+from echorl_jax.models.tokenizer import default_stops, describe_stops, end_of_turn_token, load_hf_tokenizer, pad_token_id
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import build_router
 from echorl_jax.rewards.custom import RewardSetupError
-from echorl_jax.rewards.router import check_math_options_used
+from echorl_jax.rewards.router import check_against_data
 from echorl_jax.rl import echo as echo_lib, offpolicy, update
 from echorl_jax.sampling.sampler import make_sampler
 from echorl_jax.tasks import arith
@@ -121,12 +121,18 @@ def _task_name(spec: str) -> str:
     return name
 
 
-def _load_files(cfg: config_lib.Config, spec: str | tuple, sft_targets: bool = False, experts: bool = False) -> list[dict]:
+def _load_files(cfg: config_lib.Config, spec: str | tuple, sft_targets: bool = False, experts: bool = False,
+                split: str = "train") -> list[dict]:
     """Records of one file or a mixture, in order; with `sft_targets`, each row must carry a solution,
-    with `experts` an expert response (LUFFY)."""
+    with `experts` an expert response (LUFFY). The eval files have their own column keys
+    (``data.eval_prompt_key`` / ``data.eval_answer_key``, defaulting to the train files')."""
+    d = cfg.data
+    keys = (d.prompt_key, d.answer_key, "data.")
+    if split == "eval":
+        keys = (d.eval_prompt_key or d.prompt_key, d.eval_answer_key or d.answer_key, "data.eval_")
     records = []
     for path in (spec,) if isinstance(spec, str) else spec:
-        part = load_records(path, cfg.data.prompt_key, cfg.data.answer_key)
+        part = load_records(path, *keys)
         if sft_targets:
             require_text_field(part, "solution", path, f"sft.steps={cfg.sft.steps} (warm start on worked solutions)")
         if experts:
@@ -193,7 +199,7 @@ def load_eval_records(cfg: config_lib.Config) -> list[dict]:
     if config_lib.is_task(spec):
         _task_name(spec)
         return arith.make_eval_records(cfg.task, cfg.data.num_eval_per_level, cfg.data.seed + 1)
-    return _load_files(cfg, spec)
+    return _load_files(cfg, spec, split="eval")
 
 
 def model_config(cfg: config_lib.Config) -> ModelConfig:
@@ -222,18 +228,38 @@ def build_model(cfg: config_lib.Config, mesh, tokenizer) -> Transformer:
     return model
 
 
-def uses_chat_template(cfg: config_lib.Config, records: list[dict]) -> bool:
-    """Whether prompts are rendered with the chat template: always for "chat", for message prompts with "auto"."""
-    t = cfg.data.template
-    return t == "chat" or (t == "auto" and any(not isinstance(r["prompt"], str) for r in records))
+def uses_chat_template(cfg: config_lib.Config, tokenizer) -> bool:
+    """Whether prompts are rendered with the chat template ("chat", or "auto" with a tokenizer that has one)."""
+    return resolve_template(cfg.data.template, tokenizer) == "chat"
+
+
+def describe_template(cfg: config_lib.Config, tokenizer) -> str:
+    """The start-up line saying how prompts are rendered."""
+    given = cfg.data.template
+    if uses_chat_template(cfg, tokenizer):
+        return f"prompts: the tokenizer's chat template (data.template={given!r}; string prompts are one user message)"
+    if given == "auto":
+        return "prompts: the text as given (data.template='auto' and the tokenizer has no chat template)"
+    return f"prompts: data.template={given!r}"
+
+
+def describe_rewards(table: dict[str, str], train_sources, eval_sources) -> list[str]:
+    """Start-up lines: the verifier of every data source of the train and eval data."""
+    lines = []
+    for split, sources in (("train", train_sources), ("eval", eval_sources)):
+        names = sorted(set(sources))
+        shown = ", ".join(f"{s or '(none)'} -> {table[s]}" for s in names[:12])
+        if names:
+            lines.append(f"rewards ({split}): {shown}" + (f", ... ({len(names)} sources)" if len(names) > 12 else ""))
+    return lines
 
 
 def stop_ids(cfg: config_lib.Config, tokenizer, chat: bool | None = None) -> tuple[int | tuple[int, ...], ...]:
     """Default stops (models.tokenizer.default_stops), then ``rl.stop_strings`` as an id or id sequence each.
-    ``chat``: prompts use the chat template, so its end-of-turn token stops too (default: data.template == "chat")."""
+    ``chat``: prompts use the chat template, so its end-of-turn token stops too (default: as the config renders prompts)."""
     dirs = (resolve_model_dir(cfg.model.path), resolve_model_dir(cfg.data.tokenizer, "data.tokenizer"))
     dirs = tuple(dict.fromkeys(d for d in dirs if d))
-    chat = cfg.data.template == "chat" if chat is None else chat
+    chat = uses_chat_template(cfg, tokenizer) if chat is None else chat
     ids: list = list(default_stops(tokenizer, dirs, chat=chat))
     for text in cfg.rl.stop_strings:
         enc = tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) and text else []
@@ -318,17 +344,23 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
         raise config_lib.ConfigError(
             f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the number of processes ({hosts})")
     tokenizer = load_tokenizer(cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_records = load_train_records(cfg)
     eval_records = load_eval_records(cfg)
     # Everything that can fail on the user's data, template, reward or tokenizer, before any weights load.
     verifier = default_verifier(cfg)
+    train_sources, eval_sources = [r["data_source"] for r in train_records], [r["data_source"] for r in eval_records]
     try:
-        check_math_options_used(cfg.reward, [r["data_source"] for r in train_records + eval_records])
+        reward_table = check_against_data(cfg.reward, train_sources + eval_sources)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    chat = uses_chat_template(cfg, train_records + eval_records)
+    chat = uses_chat_template(cfg, tokenizer)
     stops = stop_ids(cfg, tokenizer, chat=chat)
+    pad_id, pad_why = pad_token_id(tokenizer, stops)
+    log(describe_template(cfg, tokenizer))
+    if pad_why:
+        log(pad_why)
+    for line in describe_rewards(reward_table, train_sources, eval_sources):
+        log(line)
     experts = None
     if cfg.objective.expert_per_group > 0:
         train_records, experts = load_experts(cfg, train_records, tokenizer, stops, chat, pad_id, log)
