@@ -71,10 +71,15 @@ class Plan:
 
 def model_config(cfg):
     """The run's ModelConfig; for ``model.path`` from its config.json only (no weights are read)."""
+    from echorl_jax import config as config_lib
     from echorl_jax.models.config import load_hf_config, numerics
+    from echorl_jax.models.hub import resolve_config_dir
     from echorl_jax.trainer import setup
 
-    return load_hf_config(cfg.model.path, **numerics(cfg.model)) if cfg.model.path else setup.model_config(cfg)
+    if not cfg.model.path:
+        return setup.model_config(cfg)
+    return load_hf_config(resolve_config_dir(cfg.model.path), **numerics(cfg.model),
+                          **config_lib.context_overrides(cfg.model))
 
 
 def abstract_params(mcfg, mesh):
@@ -268,23 +273,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices:
         _force_devices(args.devices)
 
-    from echorl_jax import config as config_lib
+    from echorl_jax import cli, config as config_lib
 
-    cfg = config_lib.build_config(config_lib.load_config_file(args.config), config_lib.parse_overrides(rest))
-    if not args.fit:
+    try:
+        cfg = config_lib.build_config(config_lib.load_config_file(args.config), config_lib.parse_overrides(rest))
+        return _run(cfg, args.fit)
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except cli.user_errors() as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(cfg, fit: str | None) -> int:
+    if not fit:
         print(format_plan(plan(cfg)))
         return 0
-    found, tried = fit_micro_batches(cfg, args.fit)
+    found, tried = fit_micro_batches(cfg, fit)
     for pl in tried:
         print(format_plan(pl), end="\n\n")
-    label = ACCELERATORS[args.fit][0]
+    label = ACCELERATORS[fit][0]
     if found is None:
         print(f"no rl.micro_batches fits {label}: use rl.minibatches, a remat policy (model.remat), a smaller "
               "model.logits_chunk or more devices")  # fmt: skip
         return 1
     print(f"recommended for {label}: --config.rl.micro_batches={found.micro_batches}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

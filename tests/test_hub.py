@@ -67,3 +67,46 @@ def test_offline_hub_failure_is_a_clear_error(monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"model.path='nobody-xyz/no-model'.*does not exist.*HF_HUB_OFFLINE"):
         hub.resolve_model_dir("nobody-xyz/no-model")
     hub._snapshot.cache_clear()
+
+
+def test_planner_fetches_only_config_json_of_a_hub_id(fake_hub):
+    from echorl_jax import plan
+
+    local, calls = fake_hub
+    cfg = cfg_for("Qwen/Qwen2.5-Math-7B")
+    assert plan.model_config(cfg).hidden_size == 32  # the snapshot's architecture
+    assert calls == [{"repo_id": "Qwen/Qwen2.5-Math-7B", "revision": None, "allow_patterns": ["config.json"]}]
+
+
+def test_planner_offline_error_names_the_id_and_how_to_pass_a_directory(monkeypatch, capsys):
+    from echorl_jax import plan
+
+    def offline(**kwargs):
+        raise OSError("offline: cannot reach huggingface.co")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    hub._snapshot.cache_clear()
+    try:
+        code = plan.main(["--config", "configs/paper/qwen25_math_7b_grpo.py"])
+    finally:
+        hub._snapshot.cache_clear()
+    err = capsys.readouterr().err
+    assert code == 2 and "model.path='Qwen/Qwen2.5-Math-7B': fetching config.json" in err
+    assert "OSError: offline" in err and "--config.model.path=DIR" in err and "configs/paper/models/" in err
+
+
+def test_shipped_paper_model_configs_have_the_published_sizes():
+    import math
+
+    import jax
+    from flax import nnx
+
+    from echorl_jax.models.config import load_hf_config
+    from echorl_jax.models.transformer import Transformer
+
+    want = {"qwen25_math_7b": 7.616e9, "qwen25_math_1p5b": 1.544e9, "llama31_8b_instruct": 8.030e9,
+            "qwen3_8b_base": 8.191e9}  # parameters of the models on the Hub
+    for name, n in want.items():
+        mcfg = load_hf_config(f"configs/paper/models/{name}")
+        shapes = nnx.state(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+        assert abs(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) / n - 1) < 1e-3, name

@@ -45,10 +45,26 @@ def resolve_model_dir(path: str, key: str = "model.path") -> str:
         ) from None
 
 
+def resolve_config_dir(path: str, key: str = "model.path") -> str:
+    """A local directory holding ``path``'s ``config.json``: ``path`` itself unless it is a Hub id, whose
+    ``config.json`` alone is fetched (the memory planner reads the architecture, not the weights)."""
+    if not is_hub_id(path):
+        return path
+    try:
+        return _snapshot(path, ("config.json",))
+    except Exception as e:  # noqa: BLE001 -- hub errors are many types (offline, 404, auth, network)
+        raise FileNotFoundError(
+            f"{key}={path!r}: fetching config.json of the Hugging Face Hub id {path!r} failed "
+            f"({type(e).__name__}: {e}). Pass a local directory that holds the model's config.json instead: "
+            f"--config.{key}=DIR (e.g. `huggingface-cli download {path.partition('@')[0]} config.json --local-dir DIR` "
+            f"where there is a network; configs/paper/models/ ships the paper models' config.json files)"
+        ) from None
+
+
 @functools.lru_cache(maxsize=None)
-def _snapshot(hub_id: str) -> str:
+def _snapshot(hub_id: str, patterns: tuple[str, ...] = ALLOW_PATTERNS) -> str:
     """One download (or cache lookup) per id and process: the tokenizer, model and stops all ask."""
     from huggingface_hub import snapshot_download
 
     repo_id, _, revision = hub_id.partition("@")
-    return snapshot_download(repo_id=repo_id, revision=revision or None, allow_patterns=list(ALLOW_PATTERNS))
+    return snapshot_download(repo_id=repo_id, revision=revision or None, allow_patterns=list(patterns))
