@@ -153,6 +153,9 @@ class TrainConfig:
     progress: bool = True  # progress bar
     collapse_guard: str = "warn"  # off | warn | stop: on collapsing accuracy, exploding entropy, never-ending responses (trainer/guard.py)
     echo_grad_norm_every: int = 0  # log the echo term's gradient norm every N steps (one extra backward); 0 = off
+    # log the sampler-vs-learner mismatch (mismatch/*) every N steps: one extra forward unless rl.recompute_logp,
+    # which measures it every step for free; 0 = only when recomputing
+    mismatch_every: int = 0
     checkpoint_dir: str = ""  # "" = workdir/checkpoints; multi-host runs need storage every host sees (gs://...)
 
 
@@ -430,6 +433,13 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(train.collapse_guard in ("off", "warn", "stop"), "train.collapse_guard", train.collapse_guard,
            "allowed: off, warn, stop")
     _check(train.log_every >= 1, "train.log_every", train.log_every, "must be >= 1")
+    _check(train.mismatch_every >= 0, "train.mismatch_every", train.mismatch_every, "must be >= 0 (0 = only with "
+           "rl.recompute_logp)")
+    _check(not (train.mismatch_every and rl.recompute_logp), "train.mismatch_every", train.mismatch_every,
+           "has no effect with rl.recompute_logp=true, which measures the mismatch every step; leave it 0")
+    _check(cfg.objective.rollout_correction == "off" or rl.recompute_logp, "objective.rollout_correction",
+           cfg.objective.rollout_correction, "needs rl.recompute_logp=true (the learner's log-probs of the rollout "
+           "tokens, before the update)")
     _check(train.eval_samples >= 1, "train.eval_samples", train.eval_samples, "must be >= 1")
     _check(cfg.dist.initialize in ("auto", "always", "never"), "dist.initialize", cfg.dist.initialize,
            "one of 'auto', 'always', 'never'")
