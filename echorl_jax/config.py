@@ -70,7 +70,10 @@ class DataConfig:
     expert_key: str = ""  # LUFFY (objective.expert_per_group > 0): column with expert responses; "" = expert|target|solution
     add_bos: bool = False
     max_prompt_len: int = 48  # P: longer prompts are dropped and counted, or fail (on_overlong)
-    on_overlong: str = "drop"  # drop | error
+    on_overlong: str = "drop"  # prompts longer than max_prompt_len: drop | error
+    # LUFFY expert responses longer than sampling.max_new_tokens with their stop: truncate (to T tokens, no stop;
+    # LUFFY's script) | drop (the record) | error
+    expert_overlong: str = "truncate"
     seed: int = 0  # shuffle seed
     num_train: int = 4096  # built-in tasks: generated train prompts
     num_eval_per_level: int = 16  # built-in tasks: held-out prompts per difficulty level
@@ -446,6 +449,8 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
     _validate_data(cfg.data)
     _check(cfg.data.on_overlong in ("drop", "error"), "data.on_overlong", cfg.data.on_overlong, "allowed: drop, error")
+    _check(cfg.data.expert_overlong in ("truncate", "drop", "error"), "data.expert_overlong",
+           cfg.data.expert_overlong, "allowed: truncate, drop, error")
     _check(cfg.data.max_prompt_len >= 1, "data.max_prompt_len", cfg.data.max_prompt_len, "must be >= 1")
     _check(cfg.sft.steps >= 0, "sft.steps", cfg.sft.steps, "must be >= 0")
 
