@@ -69,6 +69,9 @@ class DataConfig:
     answer_key: str = ""  # file column with the answer; "" = reward_model.ground_truth|ground_truth|answer
     expert_key: str = ""  # LUFFY (objective.expert_per_group > 0): column with expert responses; "" = expert|target|solution
     add_bos: bool = False
+    # Text every assistant turn opens with ("<think>\n" for R1-style think models): appended to each rendered
+    # prompt unless the template already ends with it, and stripped from the start of LUFFY expert responses.
+    response_prefix: str = ""
     max_prompt_len: int = 48  # P: longer prompts are dropped and counted, or fail (on_overlong)
     on_overlong: str = "drop"  # prompts longer than max_prompt_len: drop | error
     # LUFFY expert responses longer than sampling.max_new_tokens with their stop: truncate (to T tokens, no stop;
@@ -453,6 +456,8 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
            cfg.data.expert_overlong, "allowed: truncate, drop, error")
     _check(cfg.data.max_prompt_len >= 1, "data.max_prompt_len", cfg.data.max_prompt_len, "must be >= 1")
     _check(cfg.sft.steps >= 0, "sft.steps", cfg.sft.steps, "must be >= 0")
+    _check(not (cfg.data.response_prefix and cfg.sft.steps > 0), "data.response_prefix", cfg.data.response_prefix,
+           "is not supported with a warm start (sft.steps > 0): the warm start renders prompts without it")
 
 
 def _validate_data(data: DataConfig) -> None:

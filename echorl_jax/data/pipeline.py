@@ -63,8 +63,10 @@ def check_template(template: str) -> None:
                         f" found fields {sorted(fields)}")
 
 
-def render_prompt(prompt: Prompt, tokenizer: Any, template: str) -> str:
-    """Prompt -> text. `template` is "auto", "chat" or a format string with `{prompt}`.
+def render_prompt(prompt: Prompt, tokenizer: Any, template: str, response_prefix: str = "") -> str:
+    """Prompt -> text. `template` is "auto", "chat" or a format string with `{prompt}`; the text then
+    ends with `response_prefix` (appended unless the template already wrote it: a think model's chat
+    template opens the assistant turn with "<think>\n" itself).
 
     "auto" (verl's behaviour): "chat" for a message list, "{prompt}" for a string.
     "chat": the tokenizer's chat template with the generation prompt appended (a
@@ -72,6 +74,11 @@ def render_prompt(prompt: Prompt, tokenizer: Any, template: str) -> str:
     message list that is a single user message (its content); longer message lists
     raise rather than silently lose messages.
     """
+    text = _render(prompt, tokenizer, template)
+    return text if text.endswith(response_prefix) else text + response_prefix
+
+
+def _render(prompt: Prompt, tokenizer: Any, template: str) -> str:
     check_template(template)
     if template == "auto":
         template = "{prompt}" if isinstance(prompt, str) else "chat"
@@ -98,12 +105,12 @@ def render_prompt(prompt: Prompt, tokenizer: Any, template: str) -> str:
 
 
 def tokenize_prompts(prompts: Sequence[Prompt], tokenizer: Any, template: str,
-                     add_bos: bool = False) -> list[list[int]]:
+                     add_bos: bool = False, response_prefix: str = "") -> list[list[int]]:
     """Render and tokenize; special tokens come only from the rendered text (plus `add_bos`)."""
     texts = []
     for i, p in enumerate(prompts):
         try:
-            texts.append(render_prompt(p, tokenizer, template))
+            texts.append(render_prompt(p, tokenizer, template, response_prefix))
         except DataError as e:
             raise DataError(f"record {i}: {e}") from e
     ids = list(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else []
@@ -145,6 +152,7 @@ class PromptPipeline:
         shuffle: bool = True,
         num_epochs: int | None = None,
         on_overlong: Literal["drop", "error"] = "drop",
+        response_prefix: str = "",
         shard_index: int | None = None,
         shard_count: int | None = None,
     ):
@@ -165,7 +173,7 @@ class PromptPipeline:
 
         # Tokenize everything once: the drop count is known up front and the
         # Grain pipeline below only ever moves integers around.
-        ids = tokenize_prompts([r["prompt"] for r in records], tokenizer, template, add_bos)
+        ids = tokenize_prompts([r["prompt"] for r in records], tokenizer, template, add_bos, response_prefix)
         length_r = np.array([len(x) for x in ids], np.int64)
         if (length_r == 0).any():
             raise DataError(f"record {int(np.argmax(length_r == 0))}: prompt renders to zero"

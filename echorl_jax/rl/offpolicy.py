@@ -82,9 +82,11 @@ class ExpertTraces:
     """
 
     def __init__(self, records: Sequence[dict], tokenizer, *, key: str, k: int, max_new_tokens: int,
-                 stop_id: int, pad_id: int):  # fmt: skip
+                 stop_id: int, pad_id: int, response_prefix: str = ""):  # fmt: skip
         self.tokenizer, self.k, self.t, self.stop_id, self.pad_id = tokenizer, k, max_new_tokens, stop_id, pad_id
         self.texts = [expert_texts(r[expert_key(r, key)]) for r in records]
+        if response_prefix:  # the prompt already opens the turn with it (data.response_prefix), as LUFFY strips "<think>\n"
+            self.texts = [[t.removeprefix(response_prefix) for t in traces] for traces in self.texts]
         self.texts = [[traces[j % len(traces)] for j in range(k)] for traces in self.texts]
         flat = [t for traces in self.texts for t in traces]
         ids = list(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else []

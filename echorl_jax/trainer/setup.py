@@ -162,7 +162,8 @@ def load_experts(cfg: config_lib.Config, records: list[dict], tokenizer, stops, 
                                      "the stops are all multi-token rl.stop_strings")
     t = cfg.sampling.max_new_tokens
     experts = offpolicy.ExpertTraces(records, tokenizer, key=cfg.data.expert_key, k=cfg.objective.expert_per_group,
-                                     max_new_tokens=t, stop_id=stop_id, pad_id=pad_id)  # fmt: skip
+                                     max_new_tokens=t, stop_id=stop_id, pad_id=pad_id,
+                                     response_prefix=cfg.data.response_prefix)  # fmt: skip
     over = experts.too_long()
     if over.any():
         i = int(np.argmax(over))
@@ -344,7 +345,7 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     for line in describe_stops(tokenizer, stops, delimiter_ids):
         log(line)
     pipe_kw = dict(max_prompt_len=cfg.data.max_prompt_len, template=cfg.data.template, add_bos=cfg.data.add_bos,
-                   pad_id=pad_id, on_overlong=cfg.data.on_overlong)  # fmt: skip
+                   pad_id=pad_id, on_overlong=cfg.data.on_overlong, response_prefix=cfg.data.response_prefix)  # fmt: skip
     train_pipeline = _pipeline("train", cfg.data.train, train_records, tokenizer, log, batch_size=rl.prompts_per_step // hosts,
                                mode="train", seed=cfg.data.seed, **pipe_kw)  # fmt: skip
     eval_pipeline = eval_state = None
