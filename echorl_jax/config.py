@@ -71,8 +71,14 @@ class DataConfig:
     eval_answer_key: str = ""  # the eval files' answer column; "" = as data.answer_key (e.g. TRL-style train, verl eval)
     expert_key: str = ""  # LUFFY (objective.expert_per_group > 0): column with expert responses; "" = expert|target|solution
     add_bos: bool = False
+    # Text every assistant turn opens with ("<think>\n" for R1-style think models): appended to each rendered
+    # prompt unless the template already ends with it, and stripped from the start of LUFFY expert responses.
+    response_prefix: str = ""
     max_prompt_len: int = 48  # P: longer prompts are dropped and counted, or fail (on_overlong)
-    on_overlong: str = "drop"  # drop | error
+    on_overlong: str = "drop"  # prompts longer than max_prompt_len: drop | error
+    # LUFFY expert responses longer than sampling.max_new_tokens with their stop: truncate (to T tokens, no stop;
+    # LUFFY's script) | drop (the record) | error
+    expert_overlong: str = "truncate"
     seed: int = 0  # shuffle seed
     num_train: int = 4096  # built-in tasks: generated train prompts
     num_eval_per_level: int = 16  # built-in tasks: held-out prompts per difficulty level
@@ -155,6 +161,9 @@ class TrainConfig:
     progress: bool = True  # progress bar
     collapse_guard: str = "warn"  # off | warn | stop: on collapsing accuracy, exploding entropy, never-ending responses (trainer/guard.py)
     echo_grad_norm_every: int = 0  # log the echo term's gradient norm every N steps (one extra backward); 0 = off
+    # log the sampler-vs-learner mismatch (mismatch/*) every N steps: one extra forward unless rl.recompute_logp,
+    # which measures it every step for free; 0 = only when recomputing
+    mismatch_every: int = 0
     checkpoint_dir: str = ""  # "" = workdir/checkpoints; multi-host runs need storage every host sees (gs://...)
 
 
@@ -432,14 +441,25 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(train.collapse_guard in ("off", "warn", "stop"), "train.collapse_guard", train.collapse_guard,
            "allowed: off, warn, stop")
     _check(train.log_every >= 1, "train.log_every", train.log_every, "must be >= 1")
+    _check(train.mismatch_every >= 0, "train.mismatch_every", train.mismatch_every, "must be >= 0 (0 = only with "
+           "rl.recompute_logp)")
+    _check(not (train.mismatch_every and rl.recompute_logp), "train.mismatch_every", train.mismatch_every,
+           "has no effect with rl.recompute_logp=true, which measures the mismatch every step; leave it 0")
+    _check(cfg.objective.rollout_correction == "off" or rl.recompute_logp, "objective.rollout_correction",
+           cfg.objective.rollout_correction, "needs rl.recompute_logp=true (the learner's log-probs of the rollout "
+           "tokens, before the update)")
     _check(train.eval_samples >= 1, "train.eval_samples", train.eval_samples, "must be >= 1")
     _check(cfg.dist.initialize in ("auto", "always", "never"), "dist.initialize", cfg.dist.initialize,
            "one of 'auto', 'always', 'never'")
     _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
     _validate_data(cfg.data)
     _check(cfg.data.on_overlong in ("drop", "error"), "data.on_overlong", cfg.data.on_overlong, "allowed: drop, error")
+    _check(cfg.data.expert_overlong in ("truncate", "drop", "error"), "data.expert_overlong",
+           cfg.data.expert_overlong, "allowed: truncate, drop, error")
     _check(cfg.data.max_prompt_len >= 1, "data.max_prompt_len", cfg.data.max_prompt_len, "must be >= 1")
     _check(cfg.sft.steps >= 0, "sft.steps", cfg.sft.steps, "must be >= 0")
+    _check(not (cfg.data.response_prefix and cfg.sft.steps > 0), "data.response_prefix", cfg.data.response_prefix,
+           "is not supported with a warm start (sft.steps > 0): the warm start renders prompts without it")
 
 
 def _validate_data(data: DataConfig) -> None:

@@ -174,7 +174,9 @@ def plan(cfg, devices=None) -> Plan:
 
     f32 = jnp.float32
     batch = update.UpdateBatch(batch_array(p + t, jnp.int32), batch_array(p + t, bool), batch_array(t, bool),
-                               batch_array(t, f32), batch_array(t, f32), batch_array(t, f32), batch_array(t, bool))  # fmt: skip
+                               batch_array(t, f32), batch_array(t, f32), batch_array(t, f32), batch_array(t, bool),
+                               batch_array(t, bool) if cfg.objective.expert_per_group else None,  # LUFFY expert tokens
+                               batch_array(t, f32) if "token_tis" in cfg.objective.rollout_correction else None)  # fmt: skip
     temperature = 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     step = train.jit_train_step(cfg, graphdef, optimizer, temperature, state_sh, mesh)

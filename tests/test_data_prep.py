@@ -1,6 +1,7 @@
 """data_prep: each source family's export -> verl parquet the trainer loads; clear errors for unknown files."""
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -149,3 +150,88 @@ def test_a_row_without_an_answer_names_the_row(tmp_path):
                  fmt="jsonl")
     with pytest.raises(DataError, match=r"m.jsonl, row 1: no usable answer"):
         prep.convert("math", [path])
+
+
+# ----------------------------------------------------------------------------- Hub datasets, saved datasets, prompt styles
+
+R1_ROW = {"data_source": "openr1", "ability": "math", "reward_model": {"ground_truth": "8", "style": "rule"},
+          "prompt": [{"role": "system", "content": prep.R1_SYSTEM}, {"role": "user", "content": "Compute $2^3$."}],
+          "target": [{"role": "assistant", "content": "<think>\n2*2*2 = 8\n</think>\n\n\\boxed{8}"}],
+          "extra_info": {"index": 0, "split": "default"}}  # fmt: skip
+
+
+def test_a_saved_dataset_directory_is_an_input(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    d = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([R1_ROW, R1_ROW]),
+                          "test": datasets.Dataset.from_list([dict(R1_ROW, reward_model={"ground_truth": "9", "style": "rule"})])
+                          }).save_to_disk(str(d))  # fmt: skip
+    out = tmp_path / "out.parquet"
+    assert prep.main(["openr1_math_46k", str(d), "--out", str(out)]) == 0  # the source's split: train
+    recs = load_records(out)
+    assert [r["ground_truth"] for r in recs] == ["8", "8"] and recs[0]["expert"].startswith("<think>\n")
+    assert prep.main(["openr1_math_46k", str(d), "--out", str(out), "--split", "test"]) == 0
+    assert [r["ground_truth"] for r in load_records(out)] == ["9"]
+    assert prep.main(["openr1_math_46k", str(tmp_path), "--out", str(out)]) == 2  # not a saved dataset
+
+
+def test_no_input_loads_the_sources_hub_dataset(tmp_path, monkeypatch):
+    """No download: datasets.load_dataset is replaced by a stand-in that records what it was asked for."""
+    datasets = pytest.importorskip("datasets")
+    asked = []
+
+    def fake_load_dataset(repo, config=None, split=None):
+        asked.append((repo, config, split))
+        return datasets.Dataset.from_list([R1_ROW])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.chdir(tmp_path)
+    assert prep.main(["openr1_math_46k"]) == 0  # all a user with a network types
+    assert asked == [("Elliott/Openr1-Math-46k-8192", None, "train")]
+    assert load_records(tmp_path / "data" / "openr1_math_46k.parquet")[0]["ground_truth"] == "8"
+    assert prep.main(["arc_c", "--hub", "me/arc", "--split", "validation"]) == 2  # the stand-in has no arc columns
+    assert asked[-1] == ("me/arc", None, "validation")
+    assert prep.main(["olympiadbench"]) == 2
+    assert asked[-1] == ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train")
+
+    def failing(repo, config=None, split=None):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    with pytest.raises(DataError, match=r"cannot load the Hub dataset HuggingFaceH4/MATH-500, split 'test': ConnectionError"):
+        prep.convert("math500", [])
+
+
+def test_every_source_names_a_hub_dataset():
+    for name, src in prep.SOURCES.items():
+        repo, _, split = src.hub
+        assert "/" in repo and split in ("train", "test"), name
+
+
+def test_prompt_styles_source_and_r1(tmp_path):
+    src = write(tmp_path, "openr1", [R1_ROW])
+    out = tmp_path / "o.parquet"
+    assert prep.main(["openr1_math_46k", str(src), "--out", str(out), "--prompt-style", "source"]) == 0
+    rec = load_records(out)[0]
+    assert rec["prompt"] == R1_ROW["prompt"]  # the dataset's own system prompt and user turn, unchanged
+    assert rec["expert"] == R1_ROW["target"][0]["content"]
+    assert prep.main(["openr1_math_46k", str(src), "--out", str(out), "--prompt-style", "r1"]) == 0
+    assert load_records(out)[0]["prompt"] == R1_ROW["prompt"]  # r1 rebuilds the same format from the problem
+    # Multiple choice in LUFFY's format (its data/valid.arc_c.parquet): options as "A) ..." lines.
+    arc = write(tmp_path, "arc", [{"question": "Which?", "choices": {"label": ["A", "B"], "text": ["x", "y"]},
+                                   "answerKey": "B"}])  # fmt: skip
+    assert prep.main(["arc_c", str(arc), "--out", str(out), "--prompt-style", "r1"]) == 0
+    rec = load_records(out)[0]
+    assert rec["prompt"][1] == {"role": "user", "content": "Which?\n\nA) x\nB) y\n"} and rec["ground_truth"] == "B"
+    # Default output names carry the style; a source without its own prompt column cannot keep it.
+    math = write(tmp_path, "m", [{"problem": "1+1?", "answer": "2"}])
+    monkey_out = tmp_path / "cwd"
+    monkey_out.mkdir()
+    old = os.getcwd()
+    os.chdir(monkey_out)
+    try:
+        assert prep.main(["math500", str(math), "--prompt-style", "r1"]) == 0
+        assert (monkey_out / "data" / "eval" / "math500_r1.parquet").is_file()
+        assert prep.main(["math500", str(math), "--prompt-style", "source"]) == 2
+    finally:
+        os.chdir(old)

@@ -284,27 +284,52 @@ def test_expert_per_group_must_leave_an_on_policy_rollout(tmp_path):
         luffy_cfg(tmp_path, "x.jsonl", **{"objective.expert_per_group": 4})
 
 
-def test_long_expert_responses_are_dropped_or_fail(tmp_path):
+def test_long_expert_responses_are_truncated_dropped_or_fail(tmp_path):
     rows = rows_with_expert(3)
     rows[1]["expert"] = "1 " * 60  # > max_new_tokens tokens
     f = write_jsonl(tmp_path / "train.jsonl", rows)
     tok = make_bpe_tokenizer()
+    long_ids = tok(rows[1]["expert"], add_special_tokens=False)["input_ids"]
+    assert len(long_ids) > 40
+    # Default (LUFFY's script): truncated to the first T tokens, no stop token; the record is kept.
     cfg = luffy_cfg(tmp_path, f)
+    assert cfg.data.expert_overlong == "truncate"
     records = setup_lib.load_train_records(cfg)
     lines = []
     kept, experts = setup_lib.load_experts(cfg, records, tok, (0,), False, 0, lines.append)
+    assert len(kept) == 3 and any("truncating to 40 tokens (no stop) 1 of 3" in line for line in lines)
+    tokens, lengths = experts.rows(np.array([1, 2]))
+    np.testing.assert_array_equal(tokens[0, 0], long_ids[:40])  # no stop at the end
+    assert lengths[0, 0] == 40
+    np.testing.assert_array_equal(experts.truncated(np.array([1, 2])), [[True], [False]])
+    # In the mixed rollout the truncated expert row ends like a rollout that ran out of room.
+    N, G, P, T = 2, 2, 3, 40
+    on = Rollout(tokens=jnp.zeros((N, P + T), jnp.int32), valid=jnp.ones((N, P + T), bool),
+                 response_mask=jnp.ones((N, T), bool), behaviour_logp=jnp.zeros((N, T)), entropy=jnp.zeros((N, T)),
+                 lengths=jnp.full((N,), T, jnp.int32), truncated=jnp.zeros((N,), bool),
+                 stop_len=jnp.ones((N,), jnp.int32))  # fmt: skip
+    mixed = offpolicy.mix_expert_rows(on, jnp.asarray(tokens), jnp.asarray(lengths),
+                                      jnp.asarray(experts.truncated(np.array([1, 2]))))  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(mixed.truncated), [False, True, False, False])
+    np.testing.assert_array_equal(np.asarray(mixed.stop_len), [1, 0, 1, 1])
+    # 'drop': the record goes.
+    kept, experts = setup_lib.load_experts(luffy_cfg(tmp_path, f, **{"data.expert_overlong": "drop"}), records, tok,
+                                           (0,), False, 0, lines.append)  # fmt: skip
     assert [r["ground_truth"] for r in kept] == ["0", "4"]
     assert any("dropped 1 of 3" in line for line in lines)
     tokens, lengths = experts.rows(np.array([1, 0]))
     ids = tok(rows[2]["expert"], add_special_tokens=False)["input_ids"]
     np.testing.assert_array_equal(tokens[0, 0, : len(ids) + 1], [*ids, 0])  # + the stop token
     assert lengths[0, 0] == len(ids) + 1 and (tokens[0, 0, len(ids) + 1 :] == 0).all()
+    assert not experts.truncated(np.array([1, 0])).any()
     # Chat prompts end the expert response with the template's end of turn.
     _, chat_experts = setup_lib.load_experts(cfg, kept, tok, (0,), True, 0, lines.append)
     assert chat_experts.stop_id == tok.convert_tokens_to_ids(IM_END)
     with pytest.raises(DataError, match="1 of 3 train records have an expert response longer"):
-        setup_lib.load_experts(luffy_cfg(tmp_path, f, **{"data.on_overlong": "error"}), records, tok, (0,), False, 0,
-                               lines.append)  # fmt: skip
+        setup_lib.load_experts(luffy_cfg(tmp_path, f, **{"data.expert_overlong": "error"}), records, tok, (0,), False,
+                               0, lines.append)  # fmt: skip
+    with pytest.raises(config_lib.ConfigError, match="data.expert_overlong='cut'"):
+        luffy_cfg(tmp_path, f, **{"data.expert_overlong": "cut"})
 
 
 # ----------------------------------------------------------------------------- one RL step

@@ -6,6 +6,15 @@ for training and 0.6 for evaluation, no KL term. Values the paper does not give 
 script (exp_scripts/train.sh): prompts up to 1024 tokens, two optimizer steps per RL step (mini-batch of
 64 prompts), AdamW weight decay 0.01, gradient clipping 1.0.
 
+LUFFY recipes follow LUFFY's script where our defaults differ (docs/recipes.md has the table, file:line):
+no PPO clip on on-policy tokens (loss_remove_clip=True -> objective.policy_loss=pg), old log-probs recomputed
+by the learner (rl.recompute_logp), its loss scale and entropy weighting (``luffy_reference_objective``),
+expert traces longer than the response cap truncated (data.expert_overlong, the default). The
+``qwen25_math_7b_think`` files are LUFFY's own setting: its model (Elliott/Qwen2.5-Math-7B-16k-think), its
+prompts (R1 system prompt; data_prep --prompt-style source / r1), the assistant turn opening "<think>\n"
+(data.response_prefix, also stripped from expert traces) and its reward (reward.think: "</think>" before the
+answer; reward.strict=false: math-verify's own extraction, as its reward parses the whole solution).
+
 EchoRL is off in every file (the baseline row of the paper's table); ``--config.echo.enabled=true``
 turns it on (lambda = 0.001). (``objective.method=METHOD+echo`` would contradict the file's
 ``echo.enabled=False`` and is refused.)
@@ -34,6 +43,14 @@ MODELS = {
         # config.json says 4096 positions; LUFFY (and the paper) extend the context as here.
         context={"rope_theta_override": 40000.0, "max_position_override": 16384},
     ),
+    # LUFFY's model (exp_scripts/train.sh:18): Qwen2.5-Math-7B with a 16k context and a chat template whose
+    # assistant turn opens "<think>\n"; trained on LUFFY's own prompts with its think-format reward.
+    "qwen25_math_7b_think": dict(
+        accelerator="16 devices of >= 80 GB: 2 nodes of 8 H100 80GB, or TPU v5p-32 (16 chips)",
+        path="Elliott/Qwen2.5-Math-7B-16k-think", family="qwen2", params=7.62e9, layers=28, hidden=3584,
+        kv_heads=4, head_dim=128, vocab=152064, devices=16, micro_batches=32, think=True,
+        context={"rope_theta_override": 40000.0, "max_position_override": 16384},
+    ),
     "qwen25_math_1p5b": dict(
         accelerator="8 devices of >= 80 GB: 1 node of 8 H100 80GB, or TPU v5p-16 (8 chips)",
         path="Qwen/Qwen2.5-Math-1.5B", family="qwen2", params=1.54e9, layers=28, hidden=1536, kv_heads=2,
@@ -55,6 +72,27 @@ METHODS = ("grpo", "drgrpo", "dapo", "luffy")
 
 PROMPTS, GROUP, PROMPT_LEN, RESPONSE_LEN, MINIBATCHES = 128, 8, 1024, 8192, 2
 
+# LUFFY's loss, per optimizer step (its mini-batch: 64 prompts x 8 = 512 rows on 8 GPUs, 64 rows each):
+# every GPU sums, over its micro-batches m (dynamic, <= 32768 tokens each: train.sh:40-41),
+#     sum_{t in m} loss_t / 8192  -  0.001 * mean_{t in m} entropy_t        (mix_core_alg.py:233-234, mix_actor.py:202,226)
+# with gradient_accumulation = 1 (mix_fsdp_worker.py:88-91: mini = micro = 64 rows per GPU), and FSDP averages
+# the 8 GPUs' gradients. That is sum_t loss_t / (8 * 8192) - 0.001 * sum_t entropy_t / (8 * n_m) over the
+# mini-batch, n_m = response tokens per micro-batch. Ours with seq-mean-token-sum-norm divides by
+# (512 rows * norm_length): norm_length = 8 * 8192 / 512 = 128 gives LUFFY's scale exactly (so its gradient
+# clipping at 1.0 clips the same gradients), and entropy_norm_tokens = 8 * n_m / 512 its entropy weight.
+# n_m: micro-batches are balanced partitions of a GPU's rows into ceil(tokens / 32768) parts, ~28k tokens
+# each at LUFFY's lengths, ~93% of them response tokens: n_m ~ 26,000 (an estimate; it moves ~10% with the
+# response length step to step).
+REF_GPUS, REF_MICRO_RESPONSE_TOKENS = 8, 26_000
+
+
+def luffy_reference_objective() -> dict:
+    """The objective fields that make the luffy preset LUFFY's script (see the comment above)."""
+    rows = PROMPTS // MINIBATCHES * GROUP  # rows per optimizer step
+    return {"policy_loss": "pg",  # loss_remove_clip=True (train.sh:84): no PPO clip on on-policy tokens
+            "norm_length": RESPONSE_LEN * REF_GPUS // rows,
+            "entropy_norm_tokens": round(REF_MICRO_RESPONSE_TOKENS * REF_GPUS / rows)}
+
 
 def per_device_gib(m: dict, devices: int, micro_batches: int) -> dict[str, float]:
     """Estimated GiB per device for model ``m`` (a MODELS entry) at the paper's batch; see the docstring."""
@@ -74,6 +112,26 @@ def paper_config(model: str, method: str) -> dict:
     m = MODELS[model]
     if method not in METHODS:
         raise ValueError(f"paper recipes cover {METHODS}, not {method!r}")
+    cfg = _common(m, model, method)
+    if method == "luffy":
+        cfg["objective"].update(luffy_reference_objective())
+        cfg["rl"]["recompute_logp"] = True  # mix_trainer.py:496-499 (and the mismatch is measured every step)
+        cfg["data"]["expert_overlong"] = "truncate"  # rl_dataset_with_target.py:143-153
+    else:
+        cfg["train"]["mismatch_every"] = 10  # sampler-vs-learner mismatch, one extra forward every 10 steps
+    if m.get("think"):
+        # LUFFY's prompts (data_prep --prompt-style source: the dataset's own R1 system prompt; r1 for the eval
+        # sets, as LUFFY's data/valid.parquet), the turn opening "<think>\n" (the model's template writes it;
+        # the key guarantees it and strips it from expert traces: rl_dataset_with_target.py:129-130), and its
+        # reward (math_verify_reward.py:36-46, main_mix_ppo.py:94-96: "</think>" required, the text after it parsed
+        # by math-verify's own extraction).
+        cfg["data"].update(train=f"{DATA}/openr1_math_46k_source.parquet", eval=f"{DATA}/eval/math500_r1.parquet",
+                           response_prefix="<think>\n")
+        cfg["reward"].update(think=True, strict=False)
+    return cfg
+
+
+def _common(m: dict, model: str, method: str) -> dict:
     return {
         "model": {"path": m["path"], "param_dtype": "float32", "compute_dtype": "bfloat16", "remat": "full",
                   **m["context"]},

@@ -72,8 +72,10 @@ def resolve_template(template: str, tokenizer: Any) -> str:
     return template
 
 
-def render_prompt(prompt: Prompt, tokenizer: Any, template: str) -> str:
-    """Prompt -> text. `template` is "auto", "chat" or a format string with `{prompt}`.
+def render_prompt(prompt: Prompt, tokenizer: Any, template: str, response_prefix: str = "") -> str:
+    """Prompt -> text. `template` is "auto", "chat" or a format string with `{prompt}`; the text then
+    ends with `response_prefix` (appended unless the template already wrote it: a think model's chat
+    template opens the assistant turn with "<think>\n" itself).
 
     "auto": "chat" when the tokenizer has a chat template, else "{prompt}" for a string (a message
     list then needs a chat template or an explicit format string) -- ``resolve_template``.
@@ -82,6 +84,11 @@ def render_prompt(prompt: Prompt, tokenizer: Any, template: str) -> str:
     message list that is a single user message (its content); longer message lists
     raise rather than silently lose messages.
     """
+    text = _render(prompt, tokenizer, template)
+    return text if text.endswith(response_prefix) else text + response_prefix
+
+
+def _render(prompt: Prompt, tokenizer: Any, template: str) -> str:
     given, template = template, resolve_template(template, tokenizer)
     if given == "auto" and template != "chat" and not isinstance(prompt, str):
         raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template, which"
@@ -106,12 +113,12 @@ def render_prompt(prompt: Prompt, tokenizer: Any, template: str) -> str:
 
 
 def tokenize_prompts(prompts: Sequence[Prompt], tokenizer: Any, template: str,
-                     add_bos: bool = False) -> list[list[int]]:
+                     add_bos: bool = False, response_prefix: str = "") -> list[list[int]]:
     """Render and tokenize; special tokens come only from the rendered text (plus `add_bos`)."""
     texts = []
     for i, p in enumerate(prompts):
         try:
-            texts.append(render_prompt(p, tokenizer, template))
+            texts.append(render_prompt(p, tokenizer, template, response_prefix))
         except DataError as e:
             raise DataError(f"record {i}: {e}") from e
     ids = list(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else []
@@ -153,6 +160,7 @@ class PromptPipeline:
         shuffle: bool = True,
         num_epochs: int | None = None,
         on_overlong: Literal["drop", "error"] = "drop",
+        response_prefix: str = "",
         shard_index: int | None = None,
         shard_count: int | None = None,
     ):
@@ -173,7 +181,7 @@ class PromptPipeline:
 
         # Tokenize everything once: the drop count is known up front and the
         # Grain pipeline below only ever moves integers around.
-        ids = tokenize_prompts([r["prompt"] for r in records], tokenizer, template, add_bos)
+        ids = tokenize_prompts([r["prompt"] for r in records], tokenizer, template, add_bos, response_prefix)
         length_r = np.array([len(x) for x in ids], np.int64)
         if (length_r == 0).any():
             raise DataError(f"record {int(np.argmax(length_r == 0))}: prompt renders to zero"

@@ -161,6 +161,17 @@ def _parse_gold(ground_truth: str) -> list:
     return _parse("\\boxed{" + (boxed or ground_truth) + "}")
 
 
+THINK_END = "</think>"
+
+
+def after_think(text: str) -> str | None:
+    """The solution part of an R1-style response (``think=True``): the text after the first ``</think>``,
+    up to a second one if any, as LUFFY's reward takes it (``text.split("</think>")[1]``); None when the
+    response never closes its thinking (no answer)."""
+    parts = text.split(THINK_END)
+    return parts[1] if len(parts) > 1 else None
+
+
 def score_one(response: str, ground_truth: str, max_chars: int = 20_000, strict: bool = True) -> Verdict:
     """Grade one response; the default worker function."""
     answer = find_answer(response, max_chars, strict)
@@ -305,6 +316,8 @@ class MathVerifier:
     means the final answer is a well-formed ``\\boxed{}``. ``strict`` (default)
     grades only a marked final answer (``\\boxed{}``, "answer is X", "#### X");
     ``strict=False`` also takes the rightmost number in the text (rule 3 above).
+    ``think=True`` (R1-style responses, the prompt opening ``<think>``) grades only the text after the
+    first ``</think>`` (``after_think``); a response without one has no answer (``info["no_think"]``).
     Items that time out or crash their worker score 0 and count in
     ``info["timeouts"]``/``info["errors"]``;
     ``info["no_answer"]`` counts responses in which no final answer was found.
@@ -320,6 +333,7 @@ class MathVerifier:
         correct_reward: float = 1.0,
         *,
         strict: bool = True,
+        think: bool = False,
         max_chars: int = 20_000,
         memory_limit_mb: int | None = 2048,
         startup_timeout_s: float = 120.0,
@@ -339,6 +353,7 @@ class MathVerifier:
         self.correct_reward = float(correct_reward)
         self.max_chars = int(max_chars)
         self.strict = bool(strict)
+        self.think = bool(think)
         self._startup_timeout_s = float(startup_timeout_s)
         self._init_msg = (_score_fn, self.max_chars, self.strict, memory_limit_mb)
         self._workers: list[_Worker] = [self._start_worker() for _ in range(num_workers)]
@@ -411,13 +426,16 @@ class MathVerifier:
                 f"MathVerifier: {len(responses)} responses but {len(ground_truths)} ground truths"
             )
         m = self.max_chars
-        tasks = [(str(r)[-m:], str(g)[:m]) for r, g in zip(responses, ground_truths)]
-        results = self._run(tasks)
-        n = len(tasks)
+        texts = [after_think(str(r)) if self.think else str(r) for r in responses]
+        graded = [i for i, t in enumerate(texts) if t is not None]
+        results = self._run([(texts[i][-m:], str(ground_truths[i])[:m]) for i in graded])
+        n = len(texts)
         reward_n = np.zeros(n, np.float32)
         correct_n = np.zeros(n, bool)
-        info = {"timeouts": 0, "errors": 0, "no_answer": 0}
-        for i, res in enumerate(results):
+        info = {"timeouts": 0, "errors": 0, "no_answer": n - len(graded)}
+        if self.think:
+            info["no_think"] = n - len(graded)
+        for i, res in zip(graded, results):
             if res == _TIMEOUT:
                 info["timeouts"] += 1
             elif res == _ERROR:

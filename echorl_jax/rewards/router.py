@@ -32,7 +32,7 @@ from echorl_jax.rewards.registry import VERIFIERS, get_verifier
 
 AUTO, CUSTOM = "auto", "custom"
 ARITH_SOURCE = "arith"  # tasks.arith.DATA_SOURCE (not imported: tasks.arith imports rewards)
-_MATH_ONLY = ("strict", "format_reward", "correct_reward", "timeout_s", "num_workers")
+_MATH_ONLY = ("strict", "think", "format_reward", "correct_reward", "timeout_s", "num_workers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,7 @@ class RewardConfig:
     name: str = "auto"  # auto | math | arith | custom: the verifier for rows no by_source entry matches
     by_source: tuple = ()  # "PATTERN=VERIFIER" strings, first match on the row's data_source wins
     strict: bool = True  # math: grade only a \boxed{} / "answer is X" / "#### X" answer; False = also the last number
+    think: bool = False  # math: R1-style responses: require "</think>" and grade only the text after it (LUFFY)
     format_reward: float = 0.0  # math: added when the final answer is a well-formed \boxed{}
     correct_reward: float = 1.0  # math: reward of a correct answer
     timeout_s: float = 5.0  # math: wall-clock limit per response (the worker is killed; scores 0)
@@ -128,7 +129,7 @@ def verifier_kwargs(cfg: RewardConfig, name: str) -> dict[str, Any]:
     """The config options a registered verifier takes (only math has options)."""
     if name != "math":
         return {}
-    return dict(strict=cfg.strict, format_reward=cfg.format_reward, correct_reward=cfg.correct_reward,
+    return dict(strict=cfg.strict, think=cfg.think, format_reward=cfg.format_reward, correct_reward=cfg.correct_reward,
                 timeout_s=cfg.timeout_s, num_workers=cfg.num_workers)  # fmt: skip
 
 

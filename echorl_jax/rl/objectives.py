@@ -27,6 +27,7 @@ ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")
 POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "pg")
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
+ROLLOUT_CORRECTIONS = ("off", "token_tis", "seq_mask", "token_tis+seq_mask")  # rl/rollout_correction.py
 
 
 def _check_choice(section: str, name: str, value, allowed) -> None:
@@ -54,11 +55,20 @@ class ObjectiveConfig:
     kl_coef: float = 0.0  # weight of KL(pi || pi_ref) loss term; 0 = no reference policy needed
     kl_kind: str = "k3"  # KL estimator: k1 | k2 | k3 (low-variance)
     entropy_coef: float = 0.0  # entropy bonus weight (loss -= coef * entropy)
+    # 0: the entropy is aggregated like the policy term. E > 0: as seq-mean-token-sum-norm with length E, whatever
+    # the policy's aggregation (LUFFY's script: entropy a token mean per micro-batch, policy a token sum / T).
+    entropy_norm_tokens: int = 0
     dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and refill the batch
     overlong_buffer: int = 0  # DAPO overlong shaping buffer length in tokens; 0 = off
     overlong_penalty: float = 1.0  # DAPO penalty at the max length (reward -= up to this)
     expert_per_group: int = 0  # LUFFY: k of the G rows of each group are expert responses from the data; 0 = off
     shaping_gamma: float = 0.1  # LUFFY policy shaping on expert tokens: f(p) = p / (p + gamma)
+    # Sampler/learner mismatch correction (verl's rollout correction; needs rl.recompute_logp): off | token_tis |
+    # seq_mask | token_tis+seq_mask. token_tis weights the policy term by min(pi_learner/pi_sampler, C);
+    # seq_mask drops sequences whose geometric-mean ratio leaves [1/C, C].
+    rollout_correction: str = "off"
+    rollout_tis_threshold: float = 2.0  # C of token_tis
+    rollout_mask_threshold: float = 2.0  # C of seq_mask
 
     def validate(self) -> "ObjectiveConfig":
         s = "objective"
@@ -78,6 +88,12 @@ class ObjectiveConfig:
         _check(s, "overlong_penalty", self.overlong_penalty, self.overlong_penalty >= 0, ">= 0")
         _check(s, "expert_per_group", self.expert_per_group, self.expert_per_group >= 0, ">= 0 (0 = off)")
         _check(s, "shaping_gamma", self.shaping_gamma, self.shaping_gamma > 0, "> 0")
+        _check(s, "entropy_norm_tokens", self.entropy_norm_tokens, self.entropy_norm_tokens >= 0,
+               ">= 0 (0 = aggregate the entropy like the policy term)")
+        _check_choice(s, "rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        for key in ("rollout_tis_threshold", "rollout_mask_threshold"):
+            _check(s, key, getattr(self, key), getattr(self, key) > 1, "> 1 (C: weights capped at C, "
+                   "sequences kept within [1/C, C])")
         return self
 
 
@@ -184,6 +200,7 @@ class LossBatch(NamedTuple):
     ref_logp_bt: jax.Array  # f32 [B, T] reference log-probs; ignored when kl_coef == 0
     echo_mask_bt: jax.Array  # bool [B, T] EchoClip tokens (echo.echo_clips)
     offpolicy_bt: jax.Array | None = None  # bool [B, T] expert (off-policy) tokens (LUFFY); None = none
+    rc_weight_bt: jax.Array | None = None  # f32 [B, T] rollout-correction weight on the on-policy term; None = 1
 
 
 class GlobalCounts(NamedTuple):
@@ -292,6 +309,16 @@ def kl_bt(logp_bt, ref_logp_bt, kind: str, clamp: float = 20.0):
     raise ValueError(f"objective.kl_kind={kind!r} is not one of {list(KL_KINDS)}")
 
 
+def entropy_term(entropy_bt, mask_bt, counts: GlobalCounts, obj: ObjectiveConfig):
+    """The entropy the bonus multiplies: aggregated like the policy term, or with ``entropy_norm_tokens = E``
+    as ``Σ H / (num_seqs · E)``. LUFFY's script averages the entropy over each micro-batch's tokens while its
+    policy term is a token sum over the fixed length T; with the policy as seq-mean-token-sum-norm (length T),
+    E = the script's response tokens per micro-batch gives its relative weight (docs/recipes.md)."""
+    if obj.entropy_norm_tokens > 0:
+        return aggregate(entropy_bt, mask_bt, counts, "seq-mean-token-sum-norm", obj.entropy_norm_tokens)
+    return aggregate(entropy_bt, mask_bt, counts, obj.aggregation, obj.norm_length)
+
+
 def total_loss(
     logp_bt, entropy_bt, batch: LossBatch, counts: GlobalCounts, obj: ObjectiveConfig, echo: echo_lib.EchoConfig | None
 ):
@@ -311,10 +338,12 @@ def total_loss(
     ref_logp_bt = jnp.where(mask, batch.ref_logp_bt, 0.0)
     agg = lambda x_bt: aggregate(x_bt, mask, counts, obj.aggregation, obj.norm_length)
     pl_bt, clipped_bt = policy_loss_bt(logp_bt, batch.old_logp_bt, batch.adv_bt, on, obj)
+    if batch.rc_weight_bt is not None:  # truncated IS from the sampler to the learner (rl/rollout_correction.py)
+        pl_bt = pl_bt * jnp.where(on, batch.rc_weight_bt, 0.0)
     if batch.offpolicy_bt is not None:
         pl_bt = pl_bt + offpolicy_loss_bt(logp_bt, batch.adv_bt, off, obj.shaping_gamma)
     pg_loss = agg(pl_bt)
-    entropy = agg(entropy_bt)
+    entropy = entropy_term(entropy_bt, mask, counts, obj)
     loss = pg_loss - obj.entropy_coef * entropy
     n_tok = jnp.maximum(counts.num_tokens, 1.0)
     # Expert tokens have no behaviour policy to drift from: the drift metric is over on-policy tokens.

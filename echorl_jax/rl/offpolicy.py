@@ -15,9 +15,10 @@ It is verified like any rollout; its reward enters the group's advantage.
 Expert text: the record field ``data.expert_key`` ("" = the first present of
 ``EXPERT_KEYS``): a string, a list of strings (the k rows take traces ``j mod len``),
 or a chat message list whose last message is the assistant's (LUFFY's ``target``
-column). Expert responses longer than ``T`` tokens with the stop cannot be a finished
-rollout: their records are dropped at start-up (counted in the log), or fail with
-``data.on_overlong='error'``.
+column). An expert response longer than ``T`` tokens with the stop is, by default
+(``data.expert_overlong='truncate'``, as LUFFY's script), cut to its first ``T`` tokens with
+no stop: a truncated row like a rollout that ran out of room (``truncated``, no stop).
+``'drop'`` drops such records at start-up (counted in the log), ``'error'`` refuses them.
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ class ExpertTraces:
     """
 
     def __init__(self, records: Sequence[dict], tokenizer, *, key: str, k: int, max_new_tokens: int,
-                 stop_id: int, pad_id: int):  # fmt: skip
+                 stop_id: int, pad_id: int, response_prefix: str = ""):  # fmt: skip
         self.tokenizer, self.k, self.t, self.stop_id, self.pad_id = tokenizer, k, max_new_tokens, stop_id, pad_id
         self.texts = [expert_texts(r[expert_key(r, key)]) for r in records]
+        if response_prefix:  # the prompt already opens the turn with it (data.response_prefix), as LUFFY strips "<think>\n"
+            self.texts = [[t.removeprefix(response_prefix) for t in traces] for traces in self.texts]
         self.texts = [[traces[j % len(traces)] for j in range(k)] for traces in self.texts]
         flat = [t for traces in self.texts for t in traces]
         ids = list(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else []
@@ -101,34 +104,40 @@ class ExpertTraces:
         return out
 
     def rows(self, record_index_n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(tokens_nkt int32 padded with pad_id, length_nk int32)`` for the records of a batch."""
+        """``(tokens_nkt int32 padded with pad_id, length_nk int32)`` for the records of a batch; a trace
+        longer than ``T`` with its stop keeps its first ``T`` tokens and no stop (``truncated``)."""
         n = len(record_index_n)
         texts = [t for i in record_index_n for t in self.texts[int(i)]]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         tokens = np.full((n * self.k, self.t), self.pad_id, np.int32)
         lengths = np.zeros(n * self.k, np.int32)
         for row, x in enumerate(ids):
-            x = [*x, self.stop_id]
-            if len(x) > self.t:  # dropped at start-up; a tokenizer that changed since would land here
-                raise DataError(f"expert response of train record {int(record_index_n[row // self.k])} has "
-                                f"{len(x)} tokens with its stop > sampling.max_new_tokens={self.t}")
+            x = [*x, self.stop_id][: self.t]
             tokens[row, : len(x)] = x
             lengths[row] = len(x)
         return tokens.reshape(n, self.k, self.t), lengths.reshape(n, self.k)
 
+    def truncated(self, record_index_n: np.ndarray) -> np.ndarray:
+        """bool ``[N, k]``: the batch's expert rows that ``rows`` cut (no stop token)."""
+        return self.length_rk[np.asarray(record_index_n, np.int64)] > self.t
+
     def add_to(self, rollout: Rollout, batch) -> Rollout:
         """``rollout`` ([N*(G-k)] rows) with the batch's expert rows appended to each group ([N*G])."""
         tokens_nkt, length_nk = self.rows(np.asarray(batch.record_index))
-        return mix_expert_rows(rollout, jnp.asarray(tokens_nkt), jnp.asarray(length_nk))
+        truncated_nk = self.truncated(np.asarray(batch.record_index))
+        return mix_expert_rows(rollout, jnp.asarray(tokens_nkt), jnp.asarray(length_nk), jnp.asarray(truncated_nk))
 
 
 @jax.jit
-def mix_expert_rows(rollout: Rollout, expert_tokens_nkt: jax.Array, expert_len_nk: jax.Array) -> Rollout:
+def mix_expert_rows(rollout: Rollout, expert_tokens_nkt: jax.Array, expert_len_nk: jax.Array,
+                    expert_truncated_nk: jax.Array | None = None) -> Rollout:  # fmt: skip
     """Group-major rows ``[N*G]``: each group's ``G - k`` sampled rows, then its ``k`` expert rows.
 
-    ``expert_tokens_nkt`` holds each response + stop token, padded; ``expert_len_nk`` its length.
+    ``expert_tokens_nkt`` holds each response + stop token, padded; ``expert_len_nk`` its length;
+    ``expert_truncated_nk`` (None = none) the rows cut at ``T`` without their stop.
     """
     n, k, t = expert_tokens_nkt.shape
+    cut_nk = jnp.zeros((n, k), bool) if expert_truncated_nk is None else expert_truncated_nk.astype(bool)
     s = rollout.tokens.shape[1]
     p = s - t
 
@@ -152,6 +161,6 @@ def mix_expert_rows(rollout: Rollout, expert_tokens_nkt: jax.Array, expert_len_n
         behaviour_logp=mix(rollout.behaviour_logp, zeros),  # behaviour probability 1
         entropy=mix(rollout.entropy, zeros),  # not sampled: no entropy (never an EchoClip source)
         lengths=mix(rollout.lengths, expert_len_nk),
-        truncated=mix(rollout.truncated, jnp.zeros((n, k), bool)),
-        stop_len=mix(stop_len, jnp.ones((n, k), jnp.int32)),
+        truncated=mix(rollout.truncated, cut_nk),
+        stop_len=mix(stop_len, (~cut_nk).astype(jnp.int32)),
     )

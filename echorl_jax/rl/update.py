@@ -38,6 +38,7 @@ class UpdateBatch(NamedTuple):
     ref_logp_bt: jax.Array  # f32 reference log-probs (zeros when KL is off)
     echo_mask_bt: jax.Array  # bool EchoClip tokens
     offpolicy_bt: jax.Array | None = None  # bool expert (off-policy) tokens, LUFFY; None = all on-policy
+    rc_weight_bt: jax.Array | None = None  # f32 rollout-correction weight on the on-policy term; None = no correction
 
 
 def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
@@ -186,7 +187,7 @@ def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig,
         t = mb.mask_bt.shape[1]
         logp, entropy = response_logp(graphdef, params, mb.tokens_bs, mb.valid_bs, t, temperature)
         loss_batch = objectives.LossBatch(mb.mask_bt, mb.adv_bt, mb.old_logp_bt, mb.ref_logp_bt, mb.echo_mask_bt,
-                                          mb.offpolicy_bt)  # fmt: skip
+                                          mb.offpolicy_bt, mb.rc_weight_bt)  # fmt: skip
         return objectives.total_loss(logp, entropy, loss_batch, counts, obj_cfg, echo_cfg)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

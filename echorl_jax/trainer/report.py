@@ -14,7 +14,12 @@ PLOTS = {
     "echo_clips.png": ("EchoClips per step and mean length", "train", r"^echo/(num_clips|mean_clip_len)$"),
     "entropy.png": ("Mean response-token entropy", "train", r"^entropy/mean$"),
     "echo_only.png": ("Prompts whose only signal is the echo term", "train", r"^echo/only_signal_frac$"),
+    "mismatch.png": ("Sampler vs learner: mean |Δ log p| per token and per sequence", "train",
+                     r"^mismatch/(tok|seq)_abs_mean$"),
 }
+# Sampler-vs-learner mismatch (trainer/learner_pass.py), summarised when the run measured it.
+MISMATCH_KEYS = ("mismatch/tok_abs_mean", "mismatch/tok_abs_max", "mismatch/tok_k3", "mismatch/tok_out_frac",
+                 "mismatch/seq_abs_mean", "mismatch/seq_abs_max", "mismatch/seq_k3", "mismatch/seq_out_frac")
 
 
 def _series(rows: list[dict], kind: str, pattern: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -75,6 +80,11 @@ def summary_rows(rows: list[dict]) -> list[tuple[str, str, str]]:
                   "echo/num_clips", "echo/mean_clip_len", "echo/only_signal_frac", "entropy/mean", "time/step"):  # fmt: skip
             if k in train[-1]:
                 out.append((f"train {k}{where}", _fmt(_mean(train[:n], k)), _fmt(_mean(train[-n:], k))))
+        measured = [r for r in train if "mismatch/tok_abs_mean" in r]  # every step, or every train.mismatch_every
+        m = max(1, len(measured) // 10)
+        for k in MISMATCH_KEYS if measured else ():
+            where = f" (mean of first/last {m} measured steps)" if m > 1 else ""
+            out.append((f"train {k}{where}", _fmt(_mean(measured[:m], k)), _fmt(_mean(measured[-m:], k))))
     return out
 
 

@@ -38,7 +38,7 @@ PREVIOUS = "previous_runs"
 RESUMABLE_CHANGES = (
     "train.steps", "train.workdir", "train.resume", "train.log_every", "train.eval_every", "train.eval_samples",
     "train.eval_temperature", "train.save_every", "train.keep_checkpoints", "train.progress", "train.export_hf",
-    "train.echo_grad_norm_every", "data.eval", "data.num_eval_per_level", "mesh.", "sft.cache_dir",
+    "train.echo_grad_norm_every", "train.mismatch_every", "data.eval", "data.num_eval_per_level", "mesh.", "sft.cache_dir",
     "model.remat", "model.attention", "model.logits_chunk", "train.checkpoint_dir", "dist.",
     "sampling.slots", "sampling.prompt_buckets",  # same rollouts, other schedule
 )  # fmt: skip

@@ -157,8 +157,9 @@ def load_train_records(cfg: config_lib.Config) -> list[dict]:
 
 
 def load_experts(cfg: config_lib.Config, records: list[dict], tokenizer, stops, chat: bool, pad_id: int, log):
-    """``(records, ExpertTraces)`` for LUFFY: records whose expert response does not fit in
-    ``sampling.max_new_tokens`` with its stop token are dropped (or fail with data.on_overlong='error')."""
+    """``(records, ExpertTraces)`` for LUFFY. Expert responses that do not fit in ``sampling.max_new_tokens``
+    with their stop token are truncated (``data.expert_overlong='truncate'``), their records dropped ('drop'),
+    or refused ('error')."""
     single = [s for s in stops if isinstance(s, int)]
     eot = end_of_turn_token(tokenizer) if chat else None
     stop_id = int(tokenizer.convert_tokens_to_ids(eot)) if eot is not None else (single[0] if single else None)
@@ -167,18 +168,24 @@ def load_experts(cfg: config_lib.Config, records: list[dict], tokenizer, stops, 
                                      "the stops are all multi-token rl.stop_strings")
     t = cfg.sampling.max_new_tokens
     experts = offpolicy.ExpertTraces(records, tokenizer, key=cfg.data.expert_key, k=cfg.objective.expert_per_group,
-                                     max_new_tokens=t, stop_id=stop_id, pad_id=pad_id)  # fmt: skip
+                                     max_new_tokens=t, stop_id=stop_id, pad_id=pad_id,
+                                     response_prefix=cfg.data.response_prefix)  # fmt: skip
     over = experts.too_long()
     if over.any():
         i = int(np.argmax(over))
         what = (f"{int(over.sum())} of {len(records)} train records have an expert response longer than "
                 f"sampling.max_new_tokens={t} tokens with its stop (first: record {i}, data_source "
                 f"{records[i]['data_source']!r}, {int(experts.length_rk[i].max())} tokens)")
-        if cfg.data.on_overlong == "error":
-            raise DataError(f"data.train={cfg.data.train!r}: {what}; data.on_overlong='drop' skips them")
-        log(f"dropped {what}")
-        records = [r for r, bad in zip(records, over) if not bad]
-        experts = experts.subset(~over)
+        if cfg.data.expert_overlong == "error":
+            raise DataError(f"data.train={cfg.data.train!r}: {what}; data.expert_overlong='truncate' cuts them "
+                            f"to {t} tokens, 'drop' skips them")
+        if cfg.data.expert_overlong == "truncate":
+            log(f"truncating to {t} tokens (no stop) {what}")
+            over = np.zeros_like(over)
+        else:
+            log(f"dropped {what}")
+            records = [r for r, bad in zip(records, over) if not bad]
+            experts = experts.subset(~over)
         if not records:
             raise DataError(f"data.train={cfg.data.train!r}: no records left after dropping long expert responses")
     log(f"LUFFY: {cfg.objective.expert_per_group} expert row(s) per group, ending with stop id {stop_id}")
@@ -370,7 +377,7 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     for line in describe_stops(tokenizer, stops, delimiter_ids):
         log(line)
     pipe_kw = dict(max_prompt_len=cfg.data.max_prompt_len, template=cfg.data.template, add_bos=cfg.data.add_bos,
-                   pad_id=pad_id, on_overlong=cfg.data.on_overlong)  # fmt: skip
+                   pad_id=pad_id, on_overlong=cfg.data.on_overlong, response_prefix=cfg.data.response_prefix)  # fmt: skip
     train_pipeline = _pipeline("train", cfg.data.train, train_records, tokenizer, log, batch_size=rl.prompts_per_step // hosts,
                                mode="train", seed=cfg.data.seed, **pipe_kw)  # fmt: skip
     eval_pipeline = eval_state = None

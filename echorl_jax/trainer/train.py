@@ -25,6 +25,7 @@ from echorl_jax.rl import offpolicy, update
 from echorl_jax.rl.update import TrainState, UpdateBatch
 from echorl_jax.trainer import checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state
 from echorl_jax.trainer.guard import Guard
+from echorl_jax.trainer.learner_pass import make_learner_pass
 from echorl_jax.trainer.metrics_log import MetricsLog, to_python
 from echorl_jax.trainer.setup import Setup, build_setup
 
@@ -217,9 +218,10 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     log = MetricsLog(tc.workdir, resume_step=start)
     train_step = _jit_train_step(s, state)
     forward_logp = None
-    if rl.recompute_logp or cfg.objective.kl_coef > 0:
+    if rl.recompute_logp or cfg.objective.kl_coef > 0 or tc.mismatch_every > 0:
         forward_logp = update.make_forward_logp(s.graphdef, cfg.sampling.max_new_tokens, s.train_temperature,
                                                 _num_chunks(rl))  # fmt: skip
+    learner_pass = make_learner_pass(cfg, forward_logp)
     score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
     schedule = update.make_schedule(cfg.optim, s.total_updates)
     echo_norm = None
@@ -251,15 +253,16 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         ro = got.rollout
         t0 = time.perf_counter()
         reward_dev, adv_bt, clips = score(ro, jnp.asarray(got.reward_ng))  # reward_ng: every process's rows
-        old_logp = forward_logp(state.params, ro.tokens, ro.valid) if rl.recompute_logp else ro.behaviour_logp
+        expert_b = jnp.asarray(offpolicy.expert_rows(ro.tokens.shape[0], rl.group_size, k))
+        learner = learner_pass(step, state.params, ro, ~expert_b)  # old log-probs, mismatch, rollout correction
+        old_logp = learner.old_logp_bt
         if cfg.objective.kl_coef > 0:
             ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid)
         else:
             ref_logp = jnp.zeros_like(old_logp)
-        expert_b = jnp.asarray(offpolicy.expert_rows(ro.tokens.shape[0], rl.group_size, k))
-        full = UpdateBatch(ro.tokens, ro.valid, ro.response_mask, adv_bt, old_logp, ref_logp, clips.mask_bt,
-                           ro.response_mask & expert_b[:, None])  # fmt: skip
-        extra = {}
+        full = UpdateBatch(ro.tokens, ro.valid, learner.mask_bt, adv_bt, old_logp, ref_logp, clips.mask_bt,
+                           ro.response_mask & expert_b[:, None], learner.rc_weight_bt)  # fmt: skip
+        extra = dict(learner.metrics)
         if echo_norm is not None and step % tc.echo_grad_norm_every == 0:
             extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh))
         state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step)
