@@ -109,6 +109,10 @@ class RLConfig:
     epochs: int = 1  # K passes over each rollout batch
     minibatches: int = 1  # optimizer steps per epoch
     micro_batches: int = 1  # gradient accumulation inside each optimizer step
+    # Packed learner rows (rl/packing.py): tokens per device per micro-batch, in whole rows of P+T tokens;
+    # every learner pass (train step, old/ref log-probs, echo diagnostic, SFT) packs sequences into them.
+    # 0 = one padded row per sequence, split into micro_batches.
+    max_tokens_per_micro_batch: int = 0
     recompute_logp: bool = False  # old log-probs from a forward pass instead of the sampler
     stop_strings: tuple = ()  # extra stop texts (one or more tokens each), besides the default stops (docs/components.md)
     max_sample_rounds: int = 3  # DAPO dynamic sampling: prompt batches drawn at most per step
@@ -413,6 +417,7 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(rows % rl.minibatches == 0, "rl.minibatches", rl.minibatches, f"must divide prompts_per_step*group_size={rows}")
     mb = rows // rl.minibatches
     _check(mb % rl.micro_batches == 0, "rl.micro_batches", rl.micro_batches, f"must divide the minibatch size {mb}")
+    _validate_packing(cfg)
     _check(not (cfg.objective.estimator == "rloo" and rl.group_size < 2), "rl.group_size", rl.group_size, "rloo needs group_size >= 2")
     k = cfg.objective.expert_per_group
     _check(k < rl.group_size, "objective.expert_per_group", k,
@@ -438,6 +443,18 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(cfg.data.on_overlong in ("drop", "error"), "data.on_overlong", cfg.data.on_overlong, "allowed: drop, error")
     _check(cfg.data.max_prompt_len >= 1, "data.max_prompt_len", cfg.data.max_prompt_len, "must be >= 1")
     _check(cfg.sft.steps >= 0, "sft.steps", cfg.sft.steps, "must be >= 0")
+
+
+def _validate_packing(cfg: Config) -> None:
+    budget, row = cfg.rl.max_tokens_per_micro_batch, cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
+    _check(budget >= 0, "rl.max_tokens_per_micro_batch", budget, "must be >= 0 (0 = padded rows, no packing)")
+    if budget:
+        _check(budget >= row, "rl.max_tokens_per_micro_batch", budget,
+               f"must be 0 (no packing) or hold one packed row of data.max_prompt_len + sampling.max_new_tokens = "
+               f"{row} tokens")  # fmt: skip
+        _check(cfg.rl.micro_batches == 1, "rl.micro_batches", cfg.rl.micro_batches,
+               f"must be 1 with packing (rl.max_tokens_per_micro_batch={budget}): the token budget sets the "
+               "micro-batches")  # fmt: skip
 
 
 def _validate_data(data: DataConfig) -> None:
