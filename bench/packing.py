@@ -2,7 +2,7 @@
 
 Peer: today's padded path -- one ``[P + T]`` row per rollout, the mini-batch split into
 micro-batches of ``k`` rows per device (``rl.micro_batches``). Ours: the same rows packed
-(``rl.max_tokens_per_micro_batch = k · (P + T)``: micro-batches of ``k`` packed rows per device,
+(``rl.pack_rows_per_micro_batch = k``: micro-batches of ``k`` packed rows per device,
 so both hold the same activations per micro-batch), empty micro-batches skipped. Both are
 ``update.make_train_step`` jitted as the trainer does (``train.jit_train_step``: explicit
 shardings, donated state), default GRPO + EchoRL loss, AdamW.
@@ -18,8 +18,13 @@ its bench-only ``bench_stop_lengths`` hook forces each rollout's length; ``--slo
 refill) followed by the update on its rollouts, padded vs packed. The sampler is the same code
 either way; the step ratio shows what packing saves of a whole step.
 
+``--preset default-job``: ``configs/default.py``'s model and batch (128 rollouts of 16 + 48 tokens,
+one device) with its rollouts' lengths (responses ~30 tokens after the warm start); with
+``--peer-micro-batches 1`` the peer is the default job's padded step as shipped.
+
     python bench/packing.py                  # CPU, ~2 minutes
     python bench/packing.py --rl-step        # + sample + update (a few more minutes)
+    python bench/packing.py --preset default-job --peer-micro-batches 1
     python bench/packing.py --attention xla_chunked --response 1024 --rows 32
 """
 
@@ -35,6 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C
 
 STOP_ID = 2
+PRESETS = {
+    "default-job": dict(rows=128, group=8, prompt=16, response=48, hidden=128, layers=4, heads=4, kv_heads=2, mlp=344,
+                        vocab=128, workload="default-job"),
+}  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -46,6 +55,13 @@ def parse_args(argv=None):
     ap.add_argument("--rows-per-micro-batch", type=int, default=4,
                     help="k: rows per device per micro-batch, padded and packed alike")
     ap.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the response lengths")
+    ap.add_argument("--workload", choices=("longtail", "default-job"), default="longtail",
+                    help="default-job: the lengths of configs/default.py's rollouts after its warm start "
+                         "(responses ~N(30, 6) tokens, 12..T; prompts P/2..P) -- see --preset default-job")
+    ap.add_argument("--peer-micro-batches", type=int, default=0,
+                    help="the padded side's rl.micro_batches (0: rows per device / k, the packed side's shape)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="default-job: configs/default.py's model and batch (128 rollouts of 16 + 48 tokens)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
@@ -58,7 +74,9 @@ def parse_args(argv=None):
     ap.add_argument("--rl-step", action="store_true", help="also time sample + update per side")
     ap.add_argument("--slots", type=int, default=0, help="--rl-step: decode slots with refill (0: one row per rollout)")
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    C.apply_preset(args, argv, PRESETS)
+    return args
 
 
 def workload(args, rng):
@@ -67,6 +85,8 @@ def workload(args, rng):
 
     b, p, t = args.rows, args.prompt, args.response
     plen = rng.integers(max(1, p // 2), p + 1, b)
+    if args.workload == "default-job":  # measured: response/len_mean 28-32, len_max 41-46 over 12 steps
+        return plen, np.clip(np.rint(rng.normal(30, 6, b)), 12, t).astype(np.int64)
     rlen = np.clip(np.rint(np.exp(rng.normal(np.log(t / 5), args.sigma, b))), 1, t).astype(np.int64)
     return plen, rlen
 
@@ -122,8 +142,8 @@ def build(args):
         "objective": {"method": "grpo"}, "echo": {"enabled": True},
         "rl": {"prompts_per_step": args.rows // args.group, "group_size": args.group},
     }  # fmt: skip
-    padded = config_lib.build_config(base, {"rl": {"micro_batches": per_device // k}})
-    packed = config_lib.build_config(base, {"rl": {"max_tokens_per_micro_batch": k * s}})
+    padded = config_lib.build_config(base, {"rl": {"micro_batches": args.peer_micro_batches or per_device // k}})
+    packed = config_lib.build_config(base, {"rl": {"pack_rows_per_micro_batch": k}})
     model = sharding.shard_model(Transformer(setup_lib.model_config(padded), rngs=nnx.Rngs(args.seed)), mesh)
     graphdef, params = nnx.split(model)
     optimizer = update.make_optimizer(padded.optim, 1000)
@@ -170,9 +190,12 @@ def main(argv=None):
     print(C.machine_line())
     print(f"model: hidden {args.hidden}, {args.layers} layers, heads {args.heads}/{args.kv_heads}, mlp {args.mlp}, "
           f"vocab {args.vocab}, attention {built.model.attention_impl}, compute {args.dtype}; {args.rows} rollouts "
-          f"of P {args.prompt} + T {args.response} on {d} device(s), {args.rows_per_micro_batch} rows per device per "
-          f"micro-batch")  # fmt: skip
-    print(f"response lengths (log-normal, median T/5 = {args.response // 5}, sigma {args.sigma}, cap T): mean "
+          f"of P {args.prompt} + T {args.response} on {d} device(s); padded: {built.cfg.rl.micro_batches} "
+          f"micro-batch(es) of {args.rows // d // built.cfg.rl.micro_batches} rows per device; packed: "
+          f"{spec.rows_per_device} rows of {spec.row_len} per device per micro-batch, up to {spec.num_micro_batches}")  # fmt: skip
+    dist = ("default job's" if args.workload == "default-job" else
+            f"log-normal, median T/5 = {args.response // 5}, sigma {args.sigma}, cap T")  # fmt: skip
+    print(f"response lengths ({dist}): mean "
           f"{rlen.mean():.0f}, median {np.median(rlen):.0f}, p90 {np.percentile(rlen, 90):.0f}, max {rlen.max()}; "
           f"real tokens {lengths.sum()} of {args.rows * s} padded ({lengths.sum() / (args.rows * s):.1%})")  # fmt: skip
 
@@ -189,11 +212,11 @@ def main(argv=None):
             t0 = time.perf_counter()
             state = run_update(built, name, state, batch, lengths)
             times[name].append(time.perf_counter() - t0)
-    pad_mb, tok = (args.rows // d) // args.rows_per_micro_batch, int(lengths.sum())
+    pad_mb, tok = built.cfg.rl.micro_batches, int(lengths.sum())
     rows = []
     for name, mbs in (("padded (peer)", pad_mb), ("packed (ours)", used)):
         sec = C.median(times[name.split()[0]])
-        fill = tok / (mbs * spec.tokens_per_micro_batch)
+        fill = tok / (mbs * spec.tokens_per_micro_batch if name.startswith("packed") else args.rows * s)
         rows.append([name, f"{sec:.3f}", C.spread(times[name.split()[0]]), f"{tok / sec:,.0f}", f"{mbs}", f"{fill:.1%}",
                      f"{compile_s[name.split()[0]]:.1f}"])  # fmt: skip
     ratio = C.median(times["padded"]) / C.median(times["packed"])

@@ -109,10 +109,10 @@ class RLConfig:
     epochs: int = 1  # K passes over each rollout batch
     minibatches: int = 1  # optimizer steps per epoch
     micro_batches: int = 1  # gradient accumulation inside each optimizer step
-    # Packed learner rows (rl/packing.py): tokens per device per micro-batch, in whole rows of P+T tokens;
-    # every learner pass (train step, old/ref log-probs, echo diagnostic, SFT) packs sequences into them.
-    # 0 = one padded row per sequence, split into micro_batches.
-    max_tokens_per_micro_batch: int = 0
+    # Packed learner rows (rl/packing.py): each micro-batch holds this many rows of P+T tokens per device, each
+    # row several whole sequences; every learner pass (train step, old/ref log-probs, echo diagnostic, SFT)
+    # packs. The token budget per device per micro-batch is this x (P+T). 0 = one padded row per sequence.
+    pack_rows_per_micro_batch: int = 0
     recompute_logp: bool = False  # old log-probs from a forward pass instead of the sampler
     stop_strings: tuple = ()  # extra stop texts (one or more tokens each), besides the default stops (docs/components.md)
     max_sample_rounds: int = 3  # DAPO dynamic sampling: prompt batches drawn at most per step
@@ -446,14 +446,11 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
 
 
 def _validate_packing(cfg: Config) -> None:
-    budget, row = cfg.rl.max_tokens_per_micro_batch, cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
-    _check(budget >= 0, "rl.max_tokens_per_micro_batch", budget, "must be >= 0 (0 = padded rows, no packing)")
-    if budget:
-        _check(budget >= row, "rl.max_tokens_per_micro_batch", budget,
-               f"must be 0 (no packing) or hold one packed row of data.max_prompt_len + sampling.max_new_tokens = "
-               f"{row} tokens")  # fmt: skip
+    rows = cfg.rl.pack_rows_per_micro_batch
+    _check(rows >= 0, "rl.pack_rows_per_micro_batch", rows, "must be >= 0 (0 = padded rows, no packing)")
+    if rows:
         _check(cfg.rl.micro_batches == 1, "rl.micro_batches", cfg.rl.micro_batches,
-               f"must be 1 with packing (rl.max_tokens_per_micro_batch={budget}): the token budget sets the "
+               f"must be 1 with packing (rl.pack_rows_per_micro_batch={rows}): the packed rows' budget sets the "
                "micro-batches")  # fmt: skip
 
 

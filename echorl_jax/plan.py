@@ -56,7 +56,7 @@ class Plan:
     sample_temp: int  # the sampler's temporaries, KV cache included
     sample_peak: int  # parameters + optimizer state stay resident while sampling
     decode_rows: int = 0  # the sampler's decode batch: sampling.slots, or N·G without refill
-    packed: bool = False  # micro-batches of packed rows (rl.max_tokens_per_micro_batch): at most micro_batches run
+    packed: bool = False  # micro-batches of packed rows (rl.pack_rows_per_micro_batch): at most micro_batches run
     kv_per_row: int = 0  # KV-cache bytes of one decode row over P + T (whole, not per device)
 
     @property
@@ -167,8 +167,8 @@ def plan(cfg, devices=None) -> Plan:
     temperature = 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     step = train.jit_train_step(cfg, graphdef, optimizer, temperature, state_sh, mesh)
-    # The mini-batch (and with rl.max_tokens_per_micro_batch its packing plan): the step compiles for a
-    # budget's packed micro-batch, whatever the lengths.
+    # The mini-batch (and with rl.pack_rows_per_micro_batch its packing plan): the step compiles for one
+    # packed micro-batch of that many rows per device, whatever the lengths.
     train_mem = step.lower(state, *train.abstract_step_inputs(cfg, mesh)).compile().memory_analysis()
     pack = train.pack_spec(cfg, rows, mesh)
 
@@ -207,9 +207,9 @@ def fit_micro_batches(cfg, accel: str, devices=None) -> tuple[Plan | None, list[
 
     from echorl_jax import sharding
 
-    if cfg.rl.max_tokens_per_micro_batch:
+    if cfg.rl.pack_rows_per_micro_batch:
         raise SystemExit("--fit searches rl.micro_batches, which packing replaces: drop --fit, or set "
-                         "rl.max_tokens_per_micro_batch=0 to search padded micro-batches")  # fmt: skip
+                         "rl.pack_rows_per_micro_batch=0 to search padded micro-batches")  # fmt: skip
     devices = list(devices if devices is not None else jax.devices())
     mesh = sharding.make_mesh(cfg.mesh.shape, devices[: cfg.mesh.num_devices or len(devices)])
     tried = []

@@ -84,7 +84,7 @@ def test_train_step_packed_equals_padded(mesh, model, name, kind):
     graphdef, params = nnx.split(model)
     opt = optax.sgd(1.0)
     state = update.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
-    spec = packing.make_spec(b, P + T, T, P + T, mesh)
+    spec = packing.make_spec(b, P + T, T, 1, mesh)
     dest = packing.plan_rows(batch.valid_bs.sum(1), spec)
     assert spec.num_micro_batches == 4 and packing.micro_batches_used(dest, spec) >= 2
     sharded = sharding.shard_batch(batch, mesh)
@@ -111,7 +111,7 @@ def test_forward_logp_and_echo_grad_norm_packed_equal_padded(mesh, model):
     b = 32
     batch = sharding.shard_batch(rollout_batch(b, "tail", seed=7), mesh)
     graphdef, params = nnx.split(model)
-    spec = packing.make_spec(b, P + T, T, 2 * (P + T), mesh)
+    spec = packing.make_spec(b, P + T, T, 2, mesh)
     plan = packing.put_plan(packing.plan_rows(np.asarray(batch.valid_bs).sum(1), spec), mesh)
     pad = update.make_forward_logp(graphdef, T, 0.9, 2)(params, batch.tokens_bs, batch.valid_bs)
     pk = update.make_forward_logp(graphdef, T, 0.9, 2, spec)(params, batch.tokens_bs, batch.valid_bs, plan)
@@ -131,7 +131,7 @@ def test_sft_step_packed_equals_padded(mesh, model):
     data = {"tokens_bs": batch.tokens_bs, "valid_bs": batch.valid_bs, "mask_bt": batch.mask_bt}
     graphdef, params = nnx.split(model)
     opt = optax.sgd(1.0)
-    spec = packing.make_spec(b, P + T, T, P + T, mesh)
+    spec = packing.make_spec(b, P + T, T, 1, mesh)
     plan = packing.put_plan(packing.plan_rows(batch.valid_bs.sum(1), spec), mesh)
     sharded = sharding.shard_batch(data, mesh)
     p_pad, _, m_pad = jax.jit(sft.make_sft_step(graphdef, opt))(params, opt.init(params), sharded)
@@ -144,12 +144,32 @@ def test_sft_step_packed_equals_padded(mesh, model):
 
 def test_packing_config_is_validated():
     tiny = config_lib.load_config_file(os.path.join(ROOT, "configs", "tiny_test.py"))
-    with pytest.raises(config_lib.ConfigError, match=r"rl\.max_tokens_per_micro_batch=20 .*36 tokens"):
-        config_lib.build_config(tiny, {"rl": {"max_tokens_per_micro_batch": 20}})
     with pytest.raises(config_lib.ConfigError, match=r"rl\.micro_batches=2 .*must be 1 with packing"):
-        config_lib.build_config(tiny, {"rl": {"max_tokens_per_micro_batch": 72, "micro_batches": 2}})
-    with pytest.raises(config_lib.ConfigError, match=r"rl\.max_tokens_per_micro_batch=-1"):
-        config_lib.build_config(tiny, {"rl": {"max_tokens_per_micro_batch": -1}})
+        config_lib.build_config(tiny, {"rl": {"pack_rows_per_micro_batch": 2, "micro_batches": 2}})
+    with pytest.raises(config_lib.ConfigError, match=r"rl\.pack_rows_per_micro_batch=-1"):
+        config_lib.build_config(tiny, {"rl": {"pack_rows_per_micro_batch": -1}})
+    # Rows of P + T: any length the rollout rows have fits one.
+    cfg = config_lib.build_config(tiny, {"rl": {"pack_rows_per_micro_batch": 1}, "sampling": {"max_new_tokens": 999}})
+    assert train.pack_spec(cfg, 16, sharding.make_mesh((-1, 1, 1))).row_len == 8 + 999
+
+
+def test_default_job_packs():
+    from echorl_jax.cli import default_values
+
+    assert config_lib.build_config(default_values()).rl.pack_rows_per_micro_batch == 4
+
+
+def test_packing_may_change_on_resume():
+    """Packing changes no number, so a run may resume with it switched (like mesh or remat)."""
+    from echorl_jax.trainer import run_state
+
+    tiny = config_lib.load_config_file(os.path.join(ROOT, "configs", "tiny_test.py"))
+    saved = config_lib.to_dict(config_lib.build_config(tiny))
+    run_state.check_resume(saved, config_lib.to_dict(config_lib.build_config(
+        tiny, {"rl": {"pack_rows_per_micro_batch": 2}})), "w", 1)  # fmt: skip
+    with pytest.raises(run_state.ResumeMismatch, match="rl.minibatches"):
+        run_state.check_resume(saved, config_lib.to_dict(config_lib.build_config(tiny, {"rl": {"minibatches": 2}})),
+                               "w", 1)  # fmt: skip
 
 
 def test_planner_compiles_the_packed_step():
@@ -158,12 +178,20 @@ def test_planner_compiles_the_packed_step():
     from echorl_jax import plan
 
     values = config_lib.load_config_file(os.path.join(ROOT, "configs", "tiny_test.py"))
-    padded = plan.plan(config_lib.build_config(values))
-    packed = plan.plan(config_lib.build_config(values, {"rl": {"max_tokens_per_micro_batch": 36}}))
+    cfg = config_lib.build_config(values)
+    packed = plan.plan(config_lib.build_config(values, {"rl": {"pack_rows_per_micro_batch": 1}}))
     assert packed.packed and packed.micro_batches == 2 and "up to 2 packed" in plan.format_plan(packed)
-    assert packed.train_temp < 0.75 * padded.train_temp
+    # The padded step (one micro-batch of 2 rows per device), compiled the planner's way.
+    mesh = sharding.make_mesh(cfg.mesh.shape)
+    graphdef, params = plan.abstract_params(plan.model_config(cfg), mesh)
+    optimizer = update.make_optimizer(cfg.optim, 10)
+    state = update.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)), params,
+                              plan.abstract_opt_state(optimizer, params, mesh))  # fmt: skip
+    step = train.jit_train_step(cfg, graphdef, optimizer, 1.0, jax.tree.map(lambda x: x.sharding, state), mesh)
+    padded_temp = step.lower(state, *train.abstract_step_inputs(cfg, mesh)).compile().memory_analysis().temp_size_in_bytes
+    assert packed.train_temp < 0.75 * padded_temp
     with pytest.raises(SystemExit, match="packing replaces"):
-        plan.fit_micro_batches(config_lib.build_config(values, {"rl": {"max_tokens_per_micro_batch": 36}}), "h100")
+        plan.fit_micro_batches(config_lib.build_config(values, {"rl": {"pack_rows_per_micro_batch": 1}}), "h100")
 
 
 def _rows(workdir):
@@ -192,7 +220,7 @@ def test_train_with_packing_gives_the_unpacked_run(tmp_path):
         return train.train(config_lib.build_config(values, overrides))
 
     run("padded", {})
-    out = run("packed", {"max_tokens_per_micro_batch": 36})  # one row of P + T = 36 tokens per device
+    out = run("packed", {"pack_rows_per_micro_batch": 1})  # one row of P + T = 36 tokens per device
     padded, packed = _rows(tmp_path / "padded"), _rows(tmp_path / "packed")
     assert [r["step"] for r in packed] == [r["step"] for r in padded]
     for a, b in zip(packed, padded):

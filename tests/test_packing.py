@@ -43,7 +43,7 @@ def ffd_rows(lengths, L, max_seg):
 def test_plan_places_whole_sequences_balanced(kind, devices, k, b):
     rng = np.random.default_rng(devices * 100 + k)
     s = 40
-    spec = packing.make_spec(b, s, s - 8, k * s, devices=devices)
+    spec = packing.make_spec(b, s, s - 8, k, devices=devices)
     assert spec.rows_per_device == min(k, b // devices)
     lengths = random_lengths(rng, b, s, kind)
     dest = packing.plan_rows(lengths, spec)
@@ -70,13 +70,13 @@ def test_plan_places_whole_sequences_balanced(kind, devices, k, b):
 
 
 def test_plan_segment_cap_and_bad_lengths():
-    spec = packing.make_spec(8, 40, 32, 40, devices=1)
+    spec = packing.make_spec(8, 40, 32, 1, devices=1)
     dest = packing.plan_rows(np.full(8, 2), spec, max_segments=3)
     assert np.bincount(dest // 40).max() == 3
     with pytest.raises(ValueError, match="row lengths must be in"):
         packing.plan_rows(np.full(8, 41), spec)
-    with pytest.raises(ValueError, match="smaller than one packed row"):
-        packing.make_spec(8, 40, 32, 39, devices=1)
+    with pytest.raises(ValueError, match="at least one row"):
+        packing.make_spec(8, 40, 32, 0, devices=1)
 
 
 # ----------------------------------------------------------------------------- index, gather, unpack
@@ -117,7 +117,7 @@ def test_index_and_gather_match_numpy_layout():
     tokens, valid = rollout_rows(rng, b, p, t)
     resp = rng.standard_normal((b, t)).astype(np.float32)
     mesh = sharding.make_mesh((-1, 1, 1))
-    spec = packing.make_spec(b, p + t, t, p + t, mesh)  # one row per device per micro-batch
+    spec = packing.make_spec(b, p + t, t, 1, mesh)  # one row per device per micro-batch
     dest = packing.plan_rows(valid.sum(1), spec)
     ref = numpy_layout(tokens, valid, dest, spec)
 
@@ -147,7 +147,7 @@ def test_index_and_gather_match_numpy_layout():
 
 
 def test_gather_refuses_a_field_it_cannot_place():
-    spec = packing.make_spec(4, 10, 6, 10, devices=1)
+    spec = packing.make_spec(4, 10, 6, 1, devices=1)
     index = packing.PackedIndex(*(jnp.zeros((4, 10), jnp.int32) for _ in range(4)))
     with pytest.raises(ValueError, match=r"\['weights'\].*\(4, 11\)"):
         packing.gather({"weights": jnp.zeros((4, 11))}, index, spec)
@@ -197,7 +197,7 @@ def test_loss_and_gradient_packed_equal_padded(case):
     obj = objectives.ObjectiveConfig(expert_per_group=1 if luffy else 0, **case).validate()
     echo = echo_lib.EchoConfig(enabled=True, coef=0.3)
     counts = objectives.global_counts(batch.mask_bt, batch.echo_mask_bt, batch.offpolicy_bt)
-    spec = packing.make_spec(b, p + t, t, 2 * (p + t), devices=2)  # 2 rows per device, several micro-batches
+    spec = packing.make_spec(b, p + t, t, 2, devices=2)  # 2 rows per device, several micro-batches
     dest = packing.plan_rows(valid.sum(1), spec)
     assert packing.micro_batches_used(dest, spec) >= 2
 

@@ -392,8 +392,8 @@ def cudnn_packed_attention(q_bsnd, k_bgkd, v_bgkd, segment_ids_bs, *, implementa
                                            mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")  # fmt: skip
         except NotImplementedError as e:  # e.g. a pre-Hopper GPU
             raise AttentionConfigError(
-                f"model.attention='cudnn' cannot run packed rows (rl.max_tokens_per_micro_batch > 0) here: {e}; "
-                "use model.attention='xla_chunked', or rl.max_tokens_per_micro_batch=0 (padded rows)") from None
+                f"model.attention='cudnn' cannot run packed rows (rl.pack_rows_per_micro_batch > 0) here: {e}; "
+                "use model.attention='xla_chunked', or rl.pack_rows_per_micro_batch=0 (padded rows)") from None
     return jnp.where((segment_ids_bs > 0)[:, :, None, None], out, 0).astype(q_bsnd.dtype)
 
 

@@ -65,20 +65,19 @@ class PackSpec:
         return Segments(index.seq_bt, self.num_rows, self.response_len)
 
 
-def make_spec(num_rows: int, source_len: int, response_len: int, tokens_per_device: int, mesh=None,
+def make_spec(num_rows: int, source_len: int, response_len: int, rows_per_device: int, mesh=None,
               devices: int | None = None) -> PackSpec:  # fmt: skip
-    """Packed rows of ``L = source_len`` tokens, ``tokens_per_device // L`` of them per device per
-    micro-batch (at most one per rollout row of the device), and enough micro-batches for every row at
-    full length. ``mesh`` (or ``devices``) gives the batch axes; with a mesh the packed arrays are
-    constrained to rows over them."""
+    """Packed rows of ``L = source_len`` tokens, ``rows_per_device`` of them per device per micro-batch
+    (at most one per rollout row of the device), and enough micro-batches for every row at full length.
+    ``mesh`` (or ``devices``) gives the batch axes; with a mesh the packed arrays are constrained to rows
+    over them."""
     devices = sharding.batch_divisor(mesh) if mesh is not None else (devices or 1)
     if num_rows % devices:
         raise ValueError(f"packing: {num_rows} rows are not a multiple of the mesh's batch axes size {devices}")
+    if rows_per_device < 1:
+        raise ValueError(f"rl.pack_rows_per_micro_batch={rows_per_device}: packing needs at least one row")
     per_device = num_rows // devices
-    k = min(tokens_per_device // source_len, per_device)
-    if k < 1:
-        raise ValueError(f"rl.max_tokens_per_micro_batch={tokens_per_device} is smaller than one packed row of "
-                         f"P + T = {source_len} tokens")  # fmt: skip
+    k = min(rows_per_device, per_device)
     sh = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None)) if mesh is not None else None
     return PackSpec(num_rows=num_rows, source_len=source_len, response_len=response_len, row_len=source_len,
                     rows_per_device=k, devices=devices, num_micro_batches=-(-per_device // k), sharding=sh)  # fmt: skip

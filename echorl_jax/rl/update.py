@@ -134,6 +134,21 @@ def packed_logp(graphdef, params, tokens_bt, index: packing.PackedIndex, tempera
     return jnp.pad(logp, ((0, 0), (1, 0))), jnp.pad(entropy, ((0, 0), (1, 0)))
 
 
+def micro_batch_logp(graphdef, params, mb: UpdateBatch, temperature: float, index=None, pack=None):
+    """``(logp, entropy, layout)`` of one micro-batch: padded rows (``index`` None; ``[B, T]``, ``ROWS``)
+    or a packed micro-batch (``[R, L]``, its ``Segments``)."""
+    if index is None:
+        t = mb.mask_bt.shape[1]
+        return (*response_logp(graphdef, params, mb.tokens_bs, mb.valid_bs, t, temperature), ROWS)
+    return (*packed_logp(graphdef, params, mb.tokens_bs, index, temperature), pack.layout(index))
+
+
+def check_plan(dest_b, pack) -> None:
+    if (dest_b is None) != (pack is None):
+        raise ValueError("a packed pass (built with pack=PackSpec) takes the plan dest_b, a padded one none; got "
+                         f"pack={'set' if pack is not None else None}, dest_b={'set' if dest_b is not None else None}")
+
+
 def global_counts(batch: UpdateBatch) -> objectives.GlobalCounts:
     return objectives.global_counts(batch.mask_bt, batch.echo_mask_bt, batch.offpolicy_bt)
 
@@ -192,16 +207,11 @@ def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: fl
     micro-batches, ``(params, batch, dest_b)``."""
 
     def echo_term(params, mb: UpdateBatch, num_clips, index=None):
-        if index is None:
-            t = mb.mask_bt.shape[1]
-            logp, _ = response_logp(graphdef, params, mb.tokens_bs, mb.valid_bs, t, temperature)
-            layout = ROWS
-        else:
-            logp, _ = packed_logp(graphdef, params, mb.tokens_bs, index, temperature)
-            layout = pack.layout(index)
+        logp, _, layout = micro_batch_logp(graphdef, params, mb, temperature, index, pack)
         return echo_cfg.coef * echo_lib.echo_loss(logp, mb.echo_mask_bt, num_clips, layout)
 
     def fn(params, batch: UpdateBatch, dest_b=None):
+        check_plan(dest_b, pack)
         num_clips = global_counts(batch).num_clips
         if dest_b is not None:
             add = lambda grads, mb, index: add_float32(grads, jax.grad(echo_term)(params, mb, num_clips, index))  # noqa: E731
@@ -225,13 +235,7 @@ def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig,
     mini-batch's spec) ``train_step(state, batch, dest_b)`` on packed micro-batches."""
 
     def loss_fn(params, mb: UpdateBatch, counts, index=None):
-        if index is None:
-            t = mb.mask_bt.shape[1]
-            logp, entropy = response_logp(graphdef, params, mb.tokens_bs, mb.valid_bs, t, temperature)
-            layout = ROWS
-        else:  # a packed micro-batch: every field [R, L]
-            logp, entropy = packed_logp(graphdef, params, mb.tokens_bs, index, temperature)
-            layout = pack.layout(index)
+        logp, entropy, layout = micro_batch_logp(graphdef, params, mb, temperature, index, pack)
         loss_batch = objectives.LossBatch(mb.mask_bt, mb.adv_bt, mb.old_logp_bt, mb.ref_logp_bt, mb.echo_mask_bt,
                                           mb.offpolicy_bt)  # fmt: skip
         return objectives.total_loss(logp, entropy, loss_batch, counts, obj_cfg, echo_cfg, layout)
@@ -239,6 +243,7 @@ def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig,
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: UpdateBatch, dest_b=None):
+        check_plan(dest_b, pack)
         counts = global_counts(batch)
 
         def accumulate(carry, mb, index=None):
@@ -247,15 +252,11 @@ def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig,
             return (add_float32(grads, g), loss + l, jax.tree.map(jnp.add, metrics, m))
 
         zeros = zeros_float32(state.params)
-        if dest_b is None:
-            split = jax.tree.map(lambda x: split_rows(x, micro_batches), batch)
-            first = jax.tree.map(lambda x: x[0], split)
-            metric_shape = jax.eval_shape(lambda: grad_fn(state.params, first, counts)[0][1])
-        else:
-            metric_shape = jax.eval_shape(lambda: grad_fn(state.params, batch, counts)[0][1])
+        metric_shape = jax.eval_shape(lambda: grad_fn(state.params, batch, counts)[0][1])  # scalars
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)
         init = (zeros, jnp.zeros((), jnp.float32), zero_metrics)
         if dest_b is None:
+            split = jax.tree.map(lambda x: split_rows(x, micro_batches), batch)
             (grads, loss, metrics), _ = jax.lax.scan(lambda c, mb: (accumulate(c, mb), None), init, split)
         else:
             place = packing.placement(dest_b, batch.valid_bs)

@@ -271,7 +271,7 @@ def _warm_start(cfg: config_lib.Config, model, tokenizer, records, mesh, log):
             model, tokenizer, records, cfg.sft, mesh=mesh, prompt_len=cfg.data.max_prompt_len,
             response_len=cfg.sampling.max_new_tokens, cache_dir=cache_dir, seed=cfg.sft.seed,
             template=cfg.data.template, add_bos=cfg.data.add_bos, log_fn=on_step,
-            pack_tokens=cfg.rl.max_tokens_per_micro_batch,
+            pack_rows=cfg.rl.pack_rows_per_micro_batch,
         )  # fmt: skip
     except ValueError as e:
         if "SFT record" not in str(e):

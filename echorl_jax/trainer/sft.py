@@ -11,9 +11,9 @@ RL loss. One jitted step ``(params, opt_state, batch) -> (params, opt_state,
 metrics)`` is compiled once with explicit shardings and donation. Training
 drops the columns that are padding in every row (the default task needs 55 of
 ``P+T`` = 112), which changes no loss value and halves the cost of a step.
-With packing (``rl.max_tokens_per_micro_batch``, rl/packing.py) the step takes
-the batch's host plan too and scans packed micro-batches of that budget, the
-token count global, so the loss and gradient are the unpacked ones.
+With packing (``rl.pack_rows_per_micro_batch``, rl/packing.py) the step takes
+the batch's host plan too and scans packed micro-batches of that many rows per
+device, the token count global, so the loss and gradient are the unpacked ones.
 
 The result is cached as a Hugging Face directory under ``cache_dir/<key>``; the
 key hashes everything that decides the result (model config and a fingerprint
@@ -174,6 +174,7 @@ def make_sft_step(graphdef, optimizer: optax.GradientTransformation, pack: packi
     grad_fn = jax.value_and_grad(lambda params, batch: sft_loss(graphdef, params, batch), has_aux=True)
 
     def step(params, opt_state, batch, dest_b=None):
+        update.check_plan(dest_b, pack)
         if dest_b is None:
             (_, metrics), grads = grad_fn(params, batch)
         else:
@@ -324,14 +325,14 @@ def warm_start(
     log_fn: Callable[[int, dict[str, float]], Any] | None = None,
     template: str = "auto",
     add_bos: bool = False,
-    pack_tokens: int = 0,
+    pack_rows: int = 0,
 ) -> nnx.Module:
     """``sft_cfg.steps`` AdamW steps on ``records``' worked solutions; updates ``model`` in place and returns it.
 
     ``log_fn(step, metrics)`` (host floats) runs every ``LOG_EVERY`` steps and after the last one.
     With ``cache_dir`` a finished warm start is reused: same inputs -> weights loaded, no training.
-    ``pack_tokens > 0`` (``rl.max_tokens_per_micro_batch``): packed micro-batches of that many tokens per
-    device (the result equals the padded one up to float summation order, so the cache key ignores it).
+    ``pack_rows > 0`` (``rl.pack_rows_per_micro_batch``): packed micro-batches of that many rows per device
+    (the result equals the padded one up to float summation order, so the cache key ignores it).
     """
     if sft_cfg.steps <= 0:
         return model
@@ -367,9 +368,9 @@ def warm_start(
 
     indices = _index_stream(np.random.default_rng(seed), len(records), sft_cfg.batch_size)
     pack = None
-    if pack_tokens:
+    if pack_rows:
         width, response = data["tokens_bs"].shape[1], data["mask_bt"].shape[1]
-        pack = packing.make_spec(sft_cfg.batch_size, width, response, pack_tokens, mesh)
+        pack = packing.make_spec(sft_cfg.batch_size, width, response, pack_rows, mesh)
     lengths = data["valid_bs"].sum(axis=1)
 
     def next_batch():

@@ -56,10 +56,10 @@ class _Preemption:
 
 def pack_spec(cfg: config_lib.Config, num_rows: int, mesh) -> packing.PackSpec | None:
     """The packed layout of a pass over ``num_rows`` rollout rows; None without packing."""
-    if not cfg.rl.max_tokens_per_micro_batch:
+    if not cfg.rl.pack_rows_per_micro_batch:
         return None
     p, t = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
-    return packing.make_spec(num_rows, p + t, t, cfg.rl.max_tokens_per_micro_batch, mesh)
+    return packing.make_spec(num_rows, p + t, t, cfg.rl.pack_rows_per_micro_batch, mesh)
 
 
 def minibatch_rows(cfg: config_lib.Config) -> int:
