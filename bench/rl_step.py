@@ -78,6 +78,7 @@ def make_cfg(args, echo: bool, workdir: str, steps: int):
     overrides = {
         "sft": {"steps": 0},
         "data": {"eval": ""},
+        "rl": {"pack_rows_per_micro_batch": 0},  # padded rows, as measured in bench/README.md (bench/packing.py: packed)
         "echo": {"enabled": echo},
         "train": {"steps": steps, "workdir": workdir, "progress": False, "export_hf": False, "resume": False,
                   "eval_every": 0},

@@ -117,6 +117,10 @@ class RLConfig:
     epochs: int = 1  # K passes over each rollout batch
     minibatches: int = 1  # optimizer steps per epoch
     micro_batches: int = 1  # gradient accumulation inside each optimizer step
+    # Packed learner rows (rl/packing.py): each micro-batch holds this many rows of P+T tokens per device, each
+    # row several whole sequences; every learner pass (train step, old/ref log-probs, echo diagnostic, SFT)
+    # packs. The token budget per device per micro-batch is this x (P+T). 0 = one padded row per sequence.
+    pack_rows_per_micro_batch: int = 0
     recompute_logp: bool = False  # old log-probs from a forward pass instead of the sampler
     stop_strings: tuple = ()  # extra stop texts (one or more tokens each), besides the default stops (docs/components.md)
     max_sample_rounds: int = 3  # DAPO dynamic sampling: prompt batches drawn at most per step
@@ -424,6 +428,7 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(rows % rl.minibatches == 0, "rl.minibatches", rl.minibatches, f"must divide prompts_per_step*group_size={rows}")
     mb = rows // rl.minibatches
     _check(mb % rl.micro_batches == 0, "rl.micro_batches", rl.micro_batches, f"must divide the minibatch size {mb}")
+    _validate_packing(cfg)
     _check(not (cfg.objective.estimator == "rloo" and rl.group_size < 2), "rl.group_size", rl.group_size, "rloo needs group_size >= 2")
     k = cfg.objective.expert_per_group
     _check(k < rl.group_size, "objective.expert_per_group", k,
@@ -460,6 +465,15 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(cfg.sft.steps >= 0, "sft.steps", cfg.sft.steps, "must be >= 0")
     _check(not (cfg.data.response_prefix and cfg.sft.steps > 0), "data.response_prefix", cfg.data.response_prefix,
            "is not supported with a warm start (sft.steps > 0): the warm start renders prompts without it")
+
+
+def _validate_packing(cfg: Config) -> None:
+    rows = cfg.rl.pack_rows_per_micro_batch
+    _check(rows >= 0, "rl.pack_rows_per_micro_batch", rows, "must be >= 0 (0 = padded rows, no packing)")
+    if rows:
+        _check(cfg.rl.micro_batches == 1, "rl.micro_batches", cfg.rl.micro_batches,
+               f"must be 1 with packing (rl.pack_rows_per_micro_batch={rows}): the packed rows' budget sets the "
+               "micro-batches")  # fmt: skip
 
 
 def _validate_data(data: DataConfig) -> None:

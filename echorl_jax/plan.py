@@ -56,6 +56,7 @@ class Plan:
     sample_temp: int  # the sampler's temporaries, KV cache included
     sample_peak: int  # parameters + optimizer state stay resident while sampling
     decode_rows: int = 0  # the sampler's decode batch: sampling.slots, or N·G without refill
+    packed: bool = False  # micro-batches of packed rows (rl.pack_rows_per_micro_batch): at most micro_batches run
     kv_per_row: int = 0  # KV-cache bytes of one decode row over P + T (whole, not per device)
 
     @property
@@ -168,19 +169,13 @@ def plan(cfg, devices=None) -> Plan:
 
     rows = rl.prompts_per_step * rl.group_size // rl.minibatches
     p, t = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
-
-    def batch_array(cols, dtype):
-        return jax.ShapeDtypeStruct((rows, cols), dtype, sharding=sharding.batch_sharding(mesh, 2))
-
-    f32 = jnp.float32
-    batch = update.UpdateBatch(batch_array(p + t, jnp.int32), batch_array(p + t, bool), batch_array(t, bool),
-                               batch_array(t, f32), batch_array(t, f32), batch_array(t, f32), batch_array(t, bool),
-                               batch_array(t, bool) if cfg.objective.expert_per_group else None,  # LUFFY expert tokens
-                               batch_array(t, f32) if "token_tis" in cfg.objective.rollout_correction else None)  # fmt: skip
     temperature = 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     step = train.jit_train_step(cfg, graphdef, optimizer, temperature, state_sh, mesh)
-    train_mem = step.lower(state, batch).compile().memory_analysis()
+    # The mini-batch (and with rl.pack_rows_per_micro_batch its packing plan): the step compiles for one
+    # packed micro-batch of that many rows per device, whatever the lengths.
+    train_mem = step.lower(state, *train.abstract_step_inputs(cfg, mesh)).compile().memory_analysis()
+    pack = train.pack_spec(cfg, rows, mesh)
 
     sampler = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size, stop_ids=(0,), pad_id=0, mesh=mesh)
     n = rl.prompts_per_step
@@ -194,7 +189,8 @@ def plan(cfg, devices=None) -> Plan:
     param_bytes, opt_bytes = device_bytes(params), device_bytes(opt_state)
     ref = param_bytes if cfg.objective.kl_coef > 0 else 0
     return Plan(
-        mesh_shape=dict(mesh.shape), rows_per_minibatch=rows, micro_batches=rl.micro_batches,
+        mesh_shape=dict(mesh.shape), rows_per_minibatch=rows,
+        micro_batches=rl.micro_batches if pack is None else pack.num_micro_batches, packed=pack is not None,
         params=param_bytes, optimizer=opt_bytes, ref_params=ref,
         train_temp=train_mem.temp_size_in_bytes, train_peak=_peak(train_mem) + ref,
         kv_cache=kv_cache_bytes(mcfg, mesh, rows_kv, p + t), decode_rows=rows_kv,
@@ -216,6 +212,9 @@ def fit_micro_batches(cfg, accel: str, devices=None) -> tuple[Plan | None, list[
 
     from echorl_jax import sharding
 
+    if cfg.rl.pack_rows_per_micro_batch:
+        raise SystemExit("--fit searches rl.micro_batches, which packing replaces: drop --fit, or set "
+                         "rl.pack_rows_per_micro_batch=0 to search padded micro-batches")  # fmt: skip
     devices = list(devices if devices is not None else jax.devices())
     mesh = sharding.make_mesh(cfg.mesh.shape, devices[: cfg.mesh.num_devices or len(devices)])
     tried = []
@@ -231,7 +230,8 @@ def format_plan(pl: Plan) -> str:
         return f"{x / GB:9.3f} GB" if x >= GB / 10 else f"{x / 1e6:9.3f} MB"
 
     lines = [
-        f"mesh {pl.mesh_shape}; {pl.rows_per_minibatch} rows per optimizer step in {pl.micro_batches} micro-batch(es)",
+        f"mesh {pl.mesh_shape}; {pl.rows_per_minibatch} rows per optimizer step in "
+        + (f"up to {pl.micro_batches} packed micro-batch(es)" if pl.packed else f"{pl.micro_batches} micro-batch(es)"),
         "per device:",
         f"  parameters            {gb(pl.params)}",
         f"  optimizer state       {gb(pl.optimizer)}",

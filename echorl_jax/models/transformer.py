@@ -149,21 +149,24 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_bs, positions_bs, valid_bs, cache: KVCache | None = None,
                  logits_slice: tuple[int, int] | None = None, return_hidden: bool = False,
-                 ring: bool = False):  # fmt: skip
+                 ring: bool = False, segment_ids=None):  # fmt: skip
         """``ring``: the cache's slots are not in time order (the sampler's slot refill writes every
         row's token into one shared column that cycles), so a key is visible iff ``valid_bk`` says so
         -- no causal cut at ``cache.pos``; the caller keeps future slots invalid.
         ``logits_slice=(start, stop)`` computes the output layer on those positions only
         (training needs the response positions; the prompt's vocab-sized logits are never built).
         ``return_hidden`` returns the final-normed hidden states ``[b, s, h]`` (compute dtype) instead
-        of logits: training applies ``output_head()`` chunk by chunk (models/logprobs.py)."""
+        of logits: training applies ``output_head()`` chunk by chunk (models/logprobs.py).
+        ``segment_ids`` ``[b, s]`` (packed rows, no cache): several sequences per row, ``1, 2, ...``
+        in column order, ``0`` padding; attention stays inside a segment and ``positions_bs`` restart
+        at 0 in each (rl/packing.py)."""
         cfg, impl = self.cfg, self.attention_impl
         cdt = jnp.dtype(cfg.compute_dtype)
         inv_freq = rope_inv_freq(cfg)
         s = tokens_bs.shape[1]
 
         # Attention mask: key slot j is visible to query i iff j <= start + i and valid_bk[b, j].
-        roll = cache is None and attn_lib.needs_right_padding(impl)
+        roll = cache is None and segment_ids is None and attn_lib.needs_right_padding(impl)
         if roll:  # real tokens to column 0 (see models/attention.py), undone after the layers
             to_bs, back_bs = attn_lib.right_padding_order(valid_bs)
             tokens_bs, positions_bs, valid_bs = (attn_lib.take_columns(a, to_bs)
@@ -198,7 +201,7 @@ class Transformer(nnx.Module):
                 kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, 0, pos, 0))
                 vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, 0, pos, 0))
                 k_all, v_all = kc[layer].astype(cdt), vc[layer].astype(cdt)
-            attn = attn_lib.attention(q, k_all, v_all, valid_bk, q_start=start, impl=impl)
+            attn = attn_lib.attention(q, k_all, v_all, valid_bk, q_start=start, impl=impl, segment_ids=segment_ids)
             out = jnp.einsum("bsnd,ndh->bsh", checkpoint_name(attn, "attn_out"), p["wo"])
             x = x + (out + p["bo"] if cfg.o_bias else out)
             y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)

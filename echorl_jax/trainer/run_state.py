@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = (
     "train.echo_grad_norm_every", "train.mismatch_every", "data.eval", "data.num_eval_per_level", "mesh.", "sft.cache_dir",
     "model.remat", "model.attention", "model.logits_chunk", "train.checkpoint_dir", "dist.",
     "sampling.slots", "sampling.prompt_buckets",  # same rollouts, other schedule
+    "rl.pack_rows_per_micro_batch",  # same losses and gradients, other learner layout (packed rows)
 )  # fmt: skip
 
 

@@ -15,7 +15,13 @@ from echorl_jax.data.formats import require_text_field
 from echorl_jax.data.pipeline import DataError, PromptPipeline, load_records, resolve_template
 from echorl_jax.models.config import ModelConfig, numerics
 from echorl_jax.models.hub import resolve_model_dir
-from echorl_jax.models.tokenizer import default_stops, describe_stops, end_of_turn_token, load_hf_tokenizer, pad_token_id
+from echorl_jax.models.tokenizer import (
+    default_stops,
+    describe_stops,
+    end_of_turn_token,
+    load_hf_tokenizer,
+    pad_token_id,
+)
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import build_router
 from echorl_jax.rewards.custom import RewardSetupError
@@ -304,6 +310,7 @@ def _warm_start(cfg: config_lib.Config, model, tokenizer, records, mesh, log):
             model, tokenizer, records, cfg.sft, mesh=mesh, prompt_len=cfg.data.max_prompt_len,
             response_len=cfg.sampling.max_new_tokens, cache_dir=cache_dir, seed=cfg.sft.seed,
             template=cfg.data.template, add_bos=cfg.data.add_bos, log_fn=on_step,
+            pack_rows=cfg.rl.pack_rows_per_micro_batch,
         )  # fmt: skip
     except ValueError as e:
         if "SFT record" not in str(e):

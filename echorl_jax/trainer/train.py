@@ -21,7 +21,7 @@ import numpy as np
 
 from echorl_jax import config as config_lib, sharding
 from echorl_jax.data.formats import DataError
-from echorl_jax.rl import offpolicy, update
+from echorl_jax.rl import offpolicy, packing, update
 from echorl_jax.rl.update import TrainState, UpdateBatch
 from echorl_jax.trainer import checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state
 from echorl_jax.trainer.guard import Guard
@@ -55,13 +55,41 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def pack_spec(cfg: config_lib.Config, num_rows: int, mesh) -> packing.PackSpec | None:
+    """The packed layout of a pass over ``num_rows`` rollout rows; None without packing."""
+    if not cfg.rl.pack_rows_per_micro_batch:
+        return None
+    p, t = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+    return packing.make_spec(num_rows, p + t, t, cfg.rl.pack_rows_per_micro_batch, mesh)
+
+
+def minibatch_rows(cfg: config_lib.Config) -> int:
+    return cfg.rl.prompts_per_step * cfg.rl.group_size // cfg.rl.minibatches
+
+
 def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, temperature: float, state_sh, mesh):
-    """The jitted train step with explicit shardings and donated state (plan.py compiles this same one)."""
+    """The jitted train step with explicit shardings and donated state (plan.py compiles this same one).
+    With packing it takes the mini-batch's plan too: ``step(state, batch, dest_b)``."""
+    pack = pack_spec(cfg, minibatch_rows(cfg), mesh)
     step_fn = update.make_train_step(
         graphdef, optimizer, cfg.objective, cfg.echo, micro_batches=cfg.rl.micro_batches, temperature=temperature,
+        pack=pack,
     )  # fmt: skip
     batch_sh = sharding.batch_sharding(mesh, 2)  # every UpdateBatch field is [B, ...]
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    in_sh = (state_sh, batch_sh) if pack is None else (state_sh, batch_sh, sharding.replicated(mesh))
+    return jax.jit(step_fn, in_shardings=in_sh, out_shardings=(state_sh, None), donate_argnums=0)
+
+
+def abstract_step_inputs(cfg: config_lib.Config, mesh) -> tuple:
+    """The train step's batch arguments as abstract values (plan.py): the mini-batch ``UpdateBatch``,
+    and with packing its plan."""
+    rows, p, t = minibatch_rows(cfg), cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+    sds = lambda cols, dtype: jax.ShapeDtypeStruct((rows, cols), dtype, sharding=sharding.batch_sharding(mesh, 2))  # noqa: E731
+    f32 = jnp.float32
+    batch = UpdateBatch(sds(p + t, jnp.int32), sds(p + t, bool), sds(t, bool), sds(t, f32), sds(t, f32), sds(t, f32),
+                        sds(t, bool), sds(t, bool) if cfg.objective.expert_per_group else None,  # LUFFY expert tokens
+                        sds(t, f32) if "token_tis" in cfg.objective.rollout_correction else None)  # fmt: skip
+    return (batch,) if pack_spec(cfg, rows, mesh) is None else (batch, packing.abstract_plan(rows, mesh))
 
 
 def _jit_train_step(s: Setup, state: TrainState):
@@ -107,8 +135,10 @@ def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds, num_expert:
     return m
 
 
-def _run_updates(train_step, state: TrainState, full: UpdateBatch, mesh, rl, *, seed: int, step: int):
-    """``rl.epochs`` passes over the rollout rows, each split into ``rl.minibatches`` optimizer steps."""
+def _run_updates(train_step, state: TrainState, full: UpdateBatch, mesh, rl, *, seed: int, step: int,
+                 pack: packing.PackSpec | None = None, lengths: np.ndarray | None = None):  # fmt: skip
+    """``rl.epochs`` passes over the rollout rows, each split into ``rl.minibatches`` optimizer steps.
+    With ``pack`` each mini-batch's rows (real-token ``lengths``, host) are packed by a host plan."""
     rows = full.tokens_bs.shape[0]
     per_mb = rows // rl.minibatches
     metrics: list[dict] = []
@@ -119,7 +149,13 @@ def _run_updates(train_step, state: TrainState, full: UpdateBatch, mesh, rl, *, 
         for m in range(rl.minibatches):
             idx = jnp.asarray(order[m * per_mb : (m + 1) * per_mb])
             mb = sharding.shard_batch(jax.tree.map(lambda x: jnp.take(x, idx, axis=0), full), mesh)
-            state, step_metrics = train_step(state, mb)
+            if pack is None:
+                state, step_metrics = train_step(state, mb)
+            else:
+                mb_lengths = lengths[order[m * per_mb : (m + 1) * per_mb]]
+                dest_b = packing.plan_rows(mb_lengths, pack)
+                state, step_metrics = train_step(state, mb, packing.put_plan(dest_b, mesh))
+                step_metrics = dict(step_metrics, **packing.plan_stats(dest_b, mb_lengths, pack))
             metrics.append(step_metrics)
     return state, metrics
 
@@ -217,16 +253,18 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     start, state, checkpointer = _open_run(s, s.state)
     log = MetricsLog(tc.workdir, resume_step=start)
     train_step = _jit_train_step(s, state)
+    pack_mb = pack_spec(cfg, minibatch_rows(cfg), s.mesh)  # a mini-batch's packed layout (None: padded rows)
+    pack_all = pack_spec(cfg, rl.prompts_per_step * rl.group_size, s.mesh)  # the whole batch's (log-probs, echo)
     forward_logp = None
     if rl.recompute_logp or cfg.objective.kl_coef > 0 or tc.mismatch_every > 0:
         forward_logp = update.make_forward_logp(s.graphdef, cfg.sampling.max_new_tokens, s.train_temperature,
-                                                _num_chunks(rl))  # fmt: skip
+                                                _num_chunks(rl), pack_all)  # fmt: skip
     learner_pass = make_learner_pass(cfg, forward_logp)
     score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
     schedule = update.make_schedule(cfg.optim, s.total_updates)
     echo_norm = None
     if cfg.echo.enabled and tc.echo_grad_norm_every > 0:
-        echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature, _num_chunks(rl))
+        echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature, _num_chunks(rl), pack_all)
     preempt = _Preemption()
     guard = Guard(tc.collapse_guard, s.log)
     base_key = jax.random.key(tc.seed)
@@ -253,19 +291,24 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         ro = got.rollout
         t0 = time.perf_counter()
         reward_dev, adv_bt, clips = score(ro, jnp.asarray(got.reward_ng))  # reward_ng: every process's rows
+        lengths, plan_all = None, ()  # packing: real tokens per row (host) and the whole batch's plan
+        if pack_all is not None:
+            lengths = np.asarray(sharding.to_host(jnp.sum(ro.valid, axis=1)))
+            plan_all = (packing.put_plan(packing.plan_rows(lengths, pack_all), s.mesh),)
         expert_b = jnp.asarray(offpolicy.expert_rows(ro.tokens.shape[0], rl.group_size, k))
-        learner = learner_pass(step, state.params, ro, ~expert_b)  # old log-probs, mismatch, rollout correction
+        learner = learner_pass(step, state.params, ro, ~expert_b, plan_all)  # old log-probs, mismatch, correction
         old_logp = learner.old_logp_bt
         if cfg.objective.kl_coef > 0:
-            ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid)
+            ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid, *plan_all)
         else:
             ref_logp = jnp.zeros_like(old_logp)
         full = UpdateBatch(ro.tokens, ro.valid, learner.mask_bt, adv_bt, old_logp, ref_logp, clips.mask_bt,
                            ro.response_mask & expert_b[:, None], learner.rc_weight_bt)  # fmt: skip
         extra = dict(learner.metrics)
         if echo_norm is not None and step % tc.echo_grad_norm_every == 0:
-            extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh))
-        state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step)
+            extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh), *plan_all)
+        state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step,
+                                             pack=pack_mb, lengths=lengths)  # fmt: skip
         jax.block_until_ready(state.params)
         timings["update"] = time.perf_counter() - t0
         metrics = _rollout_metrics(ro, sharding.to_host(reward_dev), got.correct_ng, clips, got.info, got.rounds, k)
