@@ -63,6 +63,7 @@ class Plan:
     decode_copy: int = 0  # the sampler's copy of the parameters (0: it decodes from them directly)
     decode_tp: int = 1  # its tensor-parallel group size
     copy_temp: int = 0  # the copy program's temporaries (before sampling: no KV cache yet)
+    cpu_bf16: bool = False  # compiled by XLA:CPU with bf16 compute (its f32 upcasts inflate the sampler's temporaries)
     refill: bool = False  # decode rows are refilled slots
 
     @property
@@ -225,6 +226,7 @@ def plan(cfg, devices=None, memory: int | None = None) -> Plan:
         train_temp=train_mem.temp_size_in_bytes, train_peak=_peak(train_mem) + ref,
         kv_cache=sm.kv_cache, decode_rows=sm.rows, kv_per_row=sm.kv_per_row, refill=sm.refill,
         decode_copy=sm.decode_copy, decode_tp=sm.tensor_parallel, copy_temp=sm.copy_temp,
+        cpu_bf16=jax.default_backend() == "cpu" and jnp.dtype(mcfg.compute_dtype) == jnp.bfloat16,
         sample_temp=sm.temp, sample_peak=max(sm.peak, sm.decode_copy + sm.copy_temp) + resident,
     )  # fmt: skip
 
@@ -274,7 +276,9 @@ def format_plan(pl: Plan) -> str:
         f"  decode copy           {gb(pl.decode_copy)}   (the sampler's parameters in the compute dtype, tensor-parallel "
         f"over {pl.decode_tp} device(s), made before sampling with {gb(pl.copy_temp).strip()} of temporaries; "
         "0: decodes from the parameters)",
-        f"  sampler temporaries   {gb(pl.sample_temp)}",
+        f"  sampler temporaries   {gb(pl.sample_temp)}"
+        + ("   (XLA:CPU upcasts bf16 weights to f32 for its dots, hoisted out of the decode loop: up to 2x the "
+           "decode copy here that a GPU/TPU does not hold)" if pl.cpu_bf16 else ""),
         f"  sampling peak         {gb(pl.sample_peak)}   (parameters, optimizer state and the decode copy resident)",
         f"  peak                  {gb(pl.peak)}",
         f"fits ({USABLE:.0%} of memory):",

@@ -76,6 +76,8 @@ def decode_attention(q_b1nd, k_lbgkd, v_lbgkd, layer, valid_bk, live: LiveKeys):
         alpha = jnp.exp(m - m_new)
         return (m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + weighted(p, v)), None
 
-    (m, l, acc), _ = jax.lax.scan(block_step, init, jnp.arange(live.blocks, dtype=jnp.int32))
+    # Unrolled (``blocks`` is a small static bucket): in a loop, XLA:CPU's bf16 dot upcast of each
+    # block became an f32 copy of the whole cache hoisted out of it (seen in the planner's 7B plan).
+    (m, l, acc), _ = jax.lax.scan(block_step, init, jnp.arange(live.blocks, dtype=jnp.int32), unroll=True)
     out = acc / l[..., None]
     return out.reshape(b, 1, n, d).astype(q_b1nd.dtype)

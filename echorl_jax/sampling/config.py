@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-MIN_BUDGET_BYTES = 1 << 20  # sampling.kv_cache_memory >= 1 is bytes; below 1 MiB it is surely a mistyped fraction
+MIN_BUDGET_BYTES = 4096  # sampling.kv_cache_memory >= 1 is bytes; fewer than 4 KiB is surely a mistyped fraction
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,15 +89,20 @@ def _is_stacked(var) -> bool:
 
 
 def _move(x, dtype, target: NamedSharding, layered: bool):
-    """``x`` cast to ``dtype`` and placed as ``target``; a layer-stacked ``x`` one layer at a time."""
+    """``x`` cast to ``dtype`` and placed as ``target``; a layer-stacked ``x`` one layer at a time.
+
+    Each layer is gathered whole (replicated) and then sliced locally: between unrelated shardings
+    that is what XLA does anyway ("involuntary full rematerialization"); said explicitly, the
+    transient is one layer's slice in the compute dtype."""
+    whole = NamedSharding(target.mesh, P())
     if not layered or x.shape[0] == 1:
-        return x.astype(dtype)
+        return x.astype(dtype)  # out_shardings place it (XLA gathers it whole, then slices)
     spec = tuple(target.spec) + (None,) * (x.ndim - len(target.spec))
     layer = NamedSharding(target.mesh, P(*spec[1:]))
 
     def one(i, out):
-        y = jax.lax.with_sharding_constraint(jax.lax.dynamic_index_in_dim(x, i, keepdims=False).astype(dtype), layer)
-        return jax.lax.dynamic_update_index_in_dim(out, y, i, 0)
+        y = jax.lax.with_sharding_constraint(jax.lax.dynamic_index_in_dim(x, i, keepdims=False).astype(dtype), whole)
+        return jax.lax.dynamic_update_index_in_dim(out, jax.lax.with_sharding_constraint(y, layer), i, 0)
 
     out = jax.lax.with_sharding_constraint(jnp.zeros(x.shape, dtype), target)
     return jax.lax.fori_loop(0, x.shape[0], one, out)
