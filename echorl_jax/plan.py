@@ -3,14 +3,17 @@
     python -m echorl_jax.plan --config CONFIG [--devices N] [--fit h100] [--config.section.key=value ...]
 
 Ahead-of-time compiles the trainer's own train step (train.jit_train_step) and
-sampler (sampling.make_sampler) for the configured mesh on abstract parameters
-(``nnx.eval_shape`` + shardings; a ``model.path`` run reads only its
-config.json), then prints per-device bytes: parameters, optimizer state, the
-train step's temporaries (activations, gradients, logits chunks) and the
-sampler's (KV cache included), and whether the larger of the two phases fits
+sampler (sampling.make_sampler, as the trainer runs it: on its decode copy of the
+parameters with the decode rows its memory plan chooses, ``sampler_memory``) for
+the configured mesh on abstract parameters (``nnx.eval_shape`` + shardings; a
+``model.path`` run reads only its config.json), then prints per-device bytes:
+parameters, optimizer state, the train step's temporaries (activations,
+gradients, logits chunks), the KV cache, the decode copy and the sampler's
+temporaries (KV cache included), and whether the larger of the two phases fits
 each named accelerator. With ``--devices N`` and no accelerator, the mesh is N
 fake CPU devices. ``--fit ACCEL`` also searches ``rl.micro_batches`` upward for
-the smallest value whose train step fits ACCEL.
+the smallest value whose train step fits ACCEL, and takes ACCEL's memory for a
+``sampling.kv_cache_memory`` fraction and auto ``sampling.decode_tensor_parallel``.
 
 Numbers are XLA's ``memory_analysis`` of the program compiled for *this*
 platform: compiled on CPU, attention uses the CPU backend (the xla reference,
@@ -54,10 +57,15 @@ class Plan:
     train_peak: int  # arguments + temporaries + non-aliased outputs
     kv_cache: int
     sample_temp: int  # the sampler's temporaries, KV cache included
-    sample_peak: int  # parameters + optimizer state stay resident while sampling
-    decode_rows: int = 0  # the sampler's decode batch: sampling.slots, or N·G without refill
+    sample_peak: int  # parameters + optimizer state (+ the decode copy) stay resident while sampling
+    decode_rows: int = 0  # the sampler's decode batch: the chosen slots, or N·G without refill
+    kv_per_row: int = 0  # KV-cache bytes of one decode row over P + T' (whole, not per device)
+    decode_copy: int = 0  # the sampler's copy of the parameters (0: it decodes from them directly)
+    decode_tp: int = 1  # its tensor-parallel group size
+    copy_temp: int = 0  # the copy program's temporaries (before sampling: no KV cache yet)
+    cpu_bf16: bool = False  # compiled by XLA:CPU with bf16 compute (its f32 upcasts inflate the sampler's temporaries)
+    refill: bool = False  # decode rows are refilled slots
     packed: bool = False  # micro-batches of packed rows (rl.pack_rows_per_micro_batch): at most micro_batches run
-    kv_per_row: int = 0  # KV-cache bytes of one decode row over P + T (whole, not per device)
 
     @property
     def peak(self) -> int:
@@ -126,33 +134,64 @@ def _peak(memory) -> int:
     return memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
 
 
-def kv_cache_bytes(mcfg, mesh, rows: int, slots: int) -> int:
-    """Per-device bytes of the sampler's k and v caches at their largest (``rows`` decode rows,
-    ``slots = P + T`` cache slots each)."""
+@dataclasses.dataclass(frozen=True)
+class SamplerMemory:
+    """Per-device bytes of the sampler as the trainer runs it (``sampler_memory``)."""
+
+    kv_cache: int  # the KV cache of the chosen decode rows
+    decode_copy: int  # the decode copy of the parameters (0: the sampler reads the parameters themselves)
+    temp: int  # the compiled sampler's temporaries (KV cache included)
+    peak: int  # its arguments (decode copy, prompts) + temporaries + outputs
+    copy_temp: int  # the copy program's temporaries (one layer's gather at most)
+    rows: int
+    refill: bool
+    tensor_parallel: int
+    kv_per_row: int  # one decode row over P + T' (whole, not per device)
+
+
+def sampler_memory(cfg, mesh, mcfg, graphdef, params, *, memory: int | None = None) -> SamplerMemory:
+    """Compiles the training sampler of ``cfg`` (G - k rollouts per prompt) on ``mesh`` for abstract
+    ``params`` (training layout) as the trainer runs it: its memory plan (decode layout, rows from
+    ``sampling.slots`` / ``sampling.kv_cache_memory``; ``memory`` = bytes per device for fractions and
+    auto tensor parallelism), then the decode copy's abstract form lowered with full-width prompts."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
 
-    from echorl_jax import sharding
+    from echorl_jax import config as config_lib, sharding
+    from echorl_jax.sampling.sampler import kv_bytes_per_slot, make_sampler
 
-    shape = (mcfg.num_layers, -(-rows // sharding.batch_divisor(mesh)) * sharding.batch_divisor(mesh),
-             mcfg.num_kv_heads, slots, mcfg.dim_per_head)  # fmt: skip
-    spec = sharding.logical_to_spec((None, "batch", "kv_heads", None, "head_dim"), shape, mesh)
-    one = jax.ShapeDtypeStruct(shape, jnp.dtype(mcfg.compute_dtype), sharding=NamedSharding(mesh, spec))
-    return 2 * device_bytes(one)
+    group = cfg.rl.group_size - cfg.objective.expert_per_group
+    sampler = make_sampler(graphdef, cfg.sampling, group_size=group, stop_ids=(0,), pad_id=0, mesh=mesh,
+                           device_memory=memory)  # fmt: skip
+    n, p = cfg.rl.prompts_per_step, cfg.data.max_prompt_len
+    try:
+        sp = sampler.prepare(params, p)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    rep = sharding.replicated(sp.layout.mesh or mesh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    mem = sampler.lower(
+        sp.layout.abstract(params), jax.ShapeDtypeStruct((n, p), jnp.int32, sharding=rep),
+        jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep), jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
+    ).compile().memory_analysis()  # fmt: skip
+    copy_temp = sp.layout.lower(params).compile().memory_analysis().temp_size_in_bytes if sp.copy_bytes else 0
+    rows, refill = sp.rows(n * group)
+    return SamplerMemory(kv_cache=sp.kv_bytes(n * group), decode_copy=sp.copy_bytes, temp=mem.temp_size_in_bytes,
+                         peak=_peak(mem), copy_temp=copy_temp, rows=rows, refill=refill,
+                         tensor_parallel=sp.layout.tensor_parallel, kv_per_row=kv_bytes_per_slot(mcfg, p, cfg.sampling.max_new_tokens))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the plan
 
 
-def plan(cfg, devices=None) -> Plan:
-    """Compiles the train step and the sampler of ``cfg`` on ``devices`` (default: every visible one)."""
+def plan(cfg, devices=None, memory: int | None = None) -> Plan:
+    """Compiles the train step and the sampler of ``cfg`` on ``devices`` (default: every visible one);
+    ``memory``: bytes per device of the accelerator planned for (default: what the device reports)."""
     import jax
     import jax.numpy as jnp
 
     from echorl_jax import sharding
     from echorl_jax.rl import update
-    from echorl_jax.sampling.sampler import decode_rows, kv_bytes_per_slot, make_sampler
     from echorl_jax.trainer import train
 
     devices = list(devices if devices is not None else jax.devices())
@@ -177,25 +216,21 @@ def plan(cfg, devices=None) -> Plan:
     train_mem = step.lower(state, *train.abstract_step_inputs(cfg, mesh)).compile().memory_analysis()
     pack = train.pack_spec(cfg, rows, mesh)
 
-    sampler = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size, stop_ids=(0,), pad_id=0, mesh=mesh)
-    n = rl.prompts_per_step
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    sample_mem = sampler.lower(
-        params, jax.ShapeDtypeStruct((n, p), jnp.int32, sharding=rep), jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep),
-        jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
-    ).compile().memory_analysis()  # fmt: skip
-
-    rows_kv = decode_rows(cfg.sampling, n * rl.group_size, sharding.batch_divisor(mesh))[0]
+    sm = sampler_memory(cfg, mesh, mcfg, graphdef, params, memory=memory)
     param_bytes, opt_bytes = device_bytes(params), device_bytes(opt_state)
     ref = param_bytes if cfg.objective.kl_coef > 0 else 0
+    # While sampling, the masters, optimizer state and reference stay resident beside the sampler's
+    # own arguments (the decode copy, or the masters themselves when no copy is made).
+    resident = opt_bytes + ref + (param_bytes if sm.decode_copy else 0)
     return Plan(
         mesh_shape=dict(mesh.shape), rows_per_minibatch=rows,
         micro_batches=rl.micro_batches if pack is None else pack.num_micro_batches, packed=pack is not None,
         params=param_bytes, optimizer=opt_bytes, ref_params=ref,
         train_temp=train_mem.temp_size_in_bytes, train_peak=_peak(train_mem) + ref,
-        kv_cache=kv_cache_bytes(mcfg, mesh, rows_kv, p + t), decode_rows=rows_kv,
-        kv_per_row=kv_bytes_per_slot(mcfg, p, t),
-        sample_temp=sample_mem.temp_size_in_bytes, sample_peak=_peak(sample_mem) + opt_bytes + ref,
+        kv_cache=sm.kv_cache, decode_rows=sm.rows, kv_per_row=sm.kv_per_row, refill=sm.refill,
+        decode_copy=sm.decode_copy, decode_tp=sm.tensor_parallel, copy_temp=sm.copy_temp,
+        cpu_bf16=jax.default_backend() == "cpu" and jnp.dtype(mcfg.compute_dtype) == jnp.bfloat16,
+        sample_temp=sm.temp, sample_peak=max(sm.peak, sm.decode_copy + sm.copy_temp) + resident,
     )  # fmt: skip
 
 
@@ -219,7 +254,8 @@ def fit_micro_batches(cfg, accel: str, devices=None) -> tuple[Plan | None, list[
     mesh = sharding.make_mesh(cfg.mesh.shape, devices[: cfg.mesh.num_devices or len(devices)])
     tried = []
     for m in micro_batch_candidates(cfg, sharding.batch_divisor(mesh)):
-        tried.append(plan(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, micro_batches=m)), devices))
+        tried.append(plan(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, micro_batches=m)), devices,
+                          ACCELERATORS[accel][1]))  # fmt: skip
         if tried[-1].fits(accel):
             return tried[-1], tried
     return None, tried
@@ -241,10 +277,16 @@ def format_plan(pl: Plan) -> str:
     lines += [
         f"  train temporaries     {gb(pl.train_temp)}   (activations, gradients, logits chunks)",
         f"  train step peak       {gb(pl.train_peak)}",
-        f"  KV cache              {gb(pl.kv_cache)}   (part of the sampler's temporaries; {pl.decode_rows} decode rows "
-        f"x {gb(pl.kv_per_row).strip()} per row; sampling.slots sets the rows)",
-        f"  sampler temporaries   {gb(pl.sample_temp)}",
-        f"  sampling peak         {gb(pl.sample_peak)}   (parameters and optimizer state stay resident)",
+        f"  KV cache              {gb(pl.kv_cache)}   (part of the sampler's temporaries; {pl.decode_rows} decode rows"
+        f"{' refilled' if pl.refill else ', one per rollout'} x {gb(pl.kv_per_row).strip()} per row; "
+        "sampling.kv_cache_memory or sampling.slots sets the rows)",
+        f"  decode copy           {gb(pl.decode_copy)}   (the sampler's parameters in the compute dtype, tensor-parallel "
+        f"over {pl.decode_tp} device(s), made before sampling with {gb(pl.copy_temp).strip()} of temporaries; "
+        "0: decodes from the parameters)",
+        f"  sampler temporaries   {gb(pl.sample_temp)}"
+        + ("   (XLA:CPU upcasts bf16 weights to f32 for its dots, hoisted out of the decode loop: up to 2x the "
+           "decode copy here that a GPU/TPU does not hold)" if pl.cpu_bf16 else ""),
+        f"  sampling peak         {gb(pl.sample_peak)}   (parameters, optimizer state and the decode copy resident)",
         f"  peak                  {gb(pl.peak)}",
         f"fits ({USABLE:.0%} of memory):",
     ]

@@ -157,7 +157,7 @@ def run(args, overrides: dict) -> dict:
     t0 = time.perf_counter()
     s.eval_pipeline.set_state(s.eval_initial_state)
     texts: dict[int, list[str]] | None = {} if args.responses else None
-    verdicts = grading.grade(s.eval_sample, params, s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
+    verdicts = grading.grade(s.eval_sample, s.eval_sample.decode_weights(params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
                                 k=args.k, rng=jax.random.key(args.seed), responses=texts)  # fmt: skip
     metrics = grading.summarize(verdicts, s.eval_records, args.k)
     scores = paper_table.benchmark_scores(metrics, args.k)

@@ -40,7 +40,8 @@ RESUMABLE_CHANGES = (
     "train.eval_temperature", "train.save_every", "train.keep_checkpoints", "train.progress", "train.export_hf",
     "train.echo_grad_norm_every", "train.mismatch_every", "data.eval", "data.num_eval_per_level", "mesh.", "sft.cache_dir",
     "model.remat", "model.attention", "model.logits_chunk", "train.checkpoint_dir", "dist.",
-    "sampling.slots", "sampling.prompt_buckets",  # same rollouts, other schedule
+    "sampling.slots", "sampling.prompt_buckets", "sampling.kv_cache_memory",  # same rollouts, other schedule
+    "sampling.decode_tensor_parallel",  # same rollouts up to rounding (bf16 sums in another order), like mesh.
     "rl.pack_rows_per_micro_batch",  # same losses and gradients, other learner layout (packed rows)
 )  # fmt: skip
 

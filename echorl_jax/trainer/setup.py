@@ -336,6 +336,16 @@ def _pipeline(split: str, spec, records: list[dict], tokenizer, log, **kw) -> Pr
     return pipe
 
 
+def _plan_sampler(sampler, params, cfg: config_lib.Config, rollouts: int, log, name: str = "sampler") -> None:
+    """Resolves a sampler's memory plan now (decode layout, decode rows from sampling.kv_cache_memory)
+    so that a bad setting fails at start-up, and logs it."""
+    try:
+        plan = sampler.prepare(params, cfg.data.max_prompt_len)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    log(plan.describe(rollouts, name))
+
+
 def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) -> Setup:
     rl, tc = cfg.rl, cfg.train
     devices = jax.devices()
@@ -411,11 +421,13 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
     # LUFFY: the sampler draws G - k rollouts per prompt; collect() appends the k expert rows.
     sample = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size - cfg.objective.expert_per_group, **common)
+    _plan_sampler(sample, params, cfg, rl.prompts_per_step * (rl.group_size - cfg.objective.expert_per_group), log)
     eval_sample = None
     if eval_pipeline is not None:
         t = tc.eval_temperature
         eval_cfg = dataclasses.replace(cfg.sampling, temperature=t if t > 0 else 1.0, greedy=t <= 0)
         eval_sample = make_sampler(graphdef, eval_cfg, group_size=tc.eval_samples, **common)
+        _plan_sampler(eval_sample, params, cfg, eval_pipeline.batch_size * hosts * tc.eval_samples, log, "held-out sampler")
     return Setup(
         cfg=cfg, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, state=state, optimizer=optimizer,
         total_updates=total_updates, train_temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,

@@ -1,7 +1,8 @@
 """The RL loop: prompts -> rollouts -> rewards -> advantages + EchoClips -> Optax updates.
 
-Sampling and learning use the same sharded parameters (``state.params``); no
-weights are copied between engines. Per step:
+Sampling and learning use the same parameters: once per step the sampler gets a copy of
+``state.params`` in the compute dtype, laid out for decoding (sampling/layout.py), dropped after
+sampling; there is no second engine. Per step:
 
     sample (jit) -> verify (host) -> score (jit) -> K epochs x minibatches of train_step (jit)
     -> metrics -> eval every ``train.eval_every`` -> Orbax checkpoint every ``train.save_every``
@@ -165,8 +166,8 @@ def run_eval(s: Setup, params, step: int) -> dict[str, float]:
         return {}
     s.eval_pipeline.set_state(s.eval_initial_state)
     rng = jax.random.fold_in(jax.random.key(s.cfg.train.seed + 1), step)
-    return grading.evaluate(
-        s.eval_sample, params, s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
+    return grading.evaluate(  # one decode copy for the whole evaluation, dropped after it
+        s.eval_sample, s.eval_sample.decode_weights(params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
         k=s.cfg.train.eval_samples, rng=rng,
     )  # fmt: skip
 
@@ -280,8 +281,10 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         timings: dict[str, float] = {}
         t_step = time.perf_counter()
         key = jax.random.fold_in(base_key, step)
+        # The sampler decodes from a copy in the compute dtype and decode layout (sampling/layout.py),
+        # made once per step; collect() holds the only reference, so it is freed once sampling is done.
         got = rollout_lib.collect(
-            lambda: next(s.train_pipeline), s.sample, state.params, key,
+            lambda: next(s.train_pipeline), s.sample, s.sample.decode_weights(state.params), key,
             verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
             dynamic_sampling=cfg.objective.dynamic_sampling,
             echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
