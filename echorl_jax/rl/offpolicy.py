@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from echorl_jax import sharding
 from echorl_jax.data.formats import DataError
 from echorl_jax.sampling.sampler import Rollout
 
@@ -117,8 +118,11 @@ class ExpertTraces:
         return tokens.reshape(n, self.k, self.t), lengths.reshape(n, self.k)
 
     def add_to(self, rollout: Rollout, batch) -> Rollout:
-        """``rollout`` ([N*(G-k)] rows) with the batch's expert rows appended to each group ([N*G])."""
-        tokens_nkt, length_nk = self.rows(np.asarray(batch.record_index))
+        """``rollout`` ([N*(G-k)] rows) with the batch's expert rows appended to each group ([N*G]).
+
+        Multi-process: ``rollout`` holds every process's prompts (the sampler gathers them) and ``batch``
+        this process's, so the record indices of all processes are gathered first, in process order."""
+        tokens_nkt, length_nk = self.rows(sharding.gather_rows(np.asarray(batch.record_index)))
         return mix_expert_rows(rollout, jnp.asarray(tokens_nkt), jnp.asarray(length_nk))
 
 
