@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = (
     "train.echo_grad_norm_every", "data.eval", "data.num_eval_per_level", "mesh.", "sft.cache_dir",
     "model.remat", "model.attention", "model.logits_chunk", "train.checkpoint_dir", "dist.",
     "sampling.slots", "sampling.prompt_buckets",  # same rollouts, other schedule
+    "train.collapse_guard", "train.max_nonfinite_updates",  # how the run watches itself
 )  # fmt: skip
 
 

@@ -24,7 +24,7 @@ from echorl_jax.data.formats import DataError
 from echorl_jax.rl import offpolicy, update
 from echorl_jax.rl.update import TrainState, UpdateBatch
 from echorl_jax.trainer import checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state
-from echorl_jax.trainer.guard import Guard
+from echorl_jax.trainer.guard import Guard, NonFinite
 from echorl_jax.trainer.metrics_log import MetricsLog, to_python
 from echorl_jax.trainer.setup import Setup, build_setup
 
@@ -139,8 +139,9 @@ def _num_chunks(rl) -> int:
     return rl.minibatches * rl.micro_batches
 
 
-def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Checkpointer]:
-    """A fresh run in a clean workdir, or the exact continuation of the run saved there (trainer/run_state.py)."""
+def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Checkpointer, dict]:
+    """A fresh run in a clean workdir, or the exact continuation of the run saved there (trainer/run_state.py);
+    the last item is the checkpoint's JSON part (``{}`` for a fresh run)."""
     tc = s.cfg.train
     directory = tc.checkpoint_dir or os.path.join(tc.workdir, "checkpoints")
     checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
@@ -158,16 +159,15 @@ def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Ch
             run_state.move_previous_run(tc.workdir, s.log)
             checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
         run_state.write_config(tc.workdir, config_lib.to_dict(s.cfg))
-        return 0, state, checkpointer
-    host = checkpointer.read_host(latest)
-    run_state.check_resume(host.get("config"), config_lib.to_dict(s.cfg), tc.workdir, latest)
-    try:
-        start, state, host = checkpointer.restore(state, latest)
+        return 0, state, checkpointer, {}
+    check = lambda step, host: run_state.check_resume(host.get("config"), config_lib.to_dict(s.cfg), tc.workdir, step)
+    try:  # the newest checkpoint that reads back (a truncated newer one is moved aside with a warning)
+        start, state, host = checkpointer.restore_newest(state, check, s.log)
         s.train_pipeline.set_state(host["data"])
     except (ckpt_lib.CheckpointError, DataError) as e:
         raise run_state.ResumeMismatch(run_state.mismatch_message(tc.workdir, latest, str(e))) from None
     s.log(f"resumed from step {start} in {checkpointer.directory}")
-    return start, state, checkpointer
+    return start, state, checkpointer, host
 
 
 def _log_line(step: int, row: dict, last_eval: dict) -> str:
@@ -213,7 +213,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     k = cfg.objective.expert_per_group  # LUFFY expert rows per group
     if k and s.experts is None:
         raise ValueError(f"objective.expert_per_group={k} but the setup was built without expert responses")
-    start, state, checkpointer = _open_run(s, s.state)
+    start, state, checkpointer, host = _open_run(s, s.state)
     log = MetricsLog(tc.workdir, resume_step=start)
     train_step = _jit_train_step(s, state)
     forward_logp = None
@@ -227,6 +227,8 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature, _num_chunks(rl))
     preempt = _Preemption()
     guard = Guard(tc.collapse_guard, s.log)
+    guard.load(host.get("guard"))  # the run's own history: a collapse that spans a restart is still seen
+    nonfinite = NonFinite(tc.max_nonfinite_updates)
     base_key = jax.random.key(tc.seed)
     last_eval: dict[str, float] = {}
     if start == 0:
@@ -235,7 +237,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     bar = s.progress(start, tc.steps)
     step = saved = start
     stopping = False  # SIGTERM on any process (decided together at the end of a step)
-    save = lambda: checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg)})
+    stop_why = ""  # the collapse guard (train.collapse_guard=stop) or non-finite updates stopped the run
+    save = lambda: checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
+                                                   "guard": guard.state()})  # fmt: skip
     for step in range(start + 1, tc.steps + 1):
         timings: dict[str, float] = {}
         t_step = time.perf_counter()
@@ -267,6 +271,8 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         timings["update"] = time.perf_counter() - t0
         metrics = _rollout_metrics(ro, sharding.to_host(reward_dev), got.correct_ng, clips, got.info, got.rounds, k)
         metrics.update({k: np.mean([float(u[k]) for u in update_metrics]) for k in update_metrics[0]})
+        skipped = [float(u["skipped_updates"]) for u in update_metrics]  # NaN/Inf updates, left undone
+        metrics["skipped_updates"] = sum(skipped)
         metrics.update(extra)
         metrics["lr"] = float(schedule(int(state.step) - 1))
         step_time = time.perf_counter() - t_step
@@ -280,19 +286,22 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
                 s.log(_log_line(step, row, last_eval))
         else:
             row = to_python(metrics)
-        collapsed = guard.update(row)
+        stop_why = "collapse guard" if guard.update(row) else ""
+        if nonfinite.update(skipped):
+            stop_why = f"{nonfinite.in_a_row} non-finite updates in a row (train.max_nonfinite_updates)"
         if tc.eval_every > 0 and step % tc.eval_every == 0 and step != tc.steps:
             last_eval = log.write(step, run_eval(s, state.params, step), kind="eval")
-            collapsed |= guard.update(last_eval, "eval")
+            if guard.update(last_eval, "eval") and not stop_why:
+                stop_why = "collapse guard"
         bar.update(row, last_eval)
         stopping = preempt.sync()
-        if stopping or collapsed or (tc.save_every > 0 and step % tc.save_every == 0):
+        if stopping or stop_why or (tc.save_every > 0 and step % tc.save_every == 0):
             save()
             saved = step
-        if stopping or collapsed:
-            s.log(f"{'SIGTERM' if stopping else 'collapse guard'}: saved step {step}, exiting")
+        if stopping or stop_why:
+            s.log(f"{'SIGTERM' if stopping else stop_why}: saved step {step}, exiting")
             break
-    stopped = stopping or (bool(guard.fired) and tc.collapse_guard == "stop")
+    stopped = stopping or bool(stop_why)
     if not stopped:
         # Also after a resume at the last step (a run preempted there never evaluated it).
         if not log.has(tc.steps, "eval"):
