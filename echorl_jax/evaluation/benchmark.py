@@ -14,8 +14,9 @@ without ``--config`` the checkpoint's own config is used. ``--model`` evaluates 
 Hugging Face directory or Hub id. Writes the markdown table next to the JSON
 (``--out results.json`` -> ``results.md``) and prints it.
 
-Memory: build_setup creates the full train state (optimizer moments too), so
-evaluation needs the memory the training run had.
+Memory: only what evaluation needs is built: the parameters (sharded as in
+training), no optimizer state and no reference copy; ``--checkpoint`` reads only
+the parameters of the saved train state.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def run(args, overrides: dict) -> dict:
 
     from echorl_jax.evaluation import paper_table
     from echorl_jax.trainer import grading
-    from echorl_jax.trainer.checkpoint import Checkpointer, CheckpointError
+    from echorl_jax.trainer.checkpoint import Checkpointer, CheckpointError, skipped
     from echorl_jax.trainer.setup import build_setup
 
     host_config, ckpt_dir, step = None, None, None
@@ -144,10 +145,11 @@ def run(args, overrides: dict) -> dict:
         if host_config is None and not args.config:
             raise CheckpointError(f"{ckpt_dir}: the checkpoint holds no config; pass --config")
     cfg = eval_config(args, overrides, host_config)
-    s = build_setup(cfg)
+    s = build_setup(cfg, training=False)
     params = s.state.params
-    if ckpt_dir is not None:
-        step, state, _ = ckpt.restore(s.state, step)
+    if ckpt_dir is not None:  # the saved optimizer state is skipped, not read
+        skip = skipped(jax.eval_shape(s.optimizer.init, params))
+        step, state, _ = ckpt.restore(s.state._replace(opt_state=skip), step)
         ckpt.close()
         params = state.params
         s.log(f"restored step {step} from {ckpt_dir}")
@@ -196,13 +198,16 @@ def write_responses(path: str, records, texts: dict, verdicts: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from echorl_jax import config as config_lib
-    from echorl_jax.cli import maybe_init_distributed, user_errors
+    from echorl_jax.cli import exit_when_a_process_is_lost, maybe_init_distributed, user_errors
 
     args, rest = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         overrides = config_lib.parse_overrides(rest)
-        maybe_init_distributed(config_lib.DistConfig())  # env / TPU-VM detection; the run's config is built later
-        run(args, overrides)
+        # env / TPU-VM detection and --config.dist.*, before JAX starts; the run's config is built later
+        dist = config_lib.build_config(None, {"dist": overrides.get("dist", {})}).dist
+        maybe_init_distributed(dist)
+        with exit_when_a_process_is_lost(dist):
+            run(args, overrides)
     except user_errors() as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

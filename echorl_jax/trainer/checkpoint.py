@@ -76,16 +76,19 @@ class Checkpointer:
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict]:
         """Restores onto the shardings of ``abstract_state`` (a pytree of ShapeDtypeStruct/arrays): any mesh,
-        any number of processes (Orbax reads each device's slice of the saved arrays)."""
+        any number of processes (Orbax reads each device's slice of the saved arrays). Leaves that are ``SKIP``
+        are not read (they come back as ``SKIP``)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint to restore in {self.directory}")
         target = jax.tree.map(_as_abstract, abstract_state)
+        if any(x is SKIP for x in jax.tree.leaves(target, is_leaf=_is_skip)):  # read only some arrays
+            restore_args = jax.tree.map(_restore_args, target, is_leaf=_is_skip)
+            state_args = ocp.args.PyTreeRestore(target, restore_args=restore_args)
+        else:
+            state_args = ocp.args.StandardRestore(target)
         try:
-            out = self._manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()),
-            )
+            out = self._manager.restore(step, args=ocp.args.Composite(state=state_args, host=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises many types; name the checkpoint either way
             raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: {e}") from e
         return step, out["state"], dict(out["host"])
@@ -160,6 +163,24 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
+
+
+SKIP = ocp.PLACEHOLDER  # a leaf of a restore target that is not read (evaluation: the optimizer state)
+
+
+def skipped(tree: Any) -> Any:
+    """``tree`` (e.g. ``jax.eval_shape(optimizer.init, params)``) with every leaf ``SKIP``."""
+    return jax.tree.map(lambda _: SKIP, tree)
+
+
+def _is_skip(x) -> bool:
+    return x is SKIP
+
+
+def _restore_args(x):
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+        return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+    return ocp.RestoreArgs()
 
 
 def _as_abstract(x):

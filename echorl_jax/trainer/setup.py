@@ -296,7 +296,9 @@ def _pipeline(split: str, spec, records: list[dict], tokenizer, log, **kw) -> Pr
     return pipe
 
 
-def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) -> Setup:
+def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log, training: bool = True) -> Setup:
+    """Everything a run needs. ``training=False`` (evaluation) builds no optimizer state and no reference copy:
+    ``state.opt_state`` is None and the parameters are the only model arrays in memory."""
     rl, tc = cfg.rl, cfg.train
     devices = jax.devices()
     if cfg.mesh.num_devices:
@@ -358,9 +360,9 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     graphdef, params = nnx.split(model)
     total_updates = tc.steps * rl.epochs * rl.minibatches
     optimizer = update.make_optimizer(cfg.optim, total_updates)
-    opt_state = update.init_opt_state(optimizer, params, mesh)  # moments sharded like their params
+    opt_state = update.init_opt_state(optimizer, params, mesh) if training else None  # moments sharded like params
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
-    ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 else None
+    ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 and training else None
 
     common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
     # LUFFY: the sampler draws G - k rollouts per prompt; collect() appends the k expert rows.
