@@ -52,15 +52,16 @@ def parse_args(argv: list[str]):
 
 def checkpoint_location(path: str) -> tuple[str, int | None]:
     """``(checkpoints directory, step or None = latest)`` for a workdir, its checkpoints dir, or a step dir."""
+    from echorl_jax.trainer import storage
     from echorl_jax.trainer.checkpoint import CheckpointError
 
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
+    path = path.rstrip("/") if storage.is_remote(path) else os.path.abspath(path)
+    if storage.isdir(storage.join(path, "checkpoints")):
+        return storage.join(path, "checkpoints"), None
     base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(path):
+    if base.isdigit() and storage.isdir(path):
         return os.path.dirname(path), int(base)
-    if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+    if storage.isdir(path) and any(d.isdigit() for d in storage.listdir(path)):
         return path, None
     raise CheckpointError(f"--checkpoint {path!r}: not a training workdir (no checkpoints/ inside), a checkpoints "
                           "directory or a step directory WORKDIR/checkpoints/STEP")  # fmt: skip
@@ -133,7 +134,7 @@ def run(args, overrides: dict) -> dict:
     import numpy as np
 
     from echorl_jax.evaluation import paper_table
-    from echorl_jax.trainer import grading
+    from echorl_jax.trainer import grading, storage
     from echorl_jax.trainer.checkpoint import Checkpointer, CheckpointError, skipped
     from echorl_jax.trainer.setup import build_setup
 
@@ -171,12 +172,9 @@ def run(args, overrides: dict) -> dict:
         # record index (into the concatenated files) -> one 0/1 per sampled response
         "verdicts": {str(i): np.asarray(v, int).tolist() for i, v in sorted(verdicts.items())},
     }  # fmt: skip
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, allow_nan=True)
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-            f.write(table)
+    if jax.process_index() == 0:  # local paths or a bucket's (gs://...)
+        storage.write_text(args.out, json.dumps(result, indent=1, allow_nan=True))
+        storage.write_text(os.path.splitext(args.out)[0] + ".md", table)
         if texts is not None:
             write_responses(args.responses, s.eval_records, texts, verdicts)
         print(table)
@@ -187,13 +185,16 @@ def run(args, overrides: dict) -> dict:
 
 def write_responses(path: str, records, texts: dict, verdicts: dict) -> None:
     """One JSON line per sampled response, with its record's prompt and answer."""
-    with open(path, "w") as f:
-        for i in sorted(texts):
-            rec = records[i]
-            for j, (text, ok) in enumerate(zip(texts[i], verdicts[i])):
-                f.write(json.dumps({"index": i, "data_source": rec["data_source"], "prompt": rec["prompt"],
-                                    "ground_truth": rec["ground_truth"], "sample": j, "response": text,
-                                    "correct": bool(ok)}) + "\n")  # fmt: skip
+    from echorl_jax.trainer import storage
+
+    lines = []
+    for i in sorted(texts):
+        rec = records[i]
+        for j, (text, ok) in enumerate(zip(texts[i], verdicts[i])):
+            lines.append(json.dumps({"index": i, "data_source": rec["data_source"], "prompt": rec["prompt"],
+                                     "ground_truth": rec["ground_truth"], "sample": j, "response": text,
+                                     "correct": bool(ok)}) + "\n")  # fmt: skip
+    storage.write_text(path, "".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

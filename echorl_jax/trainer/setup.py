@@ -24,6 +24,7 @@ from echorl_jax.rl import echo as echo_lib, offpolicy, update
 from echorl_jax.sampling.sampler import make_sampler
 from echorl_jax.tasks import arith
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
+from echorl_jax.trainer import storage
 
 TASK_PREFIX = "task:"
 
@@ -57,9 +58,11 @@ class Setup:
         return nnx.merge(self.graphdef, self.state.params)
 
     def export(self, out_dir: str) -> None:
+        """Every process joins the gather; process 0 writes (a bucket's directory: written locally, uploaded)."""
         from echorl_jax.models import hf
 
-        hf.export_model(self.model, out_dir, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
+        with storage.local_dir_for(out_dir, upload=jax.process_index() == 0) as local:
+            hf.export_model(self.model, local, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
 
     def progress(self, start: int, total: int):
         return Progress(start, total, enabled=self.cfg.train.progress and jax.process_index() == 0)
@@ -110,7 +113,10 @@ def load_tokenizer(cfg: config_lib.Config):
         return load_hf_tokenizer(resolve_model_dir(path, key), key=key)
     if config_lib.is_task(cfg.data.train):
         # Saved for the user by process 0 only: the others build the same tokenizer in memory.
-        return build_char_tokenizer(os.path.join(cfg.train.workdir, "tokenizer") if jax.process_index() == 0 else None)
+        if jax.process_index() != 0:
+            return build_char_tokenizer(None)
+        with storage.local_dir_for(storage.join(cfg.train.workdir, "tokenizer")) as local:
+            return build_char_tokenizer(local)
     raise config_lib.ConfigError("data.tokenizer is empty and model.path is empty: no tokenizer for a file dataset")
 
 
@@ -256,7 +262,7 @@ def default_verifier(cfg: config_lib.Config):
 def _warm_start(cfg: config_lib.Config, model, tokenizer, records, mesh, log):
     from echorl_jax.trainer import sft
 
-    cache_dir = cfg.sft.cache_dir or os.path.join(cfg.train.workdir, "warmstart")
+    cache_dir = cfg.sft.cache_dir or storage.join(cfg.train.workdir, "warmstart")
     bar = Progress(0, cfg.sft.steps, enabled=cfg.train.progress and jax.process_index() == 0, desc="warm start")
     trained = []
 

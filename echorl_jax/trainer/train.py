@@ -10,7 +10,6 @@ weights are copied between engines. Per step:
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any
@@ -23,7 +22,7 @@ from echorl_jax import config as config_lib, sharding
 from echorl_jax.data.formats import DataError
 from echorl_jax.rl import offpolicy, update
 from echorl_jax.rl.update import TrainState, UpdateBatch
-from echorl_jax.trainer import checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state
+from echorl_jax.trainer import checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state, storage
 from echorl_jax.trainer.guard import Guard, NonFinite
 from echorl_jax.trainer.metrics_log import MetricsLog, to_python
 from echorl_jax.trainer.setup import Setup, build_setup
@@ -143,7 +142,7 @@ def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Ch
     """A fresh run in a clean workdir, or the exact continuation of the run saved there (trainer/run_state.py);
     the last item is the checkpoint's JSON part (``{}`` for a fresh run)."""
     tc = s.cfg.train
-    directory = tc.checkpoint_dir or os.path.join(tc.workdir, "checkpoints")
+    directory = tc.checkpoint_dir or storage.join(tc.workdir, "checkpoints")
     checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
     latest = checkpointer.latest_step()
     if not tc.resume or latest is None:
@@ -238,8 +237,11 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     step = saved = start
     stopping = False  # SIGTERM on any process (decided together at the end of a step)
     stop_why = ""  # the collapse guard (train.collapse_guard=stop) or non-finite updates stopped the run
-    save = lambda: checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
-                                                   "guard": guard.state()})  # fmt: skip
+    def save():
+        log.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint a restart resumes from
+        checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
+                                        "guard": guard.state()})  # fmt: skip
+
     for step in range(start + 1, tc.steps + 1):
         timings: dict[str, float] = {}
         t_step = time.perf_counter()
@@ -316,5 +318,5 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     log.close()
     s.state = state
     if tc.export_hf and not stopped:  # every host joins the gather; process 0 writes
-        s.export(os.path.join(tc.workdir, "hf_export"))
+        s.export(storage.join(tc.workdir, "hf_export"))
     return {"step": step, "eval": last_eval, "workdir": tc.workdir, "setup": s}
