@@ -191,3 +191,159 @@ def test_a_save_that_cannot_write_is_a_clear_error_and_the_previous_checkpoint_s
     step, state, host = Checkpointer(str(tmp_path)).restore(_toy(0))
     assert step == 1 and host == {"step": 1}  # keep=1 did not delete it for the save that failed
     np.testing.assert_array_equal(state["b"], np.ones((32, 32)))
+
+
+# ----------------------------------------------------------------------------- the trainer, end to end
+
+
+def _with_accuracy(monkeypatch, accuracy_by_step):
+    """Train rows whose accuracy is scripted by step (the rest is the real run's)."""
+    rollout_metrics = train._rollout_metrics
+    steps = iter(range(1, 1000))
+
+    def scripted(*args, **kwargs):
+        return dict(rollout_metrics(*args, **kwargs), accuracy=accuracy_by_step(next(steps)))
+
+    monkeypatch.setattr(train, "_rollout_metrics", scripted)
+
+
+@pytest.mark.slow  # 12 tiny RL steps (~1 min on 2 shared cores); CI runs it
+def test_a_collapse_that_spans_a_resume_stops_the_run_where_a_straight_run_stops(tmp_path, monkeypatch, capsys):
+    """The issue's reproducer: accuracy 0.8 at step 1, then 0. A straight run with collapse_guard=stop stops at
+    step 6; so does one resumed after step 3 (before the fix the resumed guard saw steps 4-6 only, and ran on)."""
+    acc = lambda step: 0.8 if step == 1 else 0.0  # noqa: E731
+    cfg = lambda w, steps: tiny_cfg(w, train={"steps": steps, "collapse_guard": "stop", "export_hf": False,  # noqa: E731
+                                              "eval_every": 0})
+    _with_accuracy(monkeypatch, acc)
+    straight = train.train(cfg(tmp_path / "a", 8))
+    assert straight["step"] == 6 and "collapse guard: saved step 6" in capsys.readouterr().out
+    _with_accuracy(monkeypatch, acc)
+    assert train.train(cfg(tmp_path / "b", 3))["step"] == 3
+    _with_accuracy(monkeypatch, lambda step: acc(step + 3))
+    resumed = train.train(cfg(tmp_path / "b", 8))
+    assert resumed["step"] == 6 and "collapse guard: saved step 6" in capsys.readouterr().out
+    assert Checkpointer(str(tmp_path / "b" / "checkpoints")).latest_step() == 6
+    assert [r["step"] for r in _rows(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
+
+
+def _nan_advantages_at(monkeypatch, bad_steps):
+    make_scorer = rollout_lib.make_scorer
+
+    def scorer(*args, **kwargs):
+        score, calls = make_scorer(*args, **kwargs), iter(range(1, 1000))
+
+        def maybe_nan(ro, reward_ng):
+            reward, adv, clips = score(ro, reward_ng)
+            return reward, (adv * np.nan if next(calls) in bad_steps else adv), clips
+
+        return maybe_nan
+
+    monkeypatch.setattr(rollout_lib, "make_scorer", scorer)
+
+
+@pytest.mark.slow  # 8 tiny RL steps; CI runs it
+def test_nonfinite_updates_are_skipped_counted_warned_and_n_in_a_row_stop_with_a_checkpoint(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """NaN advantages at steps 2, 4 and 5 with train.max_nonfinite_updates=2: step 2's update is skipped (the
+    run goes on), 4 and 5 stop the run with a checkpoint that holds the parameters after step 3, exactly those
+    of a run whose only bad step was 2."""
+    opts = {"export_hf": False, "eval_every": 0, "max_nonfinite_updates": 2}
+    _nan_advantages_at(monkeypatch, {2})
+    ref = train.train(tiny_cfg(tmp_path / "ref", train={"steps": 3, **opts}))
+    _nan_advantages_at(monkeypatch, {2, 4, 5})
+    out = train.train(tiny_cfg(tmp_path / "run", train={"steps": 6, **opts}))
+    log = capsys.readouterr().out
+    assert out["step"] == 5 and "2 non-finite updates in a row (train.max_nonfinite_updates): saved step 5" in log
+    assert "WARNING collapse guard [nonfinite]" in log
+    rows = _rows(tmp_path / "run")
+    assert [r["skipped_updates"] for r in rows] == [0.0, 1.0, 0.0, 1.0, 1.0]
+    assert rows[1]["loss"] is None and rows[2]["loss"] is not None  # NaN is logged as null
+    assert _rows(tmp_path / "ref") == rows[:3]
+    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+    step, state, _ = ckpt.restore(out["setup"].state)
+    assert step == 5 and int(state.step) == 2  # two updates taken (steps 1 and 3)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), _params(ref))
+    assert not os.path.exists(tmp_path / "run" / "hf_export")  # a stopped run exports nothing
+
+
+@pytest.mark.slow  # 7 tiny RL steps; CI runs it
+def test_a_truncated_newest_checkpoint_resumes_from_the_one_before_exactly(tmp_path, capsys):
+    opts = {"export_hf": False, "eval_every": 0, "save_every": 1}
+    train.train(tiny_cfg(tmp_path / "a", train={"steps": 3, **opts}))
+    train.train(tiny_cfg(tmp_path / "b", train={"steps": 2, **opts}))
+    _truncate_data(str(tmp_path / "b" / "checkpoints" / "2"))
+    out = train.train(tiny_cfg(tmp_path / "b", train={"steps": 3, **opts}))
+    log = capsys.readouterr().out
+    assert out["step"] == 3 and "WARNING checkpoint step 2" in log and "resumed from step 1" in log
+    assert _rows(tmp_path / "b") == _rows(tmp_path / "a")  # steps 2 and 3 redone, nothing lost or doubled
+    # Every checkpoint unreadable: a clear error, and nothing is started afresh or moved.
+    for step in Checkpointer(str(tmp_path / "b" / "checkpoints")).all_steps():
+        _truncate_data(str(tmp_path / "b" / "checkpoints" / str(step)))
+    with pytest.raises(run_state.ResumeMismatch, match="no checkpoint .* can be read back"):
+        train.train(tiny_cfg(tmp_path / "b", train={"steps": 4, **opts}))
+    assert [(r["kind"], r["step"]) for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [
+        ("eval", 0), ("train", 1), ("train", 2), ("train", 3), ("eval", 3)]  # untouched
+
+
+@pytest.mark.slow  # 4 tiny RL steps; CI runs it
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_full_disk_during_a_trainer_save_stops_with_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
+    opts = {"export_hf": False, "eval_every": 0, "save_every": 1, "keep_checkpoints": 1}
+    save = ckpt_lib.Checkpointer.save
+
+    def full_at_step_2(self, step, state, host):
+        if step != 2:
+            return save(self, step, state, host)
+        self.wait()  # step 1's save, in the background, completes first: the disk fills during step 2's
+        with _FileSizeLimit(1024):
+            save(self, step, state, host)
+            self.wait()
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", full_at_step_2)
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step 2 .*newest complete checkpoint is step 1"):
+        train.train(tiny_cfg(tmp_path / "w", train={"steps": 3, **opts}))
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
+    assert Checkpointer(str(tmp_path / "w" / "checkpoints")).latest_step() == 1  # keep=1 kept it
+    out = train.train(tiny_cfg(tmp_path / "w", train={"steps": 3, **opts}))
+    assert out["step"] == 3 and [r["step"] for r in _rows(tmp_path / "w")] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- a process killed mid-step
+
+KILL_PRELUDE = """
+if os.environ.get("KILL_IN_STEP"):  # SIGKILL this process as it starts that step's rollouts (no handler runs)
+    from echorl_jax.trainer import rollout
+    collect, calls = rollout.collect, [0]
+    def collect_or_die(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(os.environ["KILL_IN_STEP"]):
+            os.kill(os.getpid(), 9)
+        return collect(*args, **kwargs)
+    rollout.collect = collect_or_die
+"""
+
+
+@pytest.mark.slow  # 2-process trainer runs (~2-4 min); CI runs it
+@pytest.mark.parametrize("victim", [1, 0])  # a worker; the coordinator (process 0 hosts jax.distributed's service)
+def test_a_process_killed_mid_step_stops_the_others_naming_it_and_a_rerun_resumes(tmp_path, victim):
+    from multiproc import run_tool, start, wait
+
+    from tests.test_pods import _reward_file, _train_args
+
+    args = ["main", *_train_args(tmp_path / "run", _reward_file(tmp_path), steps=3, **{
+        "train.save_every": 1, "train.eval_every": 0, "dist.heartbeat_timeout_s": 10})]  # fmt: skip
+    env = [{"KILL_IN_STEP": "2"} if i == victim else {} for i in range(2)]
+    out = wait(*start(tmp_path, f"kill{victim}", args, prelude=KILL_PRELUDE, per_process_env=env), timeout=400)
+    survivor = 1 - victim
+    assert out.codes[victim] == -signal.SIGKILL
+    assert out.codes[survivor] == 3, out.logs[survivor][-3000:]  # not 0, not a hang (the harness kills at 400 s)
+    took = out.seconds[survivor] - out.seconds[victim]
+    assert took < 30, took  # bounded by dist.heartbeat_timeout_s (+ start-up of the check), measured: a few s
+    who = "[0] (the coordinator)" if victim == 0 else "[1]"
+    assert f"error: lost process(es) {who} of 2" in out.logs[survivor]
+    assert "Rerun every process to resume from the last checkpoint" in out.logs[survivor]
+    assert Checkpointer(str(tmp_path / "run" / "checkpoints")).latest_step() == 1
+    if victim == 1:  # the rerun resumes from step 1 and finishes: steps 2 and 3 once each
+        again = run_tool(tmp_path, "rerun", args)
+        assert "resumed from step 1" in again.logs[0]
+        assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3]

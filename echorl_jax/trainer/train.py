@@ -171,8 +171,9 @@ def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Ch
 
 def _log_line(step: int, row: dict, last_eval: dict) -> str:
     acc = next((f" held-out {k} {v:.3f}" for k, v in last_eval.items() if k.startswith("avg@") and "/" not in k), "")
+    loss = row.get("loss", 0)  # None: a NaN/Inf update (skipped)
     return (f"step {step}: reward {row.get('reward/mean', 0):.3f} accuracy {row.get('accuracy', 0):.3f} "
-            f"loss {row.get('loss', 0):.4g} clips {row.get('echo/num_clips', 0):.0f}{acc}")  # fmt: skip
+            f"loss {float('nan') if loss is None else loss:.4g} clips {row.get('echo/num_clips', 0):.0f}{acc}")  # fmt: skip
 
 
 # What build_setup bakes into a Setup (model and warm start, data pipelines, samplers, verifier, optimizer
