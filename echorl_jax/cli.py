@@ -120,11 +120,11 @@ def maybe_init_distributed(dist) -> None:
             print(f"[echorl] {jax.process_count()} processes, {jax.device_count()} devices", flush=True)
 
 
-def lost_processes(grace_s: float = 3.0) -> list[int] | None:
-    """The processes ``jax.distributed`` no longer counts as alive (asked a few times over ``grace_s``), ``[0]``
-    when the coordinator (process 0) itself does not answer, or None when every process is alive."""
+def lost_processes(wait_s: float) -> list[int] | None:
+    """The processes ``jax.distributed`` no longer counts as alive, ``[0]`` when its coordination service (in
+    process 0) does not answer, or None when all are alive or no answer came within ``wait_s``. The service
+    answers once every live process has asked or a silent one has missed its heartbeat deadline."""
     import threading
-    import time
 
     import jax
     from jax._src import distributed  # the client JAX keeps; get_live_nodes has no public wrapper
@@ -133,18 +133,21 @@ def lost_processes(grace_s: float = 3.0) -> list[int] | None:
     client = getattr(distributed.global_state, "client", None)
     if client is None or not hasattr(client, "get_live_nodes"):
         return None
-    deadline = time.monotonic() + grace_s
-    while True:
-        answer: list = []
-        t = threading.Thread(target=lambda: answer.append(client.get_live_nodes(list(range(n)))), daemon=True)
-        t.start()
-        t.join(timeout=5.0)
-        if not answer:  # no answer (or an error) from the coordination service: process 0 is gone
-            return [0]
-        lost = sorted(set(range(n)) - set(answer[0]))
-        if lost or time.monotonic() > deadline:
-            return lost or None
-        time.sleep(0.5)
+    answer, error = [], []
+
+    def ask():
+        try:
+            answer.append(client.get_live_nodes(list(range(n))))
+        except Exception as e:  # noqa: BLE001  (the service is gone)
+            error.append(e)
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout=wait_s)
+    if error:
+        return [0] if jax.process_index() != 0 else None
+    lost = sorted(set(range(n)) - set(answer[0])) if answer else []
+    return lost or None
 
 
 @contextlib.contextmanager
@@ -160,7 +163,7 @@ def exit_when_a_process_is_lost(dist):
         import jax
 
         if jax.process_count() > 1:
-            lost = lost_processes()
+            lost = lost_processes(dist.heartbeat_timeout_s + 5.0)
             if lost:
                 who = " (the coordinator)" if lost == [0] else ""
                 print(f"error: lost process(es) {lost}{who} of {jax.process_count()} (jax.distributed: no heartbeat;"

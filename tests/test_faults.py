@@ -326,24 +326,34 @@ if os.environ.get("KILL_IN_STEP"):  # SIGKILL this process as it starts that ste
 @pytest.mark.slow  # 2-process trainer runs (~2-4 min); CI runs it
 @pytest.mark.parametrize("victim", [1, 0])  # a worker; the coordinator (process 0 hosts jax.distributed's service)
 def test_a_process_killed_mid_step_stops_the_others_naming_it_and_a_rerun_resumes(tmp_path, victim):
+    """SIGKILL at the start of step 3's rollouts: the survivor exits non-zero within seconds, naming the lost
+    process; a rerun resumes from the newest complete checkpoint."""
     from multiproc import run_tool, start, wait
 
     from tests.test_pods import _reward_file, _train_args
 
-    args = ["main", *_train_args(tmp_path / "run", _reward_file(tmp_path), steps=3, **{
+    args = ["main", *_train_args(tmp_path / "run", _reward_file(tmp_path), steps=4, **{
         "train.save_every": 1, "train.eval_every": 0, "dist.heartbeat_timeout_s": 10})]  # fmt: skip
-    env = [{"KILL_IN_STEP": "2"} if i == victim else {} for i in range(2)]
+    env = [{"KILL_IN_STEP": "3"} if i == victim else {} for i in range(2)]
     out = wait(*start(tmp_path, f"kill{victim}", args, prelude=KILL_PRELUDE, per_process_env=env), timeout=400)
     survivor = 1 - victim
     assert out.codes[victim] == -signal.SIGKILL
-    assert out.codes[survivor] == 3, out.logs[survivor][-3000:]  # not 0, not a hang (the harness kills at 400 s)
     took = out.seconds[survivor] - out.seconds[victim]
-    assert took < 30, took  # bounded by dist.heartbeat_timeout_s (+ start-up of the check), measured: a few s
-    who = "[0] (the coordinator)" if victim == 0 else "[1]"
-    assert f"error: lost process(es) {who} of 2" in out.logs[survivor]
-    assert "Rerun every process to resume from the last checkpoint" in out.logs[survivor]
-    assert Checkpointer(str(tmp_path / "run" / "checkpoints")).latest_step() == 1
-    if victim == 1:  # the rerun resumes from step 1 and finishes: steps 2 and 3 once each
+    print(f"victim {victim}: survivor exit code {out.codes[survivor]} after {took:.1f} s")
+    assert took < 30, took  # bounded by dist.heartbeat_timeout_s=10 (+ the check's margin); not a hang
+    if victim == 1:
+        assert out.codes[survivor] == 3, out.logs[survivor][-3000:]
+        assert "error: lost process(es) [1] of 2" in out.logs[survivor]
+        assert "Rerun every process to resume from the last checkpoint" in out.logs[survivor]
+    else:  # the coordination service died with process 0: JAX's own monitor may stop the survivor first
+        assert out.codes[survivor] != 0, out.logs[survivor][-3000:]
+        assert ("error: lost process(es) [0] (the coordinator) of 2" in out.logs[survivor]
+                or "the leader task was preempted/died" in out.logs[survivor]), out.logs[survivor][-3000:]
+    # Step 2's save runs in the background while step 3 starts: Orbax commits it only when every process has
+    # written, so it survives only if it finished before the kill. Step 1's was complete (the next save waits).
+    latest = Checkpointer(str(tmp_path / "run" / "checkpoints")).latest_step()
+    assert latest in (1, 2)
+    if victim == 1:  # the rerun resumes from the newest complete checkpoint and finishes, each step once
         again = run_tool(tmp_path, "rerun", args)
-        assert "resumed from step 1" in again.logs[0]
-        assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3]
+        assert f"resumed from step {latest}" in again.logs[0]
+        assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4]
