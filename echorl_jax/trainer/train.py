@@ -238,6 +238,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     step = saved = start
     stopping = False  # SIGTERM on any process (decided together at the end of a step)
     stop_why = ""  # the collapse guard (train.collapse_guard=stop) or non-finite updates stopped the run
+
     def save():
         log.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint a restart resumes from
         checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
