@@ -55,6 +55,8 @@ class DistConfig:
     num_processes: int = 0  # 0 = env or auto-detect
     process_id: int = -1  # -1 = env or auto-detect
     initialize: str = "auto"  # auto: when set here/in env or on a TPU VM; "always"; "never"
+    heartbeat_timeout_s: int = 100  # a process silent this long is dead: the others stop (JAX's default: 100)
+    init_timeout_s: int = 300  # how long processes wait for each other at start-up (JAX's default: 300)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +171,7 @@ class TrainConfig:
     # which measures it every step for free; 0 = only when recomputing
     mismatch_every: int = 0
     checkpoint_dir: str = ""  # "" = workdir/checkpoints; multi-host runs need storage every host sees (gs://...)
+    max_nonfinite_updates: int = 5  # NaN/Inf loss or gradient: the update is skipped; this many in a row stop the run (0 = never)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,6 +460,10 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(cfg.dist.initialize in ("auto", "always", "never"), "dist.initialize", cfg.dist.initialize,
            "one of 'auto', 'always', 'never'")
     _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
+    _check(train.max_nonfinite_updates >= 0, "train.max_nonfinite_updates", train.max_nonfinite_updates,
+           "must be >= 0 (0 = never stop)")
+    for key in ("heartbeat_timeout_s", "init_timeout_s"):
+        _check(getattr(cfg.dist, key) >= 1, f"dist.{key}", getattr(cfg.dist, key), "must be >= 1 (seconds)")
     _validate_data(cfg.data)
     _check(cfg.data.on_overlong in ("drop", "error"), "data.on_overlong", cfg.data.on_overlong, "allowed: drop, error")
     _check(cfg.data.expert_overlong in ("truncate", "drop", "error"), "data.expert_overlong",

@@ -14,8 +14,9 @@ without ``--config`` the checkpoint's own config is used. ``--model`` evaluates 
 Hugging Face directory or Hub id. Writes the markdown table next to the JSON
 (``--out results.json`` -> ``results.md``) and prints it.
 
-Memory: build_setup creates the full train state (optimizer moments too), so
-evaluation needs the memory the training run had.
+Memory: only what evaluation needs is built: the parameters (sharded as in
+training), no optimizer state and no reference copy; ``--checkpoint`` reads only
+the parameters of the saved train state.
 """
 
 from __future__ import annotations
@@ -51,15 +52,16 @@ def parse_args(argv: list[str]):
 
 def checkpoint_location(path: str) -> tuple[str, int | None]:
     """``(checkpoints directory, step or None = latest)`` for a workdir, its checkpoints dir, or a step dir."""
+    from echorl_jax.trainer import storage
     from echorl_jax.trainer.checkpoint import CheckpointError
 
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
+    path = path.rstrip("/") if storage.is_remote(path) else os.path.abspath(path)
+    if storage.isdir(storage.join(path, "checkpoints")):
+        return storage.join(path, "checkpoints"), None
     base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(path):
+    if base.isdigit() and storage.isdir(path):
         return os.path.dirname(path), int(base)
-    if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+    if storage.isdir(path) and any(d.isdigit() for d in storage.listdir(path)):
         return path, None
     raise CheckpointError(f"--checkpoint {path!r}: not a training workdir (no checkpoints/ inside), a checkpoints "
                           "directory or a step directory WORKDIR/checkpoints/STEP")  # fmt: skip
@@ -134,8 +136,8 @@ def run(args, overrides: dict) -> dict:
     import numpy as np
 
     from echorl_jax.evaluation import paper_table
-    from echorl_jax.trainer import grading
-    from echorl_jax.trainer.checkpoint import Checkpointer, CheckpointError
+    from echorl_jax.trainer import grading, storage
+    from echorl_jax.trainer.checkpoint import Checkpointer, CheckpointError, skipped
     from echorl_jax.trainer.setup import build_setup
 
     host_config, ckpt_dir, step = None, None, None
@@ -146,10 +148,11 @@ def run(args, overrides: dict) -> dict:
         if host_config is None and not args.config:
             raise CheckpointError(f"{ckpt_dir}: the checkpoint holds no config; pass --config")
     cfg = eval_config(args, overrides, host_config)
-    s = build_setup(cfg)
+    s = build_setup(cfg, training=False)
     params = s.state.params
-    if ckpt_dir is not None:
-        step, state, _ = ckpt.restore(s.state, step)
+    if ckpt_dir is not None:  # the saved optimizer state is skipped, not read
+        skip = skipped(jax.eval_shape(s.optimizer.init, params))
+        step, state, _ = ckpt.restore(s.state._replace(opt_state=skip), step)
         ckpt.close()
         params = state.params
         s.log(f"restored step {step} from {ckpt_dir}")
@@ -171,12 +174,9 @@ def run(args, overrides: dict) -> dict:
         # record index (into the concatenated files) -> one 0/1 per sampled response
         "verdicts": {str(i): np.asarray(v, int).tolist() for i, v in sorted(verdicts.items())},
     }  # fmt: skip
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, allow_nan=True)
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-            f.write(table)
+    if jax.process_index() == 0:  # local paths or a bucket's (gs://...)
+        storage.write_text(args.out, json.dumps(result, indent=1, allow_nan=True))
+        storage.write_text(os.path.splitext(args.out)[0] + ".md", table)
         if texts is not None:
             write_responses(args.responses, s.eval_records, texts, verdicts)
         print(table)
@@ -187,24 +187,30 @@ def run(args, overrides: dict) -> dict:
 
 def write_responses(path: str, records, texts: dict, verdicts: dict) -> None:
     """One JSON line per sampled response, with its record's prompt and answer."""
-    with open(path, "w") as f:
-        for i in sorted(texts):
-            rec = records[i]
-            for j, (text, ok) in enumerate(zip(texts[i], verdicts[i])):
-                f.write(json.dumps({"index": i, "data_source": rec["data_source"], "prompt": rec["prompt"],
-                                    "ground_truth": rec["ground_truth"], "sample": j, "response": text,
-                                    "correct": bool(ok)}) + "\n")  # fmt: skip
+    from echorl_jax.trainer import storage
+
+    lines = []
+    for i in sorted(texts):
+        rec = records[i]
+        for j, (text, ok) in enumerate(zip(texts[i], verdicts[i])):
+            lines.append(json.dumps({"index": i, "data_source": rec["data_source"], "prompt": rec["prompt"],
+                                     "ground_truth": rec["ground_truth"], "sample": j, "response": text,
+                                     "correct": bool(ok)}) + "\n")  # fmt: skip
+    storage.write_text(path, "".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     from echorl_jax import config as config_lib
-    from echorl_jax.cli import maybe_init_distributed, user_errors
+    from echorl_jax.cli import exit_when_a_process_is_lost, maybe_init_distributed, user_errors
 
     args, rest = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         overrides = config_lib.parse_overrides(rest)
-        maybe_init_distributed(config_lib.DistConfig())  # env / TPU-VM detection; the run's config is built later
-        run(args, overrides)
+        # env / TPU-VM detection and --config.dist.*, before JAX starts; the run's config is built later
+        dist = config_lib.build_config(None, {"dist": overrides.get("dist", {})}).dist
+        maybe_init_distributed(dist)
+        with exit_when_a_process_is_lost(dist):
+            run(args, overrides)
     except user_errors() as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

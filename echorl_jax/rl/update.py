@@ -230,10 +230,20 @@ def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: fl
     return jax.jit(fn)
 
 
+def skip_nonfinite(old: TrainState, new: TrainState, metrics: dict) -> tuple[TrainState, dict]:
+    """``new`` unless the update's loss or gradient norm is NaN/Inf; then ``old`` whole (params, optimizer
+    moments, step count: the update is skipped, as if the mini-batch had not been drawn). Adds
+    ``skipped_updates`` (1.0 when skipped) to ``metrics``. A select inside the step: no host round-trip."""
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    state = jax.tree.map(lambda a, b: jnp.where(finite, b, a), old, new)
+    return state, dict(metrics, skipped_updates=1.0 - finite.astype(jnp.float32))
+
+
 def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig, *, micro_batches: int,
                     temperature: float, pack: packing.PackSpec | None = None):  # fmt: skip
     """Returns the un-jitted ``train_step(state, batch) -> (state, metrics)``; with ``pack`` (the
-    mini-batch's spec) ``train_step(state, batch, dest_b)`` on packed micro-batches."""
+    mini-batch's spec) ``train_step(state, batch, dest_b)`` on packed micro-batches. An update whose loss
+    or gradient is not finite leaves ``state`` as it was (``skip_nonfinite``)."""
 
     def loss_fn(params, mb: UpdateBatch, counts, index=None):
         logp, entropy, layout = micro_batch_logp(graphdef, params, mb, temperature, index, pack)
@@ -265,6 +275,6 @@ def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return skip_nonfinite(state, TrainState(state.step + 1, params, opt_state), metrics)
 
     return train_step

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
@@ -30,6 +29,7 @@ from echorl_jax.rl import echo as echo_lib, offpolicy, update
 from echorl_jax.sampling.sampler import make_sampler
 from echorl_jax.tasks import arith
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
+from echorl_jax.trainer import storage
 
 TASK_PREFIX = "task:"
 
@@ -63,9 +63,11 @@ class Setup:
         return nnx.merge(self.graphdef, self.state.params)
 
     def export(self, out_dir: str) -> None:
+        """Every process joins the gather; process 0 writes (a bucket's directory: written locally, uploaded)."""
         from echorl_jax.models import hf
 
-        hf.export_model(self.model, out_dir, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
+        with storage.local_dir_for(out_dir, upload=jax.process_index() == 0) as local:
+            hf.export_model(self.model, local, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
 
     def progress(self, start: int, total: int):
         return Progress(start, total, enabled=self.cfg.train.progress and jax.process_index() == 0)
@@ -116,7 +118,10 @@ def load_tokenizer(cfg: config_lib.Config):
         return load_hf_tokenizer(resolve_model_dir(path, key), key=key)
     if config_lib.is_task(cfg.data.train):
         # Saved for the user by process 0 only: the others build the same tokenizer in memory.
-        return build_char_tokenizer(os.path.join(cfg.train.workdir, "tokenizer") if jax.process_index() == 0 else None)
+        if jax.process_index() != 0:
+            return build_char_tokenizer(None)
+        with storage.local_dir_for(storage.join(cfg.train.workdir, "tokenizer")) as local:
+            return build_char_tokenizer(local)
     raise config_lib.ConfigError("data.tokenizer is empty and model.path is empty: no tokenizer for a file dataset")
 
 
@@ -295,7 +300,7 @@ def default_verifier(cfg: config_lib.Config):
 def _warm_start(cfg: config_lib.Config, model, tokenizer, records, mesh, log):
     from echorl_jax.trainer import sft
 
-    cache_dir = cfg.sft.cache_dir or os.path.join(cfg.train.workdir, "warmstart")
+    cache_dir = cfg.sft.cache_dir or storage.join(cfg.train.workdir, "warmstart")
     bar = Progress(0, cfg.sft.steps, enabled=cfg.train.progress and jax.process_index() == 0, desc="warm start")
     trained = []
 
@@ -346,7 +351,9 @@ def _plan_sampler(sampler, params, cfg: config_lib.Config, rollouts: int, log, n
     log(plan.describe(rollouts, name))
 
 
-def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) -> Setup:
+def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log, training: bool = True) -> Setup:
+    """Everything a run needs. ``training=False`` (evaluation) builds no optimizer state and no reference copy:
+    ``state.opt_state`` is None and the parameters are the only model arrays in memory."""
     rl, tc = cfg.rl, cfg.train
     devices = jax.devices()
     if cfg.mesh.num_devices:
@@ -414,9 +421,9 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     graphdef, params = nnx.split(model)
     total_updates = tc.steps * rl.epochs * rl.minibatches
     optimizer = update.make_optimizer(cfg.optim, total_updates)
-    opt_state = update.init_opt_state(optimizer, params, mesh)  # moments sharded like their params
+    opt_state = update.init_opt_state(optimizer, params, mesh) if training else None  # moments sharded like params
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
-    ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 else None
+    ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 and training else None
 
     common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
     # LUFFY: the sampler draws G - k rollouts per prompt; collect() appends the k expert rows.

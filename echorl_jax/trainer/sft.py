@@ -44,6 +44,7 @@ from echorl_jax import sharding
 from echorl_jax.data.pipeline import tokenize_prompts
 from echorl_jax.models.config import numerics
 from echorl_jax.rl import packing, update
+from echorl_jax.trainer import storage
 
 CACHE_VERSION = 1  # bump when the training recipe changes, to invalidate old caches
 LOG_EVERY = 10
@@ -247,23 +248,28 @@ def cache_key(model: nnx.Module, tokenizer, records: Sequence[dict], sft_cfg, *,
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load_cached(path: str, model: nnx.Module, mesh) -> bool:
-    """Loads ``path`` into ``model`` (in place); False when it is missing or does not fit."""
+def _load_cached(path: str, model: nnx.Module, mesh):
+    """The parameters stored at ``path`` (a bucket's entry is copied to a local temp dir first), or None when
+    the entry is missing, unreadable or does not fit ``model``. ``model`` is left as it is."""
     from echorl_jax.models import hf
 
-    if not os.path.isdir(path):
-        return False
+    if not storage.isdir(path):
+        return None
     cfg = model.cfg
     try:
-        loaded = hf.load_model(path, mesh, **numerics(cfg))
+        with tempfile.TemporaryDirectory(prefix="echorl-warmstart-") as tmp:
+            local = path
+            if storage.is_remote(path):
+                local = os.path.join(tmp, "entry")
+                storage.download_dir(path, local)
+            loaded = hf.load_model(local, mesh, **numerics(cfg))  # reads the files now
     except (OSError, ValueError):  # unreadable or mismatched entry: retrain and overwrite it
-        return False
+        return None
     new = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
     old = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if set(new) != set(old) or any(new[k].shape != old[k].shape or new[k].dtype != old[k].dtype for k in old):
-        return False
-    nnx.update(model, nnx.state(loaded, nnx.Param))
-    return True
+        return None
+    return nnx.state(loaded, nnx.Param)
 
 
 def _store_cached(path: str, model: nnx.Module, tokenizer, replace_stale: bool = False) -> None:
@@ -277,6 +283,14 @@ def _store_cached(path: str, model: nnx.Module, tokenizer, replace_stale: bool =
     cache_dir = os.path.dirname(path)
     if jax.process_index() != 0:
         hf.export_model(model, path, tokenizer)  # joins the gathers; only process 0 writes
+        return
+    if storage.is_remote(path):  # a bucket: uploaded file by file, config.json (what a load reads first) last
+        with tempfile.TemporaryDirectory(prefix="echorl-warmstart-") as tmp:
+            hf.export_model(model, tmp, tokenizer)
+            names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+            for name in names:
+                with open(os.path.join(tmp, name), "rb") as f:
+                    storage.write_bytes(storage.join(path, name), f.read())
         return
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=cache_dir)
@@ -348,13 +362,13 @@ def warm_start(
     if cache_dir:
         key = cache_key(model, tokenizer, records, sft_cfg, mesh=mesh, prompt_len=prompt_len,
                         response_len=response_len, seed=seed, template=template, add_bos=add_bos)  # fmt: skip
-        path = os.path.join(cache_dir, key)
-        hit = os.path.isdir(path)
-        if jax.process_count() > 1:  # every host must take the same branch
-            from jax.experimental import multihost_utils
-
-            hit = bool(multihost_utils.broadcast_one_to_all(np.int32(hit)))
-        if hit and _load_cached(path, model, mesh):
+        path = storage.join(cache_dir, key)
+        # Every host must take the same branch: a hit only when every host can load the entry (a local
+        # cache_dir on a pod lives on one worker's disk: the others train, and the entry stays there).
+        hit = not sharding.any_process(not storage.isdir(path))
+        loaded = _load_cached(path, model, mesh) if hit else None
+        if hit and not sharding.any_process(loaded is None):
+            nnx.update(model, loaded)
             return model
 
     data = _trim(build_sft_batch(records, tokenizer, prompt_len, response_len, template, add_bos), prompt_len)

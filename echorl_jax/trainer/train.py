@@ -11,7 +11,6 @@ sampling; there is no second engine. Per step:
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any
@@ -24,8 +23,8 @@ from echorl_jax import config as config_lib, sharding
 from echorl_jax.data.formats import DataError
 from echorl_jax.rl import offpolicy, packing, update
 from echorl_jax.rl.update import TrainState, UpdateBatch
-from echorl_jax.trainer import checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state
-from echorl_jax.trainer.guard import Guard
+from echorl_jax.trainer import checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state, storage
+from echorl_jax.trainer.guard import Guard, NonFinite
 from echorl_jax.trainer.learner_pass import make_learner_pass
 from echorl_jax.trainer.metrics_log import MetricsLog, to_python
 from echorl_jax.trainer.setup import Setup, build_setup
@@ -177,10 +176,11 @@ def _num_chunks(rl) -> int:
     return rl.minibatches * rl.micro_batches
 
 
-def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Checkpointer]:
-    """A fresh run in a clean workdir, or the exact continuation of the run saved there (trainer/run_state.py)."""
+def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Checkpointer, dict]:
+    """A fresh run in a clean workdir, or the exact continuation of the run saved there (trainer/run_state.py);
+    the last item is the checkpoint's JSON part (``{}`` for a fresh run)."""
     tc = s.cfg.train
-    directory = tc.checkpoint_dir or os.path.join(tc.workdir, "checkpoints")
+    directory = tc.checkpoint_dir or storage.join(tc.workdir, "checkpoints")
     checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
     latest = checkpointer.latest_step()
     if not tc.resume or latest is None:
@@ -196,22 +196,22 @@ def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Ch
             run_state.move_previous_run(tc.workdir, s.log)
             checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
         run_state.write_config(tc.workdir, config_lib.to_dict(s.cfg))
-        return 0, state, checkpointer
-    host = checkpointer.read_host(latest)
-    run_state.check_resume(host.get("config"), config_lib.to_dict(s.cfg), tc.workdir, latest)
-    try:
-        start, state, host = checkpointer.restore(state, latest)
+        return 0, state, checkpointer, {}
+    check = lambda step, host: run_state.check_resume(host.get("config"), config_lib.to_dict(s.cfg), tc.workdir, step)
+    try:  # the newest checkpoint that reads back (a truncated newer one is moved aside with a warning)
+        start, state, host = checkpointer.restore_newest(state, check, s.log)
         s.train_pipeline.set_state(host["data"])
     except (ckpt_lib.CheckpointError, DataError) as e:
         raise run_state.ResumeMismatch(run_state.mismatch_message(tc.workdir, latest, str(e))) from None
     s.log(f"resumed from step {start} in {checkpointer.directory}")
-    return start, state, checkpointer
+    return start, state, checkpointer, host
 
 
 def _log_line(step: int, row: dict, last_eval: dict) -> str:
     acc = next((f" held-out {k} {v:.3f}" for k, v in last_eval.items() if k.startswith("avg@") and "/" not in k), "")
+    loss = row.get("loss", 0)  # None: a NaN/Inf update (skipped)
     return (f"step {step}: reward {row.get('reward/mean', 0):.3f} accuracy {row.get('accuracy', 0):.3f} "
-            f"loss {row.get('loss', 0):.4g} clips {row.get('echo/num_clips', 0):.0f}{acc}")  # fmt: skip
+            f"loss {float('nan') if loss is None else loss:.4g} clips {row.get('echo/num_clips', 0):.0f}{acc}")  # fmt: skip
 
 
 # What build_setup bakes into a Setup (model and warm start, data pipelines, samplers, verifier, optimizer
@@ -251,7 +251,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     k = cfg.objective.expert_per_group  # LUFFY expert rows per group
     if k and s.experts is None:
         raise ValueError(f"objective.expert_per_group={k} but the setup was built without expert responses")
-    start, state, checkpointer = _open_run(s, s.state)
+    start, state, checkpointer, host = _open_run(s, s.state)
     log = MetricsLog(tc.workdir, resume_step=start)
     train_step = _jit_train_step(s, state)
     pack_mb = pack_spec(cfg, minibatch_rows(cfg), s.mesh)  # a mini-batch's packed layout (None: padded rows)
@@ -268,6 +268,8 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature, _num_chunks(rl), pack_all)
     preempt = _Preemption()
     guard = Guard(tc.collapse_guard, s.log)
+    guard.load(host.get("guard"))  # the run's own history: a collapse that spans a restart is still seen
+    nonfinite = NonFinite(tc.max_nonfinite_updates)
     base_key = jax.random.key(tc.seed)
     last_eval: dict[str, float] = {}
     if start == 0:
@@ -276,7 +278,13 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     bar = s.progress(start, tc.steps)
     step = saved = start
     stopping = False  # SIGTERM on any process (decided together at the end of a step)
-    save = lambda: checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg)})
+    stop_why = ""  # the collapse guard (train.collapse_guard=stop) or non-finite updates stopped the run
+
+    def save():
+        log.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint a restart resumes from
+        checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
+                                        "guard": guard.state()})  # fmt: skip
+
     for step in range(start + 1, tc.steps + 1):
         timings: dict[str, float] = {}
         t_step = time.perf_counter()
@@ -316,6 +324,8 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         timings["update"] = time.perf_counter() - t0
         metrics = _rollout_metrics(ro, sharding.to_host(reward_dev), got.correct_ng, clips, got.info, got.rounds, k)
         metrics.update({k: np.mean([float(u[k]) for u in update_metrics]) for k in update_metrics[0]})
+        skipped = [float(u["skipped_updates"]) for u in update_metrics]  # NaN/Inf updates, left undone
+        metrics["skipped_updates"] = sum(skipped)
         metrics.update(extra)
         metrics["lr"] = float(schedule(int(state.step) - 1))
         step_time = time.perf_counter() - t_step
@@ -329,19 +339,22 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
                 s.log(_log_line(step, row, last_eval))
         else:
             row = to_python(metrics)
-        collapsed = guard.update(row)
+        stop_why = "collapse guard" if guard.update(row) else ""
+        if nonfinite.update(skipped):
+            stop_why = f"{nonfinite.in_a_row} non-finite updates in a row (train.max_nonfinite_updates)"
         if tc.eval_every > 0 and step % tc.eval_every == 0 and step != tc.steps:
             last_eval = log.write(step, run_eval(s, state.params, step), kind="eval")
-            collapsed |= guard.update(last_eval, "eval")
+            if guard.update(last_eval, "eval") and not stop_why:
+                stop_why = "collapse guard"
         bar.update(row, last_eval)
         stopping = preempt.sync()
-        if stopping or collapsed or (tc.save_every > 0 and step % tc.save_every == 0):
+        if stopping or stop_why or (tc.save_every > 0 and step % tc.save_every == 0):
             save()
             saved = step
-        if stopping or collapsed:
-            s.log(f"{'SIGTERM' if stopping else 'collapse guard'}: saved step {step}, exiting")
+        if stopping or stop_why:
+            s.log(f"{'SIGTERM' if stopping else stop_why}: saved step {step}, exiting")
             break
-    stopped = stopping or (bool(guard.fired) and tc.collapse_guard == "stop")
+    stopped = stopping or bool(stop_why)
     if not stopped:
         # Also after a resume at the last step (a run preempted there never evaluated it).
         if not log.has(tc.steps, "eval"):
@@ -356,5 +369,5 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     log.close()
     s.state = state
     if tc.export_hf and not stopped:  # every host joins the gather; process 0 writes
-        s.export(os.path.join(tc.workdir, "hf_export"))
+        s.export(storage.join(tc.workdir, "hf_export"))
     return {"step": step, "eval": last_eval, "workdir": tc.workdir, "setup": s}
