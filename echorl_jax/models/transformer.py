@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from echorl_jax.models import attention as attn_lib
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.decode_attention import LiveKeys, decode_attention
+from echorl_jax.sharding import constrain_rows
 
 
 class KVCache(NamedTuple):
@@ -178,10 +179,11 @@ class Transformer(nnx.Module):
         else:
             pos = start = cache.pos
             valid_bk = jax.lax.dynamic_update_slice(cache.valid_bk, valid_bs, (0, pos))
-        x = self.embed[...].astype(cdt)[tokens_bs]
+        x = constrain_rows(self.embed[...].astype(cdt)[tokens_bs])
 
         def block(carry, p):
             x, kc, vc, layer = carry
+            x = constrain_rows(x)  # rows over the batch axes (sharding.constrain_rows)
             y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
             q = checkpoint_name(jnp.einsum("bsh,hnd->bsnd", y, p["wq"]), "qkv_proj")
             k = checkpoint_name(jnp.einsum("bsh,hgd->bsgd", y, p["wk"]), "qkv_proj")
@@ -208,10 +210,10 @@ class Transformer(nnx.Module):
                 attn = attn_lib.attention(q, k_all, v_all, valid_bk, q_start=start, impl=impl,
                                           segment_ids=segment_ids)
             out = jnp.einsum("bsnd,ndh->bsh", checkpoint_name(attn, "attn_out"), p["wo"])
-            x = x + (out + p["bo"] if cfg.o_bias else out)
+            x = constrain_rows(x + (out + p["bo"] if cfg.o_bias else out))
             y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-            mlp = jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"])
-            x = x + mlp @ p["w_down"]
+            mlp = constrain_rows(jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"]))
+            x = constrain_rows(x + mlp @ p["w_down"])
             return (x, kc, vc, layer + 1), None
 
         if cfg.remat != "none":

@@ -73,23 +73,41 @@ def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, temperature: flo
     pack = pack_spec(cfg, minibatch_rows(cfg), mesh)
     step_fn = update.make_train_step(
         graphdef, optimizer, cfg.objective, cfg.echo, micro_batches=cfg.rl.micro_batches, temperature=temperature,
-        pack=pack,
+        pack=pack, param_sh=state_sh.params,
     )  # fmt: skip
     batch_sh = sharding.batch_sharding(mesh, 2)  # every UpdateBatch field is [B, ...]
     in_sh = (state_sh, batch_sh) if pack is None else (state_sh, batch_sh, sharding.replicated(mesh))
-    return jax.jit(step_fn, in_shardings=in_sh, out_shardings=(state_sh, None), donate_argnums=0)
+    return jax.jit(sharding.traced_on(mesh, step_fn), in_shardings=in_sh, out_shardings=(state_sh, None), donate_argnums=0)
 
 
-def abstract_step_inputs(cfg: config_lib.Config, mesh) -> tuple:
-    """The train step's batch arguments as abstract values (plan.py): the mini-batch ``UpdateBatch``,
-    and with packing its plan."""
-    rows, p, t = minibatch_rows(cfg), cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+def abstract_step_inputs(cfg: config_lib.Config, mesh, rows: int | None = None) -> tuple:
+    """A learner pass's batch arguments as abstract values (plan.py): the ``UpdateBatch`` of ``rows``
+    rollout rows (default: a mini-batch, the train step's), and with packing its plan."""
+    rows = rows or minibatch_rows(cfg)
+    p, t = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
     sds = lambda cols, dtype: jax.ShapeDtypeStruct((rows, cols), dtype, sharding=sharding.batch_sharding(mesh, 2))  # noqa: E731
     f32 = jnp.float32
     batch = UpdateBatch(sds(p + t, jnp.int32), sds(p + t, bool), sds(t, bool), sds(t, f32), sds(t, f32), sds(t, f32),
                         sds(t, bool), sds(t, bool) if cfg.objective.expert_per_group else None,  # LUFFY expert tokens
                         sds(t, f32) if "token_tis" in cfg.objective.rollout_correction else None)  # fmt: skip
     return (batch,) if pack_spec(cfg, rows, mesh) is None else (batch, packing.abstract_plan(rows, mesh))
+
+
+def make_batch_passes(cfg: config_lib.Config, graphdef, temperature: float, mesh, param_sh=None) -> tuple:
+    """The learner's passes over the whole rollout batch, as jitted functions (None when the run has no use
+    for one): ``forward_logp`` (old / reference log-probs, mismatch metrics) and ``echo_norm`` (the echo
+    term's gradient norm, a diagnostic; ``param_sh``: the parameters' shardings, its gradients keep them).
+    plan.py compiles these same ones."""
+    rl, tc = cfg.rl, cfg.train
+    pack_all = pack_spec(cfg, rl.prompts_per_step * rl.group_size, mesh)  # the whole batch's packed layout
+    forward_logp = echo_norm = None
+    if rl.recompute_logp or cfg.objective.kl_coef > 0 or tc.mismatch_every > 0:
+        forward_logp = update.make_forward_logp(graphdef, cfg.sampling.max_new_tokens, temperature, _num_chunks(rl),
+                                                pack_all, mesh)  # fmt: skip
+    if cfg.echo.enabled and tc.echo_grad_norm_every > 0:
+        echo_norm = update.make_echo_grad_norm(graphdef, cfg.echo, temperature, _num_chunks(rl), pack_all, mesh,
+                                               param_sh)  # fmt: skip
+    return forward_logp, echo_norm
 
 
 def _jit_train_step(s: Setup, state: TrainState):
@@ -256,16 +274,11 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     train_step = _jit_train_step(s, state)
     pack_mb = pack_spec(cfg, minibatch_rows(cfg), s.mesh)  # a mini-batch's packed layout (None: padded rows)
     pack_all = pack_spec(cfg, rl.prompts_per_step * rl.group_size, s.mesh)  # the whole batch's (log-probs, echo)
-    forward_logp = None
-    if rl.recompute_logp or cfg.objective.kl_coef > 0 or tc.mismatch_every > 0:
-        forward_logp = update.make_forward_logp(s.graphdef, cfg.sampling.max_new_tokens, s.train_temperature,
-                                                _num_chunks(rl), pack_all)  # fmt: skip
+    forward_logp, echo_norm = make_batch_passes(cfg, s.graphdef, s.train_temperature, s.mesh,
+                                                jax.tree.map(lambda x: x.sharding, state.params))  # fmt: skip
     learner_pass = make_learner_pass(cfg, forward_logp)
     score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
     schedule = update.make_schedule(cfg.optim, s.total_updates)
-    echo_norm = None
-    if cfg.echo.enabled and tc.echo_grad_norm_every > 0:
-        echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature, _num_chunks(rl), pack_all)
     preempt = _Preemption()
     guard = Guard(tc.collapse_guard, s.log)
     guard.load(host.get("guard"))  # the run's own history: a collapse that spans a restart is still seen
