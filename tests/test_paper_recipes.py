@@ -49,14 +49,18 @@ def test_recipe_builds_with_the_papers_hyperparameters(path):
         assert (cfg.sampling.temperature, cfg.train.eval_temperature) == (1.0, 0.6)
         assert cfg.objective.kl_coef == 0.0
         assert cfg.objective.expert_per_group == (1 if method == "luffy" else 0)
-    # The accelerator plan the file states: whole rows per device everywhere, and the estimate fits.
-    m = BASE["MODELS"][model]
-    d, rows = m["devices"], 128 * 8
-    assert rows % d == 0 and (rows // cfg.rl.minibatches) % (cfg.rl.micro_batches * d) == 0
-    assert 128 * (8 - cfg.objective.expert_per_group) % d == 0  # the sampler's rows
-    est = BASE["per_device_gib"](m, d, cfg.rl.micro_batches)
-    assert est["peak"] < 0.75 * 80, est  # 80 GB devices with headroom for XLA temporaries
-    assert f"estimated peak {est['peak']:.0f} GiB per device" in open(path).read()
+    # The accelerator plan the file states and applies: the planner's (configs/paper/plans.json, written by
+    # bench/plan_recipes.py), every phase within 90 % of the accelerator's memory.
+    plan = BASE["PLANS"][BASE["PLAN_OF"].get(model, model)]
+    d, rows = plan["devices"], 128 * 8
+    assert rows % d == 0 and 128 * (8 - cfg.objective.expert_per_group) % d == 0  # whole rows per device
+    for key, value in plan["overrides"].items():
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == value, key
+    cap = {"h100": 80, "v5e": 16, "v5p": 95}[plan["accelerator"]]
+    for method_plan in (plan["grpo"], plan["luffy"]):
+        assert max(method_plan["phases"].values()) <= 0.9 * cap, method_plan
+    assert f"peak {plan['grpo']['peak_gb']:.1f} GB per device" in open(path).read()
     # A prompt + response fits the model's positions (LUFFY's context extension for Qwen2.5-Math).
     if "qwen25_math" in model:
         assert cfg.model.max_position_override >= 1024 + 8192
@@ -124,3 +128,12 @@ def test_recipes_run_one_rl_step_shrunk_to_a_tiny_model(tmp_path, family):
         assert np.isfinite(rows[0]["loss"]) and np.isfinite(rows[0]["grad_norm"]), (path, rows[0])
         if method == "luffy":
             assert rows[0]["expert/accuracy"] == 1.0, rows[0]
+
+
+def test_recipes_doc_table_is_the_planners():
+    """docs/recipes.md's hardware table is generated from configs/paper/plans.json (bench/plan_recipes.py)."""
+    gen = runpy.run_path(os.path.join(ROOT, "bench", "plan_recipes.py"))
+    doc = open(os.path.join(ROOT, "docs", "recipes.md")).read()
+    assert gen["table"](BASE["PLANS"]) in doc
+    assert set(BASE["PLANS"]) >= set(gen["TARGETS"]) and all(m in BASE["PLANS"] for m in BASE["MODELS"]
+                                                             if m not in BASE["PLAN_OF"])  # fmt: skip

@@ -49,9 +49,10 @@ def test_plan_command_line_with_fit(capsys):
     assert code == 0
     assert "parameters" in out and "KV cache" in out and "h200" in out and "train step" in out
     # Nothing binds at this size: no recomputation, the largest packed micro-batch (all 2 rows per device),
-    # and a KV budget of one hundredth (the least that holds one row per rollout).
+    # and a KV budget of 0.1 GB (the least step that holds one row per rollout).
     assert ("recommended for NVIDIA H100 80GB: --config.model.remat=none --config.rl.pack_rows_per_micro_batch=2 "
-            "--config.rl.micro_batches=1 --config.sampling.kv_cache_memory=0.01 --config.sampling.slots=0") in out
+            "--config.rl.micro_batches=1 --config.sampling.kv_cache_memory=0.1e9 --config.sampling.slots=0 "
+            "--config.sampling.decode_tensor_parallel=1") in out
 
 
 def test_plan_kv_cache_follows_sampling_slots():

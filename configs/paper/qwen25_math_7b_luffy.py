@@ -1,8 +1,9 @@
 """Qwen2.5-Math-7B (Qwen/Qwen2.5-Math-7B) x LUFFY at the paper's hyperparameters (configs/paper/_base.py).
 
-Accelerator: 16 devices of >= 80 GB: 2 nodes of 8 H100 80GB, or TPU v5p-32 (16 chips);
-mesh (1, -1, 1) (FSDP), rl.micro_batches=32;
-estimated peak 39 GiB per device (_base.per_device_gib).
+Accelerator: 8 × 80 GB (one node of 8 H100 or A100 80GB); mesh (1, -1, 1) (FSDP); planned with EchoRL on by
+python -m echorl_jax.plan --config configs/paper/qwen25_math_7b_grpo.py --devices 8 --config.model.path=configs/paper/models/qwen25_math_7b --config.echo.enabled=true --fit h100
+(configs/paper/plans.json): model.remat=attn, rl.pack_rows_per_micro_batch=2,
+sampling.kv_cache_memory=34.1e9, sampling.decode_tensor_parallel=2; peak 71.9 GB per device (sampler).
 Run:    python -m echorl_jax.main --config configs/paper/qwen25_math_7b_luffy.py
 EchoRL: add --config.echo.enabled=true
 """

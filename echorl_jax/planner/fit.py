@@ -10,7 +10,9 @@ The learner and the sampler are searched apart (their knobs do not interact):
 * **Sampler** (training and held-out): the decode copy's tensor parallelism is the sampler's own
   ``auto`` for ACCEL's memory (sampling/layout.py), and the KV cache gets what is left: one compile
   with a small probe budget measures everything but the cache, and ``sampling.kv_cache_memory``
-  becomes the rest of USABLE x memory (rounded down to a hundredth), checked by compiling again.
+  becomes the rest of USABLE x memory in bytes (rounded down to 0.1 GB; never more than one row per
+  rollout needs), checked by compiling again. Bytes, not a fraction: a fraction is of what the device
+  reports, which on GPU is JAX's allocator limit (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 75 % by default).
 
 Each trial is a full ahead-of-time compile of that phase at the run's shapes (tens of seconds for a 7B
 model on CPU); the search is a handful of them.
@@ -86,24 +88,28 @@ def fit(cfg, accel: str, devices=None, log: Callable[[str], None] = print) -> Fi
     other = max(p.peak for p in phases) - sm.kv_cache
     log(f"  sampler at a {PROBE_BUDGET:.0%} KV budget: {other / GB:.1f} GB besides the KV cache "
         f"(decode copy tensor-parallel over {sm.tensor_parallel})")  # fmt: skip
-    frac = int((usable - other) / memory * 100) / 100
     rollouts = cfg.rl.prompts_per_step * (cfg.rl.group_size - cfg.objective.expert_per_group)
-    every_row = sm.kv_cache / sm.rows * rollouts  # the cache of one row per rollout: no budget needs more
-    frac = min(frac, max(0.01, math.ceil(every_row / memory * 100) / 100))
+    every_row = sm.kv_cache / sm.rows * rollouts  # one row per rollout: no budget needs more
+    # In bytes, not a fraction: a fraction is of what the device reports (on GPU, JAX's allocator limit).
+    budget = math.floor(min(usable - other, every_row + 1e8) / 1e8) * 1e8
     for _ in range(4):
-        if frac <= 0:
-            return Fit(accel, learner_found, None, f"the sampler's weights and resident state leave no room for a KV cache "
-                       f"({other / GB:.1f} GB of {usable / GB:.1f} GB usable): more devices or tensor parallelism "
-                       "(sampling.decode_tensor_parallel)")  # fmt: skip
-        found = {**learner_found, "sampling.kv_cache_memory": frac, "sampling.slots": 0}
-        final = _with(chosen, sampling={"kv_cache_memory": frac, "slots": 0})
+        if budget < sm.kv_cache / max(sm.rows, 1):
+            return Fit(accel, learner_found, None, f"the sampler's weights and resident state leave no room for a KV "
+                       f"cache ({other / GB:.1f} GB of {usable / GB:.1f} GB usable): more devices or tensor "
+                       "parallelism (sampling.decode_tensor_parallel)")  # fmt: skip
+        final = _with(chosen, sampling={"kv_cache_memory": budget, "slots": 0})
         pl = plan(final, devices, memory, learner=lm)
-        log(f"  every phase, sampling.kv_cache_memory={frac}: peak {pl.peak / GB:.1f} GB")
+        log(f"  every phase, sampling.kv_cache_memory={budget / GB:g}e9: peak {pl.peak / GB:.1f} GB")
         if pl.fits(accel):
+            found = {**learner_found, "sampling.kv_cache_memory": budget, "sampling.slots": 0,
+                     "sampling.decode_tensor_parallel": pl.decode_tp}  # fmt: skip
             return Fit(accel, found, pl)
-        frac = round(frac - 0.02, 2)
+        budget -= 2e9
     return Fit(accel, learner_found, None, "the sampler's budget search did not converge")
 
 
 def override_args(overrides: dict) -> str:
-    return " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+    def value(k, v):
+        return f"{v / GB:g}e9" if k == "sampling.kv_cache_memory" else v
+
+    return " ".join(f"--config.{k}={value(k, v)}" for k, v in overrides.items())
