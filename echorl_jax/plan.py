@@ -49,7 +49,7 @@ class Plan:
     micro_batches: int
     params: int
     optimizer: int
-    ref_params: int  # a frozen copy for the KL term (0 without KL)
+    ref_params: int  # a frozen copy for the KL term (0 without KL, and with LoRA: the base is the reference)
     train_temp: int  # the train step's temporaries: activations, gradients, logits chunks
     train_peak: int  # arguments + temporaries + non-aliased outputs
     kv_cache: int
@@ -57,6 +57,7 @@ class Plan:
     sample_peak: int  # parameters + optimizer state stay resident while sampling
     decode_rows: int = 0  # the sampler's decode batch: sampling.slots, or N·G without refill
     kv_per_row: int = 0  # KV-cache bytes of one decode row over P + T (whole, not per device)
+    adapters: int = 0  # LoRA: the trained adapters' bytes (part of ``params``; the optimizer state is theirs)
 
     @property
     def peak(self) -> int:
@@ -82,20 +83,28 @@ def model_config(cfg):
                           **config_lib.context_overrides(cfg.model))
 
 
-def abstract_params(mcfg, mesh):
-    """``(graphdef, state)`` whose leaves are ``ShapeDtypeStruct``s carrying their mesh shardings."""
+def abstract_params(mcfg, mesh, lora=None):
+    """``(graphdef, params, frozen)`` whose leaves are ``ShapeDtypeStruct``s carrying their mesh shardings.
+    ``lora`` (a LoraConfig with rank > 0): ``params`` are the adapters and ``frozen`` the base weights, as
+    trainer/adapters.py splits them; otherwise ``params`` is every weight and ``frozen`` None."""
     import jax
     from flax import nnx
 
     from echorl_jax import sharding
+    from echorl_jax.models import lora as lora_lib
     from echorl_jax.models.transformer import Transformer
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
-    shapes = nnx.to_pure_dict(state)
-    shards = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
-    sds = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards)
-    nnx.replace_by_pure_dict(state, sds)
-    return graphdef, state
+    def build():
+        model = Transformer(mcfg, rngs=nnx.Rngs(0))
+        return lora_lib.add_adapters(model, lora) if lora is not None and lora.enabled else model
+
+    graphdef, *states = nnx.split(nnx.eval_shape(build), *((nnx.LoRAParam, ...) if lora and lora.enabled else ()))
+    for state in states:
+        shapes = nnx.to_pure_dict(state)
+        shards = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
+        sds = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards)
+        nnx.replace_by_pure_dict(state, sds)
+    return graphdef, states[0], states[1] if len(states) > 1 else None
 
 
 def device_bytes(tree) -> int:
@@ -160,7 +169,7 @@ def plan(cfg, devices=None) -> Plan:
     mesh = sharding.make_mesh(cfg.mesh.shape, devices)
     mcfg = model_config(cfg)
     rl = cfg.rl
-    graphdef, params = abstract_params(mcfg, mesh)
+    graphdef, params, frozen = abstract_params(mcfg, mesh, cfg.model.lora)
     optimizer = update.make_optimizer(cfg.optim, max(cfg.train.steps * rl.epochs * rl.minibatches, 1))
     opt_state = abstract_opt_state(optimizer, params, mesh)
     rep = sharding.replicated(mesh)
@@ -179,23 +188,27 @@ def plan(cfg, devices=None) -> Plan:
                                batch_array(t, f32) if "token_tis" in cfg.objective.rollout_correction else None)  # fmt: skip
     temperature = 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    step = train.jit_train_step(cfg, graphdef, optimizer, temperature, state_sh, mesh)
-    train_mem = step.lower(state, batch).compile().memory_analysis()
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    step = train.jit_train_step(cfg, graphdef, optimizer, temperature, state_sh, mesh, frozen_sh)
+    train_mem = step.lower(state, batch, frozen).compile().memory_analysis()
 
     sampler = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size, stop_ids=(0,), pad_id=0, mesh=mesh)
     n = rl.prompts_per_step
     key = jax.eval_shape(lambda: jax.random.key(0))
     sample_mem = sampler.lower(
-        params, jax.ShapeDtypeStruct((n, p), jnp.int32, sharding=rep), jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep),
+        update.policy_params(params, frozen), jax.ShapeDtypeStruct((n, p), jnp.int32, sharding=rep), jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep),
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
     ).compile().memory_analysis()  # fmt: skip
 
     rows_kv = decode_rows(cfg.sampling, n * rl.group_size, sharding.batch_divisor(mesh))[0]
     param_bytes, opt_bytes = device_bytes(params), device_bytes(opt_state)
-    ref = param_bytes if cfg.objective.kl_coef > 0 else 0
+    adapter_bytes = param_bytes if frozen is not None else 0
+    param_bytes += device_bytes(frozen) if frozen is not None else 0
+    # The KL reference: a copy of the initial policy; with LoRA the frozen base itself (adapters off).
+    ref = param_bytes if cfg.objective.kl_coef > 0 and frozen is None else 0
     return Plan(
         mesh_shape=dict(mesh.shape), rows_per_minibatch=rows, micro_batches=rl.micro_batches,
-        params=param_bytes, optimizer=opt_bytes, ref_params=ref,
+        params=param_bytes, optimizer=opt_bytes, ref_params=ref, adapters=adapter_bytes,
         train_temp=train_mem.temp_size_in_bytes, train_peak=_peak(train_mem) + ref,
         kv_cache=kv_cache_bytes(mcfg, mesh, rows_kv, p + t), decode_rows=rows_kv,
         kv_per_row=kv_bytes_per_slot(mcfg, p, t),
@@ -234,7 +247,11 @@ def format_plan(pl: Plan) -> str:
         f"mesh {pl.mesh_shape}; {pl.rows_per_minibatch} rows per optimizer step in {pl.micro_batches} micro-batch(es)",
         "per device:",
         f"  parameters            {gb(pl.params)}",
-        f"  optimizer state       {gb(pl.optimizer)}",
+    ]
+    if pl.adapters:
+        lines.append(f"    of which LoRA adapters {gb(pl.adapters)}   (trained; the rest is the frozen base)")
+    lines += [
+        f"  optimizer state       {gb(pl.optimizer)}" + ("   (adapters only)" if pl.adapters else ""),
     ]
     if pl.ref_params:
         lines.append(f"  reference parameters  {gb(pl.ref_params)}")

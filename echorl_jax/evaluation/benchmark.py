@@ -134,7 +134,7 @@ def run(args, overrides: dict) -> dict:
     import numpy as np
 
     from echorl_jax.evaluation import paper_table
-    from echorl_jax.trainer import grading
+    from echorl_jax.trainer import adapters, grading
     from echorl_jax.trainer.checkpoint import Checkpointer, CheckpointError
     from echorl_jax.trainer.setup import build_setup
 
@@ -149,10 +149,14 @@ def run(args, overrides: dict) -> dict:
     s = build_setup(cfg)
     params = s.state.params
     if ckpt_dir is not None:
+        if s.base_identity is not None:  # LoRA: the adapters fit only the base they were trained on
+            adapters.check_base(ckpt.read_host(step).get("lora_base"), s.base_identity, ckpt_dir,
+                                step if step is not None else ckpt.latest_step(), resume=False)
         step, state, _ = ckpt.restore(s.state, step)
         ckpt.close()
         params = state.params
         s.log(f"restored step {step} from {ckpt_dir}")
+    params = s.policy(params)  # LoRA: adapters + frozen base
     label = args.label or (f"{args.checkpoint} (step {step})" if ckpt_dir else cfg.model.path or "random init")
     t0 = time.perf_counter()
     s.eval_pipeline.set_state(s.eval_initial_state)

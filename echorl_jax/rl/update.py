@@ -23,8 +23,14 @@ from echorl_jax.rl import echo as echo_lib, objectives
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 optimizer steps taken
-    params: Any  # nnx.State of the policy's Params
+    params: Any  # nnx.State of the trained Params: all of them, or only the LoRA adapters (models/lora.py)
     opt_state: Any
+
+
+def policy_params(params, frozen=None):
+    """The policy's whole nnx State: the trained ``params``, plus the ``frozen`` base weights when only
+    LoRA adapters train (a merge of two trees: no array is copied)."""
+    return params if frozen is None else nnx.merge_state(params, frozen)
 
 
 class UpdateBatch(NamedTuple):
@@ -161,16 +167,16 @@ def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: fl
     it costs one extra forward + backward, so the trainer runs it only every few steps). Gradients are
     accumulated over ``num_chunks`` row-chunks, as in the train step."""
 
-    def echo_term(params, mb: UpdateBatch, num_clips):
+    def echo_term(params, mb: UpdateBatch, num_clips, frozen):
         t = mb.mask_bt.shape[1]
-        logp, _ = response_logp(graphdef, params, mb.tokens_bs, mb.valid_bs, t, temperature)
+        logp, _ = response_logp(graphdef, policy_params(params, frozen), mb.tokens_bs, mb.valid_bs, t, temperature)
         return echo_cfg.coef * echo_lib.echo_loss(logp, mb.echo_mask_bt, num_clips)
 
-    def fn(params, batch: UpdateBatch):
+    def fn(params, batch: UpdateBatch, frozen=None):
         num_clips = global_counts(batch).num_clips
 
         def accumulate(grads, mb):
-            return add_float32(grads, jax.grad(echo_term)(params, mb, num_clips)), None
+            return add_float32(grads, jax.grad(echo_term)(params, mb, num_clips, frozen)), None
 
         split = jax.tree.map(lambda x: split_rows(x, num_chunks), batch)
         grads, _ = jax.lax.scan(accumulate, zeros_float32(params), split)
@@ -181,29 +187,31 @@ def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: fl
 
 def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig, *, micro_batches: int,
                     temperature: float):  # fmt: skip
-    """Returns the un-jitted ``train_step(state, batch) -> (state, metrics)``."""
+    """Returns the un-jitted ``train_step(state, batch, frozen=None) -> (state, metrics)``; ``frozen``: the
+    base weights when ``state.params`` holds only LoRA adapters (read, never differentiated or updated)."""
 
-    def loss_fn(params, mb: UpdateBatch, counts):
+    def loss_fn(params, mb: UpdateBatch, counts, frozen):
         t = mb.mask_bt.shape[1]
-        logp, entropy = response_logp(graphdef, params, mb.tokens_bs, mb.valid_bs, t, temperature)
+        logp, entropy = response_logp(graphdef, policy_params(params, frozen), mb.tokens_bs, mb.valid_bs, t,
+                                      temperature)  # fmt: skip
         loss_batch = objectives.LossBatch(mb.mask_bt, mb.adv_bt, mb.old_logp_bt, mb.ref_logp_bt, mb.echo_mask_bt,
                                           mb.offpolicy_bt, mb.rc_weight_bt)  # fmt: skip
         return objectives.total_loss(logp, entropy, loss_batch, counts, obj_cfg, echo_cfg)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: UpdateBatch):
+    def train_step(state: TrainState, batch: UpdateBatch, frozen=None):
         counts = global_counts(batch)
         split = jax.tree.map(lambda x: split_rows(x, micro_batches), batch)
 
         def accumulate(carry, mb):
             grads, loss, metrics = carry
-            (l, m), g = grad_fn(state.params, mb, counts)
+            (l, m), g = grad_fn(state.params, mb, counts, frozen)
             return (add_float32(grads, g), loss + l, jax.tree.map(jnp.add, metrics, m)), None
 
         zeros = zeros_float32(state.params)
         first = jax.tree.map(lambda x: x[0], split)
-        metric_shape = jax.eval_shape(lambda: grad_fn(state.params, first, counts)[0][1])
+        metric_shape = jax.eval_shape(lambda: grad_fn(state.params, first, counts, frozen)[0][1])
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)
         init = (zeros, jnp.zeros((), jnp.float32), zero_metrics)
         (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, split)

@@ -24,6 +24,7 @@ from echorl_jax.rl import echo as echo_lib, offpolicy, update
 from echorl_jax.sampling.sampler import make_sampler
 from echorl_jax.tasks import arith
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
+from echorl_jax.trainer import adapters
 
 TASK_PREFIX = "task:"
 
@@ -51,15 +52,33 @@ class Setup:
     log: Callable[[str], None]
     stop_ids: tuple = ()  # what ends a response: token ids and token-id sequences (stop_ids())
     experts: offpolicy.ExpertTraces | None = None  # LUFFY expert responses of train_records (expert_per_group > 0)
+    # LoRA (trainer/adapters.py): the base weights (state.params holds only the adapters), the base model's
+    # graph (the KL reference: adapters off) and its identity, saved with every checkpoint. None: full fine-tuning.
+    frozen: Any = None
+    ref_graphdef: Any = None
+    base_identity: dict | None = None
+
+    def policy(self, params) -> Any:
+        """The whole policy State for ``params`` (a TrainState's): samplers and forward passes take it."""
+        return update.policy_params(params, self.frozen)
 
     @property
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.state.params)
+        return nnx.merge(self.graphdef, self.policy(self.state.params))
 
     def export(self, out_dir: str) -> None:
-        from echorl_jax.models import hf
+        """The policy as a Hugging Face directory (LoRA: the merged model, W + s*A*B)."""
+        from echorl_jax.models import hf, peft_export
 
-        hf.export_model(self.model, out_dir, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
+        model = self.model if self.frozen is None else peft_export.merged_model(self.model)
+        hf.export_model(model, out_dir, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
+
+    def export_adapter(self, out_dir: str) -> None:
+        """LoRA: the adapters as a PEFT adapter directory (models/peft_export.py)."""
+        from echorl_jax.models import peft_export
+
+        peft_export.export_adapter(self.model, out_dir, self.cfg.model.lora.alpha, base_model=self.cfg.model.path,
+                                   tokenizer=self.tokenizer)  # fmt: skip
 
     def progress(self, start: int, total: int):
         return Progress(start, total, enabled=self.cfg.train.progress and jax.process_index() == 0)
@@ -394,12 +413,15 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     log(f"model: {model.cfg.model_type}, {sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} params, mesh {dict(mesh.shape)}")
     if cfg.sft.steps > 0:
         model = _warm_start(cfg, model, tokenizer, train_records, mesh, log)
-    graphdef, params = nnx.split(model)
+    lora = adapters.attach(cfg, model, mesh, log) if cfg.model.lora.enabled else None
+    graphdef, params = (lora.graphdef, lora.params) if lora else nnx.split(model)
     total_updates = tc.steps * rl.epochs * rl.minibatches
     optimizer = update.make_optimizer(cfg.optim, total_updates)
     opt_state = update.init_opt_state(optimizer, params, mesh)  # moments sharded like their params
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
-    ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 else None
+    ref_params = None
+    if cfg.objective.kl_coef > 0:  # LoRA: the frozen base itself (adapters off); else a copy of the initial policy
+        ref_params = lora.frozen if lora else jax.tree.map(lambda x: x.copy(), params)
 
     common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
     # LUFFY: the sampler draws G - k rollouts per prompt; collect() appends the k expert rows.
@@ -415,5 +437,6 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
         sample=sample, eval_sample=eval_sample, train_pipeline=train_pipeline, eval_pipeline=eval_pipeline,
         eval_initial_state=eval_state, eval_records=eval_records, train_records=train_records,
         verifier=verifier, delimiter_ids=delimiter_ids, ref_params=ref_params, log=log,
-        stop_ids=stops, experts=experts,
+        stop_ids=stops, experts=experts, frozen=lora.frozen if lora else None,
+        ref_graphdef=lora.ref_graphdef if lora else graphdef, base_identity=lora.base_identity if lora else None,
     )  # fmt: skip

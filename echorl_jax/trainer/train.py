@@ -23,7 +23,7 @@ from echorl_jax import config as config_lib, sharding
 from echorl_jax.data.formats import DataError
 from echorl_jax.rl import offpolicy, update
 from echorl_jax.rl.update import TrainState, UpdateBatch
-from echorl_jax.trainer import checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state
+from echorl_jax.trainer import adapters, checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state
 from echorl_jax.trainer.guard import Guard
 from echorl_jax.trainer.learner_pass import make_learner_pass
 from echorl_jax.trainer.metrics_log import MetricsLog, to_python
@@ -55,18 +55,23 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, temperature: float, state_sh, mesh):
-    """The jitted train step with explicit shardings and donated state (plan.py compiles this same one)."""
+def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, temperature: float, state_sh, mesh, frozen_sh=None):
+    """The jitted ``train_step(state, batch, frozen)`` with explicit shardings and donated state (plan.py compiles
+    this same one); ``frozen``: LoRA's base weights (read only, not donated), None for full fine-tuning."""
     step_fn = update.make_train_step(
         graphdef, optimizer, cfg.objective, cfg.echo, micro_batches=cfg.rl.micro_batches, temperature=temperature,
     )  # fmt: skip
     batch_sh = sharding.batch_sharding(mesh, 2)  # every UpdateBatch field is [B, ...]
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, None),
+                   donate_argnums=0)  # fmt: skip
 
 
 def _jit_train_step(s: Setup, state: TrainState):
+    """``train_step(state, batch)`` with the setup's frozen base (LoRA) bound."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    return jit_train_step(s.cfg, s.graphdef, s.optimizer, s.train_temperature, state_sh, s.mesh)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, s.frozen)
+    step = jit_train_step(s.cfg, s.graphdef, s.optimizer, s.train_temperature, state_sh, s.mesh, frozen_sh)
+    return lambda state, batch: step(state, batch, s.frozen)
 
 
 def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds, num_expert: int = 0) -> dict[str, Any]:
@@ -130,7 +135,7 @@ def run_eval(s: Setup, params, step: int) -> dict[str, float]:
     s.eval_pipeline.set_state(s.eval_initial_state)
     rng = jax.random.fold_in(jax.random.key(s.cfg.train.seed + 1), step)
     return grading.evaluate(
-        s.eval_sample, params, s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
+        s.eval_sample, s.policy(params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
         k=s.cfg.train.eval_samples, rng=rng,
     )  # fmt: skip
 
@@ -162,6 +167,8 @@ def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Ch
         return 0, state, checkpointer
     host = checkpointer.read_host(latest)
     run_state.check_resume(host.get("config"), config_lib.to_dict(s.cfg), tc.workdir, latest)
+    if s.base_identity is not None:  # LoRA adapters fit only the base they were trained on
+        adapters.check_base(host.get("lora_base"), s.base_identity, tc.workdir, latest)
     try:
         start, state, host = checkpointer.restore(state, latest)
         s.train_pipeline.set_state(host["data"])
@@ -221,6 +228,10 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     if rl.recompute_logp or cfg.objective.kl_coef > 0 or tc.mismatch_every > 0:
         forward_logp = update.make_forward_logp(s.graphdef, cfg.sampling.max_new_tokens, s.train_temperature,
                                                 _num_chunks(rl))  # fmt: skip
+    forward_ref = forward_logp  # LoRA: the base model's graph (adapters off) on the frozen weights
+    if cfg.objective.kl_coef > 0 and s.ref_graphdef is not s.graphdef:
+        forward_ref = update.make_forward_logp(s.ref_graphdef, cfg.sampling.max_new_tokens, s.train_temperature,
+                                               _num_chunks(rl))  # fmt: skip
     learner_pass = make_learner_pass(cfg, forward_logp)
     score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
     schedule = update.make_schedule(cfg.optim, s.total_updates)
@@ -237,13 +248,16 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     bar = s.progress(start, tc.steps)
     step = saved = start
     stopping = False  # SIGTERM on any process (decided together at the end of a step)
-    save = lambda: checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg)})
+    host = {"lora_base": s.base_identity} if s.base_identity is not None else {}
+    save = lambda: checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
+                                                   **host})  # fmt: skip
     for step in range(start + 1, tc.steps + 1):
         timings: dict[str, float] = {}
         t_step = time.perf_counter()
         key = jax.random.fold_in(base_key, step)
+        policy = s.policy(state.params)  # LoRA: adapters + frozen base, decoded as they are (no merged copy)
         got = rollout_lib.collect(
-            lambda: next(s.train_pipeline), s.sample, state.params, key,
+            lambda: next(s.train_pipeline), s.sample, policy, key,
             verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
             dynamic_sampling=cfg.objective.dynamic_sampling,
             echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
@@ -254,17 +268,17 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         t0 = time.perf_counter()
         reward_dev, adv_bt, clips = score(ro, jnp.asarray(got.reward_ng))  # reward_ng: every process's rows
         expert_b = jnp.asarray(offpolicy.expert_rows(ro.tokens.shape[0], rl.group_size, k))
-        learner = learner_pass(step, state.params, ro, ~expert_b)  # old log-probs, mismatch, rollout correction
+        learner = learner_pass(step, policy, ro, ~expert_b)  # old log-probs, mismatch, rollout correction
         old_logp = learner.old_logp_bt
         if cfg.objective.kl_coef > 0:
-            ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid)
+            ref_logp = forward_ref(s.ref_params, ro.tokens, ro.valid)
         else:
             ref_logp = jnp.zeros_like(old_logp)
         full = UpdateBatch(ro.tokens, ro.valid, learner.mask_bt, adv_bt, old_logp, ref_logp, clips.mask_bt,
                            ro.response_mask & expert_b[:, None], learner.rc_weight_bt)  # fmt: skip
         extra = dict(learner.metrics)
         if echo_norm is not None and step % tc.echo_grad_norm_every == 0:
-            extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh))
+            extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh), s.frozen)
         state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step)
         jax.block_until_ready(state.params)
         timings["update"] = time.perf_counter() - t0
@@ -310,5 +324,8 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     log.close()
     s.state = state
     if tc.export_hf and not stopped:  # every host joins the gather; process 0 writes
-        s.export(os.path.join(tc.workdir, "hf_export"))
+        if s.frozen is not None:  # LoRA: the adapters in PEFT's format; the merged model on request
+            s.export_adapter(os.path.join(tc.workdir, "peft_adapter"))
+        if s.frozen is None or cfg.model.lora.export_merged:
+            s.export(os.path.join(tc.workdir, "hf_export"))
     return {"step": step, "eval": last_eval, "workdir": tc.workdir, "setup": s}
