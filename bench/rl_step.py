@@ -78,6 +78,7 @@ def make_cfg(args, echo: bool, workdir: str, steps: int):
     overrides = {
         "sft": {"steps": 0},
         "data": {"eval": ""},
+        "rl": {"pack_rows_per_micro_batch": 0},  # padded rows, as measured in bench/README.md (bench/packing.py: packed)
         "echo": {"enabled": echo},
         "train": {"steps": steps, "workdir": workdir, "progress": False, "export_hf": False, "resume": False,
                   "eval_every": 0},
@@ -123,7 +124,7 @@ class Mode:
         t_step = time.perf_counter()
         key = jax.random.fold_in(self.base_key, step)
         ro, reward_ng, correct_ng, info, rounds, _ = rollout_lib.collect(
-            lambda: next(s.train_pipeline), s.sample, self.state.params, key,
+            lambda: next(s.train_pipeline), s.sample, s.decode_weights(s.sample, self.state.params), key,
             verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
             dynamic_sampling=cfg.objective.dynamic_sampling,
             echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,

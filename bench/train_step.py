@@ -325,7 +325,9 @@ def main(argv=None):
 
     backend = jax.default_backend()
     cfg = config_lib.build_config(config_lib.load_config_file(os.path.join(C.REPO, "configs", "default.py")),
-                                  {"rl": {"micro_batches": 1}, "optim": {"warmup_steps": 0}})  # fmt: skip
+                                  # one padded micro-batch: bench/packing.py compares packed rows
+                                  {"rl": {"micro_batches": 1, "pack_rows_per_micro_batch": 0},
+                                   "optim": {"warmup_steps": 0}})  # fmt: skip
     data = make_batch(args, cfg.objective)
     b, s, t = args.batch, args.seq, data["t"]
     print(C.machine_line())

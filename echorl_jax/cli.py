@@ -12,6 +12,7 @@ Every tool is ``python -m echorl_jax.TOOL`` (or ``echorl-jax TOOL`` once install
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import os
@@ -107,14 +108,69 @@ def _on_tpu_vm() -> bool:
 
 def maybe_init_distributed(dist) -> None:
     """Multi-host (TPU pods, multi-node GPU, the localhost tests): every process runs this same program and
-    joins here before JAX touches a device."""
+    joins here before JAX touches a device. A process that sends no heartbeat for ``dist.heartbeat_timeout_s``
+    is declared dead and JAX stops the others (``exit_when_a_process_is_lost`` names it first when it can)."""
     kwargs = distributed_args(dist, os.environ)
     if kwargs is not None:
         import jax
 
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=dist.heartbeat_timeout_s,
+                                   initialization_timeout=dist.init_timeout_s)  # fmt: skip
         if jax.process_count() > 1 and jax.process_index() == 0:
             print(f"[echorl] {jax.process_count()} processes, {jax.device_count()} devices", flush=True)
+
+
+def lost_processes(wait_s: float) -> list[int] | None:
+    """The processes ``jax.distributed`` no longer counts as alive, ``[0]`` when its coordination service (in
+    process 0) does not answer, or None when all are alive or no answer came within ``wait_s``. The service
+    answers once every live process has asked or a silent one has missed its heartbeat deadline."""
+    import threading
+
+    import jax
+    from jax._src import distributed  # the client JAX keeps; get_live_nodes has no public wrapper
+
+    n = jax.process_count()
+    client = getattr(distributed.global_state, "client", None)
+    if client is None or not hasattr(client, "get_live_nodes"):
+        return None
+    answer, error = [], []
+
+    def ask():
+        try:
+            answer.append(client.get_live_nodes(list(range(n))))
+        except Exception as e:  # noqa: BLE001  (the service is gone)
+            error.append(e)
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout=wait_s)
+    if error:
+        return [0] if jax.process_index() != 0 else None
+    lost = sorted(set(range(n)) - set(answer[0])) if answer else []
+    return lost or None
+
+
+@contextlib.contextmanager
+def exit_when_a_process_is_lost(dist):
+    """Multi-process: an error from a collective whose peer died becomes one line naming the lost process(es)
+    and exit code 3 at once, instead of a traceback and JAX's shutdown barrier waiting on the dead process.
+    Rerunning every process resumes from the last checkpoint. Errors while all processes live pass through."""
+    try:
+        yield
+    except user_errors():
+        raise
+    except Exception as e:  # noqa: BLE001  (JaxRuntimeError from gloo/NCCL, anything a lost peer causes)
+        import jax
+
+        if jax.process_count() > 1:
+            lost = lost_processes(dist.heartbeat_timeout_s + 5.0)
+            if lost:
+                who = " (the coordinator)" if lost == [0] else ""
+                print(f"error: lost process(es) {lost}{who} of {jax.process_count()} (jax.distributed: no heartbeat;"
+                      f" dist.heartbeat_timeout_s={dist.heartbeat_timeout_s}): {type(e).__name__}: {str(e)[:300]}\n"
+                      "Rerun every process to resume from the last checkpoint.", file=sys.stderr, flush=True)
+                os._exit(3)  # not sys.exit: JAX's shutdown would wait for the dead process first
+        raise
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -22,6 +22,7 @@ from typing import Mapping
 import numpy as np
 
 from echorl_jax import config as config_lib, launch
+from echorl_jax.trainer import storage
 from echorl_jax.trainer.metrics_log import read_jsonl
 from echorl_jax.trainer.report import markdown_table
 
@@ -48,20 +49,20 @@ def variant_values(cfg: config_lib.Config, given: Mapping, method: str, echo: bo
     values["echo"] = {**values.get("echo", {}), "enabled": echo}
     # The echo grad-norm diagnostic (an extra backward) runs only if the config asks for it; its steps are
     # left out of the step times, so the time ratio stays EchoRL's own cost.
-    values["train"] = {**values.get("train", {}), "seed": seed, "workdir": os.path.join(base, "compare", name, f"seed{seed}"),
+    values["train"] = {**values.get("train", {}), "seed": seed, "workdir": storage.join(base, "compare", name, f"seed{seed}"),
                        "progress": False, "export_hf": False, "resume": False}  # fmt: skip
     # One warm start (sft.seed) shared by every method and RL seed: the comparison isolates the RL phase.
-    values["sft"] = {**values.get("sft", {}), "cache_dir": cfg.sft.cache_dir or os.path.join(base, "warmstart")}
+    values["sft"] = {**values.get("sft", {}), "cache_dir": cfg.sft.cache_dir or storage.join(base, "warmstart")}
     return values
 
 
 def final_eval(workdir: str) -> dict:
-    evals = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("kind") == "eval"]
+    evals = [r for r in read_jsonl(storage.join(workdir, "metrics.jsonl")) if r.get("kind") == "eval"]
     return evals[-1] if evals else {}
 
 
 def mean_step_time(workdir: str) -> float:
-    rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("kind") == "train"]
+    rows = [r for r in read_jsonl(storage.join(workdir, "metrics.jsonl")) if r.get("kind") == "train"]
     plain = [r for r in rows[1:] if "echo/grad_norm" not in r]  # skip the compiling step and diagnostic steps
     times = [r["time/step"] for r in plain] or [r["time/step"] for r in rows]
     return float(np.mean(times)) if times else float("nan")
@@ -71,7 +72,7 @@ def regime(workdir: str, key: str) -> dict:
     """Where the run spent its steps: held-out ``key`` per evaluation, the all-success fraction of groups
     in the first and last quarter of the steps, and the echo term's gradient norm as a share of the
     update's (``train.echo_grad_norm_every`` steps; NaN without them)."""
-    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    rows = read_jsonl(storage.join(workdir, "metrics.jsonl"))
     train_rows = [r for r in rows if r.get("kind") == "train"]
     q = max(len(train_rows) // 4, 1)
     frac = [r.get("echo/frac_all_success", np.nan) for r in train_rows]
@@ -92,6 +93,9 @@ def run(cfg: config_lib.Config, given: Mapping, seeds: tuple[int, ...] = (0, 1, 
     platform = platform or launch.jax_platform()
     parallel = parallel or (GPU_PARALLEL if platform == "gpu" else 1)
     runs = [(method, echo, seed) for seed in seeds for method in methods for echo in (False, True)]
+    if parallel > 1 and storage.is_remote(cfg.train.workdir):
+        raise config_lib.ConfigError(f"--parallel {parallel} with train.workdir={cfg.train.workdir!r}: child runs need a "
+                                     "local workdir (their config files and logs); use a local one or --parallel 1")
     if parallel > 1:
         _run_children(cfg, given, runs, parallel, platform)
     else:
@@ -190,12 +194,13 @@ def write(cfg: config_lib.Config, results: dict, seeds, methods: tuple[str, ...]
         "",
     ])  # fmt: skip
     base_dir = cfg.train.workdir
-    os.makedirs(base_dir, exist_ok=True)
-    with open(os.path.join(base_dir, "compare.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(base_dir, "compare.json"), "w") as f:
-        json.dump({"summary": summary, "runs": results}, f, indent=1, default=float)
-    print(text)
+    import jax
+
+    if jax.process_index() == 0:  # every process computes the table (the runs' files are process 0's)
+        storage.write_text(storage.join(base_dir, "compare.md"), text)
+        storage.write_text(storage.join(base_dir, "compare.json"),
+                           json.dumps({"summary": summary, "runs": results}, indent=1, default=float))
+        print(text)
     return summary
 
 

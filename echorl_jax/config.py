@@ -57,6 +57,8 @@ class DistConfig:
     num_processes: int = 0  # 0 = env or auto-detect
     process_id: int = -1  # -1 = env or auto-detect
     initialize: str = "auto"  # auto: when set here/in env or on a TPU VM; "always"; "never"
+    heartbeat_timeout_s: int = 100  # a process silent this long is dead: the others stop (JAX's default: 100)
+    init_timeout_s: int = 300  # how long processes wait for each other at start-up (JAX's default: 300)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,10 @@ class RLConfig:
     epochs: int = 1  # K passes over each rollout batch
     minibatches: int = 1  # optimizer steps per epoch
     micro_batches: int = 1  # gradient accumulation inside each optimizer step
+    # Packed learner rows (rl/packing.py): each micro-batch holds this many rows of P+T tokens per device, each
+    # row several whole sequences; every learner pass (train step, old/ref log-probs, echo diagnostic, SFT)
+    # packs. The token budget per device per micro-batch is this x (P+T). 0 = one padded row per sequence.
+    pack_rows_per_micro_batch: int = 0
     recompute_logp: bool = False  # old log-probs from a forward pass instead of the sampler
     stop_strings: tuple = ()  # extra stop texts (one or more tokens each), besides the default stops (docs/components.md)
     max_sample_rounds: int = 3  # DAPO dynamic sampling: prompt batches drawn at most per step
@@ -167,6 +173,7 @@ class TrainConfig:
     # which measures it every step for free; 0 = only when recomputing
     mismatch_every: int = 0
     checkpoint_dir: str = ""  # "" = workdir/checkpoints; multi-host runs need storage every host sees (gs://...)
+    max_nonfinite_updates: int = 5  # NaN/Inf loss or gradient: the update is skipped; this many in a row stop the run (0 = never)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,6 +437,7 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(rows % rl.minibatches == 0, "rl.minibatches", rl.minibatches, f"must divide prompts_per_step*group_size={rows}")
     mb = rows // rl.minibatches
     _check(mb % rl.micro_batches == 0, "rl.micro_batches", rl.micro_batches, f"must divide the minibatch size {mb}")
+    _validate_packing(cfg)
     _check(not (cfg.objective.estimator == "rloo" and rl.group_size < 2), "rl.group_size", rl.group_size, "rloo needs group_size >= 2")
     k = cfg.objective.expert_per_group
     _check(k < rl.group_size, "objective.expert_per_group", k,
@@ -458,6 +466,10 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(cfg.dist.initialize in ("auto", "always", "never"), "dist.initialize", cfg.dist.initialize,
            "one of 'auto', 'always', 'never'")
     _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
+    _check(train.max_nonfinite_updates >= 0, "train.max_nonfinite_updates", train.max_nonfinite_updates,
+           "must be >= 0 (0 = never stop)")
+    for key in ("heartbeat_timeout_s", "init_timeout_s"):
+        _check(getattr(cfg.dist, key) >= 1, f"dist.{key}", getattr(cfg.dist, key), "must be >= 1 (seconds)")
     _validate_data(cfg.data)
     _check(cfg.data.on_overlong in ("drop", "error"), "data.on_overlong", cfg.data.on_overlong, "allowed: drop, error")
     _check(cfg.data.expert_overlong in ("truncate", "drop", "error"), "data.expert_overlong",
@@ -466,6 +478,15 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(cfg.sft.steps >= 0, "sft.steps", cfg.sft.steps, "must be >= 0")
     _check(not (cfg.data.response_prefix and cfg.sft.steps > 0), "data.response_prefix", cfg.data.response_prefix,
            "is not supported with a warm start (sft.steps > 0): the warm start renders prompts without it")
+
+
+def _validate_packing(cfg: Config) -> None:
+    rows = cfg.rl.pack_rows_per_micro_batch
+    _check(rows >= 0, "rl.pack_rows_per_micro_batch", rows, "must be >= 0 (0 = padded rows, no packing)")
+    if rows:
+        _check(cfg.rl.micro_batches == 1, "rl.micro_batches", cfg.rl.micro_batches,
+               f"must be 1 with packing (rl.pack_rows_per_micro_batch={rows}): the packed rows' budget sets the "
+               "micro-batches")  # fmt: skip
 
 
 def _validate_data(data: DataConfig) -> None:

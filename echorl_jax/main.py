@@ -96,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     from echorl_jax.trainer import report, train
 
     try:
-        if args.compare:
-            seeds = tuple(int(x) for x in args.seeds.split(",") if x)
-            compare.run(cfg, args.given, seeds=seeds, parallel=parallel, platform=platform, methods=methods)
-            return 0
-        result = train.train(cfg)
+        with cli.exit_when_a_process_is_lost(cfg.dist):
+            if args.compare:
+                seeds = tuple(int(x) for x in args.seeds.split(",") if x)
+                compare.run(cfg, args.given, seeds=seeds, parallel=parallel, platform=platform, methods=methods)
+                return 0
+            result = train.train(cfg)
     except cli.user_errors() as e:  # bad paths, data rows, checkpoints, a changed config: a message, not a traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

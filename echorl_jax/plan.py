@@ -3,14 +3,17 @@
     python -m echorl_jax.plan --config CONFIG [--devices N] [--fit h100] [--config.section.key=value ...]
 
 Ahead-of-time compiles the trainer's own train step (train.jit_train_step) and
-sampler (sampling.make_sampler) for the configured mesh on abstract parameters
-(``nnx.eval_shape`` + shardings; a ``model.path`` run reads only its
-config.json), then prints per-device bytes: parameters, optimizer state, the
-train step's temporaries (activations, gradients, logits chunks) and the
-sampler's (KV cache included), and whether the larger of the two phases fits
+sampler (sampling.make_sampler, as the trainer runs it: on its decode copy of the
+parameters with the decode rows its memory plan chooses, ``sampler_memory``) for
+the configured mesh on abstract parameters (``nnx.eval_shape`` + shardings; a
+``model.path`` run reads only its config.json), then prints per-device bytes:
+parameters, optimizer state, the train step's temporaries (activations,
+gradients, logits chunks), the KV cache, the decode copy and the sampler's
+temporaries (KV cache included), and whether the larger of the two phases fits
 each named accelerator. With ``--devices N`` and no accelerator, the mesh is N
 fake CPU devices. ``--fit ACCEL`` also searches ``rl.micro_batches`` upward for
-the smallest value whose train step fits ACCEL.
+the smallest value whose train step fits ACCEL, and takes ACCEL's memory for a
+``sampling.kv_cache_memory`` fraction and auto ``sampling.decode_tensor_parallel``.
 
 Numbers are XLA's ``memory_analysis`` of the program compiled for *this*
 platform: compiled on CPU, attention uses the CPU backend (the xla reference,
@@ -54,10 +57,17 @@ class Plan:
     train_peak: int  # arguments + temporaries + non-aliased outputs
     kv_cache: int
     sample_temp: int  # the sampler's temporaries, KV cache included
-    sample_peak: int  # parameters + optimizer state stay resident while sampling
-    decode_rows: int = 0  # the sampler's decode batch: sampling.slots, or N·G without refill
-    kv_per_row: int = 0  # KV-cache bytes of one decode row over P + T (whole, not per device)
+    sample_peak: int  # parameters + optimizer state (+ the decode copy) stay resident while sampling
+    decode_rows: int = 0  # the sampler's decode batch: the chosen slots, or N·G without refill
+    kv_per_row: int = 0  # KV-cache bytes of one decode row over P + T' (whole, not per device)
+    decode_copy: int = 0  # the sampler's copy of the parameters (0: it decodes from them directly)
+    decode_tp: int = 1  # its tensor-parallel group size
+    copy_temp: int = 0  # the copy program's temporaries (before sampling: no KV cache yet)
+    cpu_bf16: bool = False  # compiled by XLA:CPU with bf16 compute (its f32 upcasts inflate the sampler's temporaries)
+    refill: bool = False  # decode rows are refilled slots
+    packed: bool = False  # micro-batches of packed rows (rl.pack_rows_per_micro_batch): at most micro_batches run
     adapters: int = 0  # LoRA: the trained adapters' bytes (part of ``params``; the optimizer state is theirs)
+    base_copy: int = 0  # LoRA: the frozen base's decode copy, made once and kept (0: decodes from the base itself)
 
     @property
     def peak(self) -> int:
@@ -83,28 +93,43 @@ def model_config(cfg):
                           **config_lib.context_overrides(cfg.model))
 
 
-def abstract_params(mcfg, mesh, lora=None):
-    """``(graphdef, params, frozen)`` whose leaves are ``ShapeDtypeStruct``s carrying their mesh shardings.
-    ``lora`` (a LoraConfig with rank > 0): ``params`` are the adapters and ``frozen`` the base weights, as
-    trainer/adapters.py splits them; otherwise ``params`` is every weight and ``frozen`` None."""
+def _place_abstract(state, mesh) -> None:
+    """Replaces ``state``'s leaves (in place) by ``ShapeDtypeStruct``s carrying their mesh shardings."""
     import jax
     from flax import nnx
 
     from echorl_jax import sharding
+
+    shapes = nnx.to_pure_dict(state)
+    shards = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
+    sds = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards)
+    nnx.replace_by_pure_dict(state, sds)
+
+
+def abstract_params(mcfg, mesh):
+    """``(graphdef, state)`` whose leaves are ``ShapeDtypeStruct``s carrying their mesh shardings."""
+    from flax import nnx
+
+    from echorl_jax.models.transformer import Transformer
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+    _place_abstract(state, mesh)
+    return graphdef, state
+
+
+def abstract_lora_params(mcfg, mesh, lora):
+    """LoRA (``lora``: a LoraConfig with rank > 0): ``(graphdef, adapters, frozen)`` as trainer/adapters.py splits
+    the adapted model, abstract and placed like ``abstract_params``."""
+    from flax import nnx
+
     from echorl_jax.models import lora as lora_lib
     from echorl_jax.models.transformer import Transformer
 
-    def build():
-        model = Transformer(mcfg, rngs=nnx.Rngs(0))
-        return lora_lib.add_adapters(model, lora) if lora is not None and lora.enabled else model
-
-    graphdef, *states = nnx.split(nnx.eval_shape(build), *((nnx.LoRAParam, ...) if lora and lora.enabled else ()))
-    for state in states:
-        shapes = nnx.to_pure_dict(state)
-        shards = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
-        sds = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards)
-        nnx.replace_by_pure_dict(state, sds)
-    return graphdef, states[0], states[1] if len(states) > 1 else None
+    model = nnx.eval_shape(lambda: lora_lib.add_adapters(Transformer(mcfg, rngs=nnx.Rngs(0)), lora))
+    graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    for state in (adapters, frozen):
+        _place_abstract(state, mesh)
+    return graphdef, adapters, frozen
 
 
 def device_bytes(tree) -> int:
@@ -134,33 +159,78 @@ def _peak(memory) -> int:
     return memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
 
 
-def kv_cache_bytes(mcfg, mesh, rows: int, slots: int) -> int:
-    """Per-device bytes of the sampler's k and v caches at their largest (``rows`` decode rows,
-    ``slots = P + T`` cache slots each)."""
+@dataclasses.dataclass(frozen=True)
+class SamplerMemory:
+    """Per-device bytes of the sampler as the trainer runs it (``sampler_memory``)."""
+
+    kv_cache: int  # the KV cache of the chosen decode rows
+    decode_copy: int  # the decode copy of the parameters (0: the sampler reads the parameters themselves)
+    temp: int  # the compiled sampler's temporaries (KV cache included)
+    peak: int  # its arguments (decode copy, prompts) + temporaries + outputs
+    copy_temp: int  # the copy program's temporaries (one layer's gather at most)
+    rows: int
+    refill: bool
+    tensor_parallel: int
+    kv_per_row: int  # one decode row over P + T' (whole, not per device)
+
+
+def sampler_memory(cfg, mesh, mcfg, graphdef, params, *, memory: int | None = None) -> SamplerMemory:
+    """Compiles the training sampler of ``cfg`` (G - k rollouts per prompt) on ``mesh`` for abstract
+    ``params`` (training layout) as the trainer runs it: its memory plan (decode layout, rows from
+    ``sampling.slots`` / ``sampling.kv_cache_memory``; ``memory`` = bytes per device for fractions and
+    auto tensor parallelism), then the decode copy's abstract form lowered with full-width prompts."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
 
-    from echorl_jax import sharding
+    from echorl_jax import config as config_lib, sharding
+    from echorl_jax.sampling.sampler import kv_bytes_per_slot, make_sampler
 
-    shape = (mcfg.num_layers, -(-rows // sharding.batch_divisor(mesh)) * sharding.batch_divisor(mesh),
-             mcfg.num_kv_heads, slots, mcfg.dim_per_head)  # fmt: skip
-    spec = sharding.logical_to_spec((None, "batch", "kv_heads", None, "head_dim"), shape, mesh)
-    one = jax.ShapeDtypeStruct(shape, jnp.dtype(mcfg.compute_dtype), sharding=NamedSharding(mesh, spec))
-    return 2 * device_bytes(one)
+    group = cfg.rl.group_size - cfg.objective.expert_per_group
+    sampler = make_sampler(graphdef, cfg.sampling, group_size=group, stop_ids=(0,), pad_id=0, mesh=mesh,
+                           device_memory=memory)  # fmt: skip
+    n, p = cfg.rl.prompts_per_step, cfg.data.max_prompt_len
+    try:
+        sp = sampler.prepare(params, p)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    rep = sharding.replicated(sp.layout.mesh or mesh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    mem = sampler.lower(
+        sp.layout.abstract(params), jax.ShapeDtypeStruct((n, p), jnp.int32, sharding=rep),
+        jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep), jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
+    ).compile().memory_analysis()  # fmt: skip
+    copy_temp = sp.layout.lower(params).compile().memory_analysis().temp_size_in_bytes if sp.copy_bytes else 0
+    rows, refill = sp.rows(n * group)
+    return SamplerMemory(kv_cache=sp.kv_bytes(n * group), decode_copy=sp.copy_bytes, temp=mem.temp_size_in_bytes,
+                         peak=_peak(mem), copy_temp=copy_temp, rows=rows, refill=refill,
+                         tensor_parallel=sp.layout.tensor_parallel, kv_per_row=kv_bytes_per_slot(mcfg, p, cfg.sampling.max_new_tokens))  # fmt: skip
+
+
+def lora_memory(mcfg, mesh, adapters, frozen, tensor_parallel: int, opt_bytes: int) -> tuple[int, int, int]:
+    """LoRA's ``(adapter bytes, kept decode copy of the frozen base, bytes resident beside the sampler)``
+    per device (trainer/setup.py ``Setup.decode_weights``: the base is copied once per run, only when its
+    decode layout differs, and the copy stays through the train step; the adapters are copied per step)."""
+    from echorl_jax.sampling.layout import DecodeLayout, copy_bytes_per_device
+
+    layout = DecodeLayout(mesh, tensor_parallel, mcfg.compute_dtype)
+    adapter_bytes = device_bytes(adapters)
+    base_copy = copy_bytes_per_device(frozen, layout.mesh, layout.dtype) if layout.needs_copy(frozen) else 0
+    # Beside the sampler's arguments (the decode copy): the optimizer state, and the originals of what was copied.
+    resident = opt_bytes + (adapter_bytes if layout.needs_copy(adapters) else 0) + (device_bytes(frozen) if base_copy else 0)
+    return adapter_bytes, base_copy, resident
 
 
 # ----------------------------------------------------------------------------- the plan
 
 
-def plan(cfg, devices=None) -> Plan:
-    """Compiles the train step and the sampler of ``cfg`` on ``devices`` (default: every visible one)."""
+def plan(cfg, devices=None, memory: int | None = None) -> Plan:
+    """Compiles the train step and the sampler of ``cfg`` on ``devices`` (default: every visible one);
+    ``memory``: bytes per device of the accelerator planned for (default: what the device reports)."""
     import jax
     import jax.numpy as jnp
 
     from echorl_jax import sharding
     from echorl_jax.rl import update
-    from echorl_jax.sampling.sampler import decode_rows, kv_bytes_per_slot, make_sampler
     from echorl_jax.trainer import train
 
     devices = list(devices if devices is not None else jax.devices())
@@ -169,7 +239,10 @@ def plan(cfg, devices=None) -> Plan:
     mesh = sharding.make_mesh(cfg.mesh.shape, devices)
     mcfg = model_config(cfg)
     rl = cfg.rl
-    graphdef, params, frozen = abstract_params(mcfg, mesh, cfg.model.lora)
+    if cfg.model.lora.enabled:  # params: the adapters; frozen: the base weights
+        graphdef, params, frozen = abstract_lora_params(mcfg, mesh, cfg.model.lora)
+    else:
+        (graphdef, params), frozen = abstract_params(mcfg, mesh), None
     optimizer = update.make_optimizer(cfg.optim, max(cfg.train.steps * rl.epochs * rl.minibatches, 1))
     opt_state = abstract_opt_state(optimizer, params, mesh)
     rep = sharding.replicated(mesh)
@@ -177,42 +250,34 @@ def plan(cfg, devices=None) -> Plan:
 
     rows = rl.prompts_per_step * rl.group_size // rl.minibatches
     p, t = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
-
-    def batch_array(cols, dtype):
-        return jax.ShapeDtypeStruct((rows, cols), dtype, sharding=sharding.batch_sharding(mesh, 2))
-
-    f32 = jnp.float32
-    batch = update.UpdateBatch(batch_array(p + t, jnp.int32), batch_array(p + t, bool), batch_array(t, bool),
-                               batch_array(t, f32), batch_array(t, f32), batch_array(t, f32), batch_array(t, bool),
-                               batch_array(t, bool) if cfg.objective.expert_per_group else None,  # LUFFY expert tokens
-                               batch_array(t, f32) if "token_tis" in cfg.objective.rollout_correction else None)  # fmt: skip
     temperature = 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
     step = train.jit_train_step(cfg, graphdef, optimizer, temperature, state_sh, mesh, frozen_sh)
-    train_mem = step.lower(state, batch, frozen).compile().memory_analysis()
+    # The mini-batch (and with rl.pack_rows_per_micro_batch its packing plan): the step compiles for one
+    # packed micro-batch of that many rows per device, whatever the lengths.
+    train_mem = step.lower(state, *train.abstract_step_inputs(cfg, mesh, frozen)).compile().memory_analysis()
+    pack = train.pack_spec(cfg, rows, mesh)
 
-    sampler = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size, stop_ids=(0,), pad_id=0, mesh=mesh)
-    n = rl.prompts_per_step
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    sample_mem = sampler.lower(
-        update.policy_params(params, frozen), jax.ShapeDtypeStruct((n, p), jnp.int32, sharding=rep), jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep),
-        jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
-    ).compile().memory_analysis()  # fmt: skip
-
-    rows_kv = decode_rows(cfg.sampling, n * rl.group_size, sharding.batch_divisor(mesh))[0]
+    sm = sampler_memory(cfg, mesh, mcfg, graphdef, update.policy_params(params, frozen), memory=memory)
     param_bytes, opt_bytes = device_bytes(params), device_bytes(opt_state)
-    adapter_bytes = param_bytes if frozen is not None else 0
-    param_bytes += device_bytes(frozen) if frozen is not None else 0
-    # The KL reference: a copy of the initial policy; with LoRA the frozen base itself (adapters off).
-    ref = param_bytes if cfg.objective.kl_coef > 0 and frozen is None else 0
+    ref = param_bytes if cfg.objective.kl_coef > 0 else 0
+    # While sampling, the masters, optimizer state and reference stay resident beside the sampler's
+    # own arguments (the decode copy, or the masters themselves when no copy is made).
+    resident = opt_bytes + ref + (param_bytes if sm.decode_copy else 0)
+    adapter_bytes = base_copy = 0
+    if frozen is not None:  # LoRA: no reference copy (the base is the reference); the base's decode copy is kept
+        adapter_bytes, base_copy, resident = lora_memory(mcfg, mesh, params, frozen, sm.tensor_parallel, opt_bytes)
+        param_bytes, ref = adapter_bytes + device_bytes(frozen), 0
     return Plan(
-        mesh_shape=dict(mesh.shape), rows_per_minibatch=rows, micro_batches=rl.micro_batches,
-        params=param_bytes, optimizer=opt_bytes, ref_params=ref, adapters=adapter_bytes,
-        train_temp=train_mem.temp_size_in_bytes, train_peak=_peak(train_mem) + ref,
-        kv_cache=kv_cache_bytes(mcfg, mesh, rows_kv, p + t), decode_rows=rows_kv,
-        kv_per_row=kv_bytes_per_slot(mcfg, p, t),
-        sample_temp=sample_mem.temp_size_in_bytes, sample_peak=_peak(sample_mem) + opt_bytes + ref,
+        mesh_shape=dict(mesh.shape), rows_per_minibatch=rows,
+        micro_batches=rl.micro_batches if pack is None else pack.num_micro_batches, packed=pack is not None,
+        params=param_bytes, optimizer=opt_bytes, ref_params=ref, adapters=adapter_bytes, base_copy=base_copy,
+        train_temp=train_mem.temp_size_in_bytes, train_peak=_peak(train_mem) + ref + base_copy,
+        kv_cache=sm.kv_cache, decode_rows=sm.rows, kv_per_row=sm.kv_per_row, refill=sm.refill,
+        decode_copy=sm.decode_copy, decode_tp=sm.tensor_parallel, copy_temp=sm.copy_temp,
+        cpu_bf16=jax.default_backend() == "cpu" and jnp.dtype(mcfg.compute_dtype) == jnp.bfloat16,
+        sample_temp=sm.temp, sample_peak=max(sm.peak, sm.decode_copy + sm.copy_temp) + resident,
     )  # fmt: skip
 
 
@@ -229,11 +294,15 @@ def fit_micro_batches(cfg, accel: str, devices=None) -> tuple[Plan | None, list[
 
     from echorl_jax import sharding
 
+    if cfg.rl.pack_rows_per_micro_batch:
+        raise SystemExit("--fit searches rl.micro_batches, which packing replaces: drop --fit, or set "
+                         "rl.pack_rows_per_micro_batch=0 to search padded micro-batches")  # fmt: skip
     devices = list(devices if devices is not None else jax.devices())
     mesh = sharding.make_mesh(cfg.mesh.shape, devices[: cfg.mesh.num_devices or len(devices)])
     tried = []
     for m in micro_batch_candidates(cfg, sharding.batch_divisor(mesh)):
-        tried.append(plan(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, micro_batches=m)), devices))
+        tried.append(plan(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, micro_batches=m)), devices,
+                          ACCELERATORS[accel][1]))  # fmt: skip
         if tried[-1].fits(accel):
             return tried[-1], tried
     return None, tried
@@ -244,7 +313,8 @@ def format_plan(pl: Plan) -> str:
         return f"{x / GB:9.3f} GB" if x >= GB / 10 else f"{x / 1e6:9.3f} MB"
 
     lines = [
-        f"mesh {pl.mesh_shape}; {pl.rows_per_minibatch} rows per optimizer step in {pl.micro_batches} micro-batch(es)",
+        f"mesh {pl.mesh_shape}; {pl.rows_per_minibatch} rows per optimizer step in "
+        + (f"up to {pl.micro_batches} packed micro-batch(es)" if pl.packed else f"{pl.micro_batches} micro-batch(es)"),
         "per device:",
         f"  parameters            {gb(pl.params)}",
     ]
@@ -258,10 +328,21 @@ def format_plan(pl: Plan) -> str:
     lines += [
         f"  train temporaries     {gb(pl.train_temp)}   (activations, gradients, logits chunks)",
         f"  train step peak       {gb(pl.train_peak)}",
-        f"  KV cache              {gb(pl.kv_cache)}   (part of the sampler's temporaries; {pl.decode_rows} decode rows "
-        f"x {gb(pl.kv_per_row).strip()} per row; sampling.slots sets the rows)",
-        f"  sampler temporaries   {gb(pl.sample_temp)}",
-        f"  sampling peak         {gb(pl.sample_peak)}   (parameters and optimizer state stay resident)",
+        f"  KV cache              {gb(pl.kv_cache)}   (part of the sampler's temporaries; {pl.decode_rows} decode rows"
+        f"{' refilled' if pl.refill else ', one per rollout'} x {gb(pl.kv_per_row).strip()} per row; "
+        "sampling.kv_cache_memory or sampling.slots sets the rows)",
+        f"  decode copy           {gb(pl.decode_copy)}   (the sampler's parameters in the compute dtype, tensor-parallel "
+        f"over {pl.decode_tp} device(s), made before sampling with {gb(pl.copy_temp).strip()} of temporaries; "
+        "0: decodes from the parameters)",
+    ]
+    if pl.adapters:
+        lines.append(f"    of which the base's   {gb(pl.base_copy)}   (LoRA: made once and kept, also through the train step; "
+                     "0: decodes from the frozen base itself; the adapters are copied each step)")
+    lines += [
+        f"  sampler temporaries   {gb(pl.sample_temp)}"
+        + ("   (XLA:CPU upcasts bf16 weights to f32 for its dots, hoisted out of the decode loop: up to 2x the "
+           "decode copy here that a GPU/TPU does not hold)" if pl.cpu_bf16 else ""),
+        f"  sampling peak         {gb(pl.sample_peak)}   (parameters, optimizer state and the decode copy resident)",
         f"  peak                  {gb(pl.peak)}",
         f"fits ({USABLE:.0%} of memory):",
     ]

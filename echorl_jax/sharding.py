@@ -53,7 +53,40 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(shape, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(device_grid(shape, devices), MESH_AXES)
+
+
+def device_grid(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
+    """``devices`` as an array of ``shape``, the last (``tensor``) axis varying fastest.
+
+    TPU: laid out by the chips' physical coordinates (``mesh_utils.create_device_mesh``), so each mesh axis
+    runs along ICI rings and the tensor axis, which has the most traffic, joins neighbouring chips. Several
+    slices (``slice_index``, linked by the slower DCN): ``create_hybrid_device_mesh`` with the slices along
+    ``data`` (else ``fsdp``), whose collectives are the rarest. CPU and GPU: ``devices`` in order, as given
+    (``jax.devices()``: a process's devices are consecutive). A layout mesh_utils cannot build falls back to
+    that order with a warning.
+    """
+    if not devices or devices[0].platform != "tpu":
+        return np.asarray(devices).reshape(shape)
+    from jax.experimental import mesh_utils
+
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    try:
+        if len(slices) == 1:
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        axis = next((i for i in (0, 1) if shape[i] % len(slices) == 0), None)
+        if axis is None:
+            raise ValueError(f"{len(slices)} slices: mesh.shape's data or fsdp axis must be a multiple of the slice "
+                             "count to split it over the data-center network")  # fmt: skip
+        dcn = [1] * len(shape)
+        dcn[axis] = len(slices)
+        ici = [n // d for n, d in zip(shape, dcn)]
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        import warnings
+
+        warnings.warn(f"mesh.shape={shape}: no topology-aware layout ({e}); using jax.devices() order", stacklevel=2)
+        return np.asarray(devices).reshape(shape)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:

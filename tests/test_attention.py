@@ -253,3 +253,123 @@ def test_chunked_train_step_has_no_score_tensor():
     assert dense > 2 * scores_per_layer  # the reference really keeps every layer's scores
     assert chunked < dense / 3
     assert chunked < 2 * scores_per_layer
+
+
+# ---------------------------------------------------------------- packed rows (segment ids)
+
+
+def packed_qkv(seg_lengths, s, n=4, g=2, d=8, seed=3):
+    """Rows holding the given segments from column 0 (ids 1, 2, ...), padding after; ``[]`` = an empty row."""
+    rng = np.random.default_rng(seed)
+    b = len(seg_lengths)
+    seg = np.zeros((b, s), np.int32)
+    for i, lengths in enumerate(seg_lengths):
+        col = 0
+        for j, n_tok in enumerate(lengths):
+            seg[i, col : col + n_tok] = j + 1
+            col += n_tok
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    return arr(b, s, n, d), arr(b, g, s, d), arr(b, g, s, d), jnp.asarray(seg), arr(b, s, n, d)
+
+
+PACKED_ROWS = [[7, 13, 1, 9], [40], [], [3, 30], [16, 16, 5]]  # full rows, one long, an empty row, tails
+
+
+def numpy_causal_attention(q_snd, k_gsd, v_gsd):
+    """One sequence, no mask but causality: a float64 numpy reference."""
+    s, n, d = q_snd.shape
+    r = n // k_gsd.shape[0]
+    out = np.zeros((s, n, d))
+    for h in range(n):
+        scores = q_snd[:, h] @ k_gsd[h // r].T / np.sqrt(d)
+        scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        out[:, h] = (p / p.sum(-1, keepdims=True)) @ v_gsd[h // r]
+    return out
+
+
+def test_xla_packed_equals_each_sequence_alone():
+    """The reference's segment mask: every segment's outputs are those of attention over it alone."""
+    q, k, v, seg, _ = packed_qkv(PACKED_ROWS, 40)
+    out = np.asarray(attn_lib.xla_attention(q, k, v, seg > 0, segment_ids=seg))
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    for i, lengths in enumerate(PACKED_ROWS):
+        col = 0
+        for n_tok in lengths:
+            sl = slice(col, col + n_tok)
+            alone = numpy_causal_attention(q[i, sl], k[i, :, sl], v[i, :, sl])
+            np.testing.assert_allclose(out[i, sl], alone, atol=TOL, rtol=0)
+            col += n_tok
+
+
+@pytest.mark.parametrize("impl", ["xla_chunked_8x8", "xla_chunked_16x24", "splash_interpret", "cudnn_via_xla"])
+def test_packed_backends_match_xla(impl):
+    """Outputs on real tokens and q/k/v gradients of a loss over real tokens equal the xla reference on
+    packed rows. Small chunked blocks make block pairs whose segments never meet (skipped), and a q
+    block of padding only (the empty row's, and tails)."""
+    s = 200 if impl.startswith("splash") else 40
+    rows = PACKED_ROWS if s == 40 else [[70, 13, 1, 90], [200], [], [3, 130], [16, 160, 5]]
+    q, k, v, seg, w = packed_qkv(rows, s)
+    real = (seg > 0)[:, :, None, None]
+    if impl.startswith("xla_chunked"):
+        qb, kb = map(int, impl.rsplit("_", 1)[1].split("x"))
+        fn = lambda q, k, v: attn_lib.chunked_attention(q, k, v, seg > 0, q_block=qb, k_block=kb, segment_ids=seg)  # noqa: E731
+    elif impl == "splash_interpret":
+        fn = lambda q, k, v: attn_lib.splash_attention(q, k, v, seg > 0, block=128, interpret=True, segment_ids=seg)  # noqa: E731
+    else:
+        fn = lambda q, k, v: attn_lib.cudnn_packed_attention(q, k, v, seg, implementation="xla")  # noqa: E731
+    ref_fn = lambda q, k, v: attn_lib.packed_attention(q, k, v, seg, impl="xla")  # noqa: E731
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w * real)  # noqa: E731
+    out, ref = jax.jit(fn)(q, k, v), ref_fn(q, k, v)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out * real), np.asarray(ref * real), atol=TOL, rtol=0)
+    grads = jax.jit(jax.grad(loss(fn), (0, 1, 2)))(q, k, v)
+    ref_grads = jax.grad(loss(ref_fn), (0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=TOL, rtol=0, err_msg=f"d{name}")
+
+
+def test_chunked_skips_block_pairs_whose_segments_never_meet():
+    """Two 16-token segments in a 32-token row, 8-token blocks: the pairs (q block of segment 2, k block
+    of segment 1) are skipped; causally live pairs inside a segment are not."""
+    seg = jnp.asarray(np.repeat([[1, 2]], 16, axis=1).reshape(1, 32))
+    _, _, meet = attn_lib._segment_blocks(seg, 8, 8, 4, 4)
+    np.testing.assert_array_equal(np.asarray(meet), np.kron(np.eye(2, dtype=bool), np.ones((2, 2), bool)))
+
+
+def test_segment_offsets_describe_the_rows():
+    seg = jnp.asarray([[1, 1, 2, 2, 2, 3, 0, 0], [1] * 8, [0] * 8], jnp.int32)
+    seqlen, offsets = attn_lib.segment_offsets(seg, max_segments=4)
+    np.testing.assert_array_equal(seqlen, [[2, 3, 1, -1], [8, -1, -1, -1], [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1], [0, -1, -1, -1, -1], [-1, -1, -1, -1, -1]])
+
+
+def test_model_with_segments_equals_each_sequence_alone():
+    """The transformer on a packed row (segments, positions restarting at 0) gives each sequence the
+    logits it gets alone (RoPE positions and no attention across segments)."""
+    model = tiny_model("xla")
+    rng = np.random.default_rng(5)
+    lengths = [5, 9, 4]
+    tokens = rng.integers(1, TINY["vocab_size"], (1, 20)).astype(np.int32)
+    seg = np.zeros((1, 20), np.int32)
+    pos = np.zeros((1, 20), np.int32)
+    col = 0
+    for j, n_tok in enumerate(lengths):
+        seg[0, col : col + n_tok], pos[0, col : col + n_tok] = j + 1, np.arange(n_tok)
+        col += n_tok
+    packed, _ = model(jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg > 0), segment_ids=jnp.asarray(seg))
+    # The same sequences one per row, left-padded (the unpacked layout).
+    width = max(lengths)
+    rows, valid = np.zeros((len(lengths), width), np.int32), np.zeros((len(lengths), width), bool)
+    col = 0
+    for i, n_tok in enumerate(lengths):
+        rows[i, width - n_tok :], valid[i, width - n_tok :] = tokens[0, col : col + n_tok], True
+        col += n_tok
+    valid = jnp.asarray(valid)
+    alone, _ = model(jnp.asarray(rows), positions_from_valid(valid), valid)
+    col = 0
+    for i, n_tok in enumerate(lengths):
+        np.testing.assert_allclose(np.asarray(packed)[0, col : col + n_tok], np.asarray(alone)[i, width - n_tok :],
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+        col += n_tok

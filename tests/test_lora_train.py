@@ -15,11 +15,12 @@ from test_train import ROOT, _params, _rows
 
 from echorl_jax import config as config_lib, plan, sharding
 from echorl_jax.evaluation import benchmark
-from echorl_jax.models import hf, lora
+from echorl_jax.models import hf, lora, peft_export
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.hf import export_model
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rl import update
+from echorl_jax.sampling.sampler import make_sampler
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
 from echorl_jax.trainer import run_state, setup as setup_lib, train
 from echorl_jax.trainer.checkpoint import Checkpointer
@@ -97,6 +98,41 @@ def test_kl_reference_is_the_base_model_without_a_copy(tmp_path):
     assert np.abs(forward(s.graphdef, s.policy(s.state.params)) - want).max() > 1e-3  # the policy is adapted
 
 
+def test_sampler_decodes_the_adapted_model_from_a_kept_copy_of_the_base(tmp_path):
+    """FSDP training mesh, tensor-parallel decode layout (decode_tensor_parallel=2, so the base needs a copy):
+    the base's decode copy is made once and shared by the training and held-out samplers, each call copies
+    only the adapters, and the rollouts equal those of the merged model (W + s*A*B) sampled the same way."""
+    base = make_base_dir(tmp_path / "base")
+    cfg = lora_cfg(tmp_path / "run", base, mesh={"shape": (1, 8, 1)}, sampling={"decode_tensor_parallel": 2})
+    s = setup_lib.build_setup(cfg, log=lambda _: None)
+    layout = s.sample.layout
+    assert layout.tensor_parallel == 2 and layout.needs_copy(s.frozen)
+    first = s.decode_weights(s.sample, s.state.params)
+    copies = layout.copies
+    params = jax.tree.map(lambda x: 1.5 * x + 0.2, s.state.params)  # B != 0: the adapters change the model
+    again = s.decode_weights(s.sample, params)
+    assert layout.copies == copies + 1  # the adapters only
+    held_out = s.decode_weights(s.eval_sample, params)
+    base_keys = set(nnx.to_pure_dict(s.frozen))
+    got = [nnx.to_pure_dict(w.params) for w in (first, again, held_out)]
+    assert all(got[0][k] is got[1][k] is got[2][k] for k in base_keys)  # one kept copy of the base
+    assert got[1]["wq"].sharding.mesh == layout.mesh and "tensor" in got[1]["wq"].sharding.spec
+    assert not any(got[0][k] is got[1][k] for k in ADAPTERS)
+
+    merged = peft_export.merged_model(nnx.merge(s.graphdef, s.policy(params)))
+    plain = make_sampler(nnx.graphdef(merged), cfg.sampling, group_size=s.sample.group_size, stop_ids=s.sample.stop_ids,
+                         pad_id=s.sample.pad_id, mesh=s.mesh)  # fmt: skip
+    prompts = np.asarray(jax.random.randint(jax.random.key(0), (4, 8), 4, 100), np.int32)
+    lengths = np.full((4,), 8, np.int32)
+    want = plain(nnx.state(merged), prompts, lengths, 3)
+    ours = s.sample(again, prompts, lengths, 3)
+    np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(want.tokens))
+    mask = np.asarray(want.response_mask)
+    np.testing.assert_allclose(np.asarray(ours.behaviour_logp)[mask], np.asarray(want.behaviour_logp)[mask], atol=1e-4)
+    base_ro = s.sample(s.decode_weights(s.sample, s.state.params), prompts, lengths, 3)
+    assert not np.array_equal(np.asarray(base_ro.tokens), np.asarray(want.tokens))  # the adapters mattered
+
+
 def _device0_bytes(tree) -> int:
     dev = jax.devices()[0]
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
@@ -115,7 +151,11 @@ def test_planner_counts_adapters_only_for_the_optimizer():
     adapter_bytes = _device0_bytes(nnx.state(model, nnx.LoRAParam))
     assert pl.adapters == adapter_bytes and pl.params == base_bytes + adapter_bytes  # the bf16 base stays resident
     assert 2 * pl.adapters <= pl.optimizer <= 2 * pl.adapters + 64  # Adam mu, nu (fp32) of the adapters only
-    assert pl.ref_params == 0 and pl.train_peak >= pl.params + pl.optimizer
+    # The sampler decodes tensor-parallel over 1 device (auto on CPU): the kept copy of the base is all of it,
+    # bf16, on every device, and it stays through the train step.
+    assert pl.decode_tp == 1
+    assert pl.base_copy == sum(x.size * 2 for x in jax.tree.leaves(nnx.state(model, nnx.Not(nnx.LoRAParam))))
+    assert pl.ref_params == 0 and pl.train_peak >= pl.params + pl.optimizer + pl.base_copy
 
 
 @pytest.mark.slow  # four evaluate runs (about a minute on 2 shared cores): CI runs it

@@ -332,6 +332,28 @@ def test_long_expert_responses_are_truncated_dropped_or_fail(tmp_path):
         luffy_cfg(tmp_path, f, **{"data.expert_overlong": "cut"})
 
 
+def test_add_to_takes_every_process_s_expert_rows(tmp_path, monkeypatch):
+    """Multi-process: the rollout holds all processes' prompts but the batch only this one's. add_to gathers the
+    record indices (process order), so each group gets its own prompt's expert rows (before the fix this host's
+    2 records were reshaped over 4 groups: 2 * (2 * 2 + 1) rows instead of 4 * 3)."""
+    from types import SimpleNamespace
+
+    from echorl_jax import sharding
+
+    rows = rows_with_expert(6)
+    tok = make_bpe_tokenizer()
+    experts = offpolicy.ExpertTraces(rows, tok, key="expert", k=1, max_new_tokens=40, stop_id=0, pad_id=0)
+    mine, other = np.array([4, 1]), np.array([0, 5])  # process 0's records, then process 1's
+    monkeypatch.setattr(sharding, "gather_rows", lambda x: np.concatenate([np.asarray(x), other]))
+    N, G, k, P, T = 4, 3, 1, 3, 40
+    out = experts.add_to(fake_rollout(N, G - k, P, T), SimpleNamespace(record_index=mine))
+    assert out.tokens.shape == (N * G, P + T)
+    for n, record in enumerate([4, 1, 0, 5]):
+        ids = tok(rows[record]["expert"], add_special_tokens=False)["input_ids"]
+        np.testing.assert_array_equal(np.asarray(out.tokens)[n * G + G - 1, P : P + len(ids) + 1], [*ids, 0])
+        np.testing.assert_array_equal(np.asarray(out.tokens)[n * G + G - 1, :P], [0, 10 + n, 20 + n])
+
+
 # ----------------------------------------------------------------------------- one RL step
 
 

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from echorl_jax import cli, main as main_lib
 from echorl_jax.config import ConfigError, DistConfig
-from echorl_jax.data.pipeline import PromptPipeline
+from echorl_jax.data.pipeline import DataError, PromptPipeline
 from tests.test_data import make_records, make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +36,33 @@ def test_host_batches_concatenate_to_the_one_host_batch():
             np.testing.assert_array_equal(np.concatenate([b.record_index for b in got]), want.record_index)
             np.testing.assert_array_equal(np.concatenate([b.tokens_np for b in got]), want.tokens_np)
             assert sum((b.ground_truth for b in got), []) == want.ground_truth
+
+
+def test_a_data_state_saved_on_two_hosts_continues_on_one_or_three():
+    """Elastic resume: the state is a position in the global stream, so 2 hosts x 3 prompts saved after two
+    batches continue as 1 host x 6 or 3 hosts x 2 with exactly the batches the 2 hosts would have drawn."""
+    tok, recs = make_tokenizer(), make_records(20)
+    kw = dict(max_prompt_len=48, seed=3, mode="train")
+    two = [PromptPipeline(recs, tok, batch_size=3, shard_index=h, shard_count=2, **kw) for h in range(2)]
+    for _ in range(2):
+        [next(p) for p in two]
+    state = two[1].get_state()  # any host's state
+    want = [np.concatenate([next(p).record_index for p in two]) for _ in range(4)]  # crosses an epoch
+    for hosts in (1, 3):
+        resumed = [PromptPipeline(recs, tok, batch_size=6 // hosts, shard_index=h, shard_count=hosts, **kw)
+                   for h in range(hosts)]  # fmt: skip
+        for p in resumed:
+            p.set_state(state)
+        got = [np.concatenate([next(p).record_index for p in resumed]) for _ in range(4)]
+        np.testing.assert_array_equal(got, want)
+    other = PromptPipeline(recs, tok, batch_size=4, shard_index=0, shard_count=1, **kw)  # another global batch
+    with pytest.raises(DataError, match="global_batch"):
+        other.set_state(state)
+    legacy = {"grain": state["grain"], "config": {**{k: v for k, v in state["config"].items() if k != "global_batch"},
+                                                  "batch_size": 3, "shard_count": 2}}  # fmt: skip
+    one = PromptPipeline(recs, tok, batch_size=6, shard_index=0, shard_count=1, **kw)
+    one.set_state(legacy)  # a state saved before it was host-independent
+    np.testing.assert_array_equal(next(one).record_index, want[0])
 
 
 # ----------------------------------------------------------------------------- distributed init

@@ -59,6 +59,7 @@ def test_plan_kv_cache_follows_sampling_slots():
     mcfg = setup.model_config(cfg)
     p, t = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
     assert pl.decode_rows == 8 < cfg.rl.prompts_per_step * cfg.rl.group_size
-    assert pl.kv_per_row == 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.dim_per_head * (p + t) * 4
+    ring = -(-t // 16) * 16  # T rounded up to the sampler's 16-column key blocks (sampling/decode.py)
+    assert pl.kv_per_row == 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.dim_per_head * (p + ring) * 4
     assert pl.kv_cache == pl.kv_per_row * 8 // 8  # 8 rows over 8 devices: one row each
     assert pl.sample_temp >= pl.kv_cache

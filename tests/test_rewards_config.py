@@ -45,6 +45,9 @@ def rows_of(*sources):
         (dict(name="arith", format_reward=0.5), r"reward.format_reward is set but no row is graded by the math"),
         (dict(timeout_s=0), r"reward.timeout_s=0.0 must be > 0"),
         (dict(num_workers=0), r"reward.num_workers=0 must be >= 1"),
+        (dict(custom_timeout_s=5.0), r"reward.custom_timeout_s is set but reward.custom is empty"),
+        (dict(name="custom", custom="os.path:isabs", custom_timeout_s=-1), r"custom_timeout_s=-1.0 must be >= 0"),
+        (dict(name="custom", custom="os.path:isabs", custom_workers=0), r"custom_workers=0 must be >= 1"),
     ],
 )
 def test_bad_reward_config_fails_at_validation(reward, match):
@@ -131,6 +134,8 @@ def test_default_config_is_strict():
 # ----------------------------------------------------------------------------- custom hook
 
 HOOK = """
+import time
+
 CALLS = []
 
 def score(response, ground_truth, *, data_source, extra_info, prompt):
@@ -139,6 +144,9 @@ def score(response, ground_truth, *, data_source, extra_info, prompt):
         raise KeyError("boom")
     if response == "BAD":
         return "yes"
+    if response == "HANG":
+        while True:  # a hang in pure Python; a regex's catastrophic backtracking (in C) is killed the same way
+            time.sleep(1)
     weight = extra_info.get("weight", 1.0)
     if data_source == "partial":
         return (0.5 * weight, False)
@@ -188,7 +196,8 @@ RECORDS = [
 
 
 def test_custom_hook_gets_row_context_and_sets_rewards(hook_path):
-    router = default_verifier(cfg_of(name="custom", custom=f"{hook_path}:score"))
+    # custom_timeout_s=0: called in this process, so its CALLS are visible here
+    router = default_verifier(cfg_of(name="custom", custom=f"{hook_path}:score", custom_timeout_s=0))
     calls = router.get("custom").fn.__globals__["CALLS"]
     texts = ["7", "8", "5", "x", "9", " 9 "]  # records 2, 0, 1 (out of order), G = 2
     batch = batch_of([2, 0, 1], RECORDS)
@@ -199,7 +208,7 @@ def test_custom_hook_gets_row_context_and_sets_rewards(hook_path):
     assert calls[2] == ("5", "7", "gsm8k", {"weight": 2.0, "id": 0}, "p0")
     assert calls[4] == ("9", "5", "partial", {}, [{"role": "user", "content": "p1"}])
     assert correct_ng.tolist() == [[False, False], [False, False], [False, False]]
-    assert info == {}
+    assert info == {"custom_errors": 0.0, "custom_timeouts": 0.0}
 
     batch = batch_of([0, 2, 1], RECORDS)
     reward_ng, correct_ng, _ = rollout.verify(router, RowTokenizer(["7", "1", "9", " 9 ", "5", "5"]),
@@ -208,13 +217,40 @@ def test_custom_hook_gets_row_context_and_sets_rewards(hook_path):
     assert correct_ng.tolist() == [[True, False], [True, True], [False, False]]
 
 
-def test_custom_hook_errors_name_the_function_and_row(hook_path):
-    router = default_verifier(cfg_of(name="custom", custom=f"{hook_path}:score"))
+@pytest.mark.parametrize("timeout_s", [0.0, 3.0])  # in this process; in killable workers
+def test_a_row_that_raises_scores_zero_and_is_counted_a_bad_return_stops(hook_path, timeout_s, caplog):
+    router = default_verifier(cfg_of(name="custom", custom=f"{hook_path}:score", custom_timeout_s=timeout_s))
     spec = f"{hook_path}:score"
-    with pytest.raises(RewardFnError, match=rf"{spec}' raised on row 1 \(record 4, data_source 'b'\): KeyError"):
-        call_verifier(router, ["1", "BOOM"], ["1", "1"], [RewardRow("a", {}, "p", 3), RewardRow("b", {}, "p", 4)])
-    with pytest.raises(RewardFnError, match=r"returned 'yes' on row 0 .*expected a finite float"):
-        call_verifier(router, ["BAD"], ["1"], rows_of("a"))
+    try:
+        res = call_verifier(router, ["1", "BOOM", "1"], ["1", "1", "2"],
+                            [RewardRow("a", {}, "p", 3), RewardRow("b", {}, "p", 4), RewardRow("a", {}, "p", 5)])
+        assert res.reward_n.tolist() == [1.0, 0.0, 0.0] and res.correct_n.tolist() == [True, False, False]
+        assert res.info == {"custom_errors": 1.0, "custom_timeouts": 0.0}
+        assert f"{spec}': 1 of 3 rows scored 0" in caplog.text
+        assert "raised KeyError: 'boom' on row 1 (record 4, data_source 'b')" in caplog.text
+        with pytest.raises(RewardFnError, match=r"returned 'yes'; expected a finite float or \(float, bool\) on row 0"):
+            call_verifier(router, ["BAD"], ["1"], rows_of("a"))
+    finally:
+        router.close()
+
+
+def test_a_row_that_hangs_is_killed_at_the_time_limit_and_the_others_are_scored(hook_path, caplog):
+    import time
+
+    router = default_verifier(cfg_of(name="custom", custom=f"{hook_path}:score", custom_timeout_s=2.0,
+                                     custom_workers=2))  # fmt: skip
+    try:
+        call_verifier(router, ["1"], ["1"], rows_of("a"))  # workers started (the first call's import cost)
+        t0 = time.monotonic()
+        res = call_verifier(router, ["1", "HANG", "2", "2"], ["1", "1", "2", "3"], rows_of("a", "a", "a", "a"))
+        took = time.monotonic() - t0
+        assert res.reward_n.tolist() == [1.0, 0.0, 1.0, 0.0] and res.info["custom_timeouts"] == 1.0
+        assert 2.0 <= took < 15.0, took  # bounded by the limit (+ restarting the killed worker), not by the hang
+        assert "ran over reward.custom_timeout_s=2 on row 1" in caplog.text
+        again = call_verifier(router, ["2"], ["2"], rows_of("a"))  # the pool goes on with a fresh worker
+        assert again.reward_n.tolist() == [1.0]
+    finally:
+        router.close()
 
 
 def test_bad_custom_hook_fails_at_start_up(hook_path):
@@ -258,7 +294,9 @@ def test_by_source_routes_rows_and_combines_info(monkeypatch, hook_path):
     np.testing.assert_allclose(res.reward_n, [1.0, 0.25, 0.75, 0.0, 0.25, 0.75, 1.0, 0.75])
     assert res.correct_n.tolist() == [True, True, True, False, True, True, True, True]
     assert fakes["fake_a"].calls == [["r1", "r4"]] and fakes["fake_b"].calls == [["r2", "r5", "r7"]]  # one call each
-    assert res.info == {"no_answer": 2.0, "correct": 1.0, "n": 5.0}  # arith + fakes, summed
+    # arith + fakes + custom's counters, summed
+    assert res.info == {"no_answer": 2.0, "correct": 1.0, "n": 5.0, "custom_errors": 0.0, "custom_timeouts": 0.0}
+    router.close()
 
 
 def test_auto_sends_the_builtin_task_to_arith():
@@ -270,7 +308,7 @@ def test_auto_sends_the_builtin_task_to_arith():
 
 
 def test_evaluate_skips_padding_rows(hook_path):
-    router = default_verifier(cfg_of(name="custom", custom=f"{hook_path}:score"))
+    router = default_verifier(cfg_of(name="custom", custom=f"{hook_path}:score", custom_timeout_s=0))
     calls = router.get("custom").fn.__globals__["CALLS"]
     pipeline = [batch_of([0, 1], RECORDS, valid=[True, False])]  # row 1 pads the last eval batch
     texts = ["7", "1", "BOOM", "BOOM"]  # a padding row never reaches the hook

@@ -145,3 +145,65 @@ def test_sharded_load_matches_single_device(shape, checkpoint, single_device_log
     # summation order, and one device running the rows one at a time differs by as much (1.2e-5).
     scale = np.abs(single_device_logits).max()
     assert np.abs(logits - single_device_logits)[valid].max() <= 1e-5 * scale
+
+
+# ----------------------------------------------------------------------------- meshes from the TPU topology
+
+
+class FakeTpu:
+    """What mesh_utils reads of a TPU device: kind, physical coordinates, core, process, slice."""
+
+    platform, device_kind, core_on_chip = "tpu", "TPU v4", 0
+
+    def __init__(self, id, coords, process_index, slice_index=0):
+        self.id, self.coords, self.process_index, self.slice_index = id, coords, process_index, slice_index
+
+    def __repr__(self):
+        return f"tpu{self.id}{self.coords}"
+
+
+def _v4_cube(slice_index=0, first_id=0):
+    """A 2x2x2 v4 slice (8 chips, 2 hosts of 4) whose ids do not follow the coordinates."""
+    coords = [(x, y, z) for z in range(2) for y in range(2) for x in range(2)]
+    ids = [0, 5, 2, 7, 4, 1, 6, 3]  # a device order that is not physical
+    return [FakeTpu(first_id + i, c, process_index=2 * slice_index + (c[2]), slice_index=slice_index)
+            for i, c in zip(ids, coords)]  # fmt: skip
+
+
+def _neighbours(a, b) -> bool:
+    return sum(abs(p - q) for p, q in zip(a.coords, b.coords)) == 1
+
+
+def _compact(group) -> bool:
+    """The chips form a sub-cuboid of the torus (bounding box == group size): their collectives stay on the
+    ICI links among them."""
+    c = np.asarray([d.coords for d in group])
+    return np.prod(c.max(0) - c.min(0) + 1) == len(group)
+
+
+def test_mesh_on_cpu_keeps_the_device_order():
+    devices = jax.devices()
+    np.testing.assert_array_equal(make_mesh((2, 2, 2)).devices.reshape(-1), np.asarray(devices))
+
+
+def test_tpu_mesh_puts_the_tensor_axis_on_neighbouring_chips():
+    devices = sorted(_v4_cube(), key=lambda d: d.id)  # jax.devices() order: by id
+    naive = np.asarray(devices).reshape(2, 1, 4)
+    assert not all(_compact(group) for group in naive[:, 0])  # what the plain reshape gave
+    mesh = make_mesh((2, 1, 4), devices)
+    assert sorted(d.id for d in mesh.devices.reshape(-1)) == list(range(8))
+    for group in mesh.devices[:, 0]:  # each tensor group is a 2x2 face of the cube
+        assert _compact(group), group
+    for d, f, t in np.ndindex(2, 1, 4):  # and the data axis joins neighbours
+        assert _neighbours(mesh.devices[0, f, t], mesh.devices[1, f, t])
+
+
+def test_two_tpu_slices_split_the_data_axis_over_dcn():
+    devices = _v4_cube(0) + _v4_cube(1, first_id=8)
+    mesh = make_mesh((2, 2, 4), devices)
+    for d in range(2):  # one slice per data index: only the data axis crosses the slower network
+        assert {x.slice_index for x in mesh.devices[d].reshape(-1)} == {d}
+    for group in mesh.devices.reshape(4, 4):  # tensor groups inside a slice, compact
+        assert _compact(group), group
+    with pytest.warns(UserWarning, match="no topology-aware layout .*multiple of the slice count"):
+        make_mesh((1, 1, 16), devices)  # cannot split over 2 slices: jax.devices() order, with a warning

@@ -102,6 +102,10 @@ def test_one_device_and_eight_device_mesh_agree(tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), _params(one), _params(eight))
     eight_sh = jax.tree.leaves(eight["setup"].state.params)
     assert any(len(x.sharding.device_set) == 8 for x in eight_sh)
+    # The FSDP-sharded masters are not the decode layout (replicated on CPU): one copy per RL step and
+    # one per evaluation (at step 0 and after the last step); none on one device in fp32.
+    assert eight["setup"].sample.layout.copies == 2 and eight["setup"].eval_sample.layout.copies == 2
+    assert one["setup"].sample.layout.copies == 0
 
 
 def test_metrics_are_json_and_finite(tmp_path):

@@ -231,10 +231,10 @@ class PromptPipeline:
         # In-memory data: no reader threads (Grain's advice), so nothing runs ahead.
         self._iter = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
                                                                prefetch_buffer_size=0)))
+        # The global stream only: a state saved with H hosts restores on any other number of hosts.
         self._fingerprint = {
             "mode": mode, "seed": seed, "shuffle": shuffle, "num_epochs": num_epochs,
-            "batch_size": batch_size, "max_prompt_len": max_prompt_len,
-            "shard_count": shard_count, "num_kept": k,
+            "global_batch": global_batch, "max_prompt_len": max_prompt_len, "num_kept": k,
             "data_crc32": zlib.crc32(self._record_k.tobytes() + self._length_k.tobytes()),
         }
 
@@ -266,15 +266,18 @@ class PromptPipeline:
         return next(self._iter)
 
     def get_state(self) -> dict:
-        """JSON-serialisable position. Host-independent: any host's state restores all hosts."""
+        """JSON-serialisable position in the global stream: any host's state restores every host, on any
+        number of hosts (the global batch, not the per-host one, must match)."""
         return {"grain": dict(self._iter.get_state()), "config": dict(self._fingerprint)}
 
     def set_state(self, state: dict) -> None:
         """Resume at `state` from `get_state()`; the pipeline must be configured the same."""
         try:
-            saved, grain_state = state["config"], state["grain"]
+            saved, grain_state = dict(state["config"]), state["grain"]
         except (KeyError, TypeError) as e:
             raise DataError(f"not a PromptPipeline state: {state!r:.200}") from e
+        if "global_batch" not in saved and "shard_count" in saved:  # saved before states were host-independent
+            saved["global_batch"] = saved.pop("batch_size") * saved.pop("shard_count")
         diff = {key: (saved.get(key), now) for key, now in self._fingerprint.items()
                 if saved.get(key) != now}
         if diff:

@@ -14,8 +14,9 @@ without ``--config`` the checkpoint's own config is used. ``--model`` evaluates 
 Hugging Face directory or Hub id. Writes the markdown table next to the JSON
 (``--out results.json`` -> ``results.md``) and prints it.
 
-Memory: build_setup creates the full train state (optimizer moments too), so
-evaluation needs the memory the training run had.
+Memory: only what evaluation needs is built: the parameters (sharded as in
+training), no optimizer state and no reference copy; ``--checkpoint`` reads only
+the parameters of the saved train state.
 """
 
 from __future__ import annotations
@@ -51,15 +52,16 @@ def parse_args(argv: list[str]):
 
 def checkpoint_location(path: str) -> tuple[str, int | None]:
     """``(checkpoints directory, step or None = latest)`` for a workdir, its checkpoints dir, or a step dir."""
+    from echorl_jax.trainer import storage
     from echorl_jax.trainer.checkpoint import CheckpointError
 
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
+    path = path.rstrip("/") if storage.is_remote(path) else os.path.abspath(path)
+    if storage.isdir(storage.join(path, "checkpoints")):
+        return storage.join(path, "checkpoints"), None
     base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(path):
+    if base.isdigit() and storage.isdir(path):
         return os.path.dirname(path), int(base)
-    if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+    if storage.isdir(path) and any(d.isdigit() for d in storage.listdir(path)):
         return path, None
     raise CheckpointError(f"--checkpoint {path!r}: not a training workdir (no checkpoints/ inside), a checkpoints "
                           "directory or a step directory WORKDIR/checkpoints/STEP")  # fmt: skip
@@ -126,6 +128,11 @@ def eval_config(args, overrides: dict, host_config: dict | None):
         "sampling": sampling,
         "train": {"eval_samples": args.k, "eval_temperature": args.temperature, "progress": False},
     }
+    if args.checkpoint and not args.model and cfg.model.lora.enabled and cfg.sft.steps > 0:
+        # The adapters were trained on the warm-started base: rebuild it as the run did (its training data and
+        # SFT settings; the run's cache, workdir/warmstart, makes that a load). The base check then applies.
+        evaluation["data"].pop("train")
+        evaluation.pop("sft")
     return config_lib.build_config(config_lib.merge_given(values, evaluation))
 
 
@@ -134,8 +141,8 @@ def run(args, overrides: dict) -> dict:
     import numpy as np
 
     from echorl_jax.evaluation import paper_table
-    from echorl_jax.trainer import adapters, grading
-    from echorl_jax.trainer.checkpoint import Checkpointer, CheckpointError
+    from echorl_jax.trainer import adapters, grading, storage
+    from echorl_jax.trainer.checkpoint import Checkpointer, CheckpointError, skipped
     from echorl_jax.trainer.setup import build_setup
 
     host_config, ckpt_dir, step = None, None, None
@@ -146,22 +153,22 @@ def run(args, overrides: dict) -> dict:
         if host_config is None and not args.config:
             raise CheckpointError(f"{ckpt_dir}: the checkpoint holds no config; pass --config")
     cfg = eval_config(args, overrides, host_config)
-    s = build_setup(cfg)
+    s = build_setup(cfg, training=False)
     params = s.state.params
-    if ckpt_dir is not None:
+    if ckpt_dir is not None:  # the saved optimizer state is skipped, not read
         if s.base_identity is not None:  # LoRA: the adapters fit only the base they were trained on
             adapters.check_base(ckpt.read_host(step).get("lora_base"), s.base_identity, ckpt_dir,
                                 step if step is not None else ckpt.latest_step(), resume=False)
-        step, state, _ = ckpt.restore(s.state, step)
+        skip = skipped(jax.eval_shape(s.optimizer.init, params))
+        step, state, _ = ckpt.restore(s.state._replace(opt_state=skip), step)
         ckpt.close()
         params = state.params
         s.log(f"restored step {step} from {ckpt_dir}")
-    params = s.policy(params)  # LoRA: adapters + frozen base
     label = args.label or (f"{args.checkpoint} (step {step})" if ckpt_dir else cfg.model.path or "random init")
     t0 = time.perf_counter()
     s.eval_pipeline.set_state(s.eval_initial_state)
     texts: dict[int, list[str]] | None = {} if args.responses else None
-    verdicts = grading.grade(s.eval_sample, params, s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
+    verdicts = grading.grade(s.eval_sample, s.decode_weights(s.eval_sample, params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
                                 k=args.k, rng=jax.random.key(args.seed), responses=texts)  # fmt: skip
     metrics = grading.summarize(verdicts, s.eval_records, args.k)
     scores = paper_table.benchmark_scores(metrics, args.k)
@@ -175,12 +182,9 @@ def run(args, overrides: dict) -> dict:
         # record index (into the concatenated files) -> one 0/1 per sampled response
         "verdicts": {str(i): np.asarray(v, int).tolist() for i, v in sorted(verdicts.items())},
     }  # fmt: skip
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, allow_nan=True)
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-            f.write(table)
+    if jax.process_index() == 0:  # local paths or a bucket's (gs://...)
+        storage.write_text(args.out, json.dumps(result, indent=1, allow_nan=True))
+        storage.write_text(os.path.splitext(args.out)[0] + ".md", table)
         if texts is not None:
             write_responses(args.responses, s.eval_records, texts, verdicts)
         print(table)
@@ -191,24 +195,30 @@ def run(args, overrides: dict) -> dict:
 
 def write_responses(path: str, records, texts: dict, verdicts: dict) -> None:
     """One JSON line per sampled response, with its record's prompt and answer."""
-    with open(path, "w") as f:
-        for i in sorted(texts):
-            rec = records[i]
-            for j, (text, ok) in enumerate(zip(texts[i], verdicts[i])):
-                f.write(json.dumps({"index": i, "data_source": rec["data_source"], "prompt": rec["prompt"],
-                                    "ground_truth": rec["ground_truth"], "sample": j, "response": text,
-                                    "correct": bool(ok)}) + "\n")  # fmt: skip
+    from echorl_jax.trainer import storage
+
+    lines = []
+    for i in sorted(texts):
+        rec = records[i]
+        for j, (text, ok) in enumerate(zip(texts[i], verdicts[i])):
+            lines.append(json.dumps({"index": i, "data_source": rec["data_source"], "prompt": rec["prompt"],
+                                     "ground_truth": rec["ground_truth"], "sample": j, "response": text,
+                                     "correct": bool(ok)}) + "\n")  # fmt: skip
+    storage.write_text(path, "".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     from echorl_jax import config as config_lib
-    from echorl_jax.cli import maybe_init_distributed, user_errors
+    from echorl_jax.cli import exit_when_a_process_is_lost, maybe_init_distributed, user_errors
 
     args, rest = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         overrides = config_lib.parse_overrides(rest)
-        maybe_init_distributed(config_lib.DistConfig())  # env / TPU-VM detection; the run's config is built later
-        run(args, overrides)
+        # env / TPU-VM detection and --config.dist.*, before JAX starts; the run's config is built later
+        dist = config_lib.build_config(None, {"dist": overrides.get("dist", {})}).dist
+        maybe_init_distributed(dist)
+        with exit_when_a_process_is_lost(dist):
+            run(args, overrides)
     except user_errors() as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -109,8 +109,9 @@ def step_table(model_dir: str, solutions, *, template: str = "auto", max_len: in
             tokens[r, P - len(p) : P], tokens[r, P : P + len(a)] = p, a
             valid[r, P - len(p) : P + len(a)] = True
         batch_sh = sharding.batch_sharding(mesh, 2)
-        put = lambda x: jax.device_put(x, batch_sh)
-        end_bt, mean_bt, len_bt = map(np.asarray, analyse(params, put(tokens), put(valid), put(valid[:, P:])))
+        # every process holds the whole batch and places its devices' rows (multi-process: one global array)
+        put = lambda x: jax.make_array_from_callback(x.shape, batch_sh, lambda idx: x[idx])  # noqa: E731
+        end_bt, mean_bt, len_bt = map(sharding.to_host, analyse(params, put(tokens), put(valid), put(valid[:, P:])))
         for r, i in enumerate(idx):
             ends = np.flatnonzero(end_bt[r])
             if len(ends) == 0:
@@ -201,7 +202,8 @@ def plot(summary: dict, table: list[dict], out_dir: str, label: str) -> list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from echorl_jax.cli import user_errors
+    from echorl_jax import config as config_lib
+    from echorl_jax.cli import exit_when_a_process_is_lost, maybe_init_distributed, user_errors
 
     p = argparse.ArgumentParser(prog="python -m echorl_jax.analyze_steps", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face model directory or Hub id")
@@ -215,13 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="analyse the first N solutions only")
     p.add_argument("--temperature", type=float, default=1.0, help="entropy of softmax(logits / T)")
     args = p.parse_args(argv)
+    dist = config_lib.DistConfig()  # multi-process from the env (JAX_COORDINATOR_ADDRESS ...) or a TPU VM
     try:
+        maybe_init_distributed(dist)
         solutions = load_solutions(args.data, args.source, args.limit)
-        table = step_table(args.model, solutions, template=args.template, max_len=args.max_len, batch=args.batch,
-                           temperature=args.temperature, tokenizer_dir=args.tokenizer)  # fmt: skip
+        with exit_when_a_process_is_lost(dist):
+            table = step_table(args.model, solutions, template=args.template, max_len=args.max_len,
+                               batch=args.batch, temperature=args.temperature, tokenizer_dir=args.tokenizer)  # fmt: skip
     except user_errors() as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    import jax
+
+    if jax.process_index() != 0:  # every process computed the same table; process 0 writes it
+        return 0
     label = f"{os.path.basename(args.model.rstrip('/'))}, {args.source}"
     summary = summarize(table)
     os.makedirs(args.out, exist_ok=True)

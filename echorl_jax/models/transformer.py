@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from echorl_jax.models import attention as attn_lib, lora as lora_lib
 from echorl_jax.models.config import ModelConfig
+from echorl_jax.models.decode_attention import LiveKeys, decode_attention
 
 
 class KVCache(NamedTuple):
@@ -150,21 +151,25 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_bs, positions_bs, valid_bs, cache: KVCache | None = None,
                  logits_slice: tuple[int, int] | None = None, return_hidden: bool = False,
-                 ring: bool = False):  # fmt: skip
-        """``ring``: the cache's slots are not in time order (the sampler's slot refill writes every
-        row's token into one shared column that cycles), so a key is visible iff ``valid_bk`` says so
-        -- no causal cut at ``cache.pos``; the caller keeps future slots invalid.
+                 live: LiveKeys | None = None, segment_ids=None):  # fmt: skip
+        """``live`` (one-token decode steps of the sampler): attention reads only the cache columns it
+        names (``models/decode_attention.py``) and a key is visible iff ``valid_bk`` says so -- no
+        causal cut at ``cache.pos`` (the slot-refill ring is not in time order); the caller keeps
+        future columns invalid.
         ``logits_slice=(start, stop)`` computes the output layer on those positions only
         (training needs the response positions; the prompt's vocab-sized logits are never built).
         ``return_hidden`` returns the final-normed hidden states ``[b, s, h]`` (compute dtype) instead
-        of logits: training applies ``output_head()`` chunk by chunk (models/logprobs.py)."""
+        of logits: training applies ``output_head()`` chunk by chunk (models/logprobs.py).
+        ``segment_ids`` ``[b, s]`` (packed rows, no cache): several sequences per row, ``1, 2, ...``
+        in column order, ``0`` padding; attention stays inside a segment and ``positions_bs`` restart
+        at 0 in each (rl/packing.py)."""
         cfg, impl = self.cfg, self.attention_impl
         cdt = jnp.dtype(cfg.compute_dtype)
         inv_freq = rope_inv_freq(cfg)
         s = tokens_bs.shape[1]
 
         # Attention mask: key slot j is visible to query i iff j <= start + i and valid_bk[b, j].
-        roll = cache is None and attn_lib.needs_right_padding(impl)
+        roll = cache is None and segment_ids is None and attn_lib.needs_right_padding(impl)
         if roll:  # real tokens to column 0 (see models/attention.py), undone after the layers
             to_bs, back_bs = attn_lib.right_padding_order(valid_bs)
             tokens_bs, positions_bs, valid_bs = (attn_lib.take_columns(a, to_bs)
@@ -173,8 +178,6 @@ class Transformer(nnx.Module):
             valid_bk, pos, start = valid_bs, None, 0
         else:
             pos = start = cache.pos
-            if ring:
-                start = cache.valid_bk.shape[1] - s  # every slot is "before" the query: valid_bk alone masks
             valid_bk = jax.lax.dynamic_update_slice(cache.valid_bk, valid_bs, (0, pos))
         x = self.embed[...].astype(cdt)[tokens_bs]
         lora_scale = getattr(self, "lora_scale", None)
@@ -200,8 +203,13 @@ class Transformer(nnx.Module):
                 # Write this step's k/v into the cache carried through the scan (updated in place).
                 kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, 0, pos, 0))
                 vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, 0, pos, 0))
-                k_all, v_all = kc[layer].astype(cdt), vc[layer].astype(cdt)
-            attn = attn_lib.attention(q, k_all, v_all, valid_bk, q_start=start, impl=impl)
+                if live is None:
+                    k_all, v_all = kc[layer].astype(cdt), vc[layer].astype(cdt)
+            if live is not None:  # one-token decode: read only the live cache columns
+                attn = decode_attention(q, kc, vc, layer, valid_bk, live)
+            else:
+                attn = attn_lib.attention(q, k_all, v_all, valid_bk, q_start=start, impl=impl,
+                                          segment_ids=segment_ids)
             attn = checkpoint_name(attn, "attn_out")
             out = lora(jnp.einsum("bsnd,ndh->bsh", attn, p["wo"]), attn, "wo")
             x = x + (out + p["bo"] if cfg.o_bias else out)

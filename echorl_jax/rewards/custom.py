@@ -9,13 +9,25 @@ The function is called on the host, once per response, in the trainer process::
 return is the reward and counts as correct when ``> 0``; ``(reward, correct)``
 sets accuracy explicitly (e.g. partial credit that is not a solve). The response
 is untrusted model output: parse it, never ``eval`` it. The function is trusted
-code (it runs with the trainer's rights, without a timeout).
+code (it runs with the trainer's rights).
+
+Time limit (``reward.custom_timeout_s``, default 30 s): the function runs in
+``reward.custom_workers`` worker processes (``workers.WorkerPool``; each imports
+the file or module itself, so module-level state is per worker); a call that
+runs longer is killed with its worker. A row whose call times out or raises
+scores 0 (not correct) and is counted (``custom_timeouts``, ``custom_errors`` in
+the verifier counters, ``reward_info/*`` in the metrics), with a warning naming
+the first such row; the run continues. ``custom_timeout_s=0`` calls the function
+in the trainer process, without a limit (raising rows still score 0). A return
+value that is not a reward is a bug in the function, not in one row: it stops the
+run with ``RewardFnError``.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import os
 import sys
@@ -23,7 +35,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from echorl_jax.rewards import workers
 from echorl_jax.rewards.base import RewardResult
+
+logger = logging.getLogger(__name__)
 
 
 class RewardSetupError(ValueError):
@@ -103,14 +118,61 @@ def _as_reward(out: Any) -> tuple[float, bool] | None:
     return float(r), bool(c) if explicit else float(r) > 0
 
 
+class BadRewardValue(ValueError):
+    """The function returned something that is not a reward (a bug in the function, not in a row)."""
+
+
+def _call(fn: Callable, task: Sequence) -> tuple[float, bool]:
+    text, truth, data_source, extra_info, prompt = task
+    out = fn(text, truth, data_source=data_source, extra_info=extra_info, prompt=prompt)
+    got = _as_reward(out)
+    if got is None:
+        raise BadRewardValue(f"returned {out!r:.100}; expected a finite float or (float, bool)")
+    return got
+
+
+_WORKER_FN: Callable | None = None
+
+
+def _worker_init(spec: str) -> None:
+    global _WORKER_FN
+    _WORKER_FN = load_reward_fn(spec)
+
+
+def _worker_main(fd: int) -> None:
+    """A custom-reward worker process (``workers.serve``): imports the function once, then scores rows."""
+    workers.serve(fd, lambda task: list(_call(_WORKER_FN, task)), init=_worker_init)
+
+
 class CustomReward:
-    """Row-aware verifier around a user's function (see the module docstring)."""
+    """Row-aware verifier around a user's function (see the module docstring). ``fn`` given: called in this
+    process (it cannot be sent to a worker); else the function ``spec`` names, in workers when ``timeout_s > 0``."""
 
     takes_rows = True  # called as (responses, ground_truths, rows)
 
-    def __init__(self, spec: str, fn: Callable | None = None):
+    def __init__(self, spec: str, fn: Callable | None = None, *, timeout_s: float = 0.0, num_workers: int = 1):
         self.spec = spec
-        self.fn = fn if fn is not None else load_reward_fn(spec)
+        self.fn = fn if fn is not None else load_reward_fn(spec)  # a bad spec fails here, at start-up
+        self.timeout_s, self.num_workers = float(timeout_s), int(num_workers)
+        self._use_workers = fn is None and self.timeout_s > 0
+        self._pool: workers.WorkerPool | None = None  # started on first use
+
+    def _results(self, tasks: list[tuple]) -> list:
+        if not self._use_workers:
+            out = []
+            for task in tasks:
+                try:
+                    out.append(list(_call(self.fn, task)))
+                except BadRewardValue as e:
+                    out.append(workers.Failed(f"BadRewardValue: {e}"))
+                except Exception as e:  # noqa: BLE001  (one row's failure; counted below)
+                    out.append(workers.Failed(f"{type(e).__name__}: {e}"))
+            return out
+        if self._pool is None:
+            self._pool = workers.WorkerPool("echorl_jax.rewards.custom:_worker_main", self.spec,
+                                            num_workers=self.num_workers, timeout_s=self.timeout_s,
+                                            name=f"custom reward {self.spec!r}")  # fmt: skip
+        return self._pool.run(tasks)
 
     def __call__(
         self, responses: Sequence[str], ground_truths: Sequence[str], rows: Sequence[RewardRow]
@@ -118,17 +180,30 @@ class CustomReward:
         n = len(responses)
         reward_n = np.zeros(n, np.float32)
         correct_n = np.zeros(n, bool)
-        for i, (text, truth, row) in enumerate(zip(responses, ground_truths, rows, strict=True)):
+        tasks = [(text, truth, row.data_source, row.extra_info, row.prompt)
+                 for text, truth, row in zip(responses, ground_truths, rows, strict=True)]  # fmt: skip
+        info = {"custom_errors": 0.0, "custom_timeouts": 0.0}
+        first = None
+        for i, res in enumerate(self._results(tasks)):
+            row = rows[i]
             where = f"row {i} (record {row.record_index}, data_source {row.data_source!r})"
-            try:
-                out = self.fn(text, truth, data_source=row.data_source, extra_info=row.extra_info, prompt=row.prompt)
-            except Exception as e:
-                raise RewardFnError(f"custom reward {self.spec!r} raised on {where}: {type(e).__name__}: {e}") from e
-            got = _as_reward(out)
-            if got is None:
-                raise RewardFnError(
-                    f"custom reward {self.spec!r} returned {out!r:.100} on {where}; "
-                    "expected a finite float or (float, bool)"
-                )
-            reward_n[i], correct_n[i] = got
-        return RewardResult(reward_n=reward_n, correct_n=correct_n, info={})
+            if isinstance(res, workers.Failed) and res.startswith("BadRewardValue: "):
+                raise RewardFnError(f"custom reward {self.spec!r} {res[len('BadRewardValue: '):]} on {where}")
+            if res == workers.TIMEOUT or isinstance(res, workers.Failed):
+                key = "custom_timeouts" if res == workers.TIMEOUT else "custom_errors"
+                info[key] += 1
+                if first is None:
+                    why = f"ran over reward.custom_timeout_s={self.timeout_s:g}" if res == workers.TIMEOUT else f"raised {res}"
+                    first = f"{why} on {where}"
+                continue
+            reward_n[i], correct_n[i] = float(res[0]), bool(res[1])
+        if first is not None:
+            logger.warning("custom reward %r: %d of %d rows scored 0 (%d raised, %d timed out); first: %s", self.spec,
+                           info["custom_errors"] + info["custom_timeouts"], n, info["custom_errors"],
+                           info["custom_timeouts"], first)  # fmt: skip
+        return RewardResult(reward_n=reward_n, correct_n=correct_n, info=info)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

@@ -20,14 +20,12 @@ The ground truth is parsed as the content of a box, so bare LaTeX (``\\frac12``)
 Equivalence is ``math_verify.verify(gold, pred)`` (symbolic, numeric to 6 places,
 sets/intervals, percentages).
 
-Isolation. Each item runs in a worker process with a per-item wall-clock limit; on
-expiry the worker is SIGKILLed and replaced (``9^{9^{9^9}}`` hangs inside C big-int
-code, where math-verify's own SIGALRM timeouts cannot fire, so they are disabled).
-A worker that dies mid-item is replaced and the item scores 0. Workers are plain
-``python -c`` subprocesses rather than multiprocessing "spawn" children: spawn
-re-imports the trainer's ``__main__`` (jax, transformers) in every worker.
-Workers get an address-space limit and answer with JSON, never pickle, so a
-compromised worker cannot hand the trainer code to run.
+Isolation (``workers.WorkerPool``). Each item runs in a worker process with a per-item
+wall-clock limit; on expiry the worker is SIGKILLed and replaced (``9^{9^{9^9}}`` hangs
+inside C big-int code, where math-verify's own SIGALRM timeouts cannot fire, so they are
+disabled). A worker that dies mid-item is replaced and the item scores 0. Workers get an
+address-space limit and answer with JSON, never pickle, so a compromised worker cannot
+hand the trainer code to run.
 
 Eval safety (math-verify 0.9.0, latex2sympy2_extended 1.11, sympy 1.14). Neither
 package calls ``eval``/``exec`` on text itself, but sympy's ``parse_expr`` (and
@@ -43,21 +41,15 @@ plain arithmetic unless it comes from a module import.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import subprocess
 import sys
-import time
-import weakref
-from collections import deque
 from functools import lru_cache
-from multiprocessing import Pipe, connection as mp_connection
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from echorl_jax.rewards import workers
 from echorl_jax.rewards.base import RewardResult
 
 logger = logging.getLogger(__name__)
@@ -225,13 +217,10 @@ _WARMUP = [  # touches the lazily imported parts of sympy before the first timed
 ]
 
 
-def _worker_main(fd: int) -> None:
-    """Entry point of a worker subprocess; ``fd`` is its end of a socket pair."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
-    conn = mp_connection.Connection(fd)
-    score_fn, max_chars, strict, memory_limit_mb = conn.recv()  # from the trainer: trusted
+def _worker_init(message: tuple) -> None:
+    """Once per worker: the memory limit, sympy's lazy imports touched, the eval guard installed."""
+    global _WORKER
+    score_fn, max_chars, strict, memory_limit_mb = message
     if memory_limit_mb:
         import resource
 
@@ -243,70 +232,29 @@ def _worker_main(fd: int) -> None:
     for response, gold in _WARMUP:
         score_one(response, gold, max_chars, strict=False)  # rule 3 too: warm every parse path
     sympy_parser.stringify_expr = _eval_guard(sympy_parser.stringify_expr)
-    conn.send_bytes(b'"ready"')
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:  # the trainer went away
-            return
-        if msg is None:
-            return
-        idx, response, ground_truth = msg
-        try:
-            out = list(score_fn(response, ground_truth, max_chars, strict))
-        except Exception:  # noqa: BLE001  (MemoryError, RecursionError, ...)
-            logger.exception("math verifier item %d failed", idx)
-            out = None
-        conn.send_bytes(json.dumps([idx, out]).encode())
+    _WORKER = (score_fn, max_chars, strict)
 
 
-class _Worker:
-    """One worker subprocess. ``item`` is the batch index it is working on, if any."""
-
-    def __init__(self, init_msg: tuple, startup_timeout_s: float):
-        parent, child = Pipe()
-        code = f"from echorl_jax.rewards.math import _worker_main; _worker_main({child.fileno()})"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.popen = subprocess.Popen(
-            [sys.executable, "-c", code],
-            pass_fds=(child.fileno(),),
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-        child.close()
-        self.conn = parent
-        self.conn.send(init_msg)
-        self.ready = False
-        self.item: int | None = None
-        self.deadline = time.monotonic() + startup_timeout_s
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait()
-        self.conn.close()
+def _worker_score(task: list) -> list:
+    score_fn, max_chars, strict = _WORKER
+    try:
+        return list(score_fn(*task, max_chars, strict))
+    except Exception:  # noqa: BLE001  (MemoryError, RecursionError, ...): logged here, counted by the trainer
+        logger.exception("math verifier item failed")
+        raise
 
 
-def _shutdown(workers: list[_Worker]) -> None:
-    for w in workers:
-        try:
-            w.conn.send(None)
-        except OSError:
-            pass
-    for w in workers:
-        try:
-            w.popen.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            pass
-        w.kill()
-    workers.clear()
+_WORKER: tuple = ()
+
+
+def _worker_main(fd: int) -> None:
+    """Entry point of a worker subprocess; ``fd`` is its end of a socket pair (``workers.serve``)."""
+    workers.serve(fd, _worker_score, init=_worker_init)
 
 
 # --------------------------------------------------------------------------- #
 # The verifier.
 # --------------------------------------------------------------------------- #
-
-_TIMEOUT, _ERROR = "timeout", "error"
 
 
 class MathVerifier:
@@ -354,71 +302,14 @@ class MathVerifier:
         self.max_chars = int(max_chars)
         self.strict = bool(strict)
         self.think = bool(think)
-        self._startup_timeout_s = float(startup_timeout_s)
-        self._init_msg = (_score_fn, self.max_chars, self.strict, memory_limit_mb)
-        self._workers: list[_Worker] = [self._start_worker() for _ in range(num_workers)]
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+        self._pool = workers.WorkerPool("echorl_jax.rewards.math:_worker_main",
+                                        (_score_fn, self.max_chars, self.strict, memory_limit_mb),
+                                        num_workers=num_workers, timeout_s=self.timeout_s, name="math verifier",
+                                        startup_timeout_s=startup_timeout_s)  # fmt: skip
 
-    def _start_worker(self) -> _Worker:
-        return _Worker(self._init_msg, self._startup_timeout_s)
-
-    def _replace(self, k: int) -> None:
-        self._workers[k].kill()
-        self._workers[k] = self._start_worker()
-
-    def _run(self, tasks: list[tuple[str, str]]) -> list:
-        """Score ``tasks`` on the pool; each result is a Verdict list, _TIMEOUT or _ERROR."""
-        if not self._workers:
-            raise RuntimeError("MathVerifier is closed")
-        results: list = [None] * len(tasks)
-        todo = deque(range(len(tasks)))
-        while todo or any(w.item is not None for w in self._workers):
-            for k, w in enumerate(self._workers):
-                if w.ready and w.item is None and todo:
-                    if w.popen.poll() is not None:  # died while idle (e.g. OOM killer)
-                        self._replace(k)
-                        continue
-                    i = todo.popleft()
-                    try:
-                        w.conn.send((i, *tasks[i]))
-                    except OSError:  # died just now: not the item's fault
-                        todo.appendleft(i)
-                        self._replace(k)
-                        continue
-                    w.item, w.deadline = i, time.monotonic() + self.timeout_s
-            waiting = [w for w in self._workers if not w.ready or w.item is not None]
-            wait_s = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-            readable = mp_connection.wait([w.conn for w in waiting], timeout=wait_s)
-            now = time.monotonic()
-            for k, w in enumerate(self._workers):
-                if w not in waiting:
-                    continue
-                if w.conn in readable:
-                    try:
-                        msg = json.loads(w.conn.recv_bytes(maxlength=1 << 16))
-                    except (EOFError, OSError, ValueError):
-                        if not w.ready:
-                            raise RuntimeError(
-                                "math verifier worker failed to start (see its stderr above)"
-                            ) from None
-                        results[w.item] = _ERROR
-                        self._replace(k)
-                        continue
-                    if not w.ready:
-                        w.ready = True
-                    else:
-                        idx, out = msg
-                        assert idx == w.item, (idx, w.item)
-                        results[idx] = _ERROR if out is None else out
-                        w.item = None
-                elif now >= w.deadline:
-                    if not w.ready:
-                        raise RuntimeError(
-                            f"math verifier worker did not start within {self._startup_timeout_s}s"
-                        )
-                    results[w.item] = _TIMEOUT
-                    self._replace(k)
-        return results
+    @property
+    def _workers(self) -> list:
+        return self._pool.workers
 
     def __call__(self, responses: Sequence[str], ground_truths: Sequence[str]) -> RewardResult:
         if len(responses) != len(ground_truths):
@@ -428,7 +319,7 @@ class MathVerifier:
         m = self.max_chars
         texts = [after_think(str(r)) if self.think else str(r) for r in responses]
         graded = [i for i, t in enumerate(texts) if t is not None]
-        results = self._run([(texts[i][-m:], str(ground_truths[i])[:m]) for i in graded])
+        results = self._pool.run([(texts[i][-m:], str(ground_truths[i])[:m]) for i in graded])
         n = len(texts)
         reward_n = np.zeros(n, np.float32)
         correct_n = np.zeros(n, bool)
@@ -436,9 +327,9 @@ class MathVerifier:
         if self.think:
             info["no_think"] = n - len(graded)
         for i, res in zip(graded, results):
-            if res == _TIMEOUT:
+            if res == workers.TIMEOUT:
                 info["timeouts"] += 1
-            elif res == _ERROR:
+            elif isinstance(res, workers.Failed):
                 info["errors"] += 1
             else:
                 v = Verdict(*res)
@@ -448,7 +339,7 @@ class MathVerifier:
         return RewardResult(reward_n=reward_n, correct_n=correct_n, info=info)
 
     def close(self) -> None:
-        self._finalizer()
+        self._pool.close()
 
     def __enter__(self) -> MathVerifier:
         return self

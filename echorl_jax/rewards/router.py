@@ -48,6 +48,8 @@ class RewardConfig:
     timeout_s: float = 5.0  # math: wall-clock limit per response (the worker is killed; scores 0)
     num_workers: int = 2  # math: worker processes
     custom: str = ""  # "path/to/file.py:fn" or "package.module:fn", used where name/by_source say "custom"
+    custom_timeout_s: float = 30.0  # custom: wall-clock limit per row (worker killed, row scores 0); 0 = in-process, no limit
+    custom_workers: int = 2  # custom: worker processes
 
     def routes(self) -> list[tuple[str, str]]:
         """``by_source`` as ``(pattern, verifier)`` pairs."""
@@ -81,6 +83,14 @@ class RewardConfig:
         used = self.used_verifiers()
         if CUSTOM in used and not self.custom:
             raise ValueError("reward.custom is empty but reward.name or reward.by_source uses 'custom'")
+        if not self.custom:
+            changed = [k for k in ("custom_timeout_s", "custom_workers") if getattr(self, k) != getattr(RewardConfig, k)]
+            if changed:
+                raise ValueError(f"reward.{changed[0]} is set but reward.custom is empty (no custom reward function)")
+        if self.custom_timeout_s < 0:
+            raise ValueError(f"reward.custom_timeout_s={self.custom_timeout_s!r} must be >= 0 (0 = no limit, in-process)")
+        if self.custom_workers < 1:
+            raise ValueError(f"reward.custom_workers={self.custom_workers!r} must be >= 1")
         if self.custom:
             if CUSTOM not in used:
                 raise ValueError(
@@ -193,7 +203,7 @@ def build_router(cfg: RewardConfig) -> RewardRouter:
         name: (lambda name=name: get_verifier(name, **verifier_kwargs(cfg, name))) for name in VERIFIERS
     }
     if cfg.custom:
-        custom = CustomReward(cfg.custom)
+        custom = CustomReward(cfg.custom, timeout_s=cfg.custom_timeout_s, num_workers=cfg.custom_workers)
         factories[CUSTOM] = lambda: custom
     return RewardRouter(cfg.name, cfg.routes(), factories)
 

@@ -40,6 +40,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from echorl_jax.rl.segments import ROWS
+
 ELIGIBILITY = ("all_success", "any_success")
 
 
@@ -185,13 +187,14 @@ def echo_clips(tokens_bt, mask_bt, entropy_bt, reward_ng, delimiter_ids, cfg: Ec
     return EchoClips(mask_bt=clip_bt, metrics=metrics)
 
 
-def echo_loss(logp_bt, echo_mask_bt, num_clips) -> jax.Array:
+def echo_loss(logp_bt, echo_mask_bt, num_clips, layout=ROWS) -> jax.Array:
     """L_echo = sum over clips of the clip's mean NLL, / global ``num_clips``.
 
-    Each row holds at most one clip, so the per-clip length is row-local and the
-    sum over micro-batches equals the whole-batch value.
+    Each sequence holds at most one clip, so the per-clip length is local to a sequence and
+    the sum over micro-batches equals the whole-batch value. ``layout``: rows (``ROWS``) or a
+    packed batch's ``Segments`` (rl/segments.py).
     """
     m_bt = echo_mask_bt.astype(bool)
-    clip_len_b = m_bt.sum(axis=1).astype(jnp.float32)
-    nll_b = -jnp.where(m_bt, logp_bt, 0.0).sum(axis=1) / jnp.maximum(clip_len_b, 1.0)
+    clip_len_b = layout.seq_sum(m_bt).astype(jnp.float32)
+    nll_b = -layout.seq_sum(jnp.where(m_bt, logp_bt, 0.0)) / jnp.maximum(clip_len_b, 1.0)
     return nll_b.sum() / jnp.maximum(num_clips, 1.0)

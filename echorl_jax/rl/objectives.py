@@ -10,6 +10,11 @@ Micro-batching: every loss term and metric is a *sum* over rows divided by
 counts taken over the whole mini-batch (``GlobalCounts``), so summing
 ``total_loss`` (and its metrics) over micro-batches gives exactly the
 whole-batch value and gradient.
+
+Packing: the loss functions also take rows packed with several sequences each
+(rl/packing.py). Per-sequence reductions go through ``layout`` (rl/segments.py):
+``ROWS`` (the default) reduces along a row, a packed batch's ``Segments`` over each
+token's sequence index, so one code path computes both, with equal values.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from echorl_jax.rl import echo as echo_lib
+from echorl_jax.rl.segments import ROWS
 
 ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")
 POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "pg")
@@ -222,10 +228,11 @@ def global_counts(mask_bt: jax.Array, echo_mask_bt: jax.Array, offpolicy_bt: jax
     )
 
 
-def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, counts: GlobalCounts, mode: str, norm_length: int = 0):
+def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, counts: GlobalCounts, mode: str, norm_length: int = 0,
+              layout=ROWS):  # fmt: skip
     """Reduce per-token values to a scalar with global counts (micro-batch additive)."""
     mask = mask_bt.astype(loss_bt.dtype)
-    tok_sum_b = (loss_bt * mask).sum(axis=1)
+    tok_sum_b = layout.seq_sum(loss_bt * mask)
     n_tok = jnp.maximum(counts.num_tokens, 1.0)
     n_seq = jnp.maximum(counts.num_seqs, 1.0)
     if mode == "token-mean":
@@ -234,14 +241,14 @@ def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, counts: GlobalCounts, mode
         return tok_sum_b.sum() / n_seq
     if mode == "seq-mean-token-mean":
         # The per-row length is local to a row, so this stays micro-batch additive.
-        return (tok_sum_b / jnp.maximum(mask.sum(axis=1), 1.0)).sum() / n_seq
+        return (tok_sum_b / jnp.maximum(layout.seq_sum(mask), 1.0)).sum() / n_seq
     if mode == "seq-mean-token-sum-norm":
-        L = norm_length or loss_bt.shape[1]  # Dr.GRPO: constant length, no length bias
+        L = norm_length or layout.response_len(loss_bt)  # Dr.GRPO: constant length, no length bias
         return tok_sum_b.sum() / (n_seq * L)
     raise ValueError(f"objective.aggregation={mode!r} is not one of {list(AGGREGATIONS)}")
 
 
-def policy_loss_bt(logp_bt, old_logp_bt, adv_bt, mask_bt, cfg: ObjectiveConfig):
+def policy_loss_bt(logp_bt, old_logp_bt, adv_bt, mask_bt, cfg: ObjectiveConfig, layout=ROWS):
     """Per-token surrogate loss ``loss_bt`` and ``clipped_bt`` (bool) indicator."""
     mask = mask_bt.astype(bool)
     # Padding log-probs may be garbage (-inf); zero them so no NaN leaks into gradients.
@@ -251,15 +258,15 @@ def policy_loss_bt(logp_bt, old_logp_bt, adv_bt, mask_bt, cfg: ObjectiveConfig):
     log_ratio_bt = jnp.clip(log_ratio_bt, -cfg.logratio_clamp, cfg.logratio_clamp)
     kind = cfg.policy_loss
     if kind in ("gspo", "gspo_token"):
-        n_b = jnp.maximum(mask.sum(axis=1), 1)
-        seq_log_ratio_b = log_ratio_bt.sum(axis=1) / n_b  # log of geometric-mean token ratio
+        n_b = jnp.maximum(layout.seq_sum(mask), 1)
+        seq_log_ratio_b = layout.seq_sum(log_ratio_bt) / n_b  # log of geometric-mean token ratio
         if kind == "gspo":
             # Sequence ratio broadcast to tokens; needs adv constant along a row.
-            log_ratio_bt = jnp.broadcast_to(seq_log_ratio_b[:, None], log_ratio_bt.shape)
+            log_ratio_bt = jnp.broadcast_to(layout.to_tokens(seq_log_ratio_b), log_ratio_bt.shape)
         else:
             # GSPO-token: value = sequence ratio, gradient flows per token (token advantages allowed).
             sg = jax.lax.stop_gradient
-            log_ratio_bt = sg(seq_log_ratio_b)[:, None] + logp_bt - sg(logp_bt)
+            log_ratio_bt = layout.to_tokens(sg(seq_log_ratio_b)) + logp_bt - sg(logp_bt)
     ratio_bt = jnp.exp(log_ratio_bt)
     if kind == "cispo":
         w_bt = jax.lax.stop_gradient(jnp.clip(ratio_bt, max(lo, 0.0), hi))
@@ -309,18 +316,19 @@ def kl_bt(logp_bt, ref_logp_bt, kind: str, clamp: float = 20.0):
     raise ValueError(f"objective.kl_kind={kind!r} is not one of {list(KL_KINDS)}")
 
 
-def entropy_term(entropy_bt, mask_bt, counts: GlobalCounts, obj: ObjectiveConfig):
+def entropy_term(entropy_bt, mask_bt, counts: GlobalCounts, obj: ObjectiveConfig, layout=ROWS):
     """The entropy the bonus multiplies: aggregated like the policy term, or with ``entropy_norm_tokens = E``
     as ``Σ H / (num_seqs · E)``. LUFFY's script averages the entropy over each micro-batch's tokens while its
     policy term is a token sum over the fixed length T; with the policy as seq-mean-token-sum-norm (length T),
     E = the script's response tokens per micro-batch gives its relative weight (docs/recipes.md)."""
     if obj.entropy_norm_tokens > 0:
-        return aggregate(entropy_bt, mask_bt, counts, "seq-mean-token-sum-norm", obj.entropy_norm_tokens)
-    return aggregate(entropy_bt, mask_bt, counts, obj.aggregation, obj.norm_length)
+        return aggregate(entropy_bt, mask_bt, counts, "seq-mean-token-sum-norm", obj.entropy_norm_tokens, layout)
+    return aggregate(entropy_bt, mask_bt, counts, obj.aggregation, obj.norm_length, layout)
 
 
 def total_loss(
-    logp_bt, entropy_bt, batch: LossBatch, counts: GlobalCounts, obj: ObjectiveConfig, echo: echo_lib.EchoConfig | None
+    logp_bt, entropy_bt, batch: LossBatch, counts: GlobalCounts, obj: ObjectiveConfig, echo: echo_lib.EchoConfig | None,
+    layout=ROWS,
 ):
     """Combined loss for one (micro-)batch and its additive metrics.
 
@@ -328,6 +336,7 @@ def total_loss(
     ``logp_bt``/``entropy_bt`` come from the current policy's single forward pass. With
     ``batch.offpolicy_bt`` (LUFFY), "policy" is the clipped surrogate on on-policy tokens plus
     ``offpolicy_loss_bt`` on expert tokens, aggregated together over all valid tokens.
+    ``layout``: how tokens group into sequences (``ROWS``, or a packed batch's ``Segments``).
     """
     mask = batch.mask_bt.astype(bool)
     off = jnp.zeros_like(mask) if batch.offpolicy_bt is None else mask & batch.offpolicy_bt.astype(bool)
@@ -336,14 +345,14 @@ def total_loss(
     logp_bt = jnp.where(mask, logp_bt, 0.0)
     entropy_bt = jnp.where(mask, entropy_bt, 0.0)
     ref_logp_bt = jnp.where(mask, batch.ref_logp_bt, 0.0)
-    agg = lambda x_bt: aggregate(x_bt, mask, counts, obj.aggregation, obj.norm_length)
-    pl_bt, clipped_bt = policy_loss_bt(logp_bt, batch.old_logp_bt, batch.adv_bt, on, obj)
+    agg = lambda x_bt: aggregate(x_bt, mask, counts, obj.aggregation, obj.norm_length, layout)
+    pl_bt, clipped_bt = policy_loss_bt(logp_bt, batch.old_logp_bt, batch.adv_bt, on, obj, layout)
     if batch.rc_weight_bt is not None:  # truncated IS from the sampler to the learner (rl/rollout_correction.py)
         pl_bt = pl_bt * jnp.where(on, batch.rc_weight_bt, 0.0)
     if batch.offpolicy_bt is not None:
         pl_bt = pl_bt + offpolicy_loss_bt(logp_bt, batch.adv_bt, off, obj.shaping_gamma)
     pg_loss = agg(pl_bt)
-    entropy = entropy_term(entropy_bt, mask, counts, obj)
+    entropy = entropy_term(entropy_bt, mask, counts, obj, layout)
     loss = pg_loss - obj.entropy_coef * entropy
     n_tok = jnp.maximum(counts.num_tokens, 1.0)
     # Expert tokens have no behaviour policy to drift from: the drift metric is over on-policy tokens.
@@ -365,7 +374,7 @@ def total_loss(
         loss = loss + obj.kl_coef * kl
         metrics["kl_ref"] = kl
     if echo is not None and echo.enabled:
-        l_echo = echo_lib.echo_loss(logp_bt, batch.echo_mask_bt, counts.num_clips)
+        l_echo = echo_lib.echo_loss(logp_bt, batch.echo_mask_bt, counts.num_clips, layout)
         loss = loss + echo.coef * l_echo
         metrics["echo_loss"] = l_echo
     metrics["loss"] = loss

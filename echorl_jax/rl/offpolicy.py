@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from echorl_jax import sharding
 from echorl_jax.data.formats import DataError
 from echorl_jax.sampling.sampler import Rollout
 
@@ -122,9 +123,13 @@ class ExpertTraces:
         return self.length_rk[np.asarray(record_index_n, np.int64)] > self.t
 
     def add_to(self, rollout: Rollout, batch) -> Rollout:
-        """``rollout`` ([N*(G-k)] rows) with the batch's expert rows appended to each group ([N*G])."""
-        tokens_nkt, length_nk = self.rows(np.asarray(batch.record_index))
-        truncated_nk = self.truncated(np.asarray(batch.record_index))
+        """``rollout`` ([N*(G-k)] rows) with the batch's expert rows appended to each group ([N*G]).
+
+        Multi-process: ``rollout`` holds every process's prompts (the sampler gathers them) and ``batch``
+        this process's, so the record indices of all processes are gathered first, in process order."""
+        record_index_n = sharding.gather_rows(np.asarray(batch.record_index))
+        tokens_nkt, length_nk = self.rows(record_index_n)
+        truncated_nk = self.truncated(record_index_n)
         return mix_expert_rows(rollout, jnp.asarray(tokens_nkt), jnp.asarray(length_nk), jnp.asarray(truncated_nk))
 
 

@@ -4,6 +4,12 @@ One call is one optimizer step on one mini-batch. Inside it, micro-batches are
 scanned and their gradients summed; the loss normalisers (token, sequence and
 clip counts) are counted once over the whole mini-batch, so accumulation is
 exact (see objectives.total_loss).
+
+Packed rows (``pack``, rl/packing.py): every pass here also runs on the mini-batch's
+sequences packed into fixed-length rows. The step then takes the host's plan
+(``dest_b``, one int per rollout row) beside the mini-batch, and each micro-batch is
+gathered into the packed layout on device; counts stay global, and the losses reduce
+per sequence through the packed batch's ``Segments`` (rl/segments.py).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from flax import nnx
 from echorl_jax import sharding
 from echorl_jax.models.logprobs import chunked_logp_entropy
 from echorl_jax.models.transformer import positions_from_valid
-from echorl_jax.rl import echo as echo_lib, objectives
+from echorl_jax.rl import echo as echo_lib, objectives, packing
+from echorl_jax.rl.segments import ROWS
 
 
 class TrainState(NamedTuple):
@@ -121,6 +128,34 @@ def response_logp(graphdef, params, tokens_bs, valid_bs, num_response: int, temp
     return chunked_logp_entropy(hidden_bth, model.output_head(), targets_bt, temperature, model.cfg.logits_chunk)
 
 
+def packed_logp(graphdef, params, tokens_bt, index: packing.PackedIndex, temperature: float):
+    """``(logp_bt, entropy_bt)`` ``[R, L]`` of packed rows: at each token, the log-prob of that token
+    given its sequence so far (0 at column 0, which nothing predicts; a sequence's first token gets a
+    value from the previous sequence, which no mask selects: first tokens are prompt)."""
+    model = nnx.merge(graphdef, params)
+    l = tokens_bt.shape[1]
+    hidden_bth, _ = model(tokens_bt, index.position_bt, index.segment_bt > 0, logits_slice=(0, l - 1),
+                          return_hidden=True, segment_ids=index.segment_bt)  # fmt: skip
+    logp, entropy = chunked_logp_entropy(hidden_bth, model.output_head(), tokens_bt[:, 1:], temperature,
+                                         model.cfg.logits_chunk)  # fmt: skip
+    return jnp.pad(logp, ((0, 0), (1, 0))), jnp.pad(entropy, ((0, 0), (1, 0)))
+
+
+def micro_batch_logp(graphdef, params, mb: UpdateBatch, temperature: float, index=None, pack=None):
+    """``(logp, entropy, layout)`` of one micro-batch: padded rows (``index`` None; ``[B, T]``, ``ROWS``)
+    or a packed micro-batch (``[R, L]``, its ``Segments``)."""
+    if index is None:
+        t = mb.mask_bt.shape[1]
+        return (*response_logp(graphdef, params, mb.tokens_bs, mb.valid_bs, t, temperature), ROWS)
+    return (*packed_logp(graphdef, params, mb.tokens_bs, index, temperature), pack.layout(index))
+
+
+def check_plan(dest_b, pack) -> None:
+    if (dest_b is None) != (pack is None):
+        raise ValueError("a packed pass (built with pack=PackSpec) takes the plan dest_b, a padded one none; got "
+                         f"pack={'set' if pack is not None else None}, dest_b={'set' if dest_b is not None else None}")
+
+
 def global_counts(batch: UpdateBatch) -> objectives.GlobalCounts:
     return objectives.global_counts(batch.mask_bt, batch.echo_mask_bt, batch.offpolicy_bt)
 
@@ -148,9 +183,12 @@ def add_float32(acc, grads):
     return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
 
 
-def make_forward_logp(graphdef, num_response: int, temperature: float, num_chunks: int):
+def make_forward_logp(graphdef, num_response: int, temperature: float, num_chunks: int,
+                      pack: packing.PackSpec | None = None):  # fmt: skip
     """Jitted ``(params, tokens_bs, valid_bs) -> logp_bt`` (old / reference log-probs), computed
-    ``num_chunks`` row-chunks at a time so its peak memory is that of one micro-batch."""
+    ``num_chunks`` row-chunks at a time so its peak memory is that of one micro-batch. With ``pack``
+    (the whole rollout batch's spec) it takes the plan too, ``(params, tokens_bs, valid_bs, dest_b)``,
+    and runs on packed micro-batches."""
 
     def fn(params, tokens_bs, valid_bs):
         def one(chunk):
@@ -159,24 +197,38 @@ def make_forward_logp(graphdef, num_response: int, temperature: float, num_chunk
         split = (split_rows(tokens_bs, num_chunks), split_rows(valid_bs, num_chunks))
         return merge_rows(jax.lax.map(one, split))
 
-    return jax.jit(fn)
+    def packed_fn(params, tokens_bs, valid_bs, dest_b):
+        place = packing.placement(dest_b, valid_bs)
+        logp_crl = packing.map_packed(lambda toks, index: packed_logp(graphdef, params, toks, index, temperature)[0],
+                                      tokens_bs, place, pack)  # fmt: skip
+        return packing.unpack(logp_crl, place, num_response, pack)
+
+    return jax.jit(fn if pack is None else packed_fn)
 
 
-def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: float, num_chunks: int = 1):
+def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: float, num_chunks: int = 1,
+                        pack: packing.PackSpec | None = None):  # fmt: skip
     """``(params, batch) -> ||grad(coef * L_echo)||``: the echo term's share of the update (a diagnostic;
     it costs one extra forward + backward, so the trainer runs it only every few steps). Gradients are
-    accumulated over ``num_chunks`` row-chunks, as in the train step."""
+    accumulated over ``num_chunks`` row-chunks, as in the train step; with ``pack`` over packed
+    micro-batches, ``(params, batch, dest_b)``."""
 
-    def echo_term(params, mb: UpdateBatch, num_clips, frozen):
-        t = mb.mask_bt.shape[1]
-        logp, _ = response_logp(graphdef, policy_params(params, frozen), mb.tokens_bs, mb.valid_bs, t, temperature)
-        return echo_cfg.coef * echo_lib.echo_loss(logp, mb.echo_mask_bt, num_clips)
+    def echo_term(params, mb: UpdateBatch, num_clips, index, frozen):
+        logp, _, layout = micro_batch_logp(graphdef, policy_params(params, frozen), mb, temperature, index, pack)
+        return echo_cfg.coef * echo_lib.echo_loss(logp, mb.echo_mask_bt, num_clips, layout)
 
-    def fn(params, batch: UpdateBatch, frozen=None):
+    def fn(params, batch: UpdateBatch, dest_b=None, frozen=None):
+        check_plan(dest_b, pack)
         num_clips = global_counts(batch).num_clips
+        grad = lambda mb, index=None: jax.grad(echo_term)(params, mb, num_clips, index, frozen)  # noqa: E731
+        if dest_b is not None:
+            add = lambda grads, mb, index: add_float32(grads, grad(mb, index))  # noqa: E731
+            grads = packing.scan_packed(add, zeros_float32(params), batch, packing.placement(dest_b, batch.valid_bs),
+                                        pack)  # fmt: skip
+            return optax.global_norm(grads)
 
         def accumulate(grads, mb):
-            return add_float32(grads, jax.grad(echo_term)(params, mb, num_clips, frozen)), None
+            return add_float32(grads, grad(mb)), None
 
         split = jax.tree.map(lambda x: split_rows(x, num_chunks), batch)
         grads, _ = jax.lax.scan(accumulate, zeros_float32(params), split)
@@ -185,39 +237,53 @@ def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: fl
     return jax.jit(fn)
 
 
-def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig, *, micro_batches: int,
-                    temperature: float):  # fmt: skip
-    """Returns the un-jitted ``train_step(state, batch, frozen=None) -> (state, metrics)``; ``frozen``: the
-    base weights when ``state.params`` holds only LoRA adapters (read, never differentiated or updated)."""
+def skip_nonfinite(old: TrainState, new: TrainState, metrics: dict) -> tuple[TrainState, dict]:
+    """``new`` unless the update's loss or gradient norm is NaN/Inf; then ``old`` whole (params, optimizer
+    moments, step count: the update is skipped, as if the mini-batch had not been drawn). Adds
+    ``skipped_updates`` (1.0 when skipped) to ``metrics``. A select inside the step: no host round-trip."""
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    state = jax.tree.map(lambda a, b: jnp.where(finite, b, a), old, new)
+    return state, dict(metrics, skipped_updates=1.0 - finite.astype(jnp.float32))
 
-    def loss_fn(params, mb: UpdateBatch, counts, frozen):
-        t = mb.mask_bt.shape[1]
-        logp, entropy = response_logp(graphdef, policy_params(params, frozen), mb.tokens_bs, mb.valid_bs, t,
-                                      temperature)  # fmt: skip
+
+def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig, *, micro_batches: int,
+                    temperature: float, pack: packing.PackSpec | None = None):  # fmt: skip
+    """Returns the un-jitted ``train_step(state, batch, dest_b=None, frozen=None) -> (state, metrics)``; with
+    ``pack`` (the mini-batch's spec) it takes the plan ``dest_b`` and runs on packed micro-batches. ``frozen``:
+    the base weights when ``state.params`` holds only LoRA adapters (read, never differentiated or updated).
+    An update whose loss or gradient is not finite leaves ``state`` as it was (``skip_nonfinite``)."""
+
+    def loss_fn(params, mb: UpdateBatch, counts, index, frozen):
+        logp, entropy, layout = micro_batch_logp(graphdef, policy_params(params, frozen), mb, temperature, index,
+                                                 pack)  # fmt: skip
         loss_batch = objectives.LossBatch(mb.mask_bt, mb.adv_bt, mb.old_logp_bt, mb.ref_logp_bt, mb.echo_mask_bt,
                                           mb.offpolicy_bt, mb.rc_weight_bt)  # fmt: skip
-        return objectives.total_loss(logp, entropy, loss_batch, counts, obj_cfg, echo_cfg)
+        return objectives.total_loss(logp, entropy, loss_batch, counts, obj_cfg, echo_cfg, layout)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: UpdateBatch, frozen=None):
+    def train_step(state: TrainState, batch: UpdateBatch, dest_b=None, frozen=None):
+        check_plan(dest_b, pack)
         counts = global_counts(batch)
-        split = jax.tree.map(lambda x: split_rows(x, micro_batches), batch)
 
-        def accumulate(carry, mb):
+        def accumulate(carry, mb, index=None):
             grads, loss, metrics = carry
-            (l, m), g = grad_fn(state.params, mb, counts, frozen)
-            return (add_float32(grads, g), loss + l, jax.tree.map(jnp.add, metrics, m)), None
+            (l, m), g = grad_fn(state.params, mb, counts, index, frozen)
+            return (add_float32(grads, g), loss + l, jax.tree.map(jnp.add, metrics, m))
 
         zeros = zeros_float32(state.params)
-        first = jax.tree.map(lambda x: x[0], split)
-        metric_shape = jax.eval_shape(lambda: grad_fn(state.params, first, counts, frozen)[0][1])
+        metric_shape = jax.eval_shape(lambda: grad_fn(state.params, batch, counts, None, frozen)[0][1])  # scalars
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)
         init = (zeros, jnp.zeros((), jnp.float32), zero_metrics)
-        (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, split)
+        if dest_b is None:
+            split = jax.tree.map(lambda x: split_rows(x, micro_batches), batch)
+            (grads, loss, metrics), _ = jax.lax.scan(lambda c, mb: (accumulate(c, mb), None), init, split)
+        else:
+            place = packing.placement(dest_b, batch.valid_bs)
+            grads, loss, metrics = packing.scan_packed(accumulate, init, batch, place, pack)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return skip_nonfinite(state, TrainState(state.step + 1, params, opt_state), metrics)
 
     return train_step

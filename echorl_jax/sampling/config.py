@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+MIN_BUDGET_BYTES = 4096  # sampling.kv_cache_memory >= 1 is bytes; fewer than 4 KiB is surely a mistyped fraction
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -17,6 +19,10 @@ class SamplingConfig:
     max_new_tokens: int = 64  # T: response length the batch is padded to
     slots: int = 0  # decode rows with slot refill (continuous batching); 0 or >= N·G: one row per rollout
     prompt_buckets: bool = True  # trim the prompt batch's left padding to a power-of-two width before prefill
+    # KV-cache budget per device, from which the decode slots are chosen (slot refill through them):
+    # 0 < x < 1 a fraction of the device's memory, x >= 1 bytes (e.g. 20e9); 0 = off (sampling.slots decides)
+    kv_cache_memory: float = 0.0
+    decode_tensor_parallel: int = 0  # devices per tensor-parallel group of the decode copy; 0 = auto (sampling/layout.py)
 
     def validate(self, prefix: str = "sampling") -> None:
         def bad(key, allowed):
@@ -37,3 +43,14 @@ class SamplingConfig:
             bad("slots", "must be an integer >= 0; 0 decodes one row per rollout (no refill)")
         if not isinstance(self.prompt_buckets, bool):
             bad("prompt_buckets", "must be True or False")
+        budget = self.kv_cache_memory
+        if not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and math.isfinite(budget)
+                and (budget == 0 or 0 < budget < 1 or budget >= MIN_BUDGET_BYTES)):  # fmt: skip
+            bad("kv_cache_memory", f"must be 0 (off), a fraction of the device's memory in (0, 1), or bytes "
+                f">= {MIN_BUDGET_BYTES} (e.g. 20e9)")  # fmt: skip
+        if budget and self.slots:
+            bad("kv_cache_memory", f"and sampling.slots={self.slots} are both set: sampling.slots fixes the decode "
+                "rows, sampling.kv_cache_memory chooses them from a memory budget; set one (the other to 0)")  # fmt: skip
+        tp = self.decode_tensor_parallel
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 0:
+            bad("decode_tensor_parallel", "must be an integer >= 0; 0 picks the group size automatically")

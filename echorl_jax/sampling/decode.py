@@ -1,24 +1,35 @@
-"""The sampler's two decode loops, each one ``lax.while_loop`` inside the sampler's jit.
+"""The sampler's two decode loops, each a ``lax.while_loop`` (in bucketed segments) inside the sampler's jit.
 
-``decode_plain`` (one row per rollout): each prompt's prefill cache and last
-logits are repeated G times (group-major), then [B, 1] decode steps run until
-every row has emitted a stop token (or completed a stop sequence), or after T
-tokens. The loop is split into a few segments whose cache grows to P + T slots:
-all rows write the same slot, so early steps need not read (attend over) the
-empty tail — on CPU the decode step is dominated by reading the cache.
+The KV cache of a decode row is ``[prompt | response region]``: the P prefilled prompt columns,
+then ``ring = round_up(T, block)`` response columns cut into key blocks of ``block`` columns
+(``decode_block``). It is allocated once at its full size and updated in place; a decode step
+reads the prompt and only the response blocks that can hold a live key
+(``models/decode_attention.py``), never the empty or stale rest.
 
-``decode_refill`` (continuous batching, ``sampling.slots``, 0 < S < N·G): all N
-prompts are prefilled once up front into a per-prompt cache [N, P]; S decode
-slots hold rollouts. When a rollout stops (or reaches T) its slot takes the next
-pending rollout r = n·G + g at the next iteration: prompt n's KV is copied into
-the slot's first P cache slots and its first token is drawn from prompt n's
-prefill logits. The slot table (rollout id, own step) and the insert step live
-inside one ``lax.while_loop`` with fixed shapes; outputs are written per
-rollout id, so the Rollout contract is unchanged. Draws use the stream of the
-rollout id and the rollout's own step, so a rollout's tokens depend on (seed,
-rollout id) only and equal the one-row-per-rollout loop's. The KV cache is
-S × (P + T) instead of N·G × (P + T) (``sampling.kv_bytes_per_slot``); no
-segments (slots are at different steps): every step reads the whole cache, masked.
+Live extent, in fixed shapes: the number of blocks a step reads is static per *segment*. A
+segment is a ``while_loop`` whose body reads ``nb`` blocks (``nb`` from a short ladder of
+buckets, ``block_buckets``: 1, 2, 3, 4, 6, 8, 12, 16, ... blocks) and that runs while the live
+extent fits them; each bucket compiles one loop body.
+
+``decode_plain`` (one row per rollout): each prompt's prefill cache and last logits are copied
+G times (group-major) into the full cache, then [B, 1] decode steps run until every row has
+emitted a stop token (or completed a stop sequence), or after T tokens. Every row writes
+response token t's key at column P + t, so the live extent is the same for all rows and grows:
+the segments run in bucket order, segment ``nb`` while t <= nb·block.
+
+``decode_refill`` (continuous batching, 0 < slots < N·G): all N prompts are prefilled once up
+front into a per-prompt cache [N, P]; S decode slots hold rollouts. When a rollout stops (or
+reaches T) its slot takes the next pending rollout r = n·G + g at the next iteration: prompt n's
+KV is copied into the slot's prompt columns and its first token is drawn from prompt n's prefill
+logits. The slot table (rollout id, own step) and the insert step live inside the loop with
+fixed shapes; outputs are written per rollout id, so the Rollout contract is unchanged. Draws
+use the stream of the rollout id and the rollout's own step, so a rollout's tokens depend on
+(seed, rollout id) only and equal the one-row-per-rollout loop's. The KV cache is S × (P + ring)
+instead of N·G × (P + ring) (``sampling.kv_bytes_per_slot``). The response region is a ring
+(below), so a slot's keys are a circular window ending at this iteration's column, as long as
+its rollout's step: the segments are re-entered as that extent (the longest live rollout) grows
+and shrinks: an outer loop runs the buckets' loops in ascending order, each while the extent
+stays within its bucket.
 
 Both are the ``Sampler``'s own traced code, split out for length: they take the
 sampler for its config and its per-step helpers (``pick``, ``hist``, sharding
@@ -35,13 +46,38 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from echorl_jax.models.transformer import init_cache
+from echorl_jax.models.decode_attention import LiveKeys
+from echorl_jax.models.transformer import KVCache
 from echorl_jax.sampling.step import DecodeStep
 from echorl_jax.sharding import batch_divisor
+
+TARGET_BLOCKS = 16  # decode_block: about this many key blocks over the response region
+MIN_BLOCK = 16  # ... of at least this many columns (tiny blocks cost more loop than they save)
 
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def decode_block(t_max: int) -> int:
+    """Columns per response key block for responses of ``t_max`` tokens: the smallest power of two
+    >= t_max / 16, at least 16 (so the live extent is tracked in ~1/16ths of T)."""
+    return max(MIN_BLOCK, 1 << (max(-(-t_max // TARGET_BLOCKS), 1) - 1).bit_length())
+
+
+def response_columns(t_max: int, block: int) -> int:
+    """Cache columns of the response region: T rounded up to whole blocks."""
+    return round_up(t_max, block)
+
+
+def block_buckets(ring_blocks: int) -> list[int]:
+    """Static block counts a decode step may read: 1, 2, 3, 4, 6, 8, 12, ... (each at most 1.5x
+    the previous, so a step reads at most 1.5x its live blocks) up to all ``ring_blocks``."""
+    out, x = [], 1
+    while x < ring_blocks:
+        out.append(x)
+        x = x + 1 if x < 4 else x * 3 // 2 if x & (x - 1) == 0 else x * 4 // 3
+    return out + [ring_blocks]
 
 
 def keep_rows(x, n_keep: int, n_out: int, axis: int = 0):
@@ -71,7 +107,7 @@ class _Loop(NamedTuple):
 class _Slots(NamedTuple):
     """Slot-refill decode state: S slots decode, outputs are indexed by rollout id r (rows of [B, T])."""
 
-    cache: Any  # [L, S, g, P+T, d]: the slot's prompt at [0, P), response token i at P + i
+    cache: Any  # [L, S, g, P+ring, d]: the slot's prompt at [0, P), its response keys in the ring after
     rid_s: jax.Array  # rollout each slot decodes (>= B: idle, nothing left to start)
     step_s: jax.Array  # that rollout's next response index (0: just inserted, logits from the prefill)
     last_tok_s: jax.Array  # its token step-1, fed to the model this iteration
@@ -99,25 +135,29 @@ class _Decoded(NamedTuple):
     steps: jax.Array  # decode iterations (each draws one token per busy row)
 
 
+def _full_cache(sampler: DecodeStep, prompt_k, prompt_v, valid_bk, ring: int) -> KVCache:
+    """The decode cache at its final size: prompt columns from ``prompt_*`` [L, rows, g, P, d], then
+    ``ring`` empty response columns; ``pos`` = P, the first response column."""
+    pad = lambda x: sampler.kv_sharded(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, ring), (0, 0))))  # noqa: E731
+    p = valid_bk.shape[1]
+    return KVCache(pad(prompt_k), pad(prompt_v), sampler.rows_sharded(jnp.pad(valid_bk, ((0, 0), (0, ring)))),
+                   jnp.asarray(p, jnp.int32))  # fmt: skip
+
+
 def decode_plain(sampler: DecodeStep, model, cache, logits_nv, lengths_n, rng, stop_at_b, b: int, b_pad: int) -> _Decoded:
-    """One row per rollout: repeat each prompt's cache G times; rows share the write slot."""
-    cfg, g_size, pad_id, mcfg = sampler.cfg, sampler.group_size, sampler.pad_id, model.cfg
+    """One row per rollout: each prompt's cache copied G times; rows share the write column."""
+    cfg, g_size, pad_id = sampler.cfg, sampler.group_size, sampler.pad_id
     n, p, t_max = lengths_n.shape[0], cache.valid_bk.shape[1], cfg.max_new_tokens
+    block = sampler.block_size()
+    ring = response_columns(t_max, block)
 
     def expand(x, axis=0):  # group-major repeat, rows padded to b_pad
         return keep_rows(jnp.repeat(jax.lax.slice_in_dim(x, 0, n, axis=axis), g_size, axis=axis), b, b_pad, axis)
 
-    def grow(cache, slots: int):  # zero-pads the cache's slot axis to `slots`
-        extra = slots - cache.valid_bk.shape[1]
-        pad_kv = lambda x: sampler.kv_sharded(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))))  # noqa: E731
-        valid_bk = sampler.rows_sharded(jnp.pad(cache.valid_bk, ((0, 0), (0, extra))))
-        return cache._replace(k_lbgkd=pad_kv(cache.k_lbgkd), v_lbgkd=pad_kv(cache.v_lbgkd), valid_bk=valid_bk)
-
-    # Decode segment i runs steps [ends[i-1], ends[i]) over a cache of P + ends[i] slots:
-    # every row shares the write slot, so early steps need not attend over the empty tail.
-    ends = sorted({-(-t_max * (i + 1) // sampler.decode_segments) for i in range(sampler.decode_segments)})
-    cache = cache._replace(k_lbgkd=expand(cache.k_lbgkd, axis=1), v_lbgkd=expand(cache.v_lbgkd, axis=1),
-                           valid_bk=expand(cache.valid_bk))  # fmt: skip
+    # Copying the repeat straight into the padded full-size cache: XLA fuses repeat + pad into one
+    # write of the cache (no [B, P] intermediate, no growing copies).
+    cache = _full_cache(sampler, expand(cache.k_lbgkd, axis=1), expand(cache.v_lbgkd, axis=1),
+                        expand(cache.valid_bk), ring)  # fmt: skip
     logits_bv = sampler.rows_sharded(expand(logits_nv))
     lengths_b = sampler.rows_sharded(expand(lengths_n))
 
@@ -145,9 +185,10 @@ def decode_plain(sampler: DecodeStep, model, cache, logits_nv, lengths_n, rng, s
         entropy_bt=write(zeros(jnp.float32), ent0, 0),
     )  # fmt: skip
 
-    def body(s: _Loop):
+    def body(s: _Loop, blocks: int):
         positions_b1 = (lengths_b + s.t - 1)[:, None]  # token t-1 sits at prompt length + t - 1
-        logits_b1v, cache = model(s.last_tok_b[:, None], positions_b1, s.last_valid_b[:, None], s.cache)
+        live = LiveKeys(p, block, blocks, ring // block, 0)  # response columns [0, t) lie in blocks [0, blocks)
+        logits_b1v, cache = model(s.last_tok_b[:, None], positions_b1, s.last_valid_b[:, None], s.cache, live=live)
         tok_b, live_b, done_b, lp_b, ent_b, hist_bl, stop_len_b = pick(
             logits_b1v[:, 0], s.t, s.done_b, s.hist_bl, s.stop_len_b)
         return _Loop(
@@ -156,11 +197,38 @@ def decode_plain(sampler: DecodeStep, model, cache, logits_nv, lengths_n, rng, s
             write(s.logp_bt, lp_b, s.t), write(s.entropy_bt, ent_b, s.t),
         )  # fmt: skip
 
+    # Segment `blocks` runs the steps t <= blocks·block (they write response column t - 1), in
+    # order; each stops as soon as every row has stopped.
     out = init
-    for end in ends:  # stops as soon as every row has stopped
-        out = out._replace(cache=grow(out.cache, p + end))
-        out = jax.lax.while_loop(lambda s, end=end: (s.t < end) & ~jnp.all(s.done_b), body, out)
+    for blocks in block_buckets(ring // block):
+        end = min(blocks * block, t_max - 1) + 1
+        out = jax.lax.while_loop(lambda s, end=end: (s.t < end) & ~jnp.all(s.done_b),
+                                 lambda s, blocks=blocks: body(s, blocks), out)  # fmt: skip
+        if end == t_max:
+            break
     return _Decoded(out.tokens_bt, out.mask_bt, out.logp_bt, out.entropy_bt, out.done_b, out.stop_len_b, out.t)
+
+
+def _prompt_row(sampler: DecodeStep, prompt_lngpd, n):
+    """Prompt ``n``'s prefill KV [L, 1, g, P, d]. With prompts sharded over devices a dynamic slice
+    would make XLA all-gather the whole prompt cache onto every device; a masked sum over the
+    prompt axis is a local sum plus an all-reduce of one row (exact: every other term is 0)."""
+    rows = prompt_lngpd.shape[1]
+    if sampler.mesh is None or batch_divisor(sampler.mesh) == 1:
+        return jax.lax.dynamic_slice_in_dim(prompt_lngpd, n, 1, axis=1)
+    pick_n = (jnp.arange(rows) == n)[None, :, None, None, None]
+    return jnp.sum(jnp.where(pick_n, prompt_lngpd, jnp.zeros((), prompt_lngpd.dtype)), axis=1, keepdims=True,
+                   dtype=prompt_lngpd.dtype)  # fmt: skip
+
+
+def refill_extent(steps, step_s, active_s, block: int, ring: int):
+    """Response blocks a refill iteration must read: the circular window of the longest live
+    rollout's keys (its step count of columns) that ends at this iteration's column ``steps mod
+    ring``; at least the current block, at most all."""
+    m = jnp.max(jnp.where(active_s, step_s, 0))
+    col = steps % ring
+    touched = col // block - jnp.floor_divide(col - jnp.maximum(m, 1) + 1, block) + 1
+    return jnp.minimum(touched, ring // block)
 
 
 def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, logits_nv, lengths_n, rng, stop_at_r, b: int,
@@ -168,43 +236,45 @@ def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, log
     """Continuous batching in fixed shapes: ``s_rows`` slots; a slot whose rollout ends takes the
     next pending rollout (ids in group-major order) at the next iteration.
 
-    Inserting rollout r = n·G + g copies prompt n's prefill KV into the slot's first P cache
-    slots and clears the rest of its valid row; its first token is drawn from prompt n's
-    prefill logits (the slot's forward that iteration feeds a dummy token, marked invalid).
-    The last T cache slots are a ring: iteration i writes every row's new key into column
-    P + i mod T (one shared column: an in-place dynamic-update-slice; a per-row scatter into
-    the layer-scanned cache made XLA copy the whole cache). A rollout lives at most T
-    iterations, so it never overwrites its own keys; ``valid_bk`` masks the rest (``ring``).
-    Each draw uses the stream fold_in(fold_in(rng, r), t) with t the rollout's own step, and
-    each rollout attends over exactly its own prompt and tokens (in ring order: sums may
-    differ from the plain loop's in the last bits), so rollouts equal the one-row-per-rollout
-    loop's.
+    Inserting rollout r = n·G + g copies prompt n's prefill KV into the slot's P prompt columns
+    and clears the rest of its valid row; its first token is drawn from prompt n's prefill
+    logits (the slot's forward that iteration feeds a dummy token, marked invalid). The response
+    region is a ring: iteration i writes every row's new key into column P + i mod ring (one
+    shared column: an in-place dynamic-update-slice; a per-row scatter into the layer-scanned
+    cache made XLA copy the whole cache). A rollout lives at most T <= ring iterations, so it
+    never overwrites its own keys; ``valid_bk`` masks the rest. Each draw uses the stream
+    fold_in(fold_in(rng, r), t) with t the rollout's own step, and each rollout attends over
+    exactly its own prompt and tokens (in ring order: sums may differ from the plain loop's in
+    the last bits), so rollouts equal the one-row-per-rollout loop's.
     """
-    cfg, g_size, pad_id, mcfg = sampler.cfg, sampler.group_size, sampler.pad_id, model.cfg
+    cfg, g_size, pad_id = sampler.cfg, sampler.group_size, sampler.pad_id
     p, t_max = prompt_valid_np.shape[1], cfg.max_new_tokens
+    block = sampler.block_size()
+    ring = response_columns(t_max, block)
+    ring_blocks = ring // block
     b_pad = round_up(b, 1 if sampler.mesh is None else batch_divisor(sampler.mesh))
     pk_lngpd, pv_lngpd = prompt_cache.k_lbgkd, prompt_cache.v_lbgkd
 
     def insert(cache, ins_s, rid_s):
         """Copies prompt KV into the slots ``ins_s`` (one dynamic-update-slice per inserted slot)."""
         n_s = jnp.minimum(rid_s, b - 1) // g_size
-        fresh_sk = jnp.pad(prompt_valid_np[n_s], ((0, 0), (0, t_max)))
+        fresh_sk = jnp.pad(prompt_valid_np[n_s], ((0, 0), (0, ring)))
         valid_sk = sampler.rows_sharded(jnp.where(ins_s[:, None], fresh_sk, cache.valid_bk))
         order_s = jnp.argsort(~ins_s, stable=True)  # inserted slots first
 
         def one(j, kv):
             slot = order_s[j]
             start = (0, slot, 0, 0, 0)
-            return tuple(jax.lax.dynamic_update_slice(c, jax.lax.dynamic_slice_in_dim(pc, n_s[slot], 1, axis=1),
-                                                      start) for c, pc in zip(kv, (pk_lngpd, pv_lngpd)))  # fmt: skip
+            return tuple(jax.lax.dynamic_update_slice(c, _prompt_row(sampler, pc, n_s[slot]), start)
+                         for c, pc in zip(kv, (pk_lngpd, pv_lngpd)))  # fmt: skip
 
         k, v = jax.lax.fori_loop(0, jnp.sum(ins_s, dtype=jnp.int32), one, (cache.k_lbgkd, cache.v_lbgkd))
         return cache._replace(k_lbgkd=sampler.kv_sharded(k), v_lbgkd=sampler.kv_sharded(v), valid_bk=valid_sk)
 
     slots = jnp.arange(s_rows, dtype=jnp.int32)
-    empty = init_cache(mcfg, s_rows, p + t_max)
-    empty = empty._replace(k_lbgkd=sampler.kv_sharded(empty.k_lbgkd), v_lbgkd=sampler.kv_sharded(empty.v_lbgkd),
-                           valid_bk=sampler.rows_sharded(empty.valid_bk))  # fmt: skip
+    kv_shape = (pk_lngpd.shape[0], s_rows, pk_lngpd.shape[2], p, pk_lngpd.shape[4])
+    empty = _full_cache(sampler, jnp.zeros(kv_shape, pk_lngpd.dtype), jnp.zeros(kv_shape, pv_lngpd.dtype),
+                        jnp.zeros((s_rows, p), bool), ring)  # fmt: skip
     zeros = lambda dt: sampler.rows_sharded(jnp.zeros((b_pad, t_max), dt))  # noqa: E731
     init = _Slots(
         cache=insert(empty, slots < b, slots), rid_s=slots, step_s=jnp.zeros_like(slots),
@@ -215,16 +285,18 @@ def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, log
         done_r=jnp.zeros((b_pad,), bool), stop_len_r=jnp.zeros((b_pad,), jnp.int32),
     )  # fmt: skip
 
-    def body(st: _Slots):
+    def body(st: _Slots, blocks: int):
         active_s = st.rid_s < b
         rid_s = jnp.minimum(st.rid_s, b - 1)  # idle slots compute on a real rollout's inputs, then drop them
         n_s = rid_s // g_size
         fresh_s = st.step_s == 0
         feed_s = active_s & ~fresh_s  # feeds a real token this iteration
         positions_s1 = jnp.maximum(lengths_n[n_s] + st.step_s - 1, 0)[:, None]
-        column = p + st.steps % t_max
+        col = st.steps % ring
+        # The `blocks` blocks that end at this iteration's block hold every live key (refill_extent).
+        live = LiveKeys(p, block, blocks, ring_blocks, col // block - blocks + 1 + ring_blocks)
         logits_s1v, cache = model(st.last_tok_s[:, None], positions_s1, feed_s[:, None],
-                                  st.cache._replace(pos=column), ring=True)  # fmt: skip
+                                  st.cache._replace(pos=p + col), live=live)  # fmt: skip
         logits_sv = jax.lax.cond(jnp.any(fresh_s), lambda: jnp.where(fresh_s[:, None], logits_nv[n_s],
                                                                      logits_s1v[:, 0]),
                                  lambda: logits_s1v[:, 0])  # fmt: skip
@@ -255,6 +327,24 @@ def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, log
             stop_len_r=st.stop_len_r.at[end_r].set(stop_len_s, mode="drop"),
         )  # fmt: skip
 
-    out = jax.lax.while_loop(lambda st: jnp.any(st.rid_s < b), body, init)
+    def busy(st):
+        return jnp.any(st.rid_s < b)
+
+    def extent(st):
+        return refill_extent(st.steps, st.step_s, st.rid_s < b, block, ring)
+
+    # One loop per bucket of the live extent, each running while the extent stays in (lower, blocks],
+    # in ascending order inside an outer loop: a growing extent moves on to the next bucket's loop,
+    # a shrinking one (the longest rollout ended) skips the rest and restarts from the smallest.
+    # (Loops in sequence, not a lax.switch: a conditional copies its whole operand -- the cache.)
+    buckets = block_buckets(ring_blocks)
+
+    def by_bucket(st):
+        for blocks, lower in zip(buckets, [0] + buckets[:-1]):
+            st = jax.lax.while_loop(lambda s, blocks=blocks, lower=lower: busy(s) & (extent(s) <= blocks)
+                                    & (extent(s) > lower), lambda s, blocks=blocks: body(s, blocks), st)  # fmt: skip
+        return st
+
+    out = jax.lax.while_loop(busy, by_bucket, init) if len(buckets) > 1 else by_bucket(init)
     return _Decoded(out.tokens_rt, out.mask_rt, out.logp_rt, out.entropy_rt, out.done_r, out.stop_len_r,
                     out.steps)  # fmt: skip

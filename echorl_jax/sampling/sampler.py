@@ -47,8 +47,10 @@ import numpy as np
 from flax import nnx
 
 from echorl_jax.models.transformer import init_cache, positions_from_valid
+from echorl_jax.sampling.budget import DecodePlan, choose_layout, plan_decode, rows_for
 from echorl_jax.sampling.config import SamplingConfig
-from echorl_jax.sampling.decode import decode_plain, decode_refill, keep_rows, round_up
+from echorl_jax.sampling.decode import decode_block, decode_plain, decode_refill, keep_rows, response_columns, round_up
+from echorl_jax.sampling.layout import DecodeLayout, DecodeWeights
 from echorl_jax.sampling.step import DecodeStep
 from echorl_jax.sampling.stops import as_ids, as_stops, split_stops
 from echorl_jax.sharding import batch_divisor, batch_sharding, gather_rows, replicated
@@ -82,26 +84,31 @@ def prompt_bucket(max_len: int, p: int) -> int:
 def decode_rows(cfg: SamplingConfig, rollouts: int, divisor: int = 1) -> tuple[int, bool]:
     """``(rows, refill)``: the decode batch for ``rollouts`` = N·G (padded to the mesh's batch
     ``divisor``) and whether slots are refilled. ``sampling.slots`` below N·G turns refill on."""
-    plain = round_up(rollouts, divisor)
-    slots = round_up(cfg.slots, divisor)
-    return (slots, True) if 0 < slots < plain else (plain, False)
+    return rows_for(cfg.slots, rollouts, divisor)
 
 
 def kv_bytes_per_slot(mcfg, prompt_len: int, new_tokens: int) -> int:
-    """KV-cache bytes of one decode row: 2 (k, v) · layers · kv heads · head dim · (P + T) · dtype bytes."""
+    """KV-cache bytes of one decode row: 2 (k, v) · layers · kv heads · head dim · (P + T') · dtype
+    bytes, with T' = T rounded up to whole key blocks (``decode.decode_block``)."""
     itemsize = jnp.dtype(mcfg.compute_dtype).itemsize
-    return 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.dim_per_head * (prompt_len + new_tokens) * itemsize
+    cols = prompt_len + response_columns(new_tokens, decode_block(new_tokens))
+    return 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.dim_per_head * cols * itemsize
 
 
 class Sampler(DecodeStep):
-    """``sampler(state, prompt_tokens_np [N, P], prompt_lengths [N], rng) -> Rollout``.
+    """``sampler(params, prompt_tokens_np [N, P], prompt_lengths [N], rng) -> Rollout``.
 
-    ``state`` is the model's nnx State (or the model itself). ``rng`` is a PRNG
-    key or an int seed. In a multi-process run each process passes its own
-    prompts (host numpy, the same N on every process) and the rollout, a global
-    array, holds every process's prompts in process order. ``traces`` counts how often the program was traced
-    (once per distinct input shape). ``last_decode_steps`` (a device scalar) is the last call's
-    number of decode iterations: slot occupancy = sum(lengths) / (steps · rows).
+    ``params`` is the model's nnx State (or the model itself) on any placement, or its decode copy
+    (``sampler.decode_weights(state)``, ``sampling/layout.py``): the sampler decodes from a copy in the
+    compute dtype laid out for decoding, and makes one per call when given anything else. The
+    trainer makes it once per RL step. ``rng`` is a PRNG key or an int seed. In a multi-process
+    run each process passes its own prompts (host numpy, the same N on every process) and the
+    rollout, a global array, holds every process's prompts in process order. ``traces`` counts how
+    often the program was traced (once per distinct input shape). ``last_decode_steps`` (a device
+    scalar) is the last call's number of decode iterations: slot occupancy = sum(lengths) / (steps · rows).
+
+    ``prepare(state, prompt_len)`` resolves the memory plan (``sampling/budget.py``: decode layout,
+    decode rows from ``sampling.kv_cache_memory``) once; every call does it on first use.
 
     ``bench_stop_lengths`` ([N·G] int, benchmarks and tests only): rollout r emits the first
     single stop id as its response token number ``bench_stop_lengths[r]`` (1-based) unless it
@@ -109,12 +116,49 @@ class Sampler(DecodeStep):
     """
 
     def __init__(self, graphdef, cfg: SamplingConfig, group_size: int, stop_ids, pad_id: int, mesh,
-                 decode_segments: int = 4):  # fmt: skip
-        super().__init__(cfg, group_size, stop_ids, pad_id, mesh, decode_segments)
+                 block: int | None = None, device_memory: int | None = None):  # fmt: skip
+        block = block or decode_block(cfg.max_new_tokens)
+        if not isinstance(block, int) or block < 1:
+            raise ValueError(f"decode_block={block!r} is invalid: must be an integer >= 1")
+        super().__init__(cfg, group_size, stop_ids, pad_id, mesh, block)
         self.graphdef = graphdef
+        self.train_mesh = mesh  # where the rollout goes (self.mesh becomes the decode mesh once prepared)
+        self.device_memory = device_memory
+        self.layout: DecodeLayout | None = None
+        self.plans: dict[int, DecodePlan] = {}  # by prompt width P
         self.traces = 0
         self.last_decode_steps = None
         self._jitted = jax.jit(self._sample, static_argnames=("p_out",))
+
+    @staticmethod
+    def _params(state):
+        params = state.params if isinstance(state, DecodeWeights) else state
+        return nnx.state(params) if isinstance(params, nnx.Module) else params
+
+    def layout_for(self, state) -> DecodeLayout:
+        """The decode layout (resolved from the first parameters seen; one per sampler)."""
+        if self.layout is None:
+            params = self._params(state)
+            mcfg = nnx.merge(self.graphdef, params).cfg
+            self.layout = choose_layout(self.cfg, mcfg, params, self.train_mesh, self.device_memory)
+            self.mesh = self.layout.mesh
+        return self.layout
+
+    def prepare(self, state, prompt_len: int) -> DecodePlan:
+        """The memory plan for prompts of width ``prompt_len`` (resolved once per width)."""
+        if prompt_len not in self.plans:
+            params = self._params(state)
+            mcfg = nnx.merge(self.graphdef, params).cfg
+            self.plans[prompt_len] = plan_decode(self.cfg, mcfg, params, self.layout_for(params), prompt_len=prompt_len,
+                                                 block=self.block, memory=self.device_memory)  # fmt: skip
+        return self.plans[prompt_len]
+
+    def decode_weights(self, state) -> DecodeWeights:
+        """The decode copy of ``state`` (cast + reshard, ``sampling/layout.py``); the trainer makes it
+        once per RL step and drops it after sampling."""
+        if isinstance(state, DecodeWeights):
+            return state
+        return self.layout_for(state).copy(self._params(state))
 
     def __call__(self, state, prompt_tokens, prompt_lengths, rng, *, bench_stop_lengths=None) -> Rollout:
         if isinstance(state, nnx.Module):
@@ -136,13 +180,15 @@ class Sampler(DecodeStep):
             if not self.stop_ids:
                 raise ValueError("bench_stop_lengths forces the first single stop id; this sampler has none")
             bench_stop_lengths = np.asarray(bench_stop_lengths, np.int32)
+        p_out = tokens_np.shape[1]
+        self.prepare(state, p_out)
+        params = self.decode_weights(state).params
         if self.mesh is not None and jax.process_count() > 1 and isinstance(tokens_np, np.ndarray):
             # Multi-process: each process passes its own prompts; the batch is all of them in process
             # order (sharding.process_rows finds a process's rows of the result).
             tokens_np, lengths_n = gather_rows(tokens_np), gather_rows(lengths_n)
             if bench_stop_lengths is not None:
                 bench_stop_lengths = gather_rows(bench_stop_lengths)
-        p_out = tokens_np.shape[1]
         if self.cfg.prompt_buckets and isinstance(lengths_n, np.ndarray) and lengths_n.size:
             # Every process sees the gathered lengths, so all compile the same bucket.
             tokens_np = tokens_np[:, p_out - prompt_bucket(lengths_n.max(), p_out) :]
@@ -153,25 +199,30 @@ class Sampler(DecodeStep):
             tokens_np, lengths_n, rng = put(tokens_np), put(lengths_n), put(rng)
             if bench_stop_lengths is not None:
                 bench_stop_lengths = put(bench_stop_lengths)
-        rollout, self.last_decode_steps = self._jitted(state, tokens_np, lengths_n, rng, bench_stop_lengths,
+        rollout, self.last_decode_steps = self._jitted(params, tokens_np, lengths_n, rng, bench_stop_lengths,
                                                        p_out=p_out)  # fmt: skip
         return rollout
 
-    def lower(self, state, prompt_tokens, prompt_lengths, rng):
+    def lower(self, params, prompt_tokens, prompt_lengths, rng):
         """Ahead-of-time lowering for abstract inputs (``jax.ShapeDtypeStruct``s with shardings): the
-        memory planner compiles the sampler without parameters or prompts (at the full prompt width)."""
-        return self._jitted.lower(state, prompt_tokens, prompt_lengths, rng, None, p_out=prompt_tokens.shape[1])
+        memory planner compiles the sampler without parameters or prompts (at the full prompt width).
+        ``params`` is the decode copy's abstract form (``plan.layout.abstract(state)``) after
+        ``prepare``, or any abstract parameters."""
+        p = prompt_tokens.shape[1]
+        if p not in self.plans:
+            self.prepare(params, p)
+        return self._jitted.lower(params, prompt_tokens, prompt_lengths, rng, None, p_out=p)
 
     def _sample(self, state, prompt_np, lengths_n, rng, stop_at_r, *, p_out: int):
         self.traces += 1
-        cfg, g_size, pad_id = self.cfg, self.group_size, self.pad_id
+        g_size, pad_id = self.group_size, self.pad_id
         model = nnx.merge(self.graphdef, state)
         mcfg = model.cfg
         n, p = prompt_np.shape
-        t_max, b = cfg.max_new_tokens, n * g_size
+        b = n * g_size
         div = 1 if self.mesh is None else batch_divisor(self.mesh)
         n_pad = round_up(n, div)
-        rows, refill = decode_rows(cfg, b, div)
+        rows, refill = self.plans[p_out].rows(b)
 
         # 1. prefill the N distinct prompts (rows padded to the batch divisor).
         lengths_n = lengths_n.astype(jnp.int32)
@@ -206,8 +257,9 @@ class Sampler(DecodeStep):
             truncated=~out.done_b[:b],
             stop_len=out.stop_len_b[:b],
         )
-        if self.mesh is not None and b % div == 0:
-            rollout = Rollout(*(jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, x.ndim))
+        out_mesh = self.train_mesh  # the rollout leaves in the training mesh's batch layout
+        if out_mesh is not None and b % batch_divisor(out_mesh) == 0:
+            rollout = Rollout(*(jax.lax.with_sharding_constraint(x, batch_sharding(out_mesh, x.ndim))
                                 for x in rollout))  # fmt: skip
         return rollout, out.steps
 
@@ -220,7 +272,8 @@ def make_sampler(
     stop_ids: Sequence[int | Sequence[int]],
     pad_id: int,
     mesh=None,
-    decode_segments: int = 4,
+    decode_block: int | None = None,
+    device_memory: int | None = None,
 ) -> Sampler:
     """Builds the jitted sampler; call it as ``sample(state, prompt_tokens_np, prompt_lengths, rng)``.
 
@@ -228,13 +281,15 @@ def make_sampler(
     ``prompt_tokens_np`` [N, P] int32 are left-padded; ``prompt_lengths`` [N] count
     the real tokens (1..P). The result has ``B = N·group_size`` rows, group-major.
     ``stop_ids``: token ids and/or token-id sequences; a row stops after any of them.
-    With ``mesh``, parameters must already be on it (``sharding.shard_model``).
-    ``decode_segments``: the decode loop runs in this many pieces whose cache holds
-    P + T·i/n slots, so early steps attend over fewer empty slots (each piece
-    compiles its own loop body; 1 = one loop over P + T slots).
+    With ``mesh``, the parameters may sit anywhere on its devices (the decode copy moves them; the
+    rollout comes back batch-sharded over ``mesh``).
+    ``decode_block``: columns per response key block (default ``decode.decode_block(T)``): a decode
+    step reads the prompt and whole blocks up to the live extent.
+    ``device_memory``: bytes per device for ``sampling.kv_cache_memory`` fractions and auto tensor
+    parallelism (default: what the device reports).
     """
     graphdef = nnx.graphdef(graphdef_or_model) if isinstance(graphdef_or_model, nnx.Module) else graphdef_or_model
-    return Sampler(graphdef, cfg, group_size, stop_ids, pad_id, mesh, decode_segments)
+    return Sampler(graphdef, cfg, group_size, stop_ids, pad_id, mesh, decode_block, device_memory)
 
 
 # ----------------------------------------------------------------------------- text helpers

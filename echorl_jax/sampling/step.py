@@ -21,16 +21,17 @@ from echorl_jax.sharding import BATCH_AXES, logical_to_spec
 class DecodeStep:
     """Settings and traced per-step helpers of one sampler."""
 
-    def __init__(self, cfg: SamplingConfig, group_size: int, stop_ids, pad_id: int, mesh, decode_segments: int = 4):
+    def __init__(self, cfg: SamplingConfig, group_size: int, stop_ids, pad_id: int, mesh, block: int):
         cfg.validate()
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size={group_size!r} is invalid: must be an integer >= 1")
-        if not isinstance(decode_segments, int) or decode_segments < 1:
-            raise ValueError(f"decode_segments={decode_segments!r} is invalid: must be an integer >= 1")
-        self.decode_segments = min(decode_segments, cfg.max_new_tokens)
+        self.block = block  # columns per response key block of the KV cache (sampling/decode.py)
         self.cfg, self.group_size = cfg, group_size
         self.stop_ids, self.stop_seqs = split_stops(stop_ids)
         self.pad_id, self.mesh = int(pad_id), mesh
+
+    def block_size(self) -> int:
+        return self.block
 
     def constrain(self, x, spec):
         return x if self.mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
@@ -49,6 +50,9 @@ class DecodeStep:
         Returns (token, live: row drew a real token, done after it, logp, entropy, history, stop_len).
         """
         cfg, pad_id = self.cfg, self.pad_id
+        # Whole vocabulary rows on each device (the decode layout splits the output layer over its
+        # tensor-parallel group): the draw's sort / cumsum then run as on one device.
+        logits_bv = self.rows_sharded(logits_bv)
         tok_b, logp_b, ent_b = choose_tokens(logits_bv, keys_b, cfg)
         if force_b is not None:  # bench/test hook: the first stop id, with its log-prob under the model
             stop_b = jnp.full_like(tok_b, self.stop_ids[0])

@@ -1,20 +1,34 @@
-"""Orbax save/restore of the full training state.
+"""Orbax save/restore of the full training state, and what happens when storage fails.
 
-A checkpoint holds the train state (params, optimizer state, step), the RNG
-key data, the data-iterator state, the run's metrics history and the config.
-Orbax writes each step into a temporary directory and renames it when
-complete, so a save interrupted part-way (preemption) leaves the previous
-checkpoint as the latest loadable one.
+A checkpoint holds the train state (params, optimizer state, step) and a JSON
+part: the data-iterator state, the collapse guard's history and the config.
+Orbax writes each step into a temporary directory and renames it (or, on GCS,
+writes a commit marker) when complete, so a save interrupted part-way
+(preemption, a killed host) leaves the previous checkpoint as the latest.
+
+Storage faults:
+
+* a save that fails (full disk, quota, a write error; Orbax saves in the
+  background, so the error surfaces at the next save or at the end) raises
+  ``CheckpointError`` naming the step, the cause and the newest complete
+  checkpoint, which Orbax left intact;
+* a newest checkpoint that cannot be read back (truncated or deleted files):
+  ``restore_newest`` warns, moves it aside (``STEP.corrupt-TIME``, which Orbax
+  does not take for a step) and restores the one before; when none can be
+  read it raises, never starting afresh silently.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from echorl_jax import sharding
 
 
 class CheckpointError(RuntimeError):
@@ -25,6 +39,7 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
         # gs://... (GCS, what multi-host runs need: every host writes its shards) goes to Orbax as it is.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self._pending: int | None = None  # the step whose background save may still be running
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "host")
@@ -33,23 +48,47 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state: Any, host: dict) -> None:
-        """``state``: pytree of jax arrays (sharded as they are); ``host``: JSON-serialisable dict."""
-        self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host))
-        )
+        """``state``: pytree of jax arrays (sharded as they are); ``host``: JSON-serialisable dict.
+        Raises ``CheckpointError`` when this save, or the previous one still running, fails."""
+        self.wait()
+        try:
+            self._manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host))
+            )
+        except Exception as e:  # noqa: BLE001  (OSError, tensorstore's ValueError, ...)
+            raise self._save_failed(step, e) from e
+        self._pending = step
+
+    def _save_failed(self, step: int, error: Exception) -> CheckpointError:
+        try:  # the manager's own step list is stale after a failed save: read the directory again
+            self._manager.reload()
+            kept = self._manager.latest_step()
+        except Exception:  # noqa: BLE001
+            kept = None
+        intact = f"the newest complete checkpoint is step {kept} (intact: a rerun resumes from it)" if kept is not None \
+            else "no earlier complete checkpoint exists"  # fmt: skip
+        return CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: {type(error).__name__}: "
+                               f"{str(error)[:500]}; {intact}. Free space (or fix the storage) and rerun.")  # fmt: skip
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict]:
-        """Restores onto the shardings of ``abstract_state`` (a pytree of ShapeDtypeStruct/arrays)."""
+        """Restores onto the shardings of ``abstract_state`` (a pytree of ShapeDtypeStruct/arrays): any mesh,
+        any number of processes (Orbax reads each device's slice of the saved arrays). Leaves that are ``SKIP``
+        are not read (they come back as ``SKIP``)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint to restore in {self.directory}")
         target = jax.tree.map(_as_abstract, abstract_state)
+        if any(x is SKIP for x in jax.tree.leaves(target, is_leaf=_is_skip)):  # read only some arrays
+            restore_args = jax.tree.map(_restore_args, target, is_leaf=_is_skip)
+            state_args = ocp.args.PyTreeRestore(target, restore_args=restore_args)
+        else:
+            state_args = ocp.args.StandardRestore(target)
         try:
-            out = self._manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()),
-            )
+            out = self._manager.restore(step, args=ocp.args.Composite(state=state_args, host=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises many types; name the checkpoint either way
             raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: {e}") from e
         return step, out["state"], dict(out["host"])
@@ -66,12 +105,82 @@ class Checkpointer:
             raise CheckpointError(f"cannot read checkpoint step {step} from {self.directory}: {e}") from e
         return dict(out["host"])
 
+    def restore_newest(self, abstract_state: Any, check_host: Callable[[int, dict], None],
+                       log: Callable[[str], None]) -> tuple[int, Any, dict]:  # fmt: skip
+        """The newest checkpoint that reads back whole. ``check_host(step, host)`` vets its JSON part before
+        the arrays are read (a config that cannot continue the run raises there, and is not a fault).
+        Unreadable newer steps are moved aside with a warning; every process takes the same decision."""
+        failures = []
+        for step in reversed(self.all_steps()):
+            error = None
+            try:
+                host = self.read_host(step)
+            except CheckpointError as e:
+                error = e
+            if not sharding.any_process(error is not None):
+                check_host(step, host)
+                try:
+                    _, state, host = self.restore(abstract_state, step)
+                except CheckpointError as e:
+                    error = e
+            if sharding.any_process(error is not None):
+                failures.append((step, str(error or "failed on another process")[:300]))
+                continue
+            for bad, why in failures:
+                log(f"WARNING checkpoint step {bad} in {self.directory} cannot be read back ({why}); moved it to "
+                    f"{self.quarantine(bad)} and resumed from step {step}")  # fmt: skip
+            return step, state, host
+        lines = "\n".join(f"  step {s}: {why}" for s, why in failures)
+        raise CheckpointError(f"no checkpoint in {self.directory} can be read back:\n{lines}\nMove the directory "
+                              "aside to start afresh (nothing was changed).")  # fmt: skip
+
+    def quarantine(self, step: int) -> str:
+        """Renames step ``step``'s directory to ``STEP.corrupt-TIME`` (process 0; all wait). Returns the new path."""
+        from etils import epath
+
+        src = epath.Path(self.directory) / str(step)
+        dest = epath.Path(self.directory) / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            src.rename(dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"echorl: checkpoint {step} moved aside")
+        self._manager.reload()
+        return str(dest)
+
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for a background save; ``CheckpointError`` if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            step, self._pending = self._pending, None
+            raise self._save_failed(step, e) from e
+        self._pending = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+
+SKIP = ocp.PLACEHOLDER  # a leaf of a restore target that is not read (evaluation: the optimizer state)
+
+
+def skipped(tree: Any) -> Any:
+    """``tree`` (e.g. ``jax.eval_shape(optimizer.init, params)``) with every leaf ``SKIP``."""
+    return jax.tree.map(lambda _: SKIP, tree)
+
+
+def _is_skip(x) -> bool:
+    return x is SKIP
+
+
+def _restore_args(x):
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+        return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+    return ocp.RestoreArgs()
 
 
 def _as_abstract(x):

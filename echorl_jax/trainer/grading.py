@@ -64,6 +64,8 @@ def grade(
         # Every host's results (process order), so each summarises the whole eval set.
         correct_nk = sharding.gather_rows(correct_nk.reshape(-1, k))
         record_index, valid_n = sharding.gather_rows(batch.record_index), sharding.gather_rows(batch.valid_n)
+        if responses is not None:  # every host's texts too: rows below count over all hosts
+            texts = [t for part in sharding.gather_objects(texts) for t in part]
         for row, (idx, valid) in enumerate(zip(record_index, valid_n)):
             if valid:
                 correct_by_record[int(idx)] = correct_nk[row]

@@ -11,7 +11,10 @@ threshold:
   windowed mean (which must have been >= ``min_level``);
 - held-out accuracy: latest avg@k below ``drop`` x the first (>= ``min_level``);
 - entropy: windowed mean above ``rise`` x the first window's mean;
-- stopping: windowed clip ratio above 0.5 when the first window's was below 0.1.
+- stopping: windowed clip ratio above 0.5 when the first window's was below 0.1;
+- non-finite updates: the latest step skipped an update whose loss or gradient was NaN/Inf
+  (``update.skip_nonfinite``); ``NonFinite`` stops the run after ``train.max_nonfinite_updates``
+  in a row, whatever the guard's mode.
 
 ``train.collapse_guard``: ``warn`` (default) logs each triggered rule once;
 ``stop`` also ends the run after saving a checkpoint; ``off``.
@@ -56,6 +59,10 @@ def check(train_rows: list[dict], eval_rows: list[dict], rules: GuardRules = Gua
     ent = _windows(series("entropy/mean"), w)
     if len(ent) > w and ent[0] > 0 and ent[-1] > rules.rise * ent[0]:
         out["entropy"] = f"sampling entropy exploded: {ent[-1]:.3f} (last {w} steps) vs {ent[0]:.3f} at the start"
+    skipped = series("skipped_updates")
+    if skipped and skipped[-1] > 0:
+        out["nonfinite"] = (f"{skipped[-1]:.0f} update(s) skipped at the latest step: the loss or gradient was NaN/Inf "
+                            "(skipped_updates counts them; train.max_nonfinite_updates in a row stop the run)")
     clip = _windows(series("response/clip_ratio"), w)
     if len(clip) > w and clip[0] < 0.1 and clip[-1] > 0.5:
         out["no_stop"] = (f"responses stopped ending: {clip[-1]:.0%} hit sampling.max_new_tokens over the last {w} "
@@ -63,8 +70,21 @@ def check(train_rows: list[dict], eval_rows: list[dict], rules: GuardRules = Gua
     return out
 
 
+TRAIN_KEYS = ("accuracy", "entropy/mean", "response/clip_ratio", "skipped_updates")  # what check() reads of a train row
+
+
+def _kept(row: dict, kind: str) -> dict:
+    """The part of a row ``check`` reads (what a checkpoint carries)."""
+    if kind == "train":
+        return {k: row[k] for k in TRAIN_KEYS if k in row}
+    return {k: v for k, v in row.items() if k.startswith("avg@") and "/" not in k}
+
+
 class Guard:
-    """Feeds logged rows to ``check``; reports each rule the first time it triggers."""
+    """Feeds logged rows to ``check``; reports each rule the first time it triggers.
+
+    ``state()`` / ``load()``: the rows seen so far and the rules that fired, saved with each checkpoint, so a
+    resumed run compares its steps with the run's own start, not with the restart's."""
 
     def __init__(self, mode: str, log, rules: GuardRules = GuardRules()):
         self.mode, self.log, self.rules = mode, log, rules
@@ -72,14 +92,38 @@ class Guard:
         self.eval_rows: list[dict] = []
         self.fired: dict[str, str] = {}
 
+    def state(self) -> dict:
+        return {"train": self.train_rows, "eval": self.eval_rows, "fired": self.fired}
+
+    def load(self, state: dict | None) -> None:
+        """Continues from ``state()`` (None or {}: a checkpoint from before guards were saved: start empty)."""
+        if state:
+            self.train_rows = [dict(r) for r in state.get("train", [])]
+            self.eval_rows = [dict(r) for r in state.get("eval", [])]
+            self.fired = dict(state.get("fired", {}))
+
     def update(self, row: dict, kind: str = "train") -> bool:
         """Adds a row; returns True when the run should stop (mode ``stop`` and a rule fired)."""
         if self.mode == "off" or not row:
             return False
-        (self.train_rows if kind == "train" else self.eval_rows).append(row)
+        (self.train_rows if kind == "train" else self.eval_rows).append(_kept(row, kind))
         new = {k: v for k, v in check(self.train_rows, self.eval_rows, self.rules).items() if k not in self.fired}
         for name, msg in new.items():
             self.fired[name] = msg
             hint = "stopping (train.collapse_guard=stop)" if self.mode == "stop" else "lower optim.learning_rate?"
             self.log(f"WARNING collapse guard [{name}]: {msg}; {hint}")
         return bool(new) and self.mode == "stop"
+
+
+class NonFinite:
+    """Skipped (non-finite) updates in a row; ``limit`` of them (``train.max_nonfinite_updates``, 0 = never)
+    stop the run. The count restarts with the process (a resume gets ``limit`` more tries)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def update(self, skipped: list[float]) -> bool:
+        """``skipped``: one 0/1 per optimizer update of a step, in order. True when the run should stop."""
+        for x in skipped:
+            self.in_a_row = self.in_a_row + 1 if x else 0
+        return self.limit > 0 and self.in_a_row >= self.limit

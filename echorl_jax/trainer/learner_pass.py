@@ -31,8 +31,9 @@ def measures(cfg, step: int) -> bool:
 
 
 def make_learner_pass(cfg, forward_logp: Callable | None) -> Callable:
-    """``run(step, params, rollout, sampled_b) -> LearnerPass``; ``sampled_b`` bool ``[B]``: rows the sampler
-    drew (LUFFY's expert rows are not: no correction, not in the metrics)."""
+    """``run(step, params, rollout, sampled_b, plan=()) -> LearnerPass``; ``sampled_b`` bool ``[B]``: rows the
+    sampler drew (LUFFY's expert rows are not: no correction, not in the metrics); ``plan``: the whole batch's
+    packing plan when the learner packs (``(dest_b,)``), else ``()``."""
     obj = cfg.objective
 
     @jax.jit
@@ -41,10 +42,10 @@ def make_learner_pass(cfg, forward_logp: Callable | None) -> Callable:
         corr = rc.rollout_correction(learner_bt, sampler_bt, mask_bt, sampled_b, obj)
         return metrics, corr
 
-    def run(step: int, params, ro, sampled_b) -> LearnerPass:
+    def run(step: int, params, ro, sampled_b, plan=()) -> LearnerPass:
         if not measures(cfg, step):
             return LearnerPass(ro.behaviour_logp, ro.response_mask, None, {})
-        learner_bt = forward_logp(params, ro.tokens, ro.valid)
+        learner_bt = forward_logp(params, ro.tokens, ro.valid, *plan)
         metrics, corr = stats(learner_bt, ro.behaviour_logp, ro.response_mask, sampled_b)
         if not cfg.rl.recompute_logp:  # measured only
             return LearnerPass(ro.behaviour_logp, ro.response_mask, None, metrics)

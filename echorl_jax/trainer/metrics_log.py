@@ -1,14 +1,22 @@
-"""Metric sinks: JSONL in the workdir, TensorBoard, and a progress bar. Process 0 only."""
+"""Metric sinks: JSONL in the workdir, TensorBoard, and a progress bar. Process 0 only.
+
+A remote workdir (``storage.is_remote``: gs://...) gets its ``metrics.jsonl`` rewritten whole at most every
+``storage.REMOTE_FLUSH_S`` seconds, at every ``flush()`` (the trainer flushes before each checkpoint, so a
+resumed run finds every row up to its checkpoint) and at ``close()``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from echorl_jax.trainer import storage
 
 
 def to_python(metrics: dict[str, Any]) -> dict[str, float]:
@@ -24,31 +32,44 @@ def to_python(metrics: dict[str, Any]) -> dict[str, float]:
 class MetricsLog:
     def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(workdir, "metrics.jsonl")
+        self.remote = storage.is_remote(workdir)
         self._tb = None
         self._rows: list[dict] = []  # this run's rows so far (process 0)
+        self._flushed = time.monotonic()
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         kept = [r for r in read_jsonl(self.path) if resume_step is not None and r.get("step", 0) <= resume_step]
-        with open(self.path, "w") as f:  # a resumed run drops the rows written after its checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in kept)
         self._rows = kept
+        self._write_all()  # a resumed run drops the rows written after its checkpoint
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = storage.tensorboard_writer(storage.join(workdir, "tensorboard"))
             except ImportError:  # optional sink
                 self._tb = None
+
+    def _write_all(self) -> None:
+        storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
+        self._flushed = time.monotonic()
+
+    def flush(self) -> None:
+        """Every row so far is in the file (and TensorBoard's events), also in a bucket."""
+        if self.enabled and self.remote:
+            self._write_all()
+        if self._tb is not None:
+            self._tb.flush()
 
     def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> dict[str, float]:
         row = to_python(metrics)
         if self.enabled:
             full = {"step": step, "kind": kind, **row}
             self._rows.append(full)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(full) + "\n")
+            if not self.remote:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(full) + "\n")
+            elif time.monotonic() - self._flushed > storage.REMOTE_FLUSH_S:
+                self._write_all()
             if self._tb is not None:
                 for k, v in row.items():
                     if v is not None:
@@ -71,12 +92,12 @@ class MetricsLog:
         return {k: v for k, v in rows[-1].items() if k not in ("step", "kind")} if rows else {}
 
     def close(self) -> None:
+        if self.enabled and self.remote:
+            self._write_all()
         if self._tb is not None:
             self._tb.close()
 
 
 def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = storage.read_text(os.fspath(path))
+    return [] if text is None else [json.loads(line) for line in text.splitlines() if line.strip()]

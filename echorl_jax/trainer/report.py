@@ -6,6 +6,7 @@ import os
 import re
 from typing import Any
 
+from echorl_jax.trainer import storage
 from echorl_jax.trainer.metrics_log import read_jsonl
 
 PLOTS = {
@@ -55,7 +56,7 @@ def plot_all(rows: list[dict], workdir: str) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(workdir, name), dpi=100)
+        fig.savefig(os.path.join(workdir, name), dpi=100)  # workdir: local (write_report uploads a bucket's)
         plt.close(fig)
         written.append(name)
     return written
@@ -109,8 +110,20 @@ def write_report(cfg, result: dict[str, Any]) -> str | None:
     if jax.process_index() != 0:
         return None
     workdir = cfg.train.workdir
-    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    plots = plot_all(rows, workdir)
+    rows = read_jsonl(storage.join(workdir, "metrics.jsonl"))
+    with storage.local_dir_for(workdir) as local:  # a bucket's plots and report are uploaded at the end
+        os.makedirs(local, exist_ok=True)
+        plots = plot_all(rows, local)
+        text = _report_text(cfg, workdir, rows, plots)
+        with open(os.path.join(local, "report.md"), "w") as f:
+            f.write("\n".join(text))
+    path = storage.join(workdir, "report.md")
+    print("\n" + markdown_table(["metric", "first", "last"], summary_rows(rows)))
+    print(f"\nreport: {path}")
+    return path
+
+
+def _report_text(cfg, workdir: str, rows: list[dict], plots: list[str]) -> list[str]:
     table = summary_rows(rows)
     echo = f"EchoRL on (λ={cfg.echo.coef}, eligible={cfg.echo.eligible})" if cfg.echo.enabled else "EchoRL off"
     text = [
@@ -128,9 +141,4 @@ def write_report(cfg, result: dict[str, Any]) -> str | None:
     ]
     for name in plots:
         text += [f"![{name}]({name})", ""]
-    path = os.path.join(workdir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(text))
-    print("\n" + markdown_table(["metric", "first", "last"], table))
-    print(f"\nreport: {path}")
-    return path
+    return text

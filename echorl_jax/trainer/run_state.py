@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Mapping
 
 import jax
 
 from echorl_jax.config import ConfigError
+from echorl_jax.trainer import storage
 
 # Files and directories one run writes into its workdir.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "hf_export", "peft_adapter", "report.md", "config.json")
@@ -40,7 +40,10 @@ RESUMABLE_CHANGES = (
     "train.eval_temperature", "train.save_every", "train.keep_checkpoints", "train.progress", "train.export_hf",
     "train.echo_grad_norm_every", "train.mismatch_every", "data.eval", "data.num_eval_per_level", "mesh.", "sft.cache_dir",
     "model.remat", "model.attention", "model.logits_chunk", "train.checkpoint_dir", "dist.",
-    "sampling.slots", "sampling.prompt_buckets",  # same rollouts, other schedule
+    "sampling.slots", "sampling.prompt_buckets", "sampling.kv_cache_memory",  # same rollouts, other schedule
+    "sampling.decode_tensor_parallel",  # same rollouts up to rounding (bf16 sums in another order), like mesh.
+    "rl.pack_rows_per_micro_batch",  # same losses and gradients, other learner layout (packed rows)
+    "train.collapse_guard", "train.max_nonfinite_updates",  # how the run watches itself
 )  # fmt: skip
 
 
@@ -92,11 +95,9 @@ def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any], wo
 
 
 def existing_run_files(workdir: str) -> list[str]:
-    if not os.path.isdir(workdir):
-        return []
-    names = [n for n in sorted(os.listdir(workdir)) if n in RUN_FILES or n.endswith(RUN_FILE_SUFFIXES)]
+    names = [n for n in storage.listdir(workdir) if n in RUN_FILES or n.endswith(RUN_FILE_SUFFIXES)]
     # An empty directory (the checkpoint manager creates its own on start-up) holds nothing of a run.
-    return [n for n in names if not (os.path.isdir(p := os.path.join(workdir, n)) and not os.listdir(p))]
+    return [n for n in names if not (storage.isdir(p := storage.join(workdir, n)) and not storage.listdir(p))]
 
 
 def move_previous_run(workdir: str, log: Callable[[str], None]) -> str | None:
@@ -106,14 +107,14 @@ def move_previous_run(workdir: str, log: Callable[[str], None]) -> str | None:
         names = existing_run_files(workdir)
         if names:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            dest = os.path.join(workdir, PREVIOUS, stamp)
+            dest = storage.join(workdir, PREVIOUS, stamp)
             n = 1
-            while os.path.exists(dest):  # two fresh starts within one second
+            while storage.exists(dest):  # two fresh starts within one second
                 n += 1
-                dest = os.path.join(workdir, PREVIOUS, f"{stamp}-{n}")
-            os.makedirs(dest)
+                dest = storage.join(workdir, PREVIOUS, f"{stamp}-{n}")
+            storage.makedirs(dest)
             for name in names:
-                shutil.move(os.path.join(workdir, name), os.path.join(dest, name))
+                storage.move(storage.join(workdir, name), storage.join(dest, name))
             log(f"train.resume=false: moved the previous run in {workdir} ({', '.join(names)}) to {dest}")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -126,6 +127,4 @@ def write_config(workdir: str, cfg_dict: Mapping[str, Any]) -> None:
     """The run's resolved config, readable without loading a checkpoint (process 0)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(cfg_dict, f, indent=1, default=str)
+    storage.write_text(storage.join(workdir, "config.json"), json.dumps(cfg_dict, indent=1, default=str))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
@@ -15,16 +14,23 @@ from echorl_jax.data.formats import require_text_field
 from echorl_jax.data.pipeline import DataError, PromptPipeline, load_records, resolve_template
 from echorl_jax.models.config import ModelConfig, numerics
 from echorl_jax.models.hub import resolve_model_dir
-from echorl_jax.models.tokenizer import default_stops, describe_stops, end_of_turn_token, load_hf_tokenizer, pad_token_id
+from echorl_jax.models.tokenizer import (
+    default_stops,
+    describe_stops,
+    end_of_turn_token,
+    load_hf_tokenizer,
+    pad_token_id,
+)
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rewards import build_router
 from echorl_jax.rewards.custom import RewardSetupError
 from echorl_jax.rewards.router import check_against_data
 from echorl_jax.rl import echo as echo_lib, offpolicy, update
+from echorl_jax.sampling.layout import DecodeWeights
 from echorl_jax.sampling.sampler import make_sampler
 from echorl_jax.tasks import arith
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
-from echorl_jax.trainer import adapters
+from echorl_jax.trainer import adapters, storage
 
 TASK_PREFIX = "task:"
 
@@ -57,6 +63,7 @@ class Setup:
     frozen: Any = None
     ref_graphdef: Any = None
     base_identity: dict | None = None
+    _frozen_copies: dict = dataclasses.field(default_factory=dict, repr=False)  # LoRA: the base's decode copies
 
     def policy(self, params) -> Any:
         """The whole policy State for ``params`` (a TrainState's): samplers and forward passes take it."""
@@ -67,18 +74,33 @@ class Setup:
         return nnx.merge(self.graphdef, self.policy(self.state.params))
 
     def export(self, out_dir: str) -> None:
-        """The policy as a Hugging Face directory (LoRA: the merged model, W + s*A*B)."""
+        """The policy as a Hugging Face directory (LoRA: the merged model, W + s*A*B). Every process joins the
+        gather; process 0 writes (a bucket's directory: written locally, uploaded)."""
         from echorl_jax.models import hf, peft_export
 
         model = self.model if self.frozen is None else peft_export.merged_model(self.model)
-        hf.export_model(model, out_dir, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
+        with storage.local_dir_for(out_dir, upload=jax.process_index() == 0) as local:
+            hf.export_model(model, local, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
 
     def export_adapter(self, out_dir: str) -> None:
-        """LoRA: the adapters as a PEFT adapter directory (models/peft_export.py)."""
+        """LoRA: the adapters as a PEFT adapter directory (models/peft_export.py); as ``export``."""
         from echorl_jax.models import peft_export
 
-        peft_export.export_adapter(self.model, out_dir, self.cfg.model.lora.alpha, base_model=self.cfg.model.path,
-                                   tokenizer=self.tokenizer)  # fmt: skip
+        with storage.local_dir_for(out_dir, upload=jax.process_index() == 0) as local:
+            peft_export.export_adapter(self.model, local, self.cfg.model.lora.alpha, base_model=self.cfg.model.path,
+                                       tokenizer=self.tokenizer)  # fmt: skip
+
+    def decode_weights(self, sampler, params) -> DecodeWeights:
+        """``sampler``'s decode copy of the policy for a TrainState's ``params`` (sampling/layout.py). LoRA: the
+        frozen base's copy is made once per run and decode layout and kept (none when the base is already
+        in that layout); each call copies only the adapters (docs/lora.md, "How it computes")."""
+        if self.frozen is None:
+            return sampler.decode_weights(params)
+        layout = sampler.layout_for(self.policy(params))
+        key = (layout.mesh, layout.dtype)  # the training and held-out samplers share one kept copy
+        if key not in self._frozen_copies:
+            self._frozen_copies[key] = layout.copy(self.frozen).params
+        return DecodeWeights(nnx.merge_state(layout.copy(params).params, self._frozen_copies[key]))
 
     def progress(self, start: int, total: int):
         return Progress(start, total, enabled=self.cfg.train.progress and jax.process_index() == 0)
@@ -129,7 +151,10 @@ def load_tokenizer(cfg: config_lib.Config):
         return load_hf_tokenizer(resolve_model_dir(path, key), key=key)
     if config_lib.is_task(cfg.data.train):
         # Saved for the user by process 0 only: the others build the same tokenizer in memory.
-        return build_char_tokenizer(os.path.join(cfg.train.workdir, "tokenizer") if jax.process_index() == 0 else None)
+        if jax.process_index() != 0:
+            return build_char_tokenizer(None)
+        with storage.local_dir_for(storage.join(cfg.train.workdir, "tokenizer")) as local:
+            return build_char_tokenizer(local)
     raise config_lib.ConfigError("data.tokenizer is empty and model.path is empty: no tokenizer for a file dataset")
 
 
@@ -308,7 +333,7 @@ def default_verifier(cfg: config_lib.Config):
 def _warm_start(cfg: config_lib.Config, model, tokenizer, records, mesh, log):
     from echorl_jax.trainer import sft
 
-    cache_dir = cfg.sft.cache_dir or os.path.join(cfg.train.workdir, "warmstart")
+    cache_dir = cfg.sft.cache_dir or storage.join(cfg.train.workdir, "warmstart")
     bar = Progress(0, cfg.sft.steps, enabled=cfg.train.progress and jax.process_index() == 0, desc="warm start")
     trained = []
 
@@ -323,6 +348,7 @@ def _warm_start(cfg: config_lib.Config, model, tokenizer, records, mesh, log):
             model, tokenizer, records, cfg.sft, mesh=mesh, prompt_len=cfg.data.max_prompt_len,
             response_len=cfg.sampling.max_new_tokens, cache_dir=cache_dir, seed=cfg.sft.seed,
             template=cfg.data.template, add_bos=cfg.data.add_bos, log_fn=on_step,
+            pack_rows=cfg.rl.pack_rows_per_micro_batch,
         )  # fmt: skip
     except ValueError as e:
         if "SFT record" not in str(e):
@@ -348,7 +374,19 @@ def _pipeline(split: str, spec, records: list[dict], tokenizer, log, **kw) -> Pr
     return pipe
 
 
-def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) -> Setup:
+def _plan_sampler(sampler, params, cfg: config_lib.Config, rollouts: int, log, name: str = "sampler") -> None:
+    """Resolves a sampler's memory plan now (decode layout, decode rows from sampling.kv_cache_memory)
+    so that a bad setting fails at start-up, and logs it."""
+    try:
+        plan = sampler.prepare(params, cfg.data.max_prompt_len)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    log(plan.describe(rollouts, name))
+
+
+def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log, training: bool = True) -> Setup:
+    """Everything a run needs. ``training=False`` (evaluation) builds no optimizer state and no reference copy:
+    ``state.opt_state`` is None and the parameters are the only model arrays in memory."""
     rl, tc = cfg.rl, cfg.train
     devices = jax.devices()
     if cfg.mesh.num_devices:
@@ -417,20 +455,23 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log) ->
     graphdef, params = (lora.graphdef, lora.params) if lora else nnx.split(model)
     total_updates = tc.steps * rl.epochs * rl.minibatches
     optimizer = update.make_optimizer(cfg.optim, total_updates)
-    opt_state = update.init_opt_state(optimizer, params, mesh)  # moments sharded like their params
+    opt_state = update.init_opt_state(optimizer, params, mesh) if training else None  # moments sharded like params
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
     ref_params = None
-    if cfg.objective.kl_coef > 0:  # LoRA: the frozen base itself (adapters off); else a copy of the initial policy
+    if cfg.objective.kl_coef > 0 and training:  # LoRA: the frozen base itself (adapters off); else a copy
         ref_params = lora.frozen if lora else jax.tree.map(lambda x: x.copy(), params)
 
     common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
     # LUFFY: the sampler draws G - k rollouts per prompt; collect() appends the k expert rows.
     sample = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size - cfg.objective.expert_per_group, **common)
+    policy = update.policy_params(params, lora.frozen if lora else None)  # LoRA: adapters + frozen base
+    _plan_sampler(sample, policy, cfg, rl.prompts_per_step * (rl.group_size - cfg.objective.expert_per_group), log)
     eval_sample = None
     if eval_pipeline is not None:
         t = tc.eval_temperature
         eval_cfg = dataclasses.replace(cfg.sampling, temperature=t if t > 0 else 1.0, greedy=t <= 0)
         eval_sample = make_sampler(graphdef, eval_cfg, group_size=tc.eval_samples, **common)
+        _plan_sampler(eval_sample, policy, cfg, eval_pipeline.batch_size * hosts * tc.eval_samples, log, "held-out sampler")
     return Setup(
         cfg=cfg, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, state=state, optimizer=optimizer,
         total_updates=total_updates, train_temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,

@@ -11,6 +11,9 @@ RL loss. One jitted step ``(params, opt_state, batch) -> (params, opt_state,
 metrics)`` is compiled once with explicit shardings and donation. Training
 drops the columns that are padding in every row (the default task needs 55 of
 ``P+T`` = 112), which changes no loss value and halves the cost of a step.
+With packing (``rl.pack_rows_per_micro_batch``, rl/packing.py) the step takes
+the batch's host plan too and scans packed micro-batches of that many rows per
+device, the token count global, so the loss and gradient are the unpacked ones.
 
 The result is cached as a Hugging Face directory under ``cache_dir/<key>``; the
 key hashes everything that decides the result (model config and a fingerprint
@@ -40,7 +43,8 @@ from flax import nnx
 from echorl_jax import sharding
 from echorl_jax.data.pipeline import tokenize_prompts
 from echorl_jax.models.config import numerics
-from echorl_jax.rl import update
+from echorl_jax.rl import packing, update
+from echorl_jax.trainer import storage
 
 CACHE_VERSION = 1  # bump when the training recipe changes, to invalidate old caches
 LOG_EVERY = 10
@@ -141,12 +145,41 @@ def sft_loss(graphdef, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, 
     return loss, metrics
 
 
-def make_sft_step(graphdef, optimizer: optax.GradientTransformation) -> Callable:
-    """The un-jitted ``step(params, opt_state, batch) -> (params, opt_state, metrics)``."""
+def packed_sft_grads(graphdef, params, batch: dict[str, jax.Array], dest_b, pack: packing.PackSpec):
+    """``(grads, metrics)`` of ``sft_loss`` over ``batch`` packed by plan ``dest_b``: micro-batch sums over
+    the whole batch's token count."""
+    num_tokens = jnp.sum(batch["mask_bt"].astype(jnp.float32))
+    denom = jnp.maximum(num_tokens, 1.0)
+
+    def loss(params, mb, index):
+        logp_bt, entropy_bt = update.packed_logp(graphdef, params, mb["tokens_bs"], index, 1.0)
+        w_bt = mb["mask_bt"].astype(jnp.float32)
+        value = -jnp.sum(logp_bt * w_bt) / denom
+        return value, {"loss": value, "entropy": jnp.sum(entropy_bt * w_bt) / denom}
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+    def add(carry, mb, index):
+        (_, m), g = grad_fn(params, mb, index)
+        return update.add_float32(carry[0], g), jax.tree.map(jnp.add, carry[1], m)
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (update.zeros_float32(params), {"loss": zero, "entropy": zero})
+    grads, metrics = packing.scan_packed(add, init, batch, packing.placement(dest_b, batch["valid_bs"]), pack)
+    return grads, dict(metrics, num_tokens=num_tokens)
+
+
+def make_sft_step(graphdef, optimizer: optax.GradientTransformation, pack: packing.PackSpec | None = None) -> Callable:
+    """The un-jitted ``step(params, opt_state, batch) -> (params, opt_state, metrics)``; with ``pack``
+    ``step(params, opt_state, batch, dest_b)`` over packed micro-batches."""
     grad_fn = jax.value_and_grad(lambda params, batch: sft_loss(graphdef, params, batch), has_aux=True)
 
-    def step(params, opt_state, batch):
-        (_, metrics), grads = grad_fn(params, batch)
+    def step(params, opt_state, batch, dest_b=None):
+        update.check_plan(dest_b, pack)
+        if dest_b is None:
+            (_, metrics), grads = grad_fn(params, batch)
+        else:
+            grads, metrics = packed_sft_grads(graphdef, params, batch, dest_b, pack)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, dict(metrics, grad_norm=optax.global_norm(grads))
@@ -215,23 +248,28 @@ def cache_key(model: nnx.Module, tokenizer, records: Sequence[dict], sft_cfg, *,
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load_cached(path: str, model: nnx.Module, mesh) -> bool:
-    """Loads ``path`` into ``model`` (in place); False when it is missing or does not fit."""
+def _load_cached(path: str, model: nnx.Module, mesh):
+    """The parameters stored at ``path`` (a bucket's entry is copied to a local temp dir first), or None when
+    the entry is missing, unreadable or does not fit ``model``. ``model`` is left as it is."""
     from echorl_jax.models import hf
 
-    if not os.path.isdir(path):
-        return False
+    if not storage.isdir(path):
+        return None
     cfg = model.cfg
     try:
-        loaded = hf.load_model(path, mesh, **numerics(cfg))
+        with tempfile.TemporaryDirectory(prefix="echorl-warmstart-") as tmp:
+            local = path
+            if storage.is_remote(path):
+                local = os.path.join(tmp, "entry")
+                storage.download_dir(path, local)
+            loaded = hf.load_model(local, mesh, **numerics(cfg))  # reads the files now
     except (OSError, ValueError):  # unreadable or mismatched entry: retrain and overwrite it
-        return False
+        return None
     new = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
     old = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if set(new) != set(old) or any(new[k].shape != old[k].shape or new[k].dtype != old[k].dtype for k in old):
-        return False
-    nnx.update(model, nnx.state(loaded, nnx.Param))
-    return True
+        return None
+    return nnx.state(loaded, nnx.Param)
 
 
 def _store_cached(path: str, model: nnx.Module, tokenizer, replace_stale: bool = False) -> None:
@@ -245,6 +283,14 @@ def _store_cached(path: str, model: nnx.Module, tokenizer, replace_stale: bool =
     cache_dir = os.path.dirname(path)
     if jax.process_index() != 0:
         hf.export_model(model, path, tokenizer)  # joins the gathers; only process 0 writes
+        return
+    if storage.is_remote(path):  # a bucket: uploaded file by file, config.json (what a load reads first) last
+        with tempfile.TemporaryDirectory(prefix="echorl-warmstart-") as tmp:
+            hf.export_model(model, tmp, tokenizer)
+            names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+            for name in names:
+                with open(os.path.join(tmp, name), "rb") as f:
+                    storage.write_bytes(storage.join(path, name), f.read())
         return
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=cache_dir)
@@ -293,11 +339,14 @@ def warm_start(
     log_fn: Callable[[int, dict[str, float]], Any] | None = None,
     template: str = "auto",
     add_bos: bool = False,
+    pack_rows: int = 0,
 ) -> nnx.Module:
     """``sft_cfg.steps`` AdamW steps on ``records``' worked solutions; updates ``model`` in place and returns it.
 
     ``log_fn(step, metrics)`` (host floats) runs every ``LOG_EVERY`` steps and after the last one.
     With ``cache_dir`` a finished warm start is reused: same inputs -> weights loaded, no training.
+    ``pack_rows > 0`` (``rl.pack_rows_per_micro_batch``): packed micro-batches of that many rows per device
+    (the result equals the padded one up to float summation order, so the cache key ignores it).
     """
     if sft_cfg.steps <= 0:
         return model
@@ -313,13 +362,13 @@ def warm_start(
     if cache_dir:
         key = cache_key(model, tokenizer, records, sft_cfg, mesh=mesh, prompt_len=prompt_len,
                         response_len=response_len, seed=seed, template=template, add_bos=add_bos)  # fmt: skip
-        path = os.path.join(cache_dir, key)
-        hit = os.path.isdir(path)
-        if jax.process_count() > 1:  # every host must take the same branch
-            from jax.experimental import multihost_utils
-
-            hit = bool(multihost_utils.broadcast_one_to_all(np.int32(hit)))
-        if hit and _load_cached(path, model, mesh):
+        path = storage.join(cache_dir, key)
+        # Every host must take the same branch: a hit only when every host can load the entry (a local
+        # cache_dir on a pod lives on one worker's disk: the others train, and the entry stays there).
+        hit = not sharding.any_process(not storage.isdir(path))
+        loaded = _load_cached(path, model, mesh) if hit else None
+        if hit and not sharding.any_process(loaded is None):
+            nnx.update(model, loaded)
             return model
 
     data = _trim(build_sft_batch(records, tokenizer, prompt_len, response_len, template, add_bos), prompt_len)
@@ -332,25 +381,31 @@ def warm_start(
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
 
     indices = _index_stream(np.random.default_rng(seed), len(records), sft_cfg.batch_size)
+    pack = None
+    if pack_rows:
+        width, response = data["tokens_bs"].shape[1], data["mask_bt"].shape[1]
+        pack = packing.make_spec(sft_cfg.batch_size, width, response, pack_rows, mesh)
+    lengths = data["valid_bs"].sum(axis=1)
 
     def next_batch():
         rows = next(indices)  # the global batch; each host feeds its own slice of it
+        plan = () if pack is None else (packing.put_plan(packing.plan_rows(lengths[rows], pack), mesh),)
         rows = rows.reshape(jax.process_count(), -1)[jax.process_index()]
-        return sharding.shard_batch({k: v[rows] for k, v in data.items()}, mesh)
+        return (sharding.shard_batch({k: v[rows] for k, v in data.items()}, mesh), *plan)
 
     first = next_batch()
     batch_sh = jax.tree.map(lambda x: x.sharding, first)
     step_fn = jax.jit(
-        make_sft_step(graphdef, optimizer),
-        in_shardings=(param_sh, opt_sh, batch_sh),
+        make_sft_step(graphdef, optimizer, pack),
+        in_shardings=(param_sh, opt_sh, *batch_sh),
         out_shardings=(param_sh, opt_sh, sharding.replicated(mesh)),
         donate_argnums=(0, 1),
     )
-    compiled = step_fn.lower(params, opt_state, first).compile()  # once; every batch has the same shapes
+    compiled = step_fn.lower(params, opt_state, *first).compile()  # once; every batch has the same shapes
 
     batch, t0 = first, time.perf_counter()
     for step in range(1, sft_cfg.steps + 1):
-        params, opt_state, metrics = compiled(params, opt_state, batch)
+        params, opt_state, metrics = compiled(params, opt_state, *batch)
         if step < sft_cfg.steps:
             batch = next_batch()
         if log_fn is not None and (step % LOG_EVERY == 0 or step == sft_cfg.steps):

@@ -1,7 +1,8 @@
 """The RL loop: prompts -> rollouts -> rewards -> advantages + EchoClips -> Optax updates.
 
-Sampling and learning use the same sharded parameters (``state.params``); no
-weights are copied between engines. Per step:
+Sampling and learning use the same parameters: once per step the sampler gets a copy of
+``state.params`` in the compute dtype, laid out for decoding (sampling/layout.py), dropped after
+sampling; there is no second engine. Per step:
 
     sample (jit) -> verify (host) -> score (jit) -> K epochs x minibatches of train_step (jit)
     -> metrics -> eval every ``train.eval_every`` -> Orbax checkpoint every ``train.save_every``
@@ -10,7 +11,6 @@ weights are copied between engines. Per step:
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any
@@ -21,10 +21,10 @@ import numpy as np
 
 from echorl_jax import config as config_lib, sharding
 from echorl_jax.data.formats import DataError
-from echorl_jax.rl import offpolicy, update
+from echorl_jax.rl import offpolicy, packing, update
 from echorl_jax.rl.update import TrainState, UpdateBatch
-from echorl_jax.trainer import adapters, checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state
-from echorl_jax.trainer.guard import Guard
+from echorl_jax.trainer import adapters, checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state, storage
+from echorl_jax.trainer.guard import Guard, NonFinite
 from echorl_jax.trainer.learner_pass import make_learner_pass
 from echorl_jax.trainer.metrics_log import MetricsLog, to_python
 from echorl_jax.trainer.setup import Setup, build_setup
@@ -55,23 +55,58 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def pack_spec(cfg: config_lib.Config, num_rows: int, mesh) -> packing.PackSpec | None:
+    """The packed layout of a pass over ``num_rows`` rollout rows; None without packing."""
+    if not cfg.rl.pack_rows_per_micro_batch:
+        return None
+    p, t = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+    return packing.make_spec(num_rows, p + t, t, cfg.rl.pack_rows_per_micro_batch, mesh)
+
+
+def minibatch_rows(cfg: config_lib.Config) -> int:
+    return cfg.rl.prompts_per_step * cfg.rl.group_size // cfg.rl.minibatches
+
+
 def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, temperature: float, state_sh, mesh, frozen_sh=None):
-    """The jitted ``train_step(state, batch, frozen)`` with explicit shardings and donated state (plan.py compiles
-    this same one); ``frozen``: LoRA's base weights (read only, not donated), None for full fine-tuning."""
+    """The jitted train step with explicit shardings and donated state (plan.py compiles this same one).
+    With packing it takes the mini-batch's plan too: ``step(state, batch, dest_b)``. With LoRA (``frozen_sh``:
+    the base weights' shardings) ``step(state, batch, dest_b or None, frozen)``: the base is read, never donated."""
+    pack = pack_spec(cfg, minibatch_rows(cfg), mesh)
     step_fn = update.make_train_step(
         graphdef, optimizer, cfg.objective, cfg.echo, micro_batches=cfg.rl.micro_batches, temperature=temperature,
+        pack=pack,
     )  # fmt: skip
     batch_sh = sharding.batch_sharding(mesh, 2)  # every UpdateBatch field is [B, ...]
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, None),
-                   donate_argnums=0)  # fmt: skip
+    plan_sh = None if pack is None else sharding.replicated(mesh)
+    in_sh = (state_sh, batch_sh) if pack is None else (state_sh, batch_sh, plan_sh)
+    if frozen_sh is not None:
+        in_sh = (state_sh, batch_sh, plan_sh, frozen_sh)
+    return jax.jit(step_fn, in_shardings=in_sh, out_shardings=(state_sh, None), donate_argnums=0)
+
+
+def abstract_step_inputs(cfg: config_lib.Config, mesh, frozen=None) -> tuple:
+    """The train step's arguments after the state as abstract values (plan.py): the mini-batch ``UpdateBatch``,
+    with packing its plan, and with LoRA (``frozen``: the abstract base weights) the plan or None and the base."""
+    rows, p, t = minibatch_rows(cfg), cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+    sds = lambda cols, dtype: jax.ShapeDtypeStruct((rows, cols), dtype, sharding=sharding.batch_sharding(mesh, 2))  # noqa: E731
+    f32 = jnp.float32
+    batch = UpdateBatch(sds(p + t, jnp.int32), sds(p + t, bool), sds(t, bool), sds(t, f32), sds(t, f32), sds(t, f32),
+                        sds(t, bool), sds(t, bool) if cfg.objective.expert_per_group else None,  # LUFFY expert tokens
+                        sds(t, f32) if "token_tis" in cfg.objective.rollout_correction else None)  # fmt: skip
+    plan = None if pack_spec(cfg, rows, mesh) is None else packing.abstract_plan(rows, mesh)
+    if frozen is not None:
+        return batch, plan, frozen
+    return (batch,) if plan is None else (batch, plan)
 
 
 def _jit_train_step(s: Setup, state: TrainState):
-    """``train_step(state, batch)`` with the setup's frozen base (LoRA) bound."""
+    """The run's jitted train step, ``(state, batch[, dest_b])``; LoRA: with the setup's frozen base bound."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     frozen_sh = jax.tree.map(lambda x: x.sharding, s.frozen)
     step = jit_train_step(s.cfg, s.graphdef, s.optimizer, s.train_temperature, state_sh, s.mesh, frozen_sh)
-    return lambda state, batch: step(state, batch, s.frozen)
+    if s.frozen is None:
+        return step
+    return lambda state, batch, dest_b=None: step(state, batch, dest_b, s.frozen)
 
 
 def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds, num_expert: int = 0) -> dict[str, Any]:
@@ -112,8 +147,10 @@ def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds, num_expert:
     return m
 
 
-def _run_updates(train_step, state: TrainState, full: UpdateBatch, mesh, rl, *, seed: int, step: int):
-    """``rl.epochs`` passes over the rollout rows, each split into ``rl.minibatches`` optimizer steps."""
+def _run_updates(train_step, state: TrainState, full: UpdateBatch, mesh, rl, *, seed: int, step: int,
+                 pack: packing.PackSpec | None = None, lengths: np.ndarray | None = None):  # fmt: skip
+    """``rl.epochs`` passes over the rollout rows, each split into ``rl.minibatches`` optimizer steps.
+    With ``pack`` each mini-batch's rows (real-token ``lengths``, host) are packed by a host plan."""
     rows = full.tokens_bs.shape[0]
     per_mb = rows // rl.minibatches
     metrics: list[dict] = []
@@ -124,7 +161,13 @@ def _run_updates(train_step, state: TrainState, full: UpdateBatch, mesh, rl, *, 
         for m in range(rl.minibatches):
             idx = jnp.asarray(order[m * per_mb : (m + 1) * per_mb])
             mb = sharding.shard_batch(jax.tree.map(lambda x: jnp.take(x, idx, axis=0), full), mesh)
-            state, step_metrics = train_step(state, mb)
+            if pack is None:
+                state, step_metrics = train_step(state, mb)
+            else:
+                mb_lengths = lengths[order[m * per_mb : (m + 1) * per_mb]]
+                dest_b = packing.plan_rows(mb_lengths, pack)
+                state, step_metrics = train_step(state, mb, packing.put_plan(dest_b, mesh))
+                step_metrics = dict(step_metrics, **packing.plan_stats(dest_b, mb_lengths, pack))
             metrics.append(step_metrics)
     return state, metrics
 
@@ -134,8 +177,8 @@ def run_eval(s: Setup, params, step: int) -> dict[str, float]:
         return {}
     s.eval_pipeline.set_state(s.eval_initial_state)
     rng = jax.random.fold_in(jax.random.key(s.cfg.train.seed + 1), step)
-    return grading.evaluate(
-        s.eval_sample, s.policy(params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
+    return grading.evaluate(  # one decode copy for the whole evaluation, dropped after it (LoRA: of the adapters)
+        s.eval_sample, s.decode_weights(s.eval_sample, params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
         k=s.cfg.train.eval_samples, rng=rng,
     )  # fmt: skip
 
@@ -145,10 +188,11 @@ def _num_chunks(rl) -> int:
     return rl.minibatches * rl.micro_batches
 
 
-def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Checkpointer]:
-    """A fresh run in a clean workdir, or the exact continuation of the run saved there (trainer/run_state.py)."""
+def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Checkpointer, dict]:
+    """A fresh run in a clean workdir, or the exact continuation of the run saved there (trainer/run_state.py);
+    the last item is the checkpoint's JSON part (``{}`` for a fresh run)."""
     tc = s.cfg.train
-    directory = tc.checkpoint_dir or os.path.join(tc.workdir, "checkpoints")
+    directory = tc.checkpoint_dir or storage.join(tc.workdir, "checkpoints")
     checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
     latest = checkpointer.latest_step()
     if not tc.resume or latest is None:
@@ -164,24 +208,27 @@ def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Ch
             run_state.move_previous_run(tc.workdir, s.log)
             checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
         run_state.write_config(tc.workdir, config_lib.to_dict(s.cfg))
-        return 0, state, checkpointer
-    host = checkpointer.read_host(latest)
-    run_state.check_resume(host.get("config"), config_lib.to_dict(s.cfg), tc.workdir, latest)
-    if s.base_identity is not None:  # LoRA adapters fit only the base they were trained on
-        adapters.check_base(host.get("lora_base"), s.base_identity, tc.workdir, latest)
-    try:
-        start, state, host = checkpointer.restore(state, latest)
+        return 0, state, checkpointer, {}
+
+    def check(step, host):
+        run_state.check_resume(host.get("config"), config_lib.to_dict(s.cfg), tc.workdir, step)
+        if s.base_identity is not None:  # LoRA adapters fit only the base they were trained on
+            adapters.check_base(host.get("lora_base"), s.base_identity, tc.workdir, step)
+
+    try:  # the newest checkpoint that reads back (a truncated newer one is moved aside with a warning)
+        start, state, host = checkpointer.restore_newest(state, check, s.log)
         s.train_pipeline.set_state(host["data"])
     except (ckpt_lib.CheckpointError, DataError) as e:
         raise run_state.ResumeMismatch(run_state.mismatch_message(tc.workdir, latest, str(e))) from None
     s.log(f"resumed from step {start} in {checkpointer.directory}")
-    return start, state, checkpointer
+    return start, state, checkpointer, host
 
 
 def _log_line(step: int, row: dict, last_eval: dict) -> str:
     acc = next((f" held-out {k} {v:.3f}" for k, v in last_eval.items() if k.startswith("avg@") and "/" not in k), "")
+    loss = row.get("loss", 0)  # None: a NaN/Inf update (skipped)
     return (f"step {step}: reward {row.get('reward/mean', 0):.3f} accuracy {row.get('accuracy', 0):.3f} "
-            f"loss {row.get('loss', 0):.4g} clips {row.get('echo/num_clips', 0):.0f}{acc}")  # fmt: skip
+            f"loss {float('nan') if loss is None else loss:.4g} clips {row.get('echo/num_clips', 0):.0f}{acc}")  # fmt: skip
 
 
 # What build_setup bakes into a Setup (model and warm start, data pipelines, samplers, verifier, optimizer
@@ -221,25 +268,29 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     k = cfg.objective.expert_per_group  # LUFFY expert rows per group
     if k and s.experts is None:
         raise ValueError(f"objective.expert_per_group={k} but the setup was built without expert responses")
-    start, state, checkpointer = _open_run(s, s.state)
+    start, state, checkpointer, host = _open_run(s, s.state)
     log = MetricsLog(tc.workdir, resume_step=start)
     train_step = _jit_train_step(s, state)
+    pack_mb = pack_spec(cfg, minibatch_rows(cfg), s.mesh)  # a mini-batch's packed layout (None: padded rows)
+    pack_all = pack_spec(cfg, rl.prompts_per_step * rl.group_size, s.mesh)  # the whole batch's (log-probs, echo)
     forward_logp = None
     if rl.recompute_logp or cfg.objective.kl_coef > 0 or tc.mismatch_every > 0:
         forward_logp = update.make_forward_logp(s.graphdef, cfg.sampling.max_new_tokens, s.train_temperature,
-                                                _num_chunks(rl))  # fmt: skip
+                                                _num_chunks(rl), pack_all)  # fmt: skip
     forward_ref = forward_logp  # LoRA: the base model's graph (adapters off) on the frozen weights
     if cfg.objective.kl_coef > 0 and s.ref_graphdef is not s.graphdef:
         forward_ref = update.make_forward_logp(s.ref_graphdef, cfg.sampling.max_new_tokens, s.train_temperature,
-                                               _num_chunks(rl))  # fmt: skip
+                                               _num_chunks(rl), pack_all)  # fmt: skip
     learner_pass = make_learner_pass(cfg, forward_logp)
     score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
     schedule = update.make_schedule(cfg.optim, s.total_updates)
     echo_norm = None
     if cfg.echo.enabled and tc.echo_grad_norm_every > 0:
-        echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature, _num_chunks(rl))
+        echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature, _num_chunks(rl), pack_all)
     preempt = _Preemption()
     guard = Guard(tc.collapse_guard, s.log)
+    guard.load(host.get("guard"))  # the run's own history: a collapse that spans a restart is still seen
+    nonfinite = NonFinite(tc.max_nonfinite_updates)
     base_key = jax.random.key(tc.seed)
     last_eval: dict[str, float] = {}
     if start == 0:
@@ -248,16 +299,23 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     bar = s.progress(start, tc.steps)
     step = saved = start
     stopping = False  # SIGTERM on any process (decided together at the end of a step)
-    host = {"lora_base": s.base_identity} if s.base_identity is not None else {}
-    save = lambda: checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
-                                                   **host})  # fmt: skip
+    stop_why = ""  # the collapse guard (train.collapse_guard=stop) or non-finite updates stopped the run
+    lora_host = {"lora_base": s.base_identity} if s.base_identity is not None else {}  # LoRA: the base's identity
+
+    def save():
+        log.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint a restart resumes from
+        checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
+                                        "guard": guard.state(), **lora_host})  # fmt: skip
+
     for step in range(start + 1, tc.steps + 1):
         timings: dict[str, float] = {}
         t_step = time.perf_counter()
         key = jax.random.fold_in(base_key, step)
-        policy = s.policy(state.params)  # LoRA: adapters + frozen base, decoded as they are (no merged copy)
+        # The sampler decodes from a copy in the compute dtype and decode layout (sampling/layout.py),
+        # made once per step; collect() holds the only reference, so it is freed once sampling is done.
+        # LoRA: the adapted model (adapters + frozen base) as it is, no merged weights; the base's copy is kept.
         got = rollout_lib.collect(
-            lambda: next(s.train_pipeline), s.sample, policy, key,
+            lambda: next(s.train_pipeline), s.sample, s.decode_weights(s.sample, state.params), key,
             verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
             dynamic_sampling=cfg.objective.dynamic_sampling,
             echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
@@ -267,23 +325,32 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         ro = got.rollout
         t0 = time.perf_counter()
         reward_dev, adv_bt, clips = score(ro, jnp.asarray(got.reward_ng))  # reward_ng: every process's rows
+        lengths, plan_all = None, ()  # packing: real tokens per row (host) and the whole batch's plan
+        if pack_all is not None:
+            lengths = np.asarray(sharding.to_host(jnp.sum(ro.valid, axis=1)))
+            plan_all = (packing.put_plan(packing.plan_rows(lengths, pack_all), s.mesh),)
         expert_b = jnp.asarray(offpolicy.expert_rows(ro.tokens.shape[0], rl.group_size, k))
-        learner = learner_pass(step, policy, ro, ~expert_b)  # old log-probs, mismatch, rollout correction
+        policy = s.policy(state.params)  # LoRA: adapters + frozen base (two trees joined, no copy)
+        learner = learner_pass(step, policy, ro, ~expert_b, plan_all)  # old log-probs, mismatch, correction
         old_logp = learner.old_logp_bt
         if cfg.objective.kl_coef > 0:
-            ref_logp = forward_ref(s.ref_params, ro.tokens, ro.valid)
+            ref_logp = forward_ref(s.ref_params, ro.tokens, ro.valid, *plan_all)
         else:
             ref_logp = jnp.zeros_like(old_logp)
         full = UpdateBatch(ro.tokens, ro.valid, learner.mask_bt, adv_bt, old_logp, ref_logp, clips.mask_bt,
                            ro.response_mask & expert_b[:, None], learner.rc_weight_bt)  # fmt: skip
         extra = dict(learner.metrics)
         if echo_norm is not None and step % tc.echo_grad_norm_every == 0:
-            extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh), s.frozen)
-        state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step)
+            args = (*plan_all,) if s.frozen is None else (plan_all[0] if plan_all else None, s.frozen)
+            extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh), *args)
+        state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step,
+                                             pack=pack_mb, lengths=lengths)  # fmt: skip
         jax.block_until_ready(state.params)
         timings["update"] = time.perf_counter() - t0
         metrics = _rollout_metrics(ro, sharding.to_host(reward_dev), got.correct_ng, clips, got.info, got.rounds, k)
         metrics.update({k: np.mean([float(u[k]) for u in update_metrics]) for k in update_metrics[0]})
+        skipped = [float(u["skipped_updates"]) for u in update_metrics]  # NaN/Inf updates, left undone
+        metrics["skipped_updates"] = sum(skipped)
         metrics.update(extra)
         metrics["lr"] = float(schedule(int(state.step) - 1))
         step_time = time.perf_counter() - t_step
@@ -297,19 +364,22 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
                 s.log(_log_line(step, row, last_eval))
         else:
             row = to_python(metrics)
-        collapsed = guard.update(row)
+        stop_why = "collapse guard" if guard.update(row) else ""
+        if nonfinite.update(skipped):
+            stop_why = f"{nonfinite.in_a_row} non-finite updates in a row (train.max_nonfinite_updates)"
         if tc.eval_every > 0 and step % tc.eval_every == 0 and step != tc.steps:
             last_eval = log.write(step, run_eval(s, state.params, step), kind="eval")
-            collapsed |= guard.update(last_eval, "eval")
+            if guard.update(last_eval, "eval") and not stop_why:
+                stop_why = "collapse guard"
         bar.update(row, last_eval)
         stopping = preempt.sync()
-        if stopping or collapsed or (tc.save_every > 0 and step % tc.save_every == 0):
+        if stopping or stop_why or (tc.save_every > 0 and step % tc.save_every == 0):
             save()
             saved = step
-        if stopping or collapsed:
-            s.log(f"{'SIGTERM' if stopping else 'collapse guard'}: saved step {step}, exiting")
+        if stopping or stop_why:
+            s.log(f"{'SIGTERM' if stopping else stop_why}: saved step {step}, exiting")
             break
-    stopped = stopping or (bool(guard.fired) and tc.collapse_guard == "stop")
+    stopped = stopping or bool(stop_why)
     if not stopped:
         # Also after a resume at the last step (a run preempted there never evaluated it).
         if not log.has(tc.steps, "eval"):
@@ -325,7 +395,7 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     s.state = state
     if tc.export_hf and not stopped:  # every host joins the gather; process 0 writes
         if s.frozen is not None:  # LoRA: the adapters in PEFT's format; the merged model on request
-            s.export_adapter(os.path.join(tc.workdir, "peft_adapter"))
+            s.export_adapter(storage.join(tc.workdir, "peft_adapter"))
         if s.frozen is None or cfg.model.lora.export_merged:
-            s.export(os.path.join(tc.workdir, "hf_export"))
+            s.export(storage.join(tc.workdir, "hf_export"))
     return {"step": step, "eval": last_eval, "workdir": tc.workdir, "setup": s}
