@@ -29,6 +29,7 @@ import dataclasses
 import math
 import os
 import sys
+from typing import NamedTuple
 
 GB = 1e9
 # Memory per chip as sold (decimal GB). A run needs headroom beyond the compiled program (runtime,
@@ -67,7 +68,7 @@ class Plan:
     refill: bool = False  # decode rows are refilled slots
     packed: bool = False  # micro-batches of packed rows (rl.pack_rows_per_micro_batch): at most micro_batches run
     adapters: int = 0  # LoRA: the trained adapters' bytes (part of ``params``; the optimizer state is theirs)
-    base_copy: int = 0  # LoRA: the frozen base's decode copy, made once and kept (0: decodes from the base itself)
+    base_copy: int = 0  # LoRA: the frozen base's part of the decode copy (0: decodes from the base itself)
 
     @property
     def peak(self) -> int:
@@ -206,18 +207,29 @@ def sampler_memory(cfg, mesh, mcfg, graphdef, params, *, memory: int | None = No
                          tensor_parallel=sp.layout.tensor_parallel, kv_per_row=kv_bytes_per_slot(mcfg, p, cfg.sampling.max_new_tokens))  # fmt: skip
 
 
-def lora_memory(mcfg, mesh, adapters, frozen, tensor_parallel: int, opt_bytes: int) -> tuple[int, int, int]:
-    """LoRA's ``(adapter bytes, kept decode copy of the frozen base, bytes resident beside the sampler)``
-    per device (trainer/setup.py ``Setup.decode_weights``: the base is copied once per run, only when its
-    decode layout differs, and the copy stays through the train step; the adapters are copied per step)."""
+class LoraMemory(NamedTuple):
+    """LoRA's per-device bytes beside ``SamplerMemory`` (``lora_memory``)."""
+
+    adapters: int
+    base_copy: int  # the frozen base's decode copy (0: the sampler decodes from the base itself)
+    decode_copy: int  # what the sampler decodes from that is a copy: the base's and the adapters'
+    copy_temp: int  # the copy programs' temporaries (the larger of the base's and the adapters')
+    resident: int  # beside the sampler's arguments: the optimizer state and the originals of what was copied
+
+
+def lora_memory(mcfg, mesh, adapters, frozen, tensor_parallel: int, opt_bytes: int) -> LoraMemory:
+    """LoRA's memory around the sampler (trainer/setup.py ``Setup.decode_weights``: the adapters and the base are
+    copied apart, each only when its decode dtype or layout differs; the copies are dropped after sampling)."""
     from echorl_jax.sampling.layout import DecodeLayout, copy_bytes_per_device
 
     layout = DecodeLayout(mesh, tensor_parallel, mcfg.compute_dtype)
     adapter_bytes = device_bytes(adapters)
-    base_copy = copy_bytes_per_device(frozen, layout.mesh, layout.dtype) if layout.needs_copy(frozen) else 0
-    # Beside the sampler's arguments (the decode copy): the optimizer state, and the originals of what was copied.
-    resident = opt_bytes + (adapter_bytes if layout.needs_copy(adapters) else 0) + (device_bytes(frozen) if base_copy else 0)
-    return adapter_bytes, base_copy, resident
+    copied = lambda state: copy_bytes_per_device(state, layout.mesh, layout.dtype) if layout.needs_copy(state) else 0  # noqa: E731
+    base_copy, adapter_copy = copied(frozen), copied(adapters)
+    temp = lambda state, size: layout.lower(state).compile().memory_analysis().temp_size_in_bytes if size else 0  # noqa: E731
+    copy_temp = max(temp(frozen, base_copy), temp(adapters, adapter_copy))
+    resident = opt_bytes + (adapter_bytes if adapter_copy else 0) + (device_bytes(frozen) if base_copy else 0)
+    return LoraMemory(adapter_bytes, base_copy, base_copy + adapter_copy, copy_temp, resident)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -266,14 +278,16 @@ def plan(cfg, devices=None, memory: int | None = None) -> Plan:
     # own arguments (the decode copy, or the masters themselves when no copy is made).
     resident = opt_bytes + ref + (param_bytes if sm.decode_copy else 0)
     adapter_bytes = base_copy = 0
-    if frozen is not None:  # LoRA: no reference copy (the base is the reference); the base's decode copy is kept
-        adapter_bytes, base_copy, resident = lora_memory(mcfg, mesh, params, frozen, sm.tensor_parallel, opt_bytes)
+    if frozen is not None:  # LoRA: no reference copy (the base is the reference); adapters and base copied apart
+        lm = lora_memory(mcfg, mesh, params, frozen, sm.tensor_parallel, opt_bytes)
+        adapter_bytes, base_copy, resident = lm.adapters, lm.base_copy, lm.resident
+        sm = dataclasses.replace(sm, decode_copy=lm.decode_copy, copy_temp=lm.copy_temp)
         param_bytes, ref = adapter_bytes + device_bytes(frozen), 0
     return Plan(
         mesh_shape=dict(mesh.shape), rows_per_minibatch=rows,
         micro_batches=rl.micro_batches if pack is None else pack.num_micro_batches, packed=pack is not None,
         params=param_bytes, optimizer=opt_bytes, ref_params=ref, adapters=adapter_bytes, base_copy=base_copy,
-        train_temp=train_mem.temp_size_in_bytes, train_peak=_peak(train_mem) + ref + base_copy,
+        train_temp=train_mem.temp_size_in_bytes, train_peak=_peak(train_mem) + ref,
         kv_cache=sm.kv_cache, decode_rows=sm.rows, kv_per_row=sm.kv_per_row, refill=sm.refill,
         decode_copy=sm.decode_copy, decode_tp=sm.tensor_parallel, copy_temp=sm.copy_temp,
         cpu_bf16=jax.default_backend() == "cpu" and jnp.dtype(mcfg.compute_dtype) == jnp.bfloat16,
@@ -336,8 +350,8 @@ def format_plan(pl: Plan) -> str:
         "0: decodes from the parameters)",
     ]
     if pl.adapters:
-        lines.append(f"    of which the base's   {gb(pl.base_copy)}   (LoRA: made once and kept, also through the train step; "
-                     "0: decodes from the frozen base itself; the adapters are copied each step)")
+        lines.append(f"    of which the base's   {gb(pl.base_copy)}   (LoRA: 0 when the frozen base is already in the decode "
+                     "dtype and layout: it is decoded from as it is)")
     lines += [
         f"  sampler temporaries   {gb(pl.sample_temp)}"
         + ("   (XLA:CPU upcasts bf16 weights to f32 for its dots, hoisted out of the decode loop: up to 2x the "

@@ -98,26 +98,23 @@ def test_kl_reference_is_the_base_model_without_a_copy(tmp_path):
     assert np.abs(forward(s.graphdef, s.policy(s.state.params)) - want).max() > 1e-3  # the policy is adapted
 
 
-def test_sampler_decodes_the_adapted_model_from_a_kept_copy_of_the_base(tmp_path):
-    """FSDP training mesh, tensor-parallel decode layout (decode_tensor_parallel=2, so the base needs a copy):
-    the base's decode copy is made once and shared by the training and held-out samplers, each call copies
-    only the adapters, and the rollouts equal those of the merged model (W + s*A*B) sampled the same way."""
+def test_sampler_decodes_the_adapted_model_copying_the_base_only_when_its_layout_differs(tmp_path):
+    """FSDP training mesh, tensor-parallel decode layout (decode_tensor_parallel=2): the decode copy holds the
+    base and the adapters on the decode mesh, and the rollouts equal those of the merged model (W + s*A*B)
+    sampled the same way. A bf16 base on a data-parallel mesh (tensor parallelism 1) is already in the decode
+    layout: the sampler reads the frozen arrays themselves and only the adapters are copied."""
     base = make_base_dir(tmp_path / "base")
     cfg = lora_cfg(tmp_path / "run", base, mesh={"shape": (1, 8, 1)}, sampling={"decode_tensor_parallel": 2})
     s = setup_lib.build_setup(cfg, log=lambda _: None)
     layout = s.sample.layout
     assert layout.tensor_parallel == 2 and layout.needs_copy(s.frozen)
-    first = s.decode_weights(s.sample, s.state.params)
-    copies = layout.copies
     params = jax.tree.map(lambda x: 1.5 * x + 0.2, s.state.params)  # B != 0: the adapters change the model
-    again = s.decode_weights(s.sample, params)
-    assert layout.copies == copies + 1  # the adapters only
-    held_out = s.decode_weights(s.eval_sample, params)
-    base_keys = set(nnx.to_pure_dict(s.frozen))
-    got = [nnx.to_pure_dict(w.params) for w in (first, again, held_out)]
-    assert all(got[0][k] is got[1][k] is got[2][k] for k in base_keys)  # one kept copy of the base
-    assert got[1]["wq"].sharding.mesh == layout.mesh and "tensor" in got[1]["wq"].sharding.spec
-    assert not any(got[0][k] is got[1][k] for k in ADAPTERS)
+    copies = layout.copies
+    weights = s.decode_weights(s.sample, params)
+    assert layout.copies == copies + 2  # the base and the adapters, apart
+    got = nnx.to_pure_dict(weights.params)
+    assert got.keys() == nnx.to_pure_dict(s.policy(params)).keys()
+    assert got["wq"].sharding.mesh == layout.mesh and "tensor" in got["wq"].sharding.spec
 
     merged = peft_export.merged_model(nnx.merge(s.graphdef, s.policy(params)))
     plain = make_sampler(nnx.graphdef(merged), cfg.sampling, group_size=s.sample.group_size, stop_ids=s.sample.stop_ids,
@@ -125,12 +122,21 @@ def test_sampler_decodes_the_adapted_model_from_a_kept_copy_of_the_base(tmp_path
     prompts = np.asarray(jax.random.randint(jax.random.key(0), (4, 8), 4, 100), np.int32)
     lengths = np.full((4,), 8, np.int32)
     want = plain(nnx.state(merged), prompts, lengths, 3)
-    ours = s.sample(again, prompts, lengths, 3)
+    ours = s.sample(weights, prompts, lengths, 3)
     np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(want.tokens))
     mask = np.asarray(want.response_mask)
     np.testing.assert_allclose(np.asarray(ours.behaviour_logp)[mask], np.asarray(want.behaviour_logp)[mask], atol=1e-4)
     base_ro = s.sample(s.decode_weights(s.sample, s.state.params), prompts, lengths, 3)
     assert not np.array_equal(np.asarray(base_ro.tokens), np.asarray(want.tokens))  # the adapters mattered
+
+    bf16 = {"param_dtype": "bfloat16", "compute_dtype": "bfloat16"}
+    cfg = lora_cfg(tmp_path / "run16", base, mesh={"shape": (8, 1, 1)}, model=bf16)
+    s = setup_lib.build_setup(cfg, log=lambda _: None)
+    copies = s.sample.layout.copies if s.sample.layout else 0
+    got = nnx.to_pure_dict(s.decode_weights(s.sample, s.state.params).params)
+    frozen = nnx.to_pure_dict(s.frozen)
+    assert all(got[k] is frozen[k] for k in frozen)  # decoded from the base itself
+    assert s.sample.layout.copies == copies + 1 and all(got[k].dtype == jax.numpy.bfloat16 for k in ADAPTERS)
 
 
 def _device0_bytes(tree) -> int:
@@ -151,11 +157,13 @@ def test_planner_counts_adapters_only_for_the_optimizer():
     adapter_bytes = _device0_bytes(nnx.state(model, nnx.LoRAParam))
     assert pl.adapters == adapter_bytes and pl.params == base_bytes + adapter_bytes  # the bf16 base stays resident
     assert 2 * pl.adapters <= pl.optimizer <= 2 * pl.adapters + 64  # Adam mu, nu (fp32) of the adapters only
-    # The sampler decodes tensor-parallel over 1 device (auto on CPU): the kept copy of the base is all of it,
-    # bf16, on every device, and it stays through the train step.
+    # The sampler decodes tensor-parallel over 1 device (auto on CPU): the base's decode copy is all of it, bf16,
+    # on every device; the adapters' is theirs in bf16 (half their fp32 bytes, replicated).
     assert pl.decode_tp == 1
     assert pl.base_copy == sum(x.size * 2 for x in jax.tree.leaves(nnx.state(model, nnx.Not(nnx.LoRAParam))))
-    assert pl.ref_params == 0 and pl.train_peak >= pl.params + pl.optimizer + pl.base_copy
+    n_adapter = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    assert pl.decode_copy == pl.base_copy + 2 * n_adapter
+    assert pl.ref_params == 0 and pl.train_peak >= pl.params + pl.optimizer
 
 
 @pytest.mark.slow  # four evaluate runs (about a minute on 2 shared cores): CI runs it
@@ -185,3 +193,17 @@ def test_evaluate_restores_lora_adapters_onto_their_base_only(tmp_path, files, b
             f"--config.data.max_prompt_len={MAX_PROMPT}"]  # fmt: skip
     assert benchmark.main(argv) == 2  # step 2 records other base weights
     assert "base model's weights" in capsys.readouterr().err
+
+
+def test_evaluate_rebuilds_the_warm_started_base_of_a_lora_checkpoint(files):
+    """A LoRA run that warm-started trained its adapters on the warm-started model: evaluate --checkpoint keeps the
+    run's training data and SFT settings (the warm start's cache makes it a load) instead of dropping the warm
+    start as it does for full fine-tuning checkpoints, whose parameters are all in the checkpoint."""
+    host = config_lib.to_dict(config_lib.build_config(config_lib.load_config_file(os.path.join(ROOT, "configs",
+                                                                                                "default_lora.py"))))
+    args, _ = benchmark.parse_args(["--checkpoint", "runs/x", "--data", files[0]])
+    cfg = benchmark.eval_config(args, {}, host)
+    assert cfg.sft.steps == 400 and cfg.data.train == "task:arith" and cfg.data.eval in (files[0], (files[0],))
+    full = dict(host, model={k: v for k, v in host["model"].items() if k != "lora"})
+    cfg = benchmark.eval_config(args, {}, full)
+    assert cfg.sft.steps == 0 and cfg.data.train in (files[0], (files[0],))

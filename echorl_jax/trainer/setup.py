@@ -63,7 +63,6 @@ class Setup:
     frozen: Any = None
     ref_graphdef: Any = None
     base_identity: dict | None = None
-    _frozen_copies: dict = dataclasses.field(default_factory=dict, repr=False)  # LoRA: the base's decode copies
 
     def policy(self, params) -> Any:
         """The whole policy State for ``params`` (a TrainState's): samplers and forward passes take it."""
@@ -92,15 +91,12 @@ class Setup:
 
     def decode_weights(self, sampler, params) -> DecodeWeights:
         """``sampler``'s decode copy of the policy for a TrainState's ``params`` (sampling/layout.py). LoRA: the
-        frozen base's copy is made once per run and decode layout and kept (none when the base is already
-        in that layout); each call copies only the adapters (docs/lora.md, "How it computes")."""
+        adapters and the frozen base are copied apart, so a base already in the decode dtype and layout is used
+        as it is (no copy); one that is not is copied with the adapters, per call (docs/lora.md)."""
         if self.frozen is None:
             return sampler.decode_weights(params)
         layout = sampler.layout_for(self.policy(params))
-        key = (layout.mesh, layout.dtype)  # the training and held-out samplers share one kept copy
-        if key not in self._frozen_copies:
-            self._frozen_copies[key] = layout.copy(self.frozen).params
-        return DecodeWeights(nnx.merge_state(layout.copy(params).params, self._frozen_copies[key]))
+        return DecodeWeights(nnx.merge_state(layout.copy(params).params, layout.copy(self.frozen).params))
 
     def progress(self, start: int, total: int):
         return Progress(start, total, enabled=self.cfg.train.progress and jax.process_index() == 0)
