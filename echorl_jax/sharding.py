@@ -9,8 +9,11 @@ a tensor axis of 4), so every config runs on every mesh.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -160,6 +163,52 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 def batch_divisor(mesh: Mesh) -> int:
     """Global batch sizes must be multiples of this (the size of the batch axes)."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+# ----------------------------------------------------------------------------- activations
+# Parameters carry their shardings; activations get theirs from XLA's propagation, which inside the
+# scanned layer can pick the weights' layout over the batch's: on an FSDP mesh (weights' embed dimension
+# over fsdp) it then replicates the rows and all-reduces partial sums -- every device computes the whole
+# micro-batch. ``constrain_rows`` pins a model activation to rows over the batch axes of the mesh the
+# program is traced for (``traced_on``); outside one it does nothing.
+
+_TRACE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("echorl_trace_mesh", default=None)
+
+
+def traced_on(mesh: Mesh | None, fn: Callable) -> Callable:
+    """``fn`` whose tracing sees ``mesh`` (for ``constrain_rows``); wrap before ``jax.jit``."""
+
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        token = _TRACE_MESH.set(mesh)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _TRACE_MESH.reset(token)
+
+    return inner
+
+
+@contextlib.contextmanager
+def tracing_on(mesh: Mesh | None):
+    """Context form of ``traced_on`` (for code that traces inline, e.g. ``jax.eval_shape``)."""
+    token = _TRACE_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _TRACE_MESH.reset(token)
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """``x [b, ...]`` with rows over the batch axes of the traced-for mesh; unchanged without one, or when
+    the batch axes do not divide ``b`` (a decode batch smaller than the mesh)."""
+    mesh = _TRACE_MESH.get()
+    if mesh is None or x.ndim == 0:
+        return x
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes, *([None] * (x.ndim - 1)))))
 
 
 # ----------------------------------------------------------------------------- multi-process helpers

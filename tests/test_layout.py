@@ -16,7 +16,7 @@ LAYERS = [
     ("sampling", "data", "rl"),
     ("config",),
     ("trainer",),
-    ("evaluation", "main", "plan", "compare", "launch", "cli", "__main__", "evaluate", "data_prep", "analyze_steps"),
+    ("evaluation", "main", "plan", "planner", "compare", "launch", "cli", "__main__", "evaluate", "data_prep", "analyze_steps"),
 ]
 
 

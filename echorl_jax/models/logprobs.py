@@ -46,11 +46,15 @@ def chunked_logp_entropy(hidden_bth, head_hv, targets_bt, temperature: float = 1
     targets_cbk = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, c, chunk).transpose(1, 0, 2)
 
     @jax.checkpoint  # save nothing inside a chunk: the backward recomputes its logits
-    def body(head, xs):
-        hidden_bkh, targets_bk = xs
-        return head, _logp_entropy(hidden_bkh, head, targets_bk, temperature)
+    def one_chunk(head, hidden_bkh, targets_bk):
+        return _logp_entropy(hidden_bkh, head, targets_bk, temperature)
 
-    _, (logp_cbk, entropy_cbk) = jax.lax.scan(body, head_hv, (hidden_cbkh, targets_cbk))
+    # The head is a constant of the scan, not its carry: a carried head would be saved for the backward
+    # once per chunk ([C, h, V] -- 8.7 GB per device for Qwen2.5-7B at T = 8192 on 8 devices), a constant once.
+    def body(_, xs):
+        return None, one_chunk(head_hv, *xs)
+
+    _, (logp_cbk, entropy_cbk) = jax.lax.scan(body, None, (hidden_cbkh, targets_cbk))
 
     def unchunk(x_cbk):
         return x_cbk.transpose(1, 0, 2).reshape(b, c * chunk)[:, :t]

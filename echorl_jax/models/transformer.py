@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from echorl_jax.models import attention as attn_lib, lora as lora_lib
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.decode_attention import LiveKeys, decode_attention
+from echorl_jax.sharding import constrain_rows
 
 
 class KVCache(NamedTuple):
@@ -179,11 +180,12 @@ class Transformer(nnx.Module):
         else:
             pos = start = cache.pos
             valid_bk = jax.lax.dynamic_update_slice(cache.valid_bk, valid_bs, (0, pos))
-        x = self.embed[...].astype(cdt)[tokens_bs]
+        x = constrain_rows(self.embed[...].astype(cdt)[tokens_bs])
         lora_scale = getattr(self, "lora_scale", None)
 
         def block(carry, p):
             x, kc, vc, layer = carry
+            x = constrain_rows(x)  # rows over the batch axes (sharding.constrain_rows)
             lora = lambda out, x_in, w: lora_lib.add_delta(out, x_in, p, w, lora_scale)  # noqa: E731  out + s·(x·A)·B
             y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
             q = checkpoint_name(lora(jnp.einsum("bsh,hnd->bsnd", y, p["wq"]), y, "wq"), "qkv_proj")
@@ -212,10 +214,10 @@ class Transformer(nnx.Module):
                                           segment_ids=segment_ids)
             attn = checkpoint_name(attn, "attn_out")
             out = lora(jnp.einsum("bsnd,ndh->bsh", attn, p["wo"]), attn, "wo")
-            x = x + (out + p["bo"] if cfg.o_bias else out)
+            x = constrain_rows(x + (out + p["bo"] if cfg.o_bias else out))
             y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-            mlp = jax.nn.silu(lora(y @ p["w_gate"], y, "w_gate")) * lora(y @ p["w_up"], y, "w_up")
-            x = x + lora(mlp @ p["w_down"], mlp, "w_down")
+            mlp = constrain_rows(jax.nn.silu(lora(y @ p["w_gate"], y, "w_gate")) * lora(y @ p["w_up"], y, "w_up"))
+            x = constrain_rows(x + lora(mlp @ p["w_down"], mlp, "w_down"))
             return (x, kc, vc, layer + 1), None
 
         if cfg.remat != "none":

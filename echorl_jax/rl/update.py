@@ -174,21 +174,28 @@ def merge_rows(x_c: jax.Array) -> jax.Array:
     return jnp.swapaxes(x_c, 0, 1).reshape(-1, *x_c.shape[2:])
 
 
-def zeros_float32(params):
-    """Gradient accumulators: float32 whatever the parameter dtype (bf16 sums lose small micro-batch terms)."""
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+def keep_sharding(tree, shardings):
+    """``tree`` constrained to ``shardings`` (a matching tree; None: left to XLA)."""
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
 
-def add_float32(acc, grads):
-    return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+def zeros_float32(params, shardings=None):
+    """Gradient accumulators: float32 whatever the parameter dtype (bf16 sums lose small micro-batch terms);
+    with ``shardings`` (the parameters') they stay sharded like the parameters."""
+    return keep_sharding(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params), shardings)
+
+
+def add_float32(acc, grads, shardings=None):
+    return keep_sharding(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), shardings)
 
 
 def make_forward_logp(graphdef, num_response: int, temperature: float, num_chunks: int,
-                      pack: packing.PackSpec | None = None):  # fmt: skip
+                      pack: packing.PackSpec | None = None, mesh=None):  # fmt: skip
     """Jitted ``(params, tokens_bs, valid_bs) -> logp_bt`` (old / reference log-probs), computed
     ``num_chunks`` row-chunks at a time so its peak memory is that of one micro-batch. With ``pack``
     (the whole rollout batch's spec) it takes the plan too, ``(params, tokens_bs, valid_bs, dest_b)``,
-    and runs on packed micro-batches."""
+    and runs on packed micro-batches. ``mesh``: the mesh it runs on (its activations' rows stay over the
+    batch axes, ``sharding.constrain_rows``)."""
 
     def fn(params, tokens_bs, valid_bs):
         def one(chunk):
@@ -203,15 +210,16 @@ def make_forward_logp(graphdef, num_response: int, temperature: float, num_chunk
                                       tokens_bs, place, pack)  # fmt: skip
         return packing.unpack(logp_crl, place, num_response, pack)
 
-    return jax.jit(fn if pack is None else packed_fn)
+    return jax.jit(sharding.traced_on(mesh, fn if pack is None else packed_fn))
 
 
 def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: float, num_chunks: int = 1,
-                        pack: packing.PackSpec | None = None):  # fmt: skip
+                        pack: packing.PackSpec | None = None, mesh=None, param_sh=None):  # fmt: skip
     """``(params, batch) -> ||grad(coef * L_echo)||``: the echo term's share of the update (a diagnostic;
     it costs one extra forward + backward, so the trainer runs it only every few steps). Gradients are
     accumulated over ``num_chunks`` row-chunks, as in the train step; with ``pack`` over packed
-    micro-batches, ``(params, batch, dest_b)``."""
+    micro-batches, ``(params, batch, dest_b)``. ``param_sh``: the parameters' shardings, which the
+    accumulated gradients keep (left to itself XLA may all-reduce them whole onto every device)."""
 
     def echo_term(params, mb: UpdateBatch, num_clips, index, frozen):
         logp, _, layout = micro_batch_logp(graphdef, policy_params(params, frozen), mb, temperature, index, pack)
@@ -222,19 +230,19 @@ def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: fl
         num_clips = global_counts(batch).num_clips
         grad = lambda mb, index=None: jax.grad(echo_term)(params, mb, num_clips, index, frozen)  # noqa: E731
         if dest_b is not None:
-            add = lambda grads, mb, index: add_float32(grads, grad(mb, index))  # noqa: E731
-            grads = packing.scan_packed(add, zeros_float32(params), batch, packing.placement(dest_b, batch.valid_bs),
-                                        pack)  # fmt: skip
+            add = lambda grads, mb, index: add_float32(grads, grad(mb, index), param_sh)  # noqa: E731
+            grads = packing.scan_packed(add, zeros_float32(params, param_sh), batch,
+                                        packing.placement(dest_b, batch.valid_bs), pack)  # fmt: skip
             return optax.global_norm(grads)
 
         def accumulate(grads, mb):
-            return add_float32(grads, grad(mb)), None
+            return add_float32(grads, grad(mb), param_sh), None
 
         split = jax.tree.map(lambda x: split_rows(x, num_chunks), batch)
-        grads, _ = jax.lax.scan(accumulate, zeros_float32(params), split)
+        grads, _ = jax.lax.scan(accumulate, zeros_float32(params, param_sh), split)
         return optax.global_norm(grads)
 
-    return jax.jit(fn)
+    return jax.jit(sharding.traced_on(mesh, fn))
 
 
 def skip_nonfinite(old: TrainState, new: TrainState, metrics: dict) -> tuple[TrainState, dict]:
@@ -247,11 +255,12 @@ def skip_nonfinite(old: TrainState, new: TrainState, metrics: dict) -> tuple[Tra
 
 
 def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig, *, micro_batches: int,
-                    temperature: float, pack: packing.PackSpec | None = None):  # fmt: skip
+                    temperature: float, pack: packing.PackSpec | None = None, param_sh=None):  # fmt: skip
     """Returns the un-jitted ``train_step(state, batch, dest_b=None, frozen=None) -> (state, metrics)``; with
     ``pack`` (the mini-batch's spec) it takes the plan ``dest_b`` and runs on packed micro-batches. ``frozen``:
     the base weights when ``state.params`` holds only LoRA adapters (read, never differentiated or updated).
-    An update whose loss or gradient is not finite leaves ``state`` as it was (``skip_nonfinite``)."""
+    An update whose loss or gradient is not finite leaves ``state`` as it was (``skip_nonfinite``).
+    ``param_sh``: the (trained) parameters' shardings, kept by the gradient accumulators."""
 
     def loss_fn(params, mb: UpdateBatch, counts, index, frozen):
         logp, entropy, layout = micro_batch_logp(graphdef, policy_params(params, frozen), mb, temperature, index,
@@ -269,9 +278,9 @@ def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig,
         def accumulate(carry, mb, index=None):
             grads, loss, metrics = carry
             (l, m), g = grad_fn(state.params, mb, counts, index, frozen)
-            return (add_float32(grads, g), loss + l, jax.tree.map(jnp.add, metrics, m))
+            return (add_float32(grads, g, param_sh), loss + l, jax.tree.map(jnp.add, metrics, m))
 
-        zeros = zeros_float32(state.params)
+        zeros = zeros_float32(state.params, param_sh)
         metric_shape = jax.eval_shape(lambda: grad_fn(state.params, batch, counts, None, frozen)[0][1])  # scalars
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)
         init = (zeros, jnp.zeros((), jnp.float32), zero_metrics)

@@ -396,7 +396,7 @@ def warm_start(
     first = next_batch()
     batch_sh = jax.tree.map(lambda x: x.sharding, first)
     step_fn = jax.jit(
-        make_sft_step(graphdef, optimizer, pack),
+        sharding.traced_on(mesh, make_sft_step(graphdef, optimizer, pack)),
         in_shardings=(param_sh, opt_sh, *batch_sh),
         out_shardings=(param_sh, opt_sh, sharding.replicated(mesh)),
         donate_argnums=(0, 1),

@@ -74,20 +74,22 @@ def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, temperature: flo
     pack = pack_spec(cfg, minibatch_rows(cfg), mesh)
     step_fn = update.make_train_step(
         graphdef, optimizer, cfg.objective, cfg.echo, micro_batches=cfg.rl.micro_batches, temperature=temperature,
-        pack=pack,
+        pack=pack, param_sh=state_sh.params,
     )  # fmt: skip
     batch_sh = sharding.batch_sharding(mesh, 2)  # every UpdateBatch field is [B, ...]
     plan_sh = None if pack is None else sharding.replicated(mesh)
     in_sh = (state_sh, batch_sh) if pack is None else (state_sh, batch_sh, plan_sh)
     if frozen_sh is not None:
         in_sh = (state_sh, batch_sh, plan_sh, frozen_sh)
-    return jax.jit(step_fn, in_shardings=in_sh, out_shardings=(state_sh, None), donate_argnums=0)
+    return jax.jit(sharding.traced_on(mesh, step_fn), in_shardings=in_sh, out_shardings=(state_sh, None), donate_argnums=0)
 
 
-def abstract_step_inputs(cfg: config_lib.Config, mesh, frozen=None) -> tuple:
-    """The train step's arguments after the state as abstract values (plan.py): the mini-batch ``UpdateBatch``,
-    with packing its plan, and with LoRA (``frozen``: the abstract base weights) the plan or None and the base."""
-    rows, p, t = minibatch_rows(cfg), cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+def abstract_step_inputs(cfg: config_lib.Config, mesh, rows: int | None = None, frozen=None) -> tuple:
+    """A learner pass's batch arguments as abstract values (plan.py): the ``UpdateBatch`` of ``rows``
+    rollout rows (default: a mini-batch, the train step's), with packing its plan, and with LoRA (``frozen``:
+    the abstract base weights) the plan or None and the base."""
+    rows = rows or minibatch_rows(cfg)
+    p, t = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
     sds = lambda cols, dtype: jax.ShapeDtypeStruct((rows, cols), dtype, sharding=sharding.batch_sharding(mesh, 2))  # noqa: E731
     f32 = jnp.float32
     batch = UpdateBatch(sds(p + t, jnp.int32), sds(p + t, bool), sds(t, bool), sds(t, f32), sds(t, f32), sds(t, f32),
@@ -97,6 +99,23 @@ def abstract_step_inputs(cfg: config_lib.Config, mesh, frozen=None) -> tuple:
     if frozen is not None:
         return batch, plan, frozen
     return (batch,) if plan is None else (batch, plan)
+
+
+def make_batch_passes(cfg: config_lib.Config, graphdef, temperature: float, mesh, param_sh=None) -> tuple:
+    """The learner's passes over the whole rollout batch, as jitted functions (None when the run has no use
+    for one): ``forward_logp`` (old / reference log-probs, mismatch metrics) and ``echo_norm`` (the echo
+    term's gradient norm, a diagnostic; ``param_sh``: the parameters' shardings, its gradients keep them).
+    plan.py compiles these same ones."""
+    rl, tc = cfg.rl, cfg.train
+    pack_all = pack_spec(cfg, rl.prompts_per_step * rl.group_size, mesh)  # the whole batch's packed layout
+    forward_logp = echo_norm = None
+    if rl.recompute_logp or cfg.objective.kl_coef > 0 or tc.mismatch_every > 0:
+        forward_logp = update.make_forward_logp(graphdef, cfg.sampling.max_new_tokens, temperature, _num_chunks(rl),
+                                                pack_all, mesh)  # fmt: skip
+    if cfg.echo.enabled and tc.echo_grad_norm_every > 0:
+        echo_norm = update.make_echo_grad_norm(graphdef, cfg.echo, temperature, _num_chunks(rl), pack_all, mesh,
+                                               param_sh)  # fmt: skip
+    return forward_logp, echo_norm
 
 
 def _jit_train_step(s: Setup, state: TrainState):
@@ -273,20 +292,14 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     train_step = _jit_train_step(s, state)
     pack_mb = pack_spec(cfg, minibatch_rows(cfg), s.mesh)  # a mini-batch's packed layout (None: padded rows)
     pack_all = pack_spec(cfg, rl.prompts_per_step * rl.group_size, s.mesh)  # the whole batch's (log-probs, echo)
-    forward_logp = None
-    if rl.recompute_logp or cfg.objective.kl_coef > 0 or tc.mismatch_every > 0:
-        forward_logp = update.make_forward_logp(s.graphdef, cfg.sampling.max_new_tokens, s.train_temperature,
-                                                _num_chunks(rl), pack_all)  # fmt: skip
+    forward_logp, echo_norm = make_batch_passes(cfg, s.graphdef, s.train_temperature, s.mesh,
+                                                jax.tree.map(lambda x: x.sharding, state.params))  # fmt: skip
     forward_ref = forward_logp  # LoRA: the base model's graph (adapters off) on the frozen weights
     if cfg.objective.kl_coef > 0 and s.ref_graphdef is not s.graphdef:
-        forward_ref = update.make_forward_logp(s.ref_graphdef, cfg.sampling.max_new_tokens, s.train_temperature,
-                                               _num_chunks(rl), pack_all)  # fmt: skip
+        forward_ref = make_batch_passes(cfg, s.ref_graphdef, s.train_temperature, s.mesh)[0]
     learner_pass = make_learner_pass(cfg, forward_logp)
     score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
     schedule = update.make_schedule(cfg.optim, s.total_updates)
-    echo_norm = None
-    if cfg.echo.enabled and tc.echo_grad_norm_every > 0:
-        echo_norm = update.make_echo_grad_norm(s.graphdef, cfg.echo, s.train_temperature, _num_chunks(rl), pack_all)
     preempt = _Preemption()
     guard = Guard(tc.collapse_guard, s.log)
     guard.load(host.get("guard"))  # the run's own history: a collapse that spans a restart is still seen

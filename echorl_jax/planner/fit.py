@@ -1,0 +1,109 @@
+"""``--fit ACCEL``: the cheapest setting under which every phase of a run fits an accelerator.
+
+The learner and the sampler are searched apart (their knobs do not interact):
+
+* **Learner** (train step, log-prob pass, echo diagnostic): packed micro-batches of
+  ``k = rl.pack_rows_per_micro_batch`` rows of P + T tokens per device, and a remat policy
+  (``model.remat``). Recomputation costs every step, so the least of it wins: memory falls along
+  ``REMAT_ORDER`` (none ... full), so a bisection at k = 1 finds the first policy that fits, then k
+  doubles while it still fits (bigger micro-batches, fewer of them).
+* **Sampler** (training and held-out): the decode copy's tensor parallelism is the sampler's own
+  ``auto`` for ACCEL's memory (sampling/layout.py), and the KV cache gets what is left: one compile
+  with a small probe budget measures everything but the cache, and ``sampling.kv_cache_memory``
+  becomes the rest of USABLE x memory (rounded down to a hundredth), checked by compiling again.
+
+Each trial is a full ahead-of-time compile of that phase at the run's shapes (tens of seconds for a 7B
+model on CPU); the search is a handful of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+from echorl_jax.planner.memory import ACCELERATORS, GB, USABLE, Plan, context, learner_memory, plan, sampler_phases
+
+REMAT_ORDER = ("none", "dots_attn", "dots", "attn", "full")  # least recomputation first (models/transformer.py)
+PROBE_BUDGET = 0.02  # the sampler's probe KV budget, a fraction of the accelerator's memory
+
+
+@dataclasses.dataclass
+class Fit:
+    accel: str
+    overrides: dict  # dotted key -> value: the setting found
+    plan: Plan | None  # every phase under it (None: nothing fits)
+    why: str = ""  # what did not fit, when nothing does
+
+
+def _with(cfg, **sections):
+    """``cfg`` with some fields of some sections replaced: ``_with(cfg, model={"remat": "full"})``."""
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+
+
+def fit(cfg, accel: str, devices=None, log: Callable[[str], None] = print) -> Fit:
+    from echorl_jax import sharding
+
+    memory = ACCELERATORS[accel][1]
+    usable = USABLE * memory
+
+    learned: dict[tuple[str, int], object] = {}  # (remat, rows) -> LearnerMemory
+
+    def learner(remat: str, rows: int):
+        if (remat, rows) not in learned:
+            c = _with(base, model={"remat": remat}, rl={"pack_rows_per_micro_batch": rows})
+            lm = learned[remat, rows] = learner_memory(c, context(c, devices))
+            log(f"  learner, model.remat={remat}, {rows} packed row(s) per device per micro-batch: "
+                f"{max(p.peak for p in lm.phases) / GB:.1f} GB")  # fmt: skip
+        return learned[remat, rows]
+
+    def fits(remat: str, rows: int) -> bool:
+        return max(p.peak for p in learner(remat, rows).phases) <= usable
+
+    # Learner: the least remat that fits one packed row per device (memory falls along REMAT_ORDER, so a
+    # bisection), then the largest micro-batch.
+    ctx = context(cfg, devices)
+    per_device = cfg.rl.prompts_per_step * cfg.rl.group_size // cfg.rl.minibatches // sharding.batch_divisor(ctx.mesh)
+    base = _with(cfg, rl={"pack_rows_per_micro_batch": 1, "micro_batches": 1})
+    if not fits(REMAT_ORDER[-1], 1):
+        return Fit(accel, {}, None, "the learner does not fit with full remat and one packed row per device per "
+                   "micro-batch: more devices, a smaller model.logits_chunk, or shorter responses")  # fmt: skip
+    lo, hi = 0, len(REMAT_ORDER) - 1  # REMAT_ORDER[hi] fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(REMAT_ORDER[mid], 1) else (mid + 1, hi)
+    remat = REMAT_ORDER[hi]
+    rows = 1
+    while rows * 2 <= per_device and fits(remat, rows * 2):
+        rows *= 2
+    learner_found = {"model.remat": remat, "rl.pack_rows_per_micro_batch": rows, "rl.micro_batches": 1}
+    chosen = _with(base, model={"remat": remat}, rl={"pack_rows_per_micro_batch": rows})
+    lm = learner(remat, rows)
+
+    # Sampler: measure everything but the KV cache at a probe budget; the cache gets the rest.
+    probe = _with(chosen, sampling={"kv_cache_memory": PROBE_BUDGET, "slots": 0})
+    sm, phases = sampler_phases(probe, context(probe, devices), memory)
+    other = max(p.peak for p in phases) - sm.kv_cache
+    log(f"  sampler at a {PROBE_BUDGET:.0%} KV budget: {other / GB:.1f} GB besides the KV cache "
+        f"(decode copy tensor-parallel over {sm.tensor_parallel})")  # fmt: skip
+    frac = int((usable - other) / memory * 100) / 100
+    rollouts = cfg.rl.prompts_per_step * (cfg.rl.group_size - cfg.objective.expert_per_group)
+    every_row = sm.kv_cache / sm.rows * rollouts  # the cache of one row per rollout: no budget needs more
+    frac = min(frac, max(0.01, math.ceil(every_row / memory * 100) / 100))
+    for _ in range(4):
+        if frac <= 0:
+            return Fit(accel, learner_found, None, f"the sampler's weights and resident state leave no room for a KV cache "
+                       f"({other / GB:.1f} GB of {usable / GB:.1f} GB usable): more devices or tensor parallelism "
+                       "(sampling.decode_tensor_parallel)")  # fmt: skip
+        found = {**learner_found, "sampling.kv_cache_memory": frac, "sampling.slots": 0}
+        final = _with(chosen, sampling={"kv_cache_memory": frac, "slots": 0})
+        pl = plan(final, devices, memory, learner=lm)
+        log(f"  every phase, sampling.kv_cache_memory={frac}: peak {pl.peak / GB:.1f} GB")
+        if pl.fits(accel):
+            return Fit(accel, found, pl)
+        frac = round(frac - 0.02, 2)
+    return Fit(accel, learner_found, None, "the sampler's budget search did not converge")
+
+
+def override_args(overrides: dict) -> str:
+    return " ".join(f"--config.{k}={v}" for k, v in overrides.items())

@@ -1,0 +1,426 @@
+"""Per-device bytes of every phase of a run, compiled ahead of time without building the model.
+
+A run holds memory in phases that never overlap: the **train step** (one optimizer step over a
+mini-batch, micro-batch by micro-batch), the learner's passes over the **whole rollout batch** (old /
+reference log-probs and the mismatch metrics; the echo term's gradient norm), the **sampler** (its
+decode copy of the weights and the KV cache of the decode rows, LUFFY's G - k rollouts per prompt) and
+the **held-out sampler**. Each phase is the trainer's own jitted program (``train.jit_train_step``,
+``train.make_batch_passes``, ``sampling.make_sampler`` as the trainer runs it), lowered for the
+configured mesh on abstract parameters (``nnx.eval_shape`` + shardings; a ``model.path`` run reads
+only its config.json) and measured by XLA's ``memory_analysis``: the program's arguments,
+temporaries and outputs, plus what stays resident beside it (optimizer state, the KL reference, the
+fp32 masters while the sampler reads its copy).
+
+LoRA (``model.lora.rank > 0``, docs/lora.md): the trained parameters are the adapters, the frozen base
+is an argument of every learner pass, the optimizer state is the adapters' only, there is no reference
+copy (the base is the KL reference), and the sampler's decode copy is the adapters' plus, when the base
+is not already in the decode dtype and layout, the base's.
+
+Compiled on CPU, a flash-style attention backend (``auto``, ``cudnn``, ``splash``) is planned with
+``xla_chunked``, its stand-in here (chunked queries, online softmax: no ``[rows, heads, S, S]``
+scores), and the plan says so; XLA:CPU also upcasts bf16 operands of its dots to f32, which a GPU/TPU
+does not, so CPU plans of bf16 runs are upper bounds. Run the planner on the accelerator host for
+its exact numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+GB = 1e9
+# Memory per chip as sold (decimal GB). A run needs headroom beyond the compiled program (runtime,
+# fragmentation, XLA's own reserve): a phase "fits" within USABLE of it.
+ACCELERATORS = {
+    "h100": ("NVIDIA H100 80GB", 80 * GB),
+    "a100": ("NVIDIA A100 80GB", 80 * GB),
+    "h200": ("NVIDIA H200 141GB", 141 * GB),
+    "v5e": ("TPU v5e 16GB", 16 * GB),
+    "v5p": ("TPU v5p 95GB", 95 * GB),
+    "v6e": ("TPU v6e 32GB", 32 * GB),
+}
+USABLE = 0.9
+FLASH_STAND_IN = "xla_chunked"  # what a flash-style backend compiles as on CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase's bytes on device 0: its compiled program and what stays resident beside it."""
+
+    name: str
+    program: int  # arguments + temporaries + outputs - aliased
+    resident: int  # arrays the program does not take but the run keeps (optimizer state, reference, masters)
+    what: str = ""
+
+    @property
+    def peak(self) -> int:
+        return self.program + self.resident
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Per-device bytes (device 0 of the mesh) of one configuration, phase by phase."""
+
+    mesh_shape: dict
+    rows_per_minibatch: int
+    micro_batches: int  # padded: rl.micro_batches; packed: the most packed micro-batches a step scans
+    params: int
+    optimizer: int
+    ref_params: int  # a frozen copy for the KL term (0 without KL, and with LoRA: the base is the reference)
+    train_temp: int  # the train step's temporaries: activations, gradients, logits chunks
+    phases: tuple[Phase, ...] = ()
+    kv_cache: int = 0
+    sample_temp: int = 0  # the sampler's temporaries, KV cache included
+    decode_rows: int = 0  # the sampler's decode batch: the chosen slots, or N·G without refill
+    kv_per_row: int = 0  # KV-cache bytes of one decode row over P + T' (whole, not per device)
+    decode_copy: int = 0  # the sampler's copy of the parameters (0: it decodes from them directly)
+    decode_tp: int = 1  # its tensor-parallel group size
+    copy_temp: int = 0  # the copy program's temporaries (before sampling: no KV cache yet)
+    cpu_bf16: bool = False  # compiled by XLA:CPU with bf16 compute (its f32 upcasts inflate the temporaries)
+    refill: bool = False  # decode rows are refilled slots
+    packed: bool = False  # micro-batches of packed rows (rl.pack_rows_per_micro_batch): at most micro_batches run
+    remat: str = "none"
+    attention: str = ""  # the backend compiled
+    stand_in_for: str = ""  # the run's own backend where ``attention`` stands in for it (CPU), else ""
+    adapters: int = 0  # LoRA: the trained adapters' bytes (part of ``params``; the optimizer state is theirs)
+    base_copy: int = 0  # LoRA: the frozen base's part of the decode copy (0: decodes from the base itself)
+
+    def phase(self, name: str) -> Phase | None:
+        return next((p for p in self.phases if p.name == name), None)
+
+    @property
+    def train_peak(self) -> int:
+        return self.phase("train step").peak
+
+    @property
+    def sample_peak(self) -> int:
+        ph = self.phase("sampler")
+        return ph.peak if ph else 0
+
+    @property
+    def peak(self) -> int:
+        return max(p.peak for p in self.phases)
+
+    def fits(self, accel: str) -> bool:
+        return self.peak <= USABLE * ACCELERATORS[accel][1]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def model_config(cfg, planning: bool = False):
+    """The run's ModelConfig; for ``model.path`` from its config.json only (no weights are read).
+    ``planning``: on CPU a flash-style attention backend becomes its stand-in (module docstring)."""
+    import jax
+
+    from echorl_jax import config as config_lib
+    from echorl_jax.models.config import load_hf_config, numerics
+    from echorl_jax.models.hub import resolve_config_dir
+    from echorl_jax.trainer import setup
+
+    if not cfg.model.path:
+        mcfg = setup.model_config(cfg)
+    else:
+        mcfg = load_hf_config(resolve_config_dir(cfg.model.path), **numerics(cfg.model),
+                              **config_lib.context_overrides(cfg.model))  # fmt: skip
+    if planning and jax.default_backend() == "cpu" and mcfg.attention in ("auto", "cudnn", "splash"):
+        mcfg = dataclasses.replace(mcfg, attention=FLASH_STAND_IN)
+    return mcfg
+
+
+def abstract_params(mcfg, mesh):
+    """``(graphdef, state)`` whose leaves are ``ShapeDtypeStruct``s carrying their mesh shardings."""
+    import jax
+    from flax import nnx
+
+    from echorl_jax import sharding
+    from echorl_jax.models.transformer import Transformer
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+    shapes = nnx.to_pure_dict(state)
+    shards = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
+    sds = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards)
+    nnx.replace_by_pure_dict(state, sds)
+    return graphdef, state
+
+
+def abstract_lora_params(mcfg, mesh, lora):
+    """LoRA (``lora``: a LoraConfig with rank > 0): ``(graphdef, adapters, frozen)`` as trainer/adapters.py splits
+    the adapted model, abstract and placed like ``abstract_params``."""
+    import jax
+    from flax import nnx
+
+    from echorl_jax import sharding
+    from echorl_jax.models import lora as lora_lib
+    from echorl_jax.models.transformer import Transformer
+
+    model = nnx.eval_shape(lambda: lora_lib.add_adapters(Transformer(mcfg, rngs=nnx.Rngs(0)), lora))
+    graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    for state in (adapters, frozen):
+        shards = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
+        sds = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(state), shards)
+        nnx.replace_by_pure_dict(state, sds)
+    return graphdef, adapters, frozen
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ``ShapeDtypeStruct``s / arrays (the largest shard)."""
+    import jax
+    import numpy as np
+
+    def one(x):
+        shape = x.sharding.shard_shape(x.shape)
+        return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+    return sum(one(x) for x in jax.tree.leaves(tree))
+
+
+def abstract_opt_state(optimizer, params, mesh):
+    """The optimizer state as the trainer places it (update.init_opt_state), abstract."""
+    import jax
+
+    from echorl_jax.rl import update
+
+    shardings = update.opt_state_shardings(optimizer, params, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        jax.eval_shape(optimizer.init, params), shardings)  # fmt: skip
+
+
+def program_bytes(memory) -> int:
+    """A compiled program's own peak: arguments + temporaries + non-aliased outputs."""
+    return memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+
+
+class Context(NamedTuple):
+    """What every phase of one configuration shares: the mesh and the abstract training state."""
+
+    mesh: Any
+    mcfg: Any
+    graphdef: Any
+    state: Any  # update.TrainState of ShapeDtypeStructs
+    optimizer: Any
+    params: int  # bytes per device (LoRA: the frozen base and the adapters)
+    opt: int
+    ref: int  # the KL reference copy (0 without KL, and with LoRA)
+    frozen: Any = None  # LoRA: the frozen base (abstract; ``state.params`` holds the adapters)
+    adapters: int = 0  # LoRA: the adapters' bytes per device
+
+    @property
+    def policy(self):
+        """The whole policy's abstract State (LoRA: adapters + base), what samplers and log-prob passes read."""
+        from echorl_jax.rl import update
+
+        return update.policy_params(self.state.params, self.frozen)
+
+
+def context(cfg, devices=None) -> Context:
+    import jax
+    import jax.numpy as jnp
+
+    from echorl_jax import sharding
+    from echorl_jax.rl import update
+
+    devices = list(devices if devices is not None else jax.devices())
+    if cfg.mesh.num_devices:
+        devices = devices[: cfg.mesh.num_devices]
+    mesh = sharding.make_mesh(cfg.mesh.shape, devices)
+    mcfg = model_config(cfg, planning=True)
+    rl = cfg.rl
+    frozen = None
+    if cfg.model.lora.enabled:  # params: the adapters; frozen: the base weights
+        graphdef, params, frozen = abstract_lora_params(mcfg, mesh, cfg.model.lora)
+    else:
+        graphdef, params = abstract_params(mcfg, mesh)
+    optimizer = update.make_optimizer(cfg.optim, max(cfg.train.steps * rl.epochs * rl.minibatches, 1))
+    opt_state = abstract_opt_state(optimizer, params, mesh)
+    step0 = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+    state = update.TrainState(step0, params, opt_state)
+    param_bytes = device_bytes(params)
+    if frozen is not None:  # LoRA: no reference copy, the base is the reference
+        return Context(mesh, mcfg, graphdef, state, optimizer, param_bytes + device_bytes(frozen),
+                       device_bytes(opt_state), 0, frozen, param_bytes)  # fmt: skip
+    return Context(mesh, mcfg, graphdef, state, optimizer, param_bytes, device_bytes(opt_state),
+                   param_bytes if cfg.objective.kl_coef > 0 else 0)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the learner's phases
+
+
+class LearnerMemory(NamedTuple):
+    phases: tuple[Phase, ...]
+    train_temp: int
+    micro_batches: int
+    packed: bool
+
+
+def learner_memory(cfg, ctx: Context) -> LearnerMemory:
+    """The train step and the passes over the whole rollout batch, compiled as the trainer builds them."""
+    import jax
+
+    from echorl_jax.trainer import train
+
+    temperature = 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
+    rl = cfg.rl
+    state_sh = jax.tree.map(lambda x: x.sharding, ctx.state)
+    frozen_sh = None if ctx.frozen is None else jax.tree.map(lambda x: x.sharding, ctx.frozen)
+    step = train.jit_train_step(cfg, ctx.graphdef, ctx.optimizer, temperature, state_sh, ctx.mesh, frozen_sh)
+    # The mini-batch (and with packing its plan; with LoRA the frozen base): one program whatever the lengths.
+    inputs = train.abstract_step_inputs(cfg, ctx.mesh, frozen=ctx.frozen)
+    train_mem = step.lower(ctx.state, *inputs).compile().memory_analysis()
+    rows_mb = train.minibatch_rows(cfg)
+    pack = train.pack_spec(cfg, rows_mb, ctx.mesh)
+    how = f"{pack.num_micro_batches} packed micro-batches at most" if pack else f"{rl.micro_batches} micro-batches"
+    phases = [Phase("train step", program_bytes(train_mem), ctx.ref, f"{rows_mb} rows in {how}")]
+
+    forward_logp, echo_norm = train.make_batch_passes(cfg, ctx.graphdef, temperature, ctx.mesh, state_sh.params)
+    rows_all = rl.prompts_per_step * rl.group_size
+    batch_all = train.abstract_step_inputs(cfg, ctx.mesh, rows_all, frozen=ctx.frozen)  # LoRA: (batch, plan, base)
+    resident = ctx.opt + ctx.ref  # the policy's parameters are an argument of both passes
+    if forward_logp is not None:
+        why = [w for w, on in (("old log-probs", rl.recompute_logp), ("reference log-probs", cfg.objective.kl_coef > 0),
+                               ("mismatch metrics", cfg.train.mismatch_every > 0)) if on]  # fmt: skip
+        b = batch_all[0]
+        plan = () if len(batch_all) == 1 or batch_all[1] is None else (batch_all[1],)
+        mem = forward_logp.lower(ctx.policy, b.tokens_bs, b.valid_bs, *plan).compile().memory_analysis()
+        phases.append(Phase("log-prob pass", program_bytes(mem), resident, f"{rows_all} rows: {', '.join(why)}"))
+    if echo_norm is not None:
+        mem = echo_norm.lower(ctx.state.params, *batch_all).compile().memory_analysis()
+        phases.append(Phase("echo diagnostic", program_bytes(mem), resident,
+                            f"{rows_all} rows, every {cfg.train.echo_grad_norm_every} steps"))  # fmt: skip
+    return LearnerMemory(tuple(phases), train_mem.temp_size_in_bytes,
+                         rl.micro_batches if pack is None else pack.num_micro_batches, pack is not None)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the samplers
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerMemory:
+    """Per-device bytes of the sampler as the trainer runs it (``sampler_memory``)."""
+
+    kv_cache: int  # the KV cache of the chosen decode rows
+    decode_copy: int  # the decode copy of the parameters (0: the sampler reads the parameters themselves)
+    temp: int  # the compiled sampler's temporaries (KV cache included)
+    peak: int  # its arguments (decode copy, prompts) + temporaries + outputs
+    copy_temp: int  # the copy program's temporaries (one layer's gather at most)
+    rows: int
+    refill: bool
+    tensor_parallel: int
+    kv_per_row: int  # one decode row over P + T' (whole, not per device)
+    base_copy: int = 0  # LoRA: the frozen base's part of ``decode_copy`` (``lora_copies``)
+
+
+def sampler_memory(cfg, mesh, mcfg, graphdef, params, *, memory: int | None = None, sampling=None,
+                   prompts: int | None = None, group: int | None = None) -> SamplerMemory:  # fmt: skip
+    """Compiles a sampler of ``cfg`` on ``mesh`` for abstract ``params`` (training layout) as the trainer
+    runs it: its memory plan (decode layout, rows from ``sampling.slots`` / ``sampling.kv_cache_memory``;
+    ``memory`` = bytes per device for fractions and auto tensor parallelism), then the decode copy's
+    abstract form lowered with full-width prompts. Default: the training sampler (``prompts_per_step``
+    prompts x G - k rollouts); ``sampling`` / ``prompts`` / ``group`` give the held-out one."""
+    import jax
+    import jax.numpy as jnp
+
+    from echorl_jax import config as config_lib, sharding
+    from echorl_jax.sampling.sampler import kv_bytes_per_slot, make_sampler
+
+    sampling = sampling or cfg.sampling
+    group = group or cfg.rl.group_size - cfg.objective.expert_per_group
+    n, p = prompts or cfg.rl.prompts_per_step, cfg.data.max_prompt_len
+    sampler = make_sampler(graphdef, sampling, group_size=group, stop_ids=(0,), pad_id=0, mesh=mesh,
+                           device_memory=memory)  # fmt: skip
+    try:
+        sp = sampler.prepare(params, p)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    rep = sharding.replicated(sp.layout.mesh or mesh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    mem = sampler.lower(
+        sp.layout.abstract(params), jax.ShapeDtypeStruct((n, p), jnp.int32, sharding=rep),
+        jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep), jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
+    ).compile().memory_analysis()  # fmt: skip
+    copy_temp = sp.layout.lower(params).compile().memory_analysis().temp_size_in_bytes if sp.copy_bytes else 0
+    rows, refill = sp.rows(n * group)
+    return SamplerMemory(kv_cache=sp.kv_bytes(n * group), decode_copy=sp.copy_bytes, temp=mem.temp_size_in_bytes,
+                         peak=program_bytes(mem), copy_temp=copy_temp, rows=rows, refill=refill,
+                         tensor_parallel=sp.layout.tensor_parallel,
+                         kv_per_row=kv_bytes_per_slot(mcfg, p, sampling.max_new_tokens))  # fmt: skip
+
+
+def sampler_phase(name: str, sm: SamplerMemory, ctx: Context, what: str) -> Phase:
+    """While sampling, the optimizer state and the reference stay resident, and the fp32 masters too when
+    the sampler reads a decode copy; the copy is made before the KV cache exists (its own temporaries).
+    LoRA: ``sm`` from ``lora_copies``; the originals of what was copied stay resident."""
+    resident = ctx.opt + ctx.ref + (ctx.params if sm.decode_copy else 0)
+    if ctx.frozen is not None:
+        resident = ctx.opt + (ctx.adapters if sm.decode_copy > sm.base_copy else 0) + \
+            (ctx.params - ctx.adapters if sm.base_copy else 0)
+    return Phase(name, max(sm.peak, sm.decode_copy + sm.copy_temp), resident, what)
+
+
+def lora_copies(sm: SamplerMemory, ctx: Context) -> SamplerMemory:
+    """LoRA (trainer/setup.py ``Setup.decode_weights``): the adapters and the frozen base are copied apart, each
+    only when its decode dtype or layout differs (a bf16 base with bf16 compute on one device is decoded
+    from as it is); ``sm`` computed for the whole policy as one tree is corrected to that."""
+    from echorl_jax.sampling.layout import DecodeLayout, copy_bytes_per_device
+
+    layout = DecodeLayout(ctx.mesh, sm.tensor_parallel, ctx.mcfg.compute_dtype)
+
+    def copy(state):  # (bytes per device, the copy program's temporaries)
+        if not layout.needs_copy(state):
+            return 0, 0
+        return (copy_bytes_per_device(state, layout.mesh, layout.dtype),
+                layout.lower(state).compile().memory_analysis().temp_size_in_bytes)
+
+    (base, base_temp), (adapters, adapter_temp) = copy(ctx.frozen), copy(ctx.state.params)
+    return dataclasses.replace(sm, decode_copy=base + adapters, base_copy=base, copy_temp=max(base_temp, adapter_temp))
+
+
+def eval_sampling(cfg):
+    """The held-out sampler's settings (trainer/setup.py): the evaluation temperature, greedy at 0."""
+    t = cfg.train.eval_temperature
+    return dataclasses.replace(cfg.sampling, temperature=t if t > 0 else 1.0, greedy=t <= 0)
+
+
+def sampler_phases(cfg, ctx: Context, memory: int | None = None) -> tuple[SamplerMemory, tuple[Phase, ...]]:
+    """The training sampler and, with ``data.eval``, the held-out sampler (at most ``prompts_per_step``
+    prompts per round, as trainer/setup.py sizes it, x ``train.eval_samples``)."""
+    rl, k = cfg.rl, cfg.objective.expert_per_group
+    fix = (lambda m: m) if ctx.frozen is None else (lambda m: lora_copies(m, ctx))  # noqa: E731
+    sm = fix(sampler_memory(cfg, ctx.mesh, ctx.mcfg, ctx.graphdef, ctx.policy, memory=memory))
+    how = f"{sm.rows} decode rows" + (" refilled" if sm.refill else "")
+    phases = [sampler_phase("sampler", sm, ctx, f"{rl.prompts_per_step} x {rl.group_size - k} rollouts, {how}")]
+    from echorl_jax.trainer.setup import eval_source
+
+    if eval_source(cfg):
+        em = fix(sampler_memory(cfg, ctx.mesh, ctx.mcfg, ctx.graphdef, ctx.policy, memory=memory,
+                                sampling=eval_sampling(cfg), group=cfg.train.eval_samples))  # fmt: skip
+        phases.append(sampler_phase("held-out sampler", em, ctx,
+                                    f"{rl.prompts_per_step} x {cfg.train.eval_samples} rollouts, {em.rows} decode rows"))
+    return sm, tuple(phases)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def plan(cfg, devices=None, memory: int | None = None, learner: LearnerMemory | None = None) -> Plan:
+    """Compiles every phase of ``cfg`` on ``devices`` (default: every visible one); ``memory``: bytes per
+    device of the accelerator planned for (default: what the device reports); ``learner``: the learner's
+    phases already compiled for this same configuration (planner/fit.py)."""
+    import jax
+    import jax.numpy as jnp
+
+    ctx = context(cfg, devices)
+    lm = learner or learner_memory(cfg, ctx)
+    sm, sphases = sampler_phases(cfg, ctx, memory)
+    run_attention = cfg.model.attention
+    return Plan(
+        mesh_shape=dict(ctx.mesh.shape), rows_per_minibatch=cfg.rl.prompts_per_step * cfg.rl.group_size // cfg.rl.minibatches,
+        micro_batches=lm.micro_batches, packed=lm.packed, params=ctx.params, optimizer=ctx.opt, ref_params=ctx.ref,
+        train_temp=lm.train_temp, phases=lm.phases + sphases,
+        kv_cache=sm.kv_cache, decode_rows=sm.rows, kv_per_row=sm.kv_per_row, refill=sm.refill,
+        decode_copy=sm.decode_copy, decode_tp=sm.tensor_parallel, copy_temp=sm.copy_temp, sample_temp=sm.temp,
+        cpu_bf16=jax.default_backend() == "cpu" and jnp.dtype(ctx.mcfg.compute_dtype) == jnp.bfloat16,
+        remat=cfg.model.remat, attention=ctx.mcfg.attention, adapters=ctx.adapters, base_copy=sm.base_copy,
+        stand_in_for=run_attention if ctx.mcfg.attention != run_attention and run_attention != "xla_chunked" else "",
+    )  # fmt: skip
