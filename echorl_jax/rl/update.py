@@ -218,7 +218,7 @@ def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: fl
     """``(params, batch) -> ||grad(coef * L_echo)||``: the echo term's share of the update (a diagnostic;
     it costs one extra forward + backward, so the trainer runs it only every few steps). Gradients are
     accumulated over ``num_chunks`` row-chunks, as in the train step; with ``pack`` over packed
-    micro-batches, ``(params, batch, dest_b)``. ``param_sh``: the parameters' shardings, which the
+    micro-batches, ``(params, batch, dest_b)``; LoRA: ``(params, batch, dest_b or None, frozen)``. ``param_sh``: the parameters' shardings, which the
     accumulated gradients keep (left to itself XLA may all-reduce them whole onto every device)."""
 
     def echo_term(params, mb: UpdateBatch, num_clips, index, frozen):
