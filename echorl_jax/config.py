@@ -18,6 +18,7 @@ import typing
 from typing import Any, Mapping
 
 from echorl_jax.models.config import NUMERICS, ModelConfig
+from echorl_jax.models.lora import LoraConfig
 from echorl_jax.rewards.router import RewardConfig
 from echorl_jax.rl.echo import EchoConfig
 from echorl_jax.rl.objectives import ObjectiveConfig
@@ -34,10 +35,11 @@ class ModelSection(ModelConfig):
     """Architecture fields (ModelConfig) plus where the weights come from."""
 
     path: str = ""  # local Hugging Face directory; "" = random init from the fields here
-    seed: int = 0  # init seed when path == ""
+    seed: int = 0  # init seed when path == "", and of the LoRA A matrices
     # Context extension (LUFFY's Qwen2.5-Math: rope_theta 40000, 16k positions); 0 = keep config.json's / the fields'.
     rope_theta_override: float = 0.0
     max_position_override: int = 0
+    lora: LoraConfig = LoraConfig()  # rank > 0: frozen base, trained low-rank adapters (models/lora.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +415,10 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
                 section.validate()
             except ValueError as e:
                 raise ConfigError(f"config section {name!r}: {e}") from None
+    try:
+        cfg.model.lora.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         cfg.model.validate(prefix="model")
     except ValueError as e:

@@ -128,6 +128,11 @@ def eval_config(args, overrides: dict, host_config: dict | None):
         "sampling": sampling,
         "train": {"eval_samples": args.k, "eval_temperature": args.temperature, "progress": False},
     }
+    if args.checkpoint and not args.model and cfg.model.lora.enabled and cfg.sft.steps > 0:
+        # The adapters were trained on the warm-started base: rebuild it as the run did (its training data and
+        # SFT settings; the run's cache, workdir/warmstart, makes that a load). The base check then applies.
+        evaluation["data"].pop("train")
+        evaluation.pop("sft")
     return config_lib.build_config(config_lib.merge_given(values, evaluation))
 
 
@@ -136,7 +141,7 @@ def run(args, overrides: dict) -> dict:
     import numpy as np
 
     from echorl_jax.evaluation import paper_table
-    from echorl_jax.trainer import grading, storage
+    from echorl_jax.trainer import adapters, grading, storage
     from echorl_jax.trainer.checkpoint import Checkpointer, CheckpointError, skipped
     from echorl_jax.trainer.setup import build_setup
 
@@ -151,6 +156,9 @@ def run(args, overrides: dict) -> dict:
     s = build_setup(cfg, training=False)
     params = s.state.params
     if ckpt_dir is not None:  # the saved optimizer state is skipped, not read
+        if s.base_identity is not None:  # LoRA: the adapters fit only the base they were trained on
+            adapters.check_base(ckpt.read_host(step).get("lora_base"), s.base_identity, ckpt_dir,
+                                step if step is not None else ckpt.latest_step(), resume=False)
         skip = skipped(jax.eval_shape(s.optimizer.init, params))
         step, state, _ = ckpt.restore(s.state._replace(opt_state=skip), step)
         ckpt.close()
@@ -160,7 +168,7 @@ def run(args, overrides: dict) -> dict:
     t0 = time.perf_counter()
     s.eval_pipeline.set_state(s.eval_initial_state)
     texts: dict[int, list[str]] | None = {} if args.responses else None
-    verdicts = grading.grade(s.eval_sample, s.eval_sample.decode_weights(params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
+    verdicts = grading.grade(s.eval_sample, s.decode_weights(s.eval_sample, params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
                                 k=args.k, rng=jax.random.key(args.seed), responses=texts)  # fmt: skip
     metrics = grading.summarize(verdicts, s.eval_records, args.k)
     scores = paper_table.benchmark_scores(metrics, args.k)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from echorl_jax.models import attention as attn_lib
+from echorl_jax.models import attention as attn_lib, lora as lora_lib
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.decode_attention import LiveKeys, decode_attention
 from echorl_jax.sharding import constrain_rows
@@ -147,7 +147,8 @@ class Transformer(nnx.Module):
 
     def _layer_params(self) -> dict[str, jax.Array]:
         cdt = jnp.dtype(self.cfg.compute_dtype)
-        return {k: getattr(self, k)[...].astype(cdt) for k in self.LAYER_PARAMS if hasattr(self, k)}
+        params = {k: getattr(self, k)[...].astype(cdt) for k in self.LAYER_PARAMS if hasattr(self, k)}
+        return params | lora_lib.layer_adapters(self, cdt)  # LoRA A/B, stacked like their weights (models/lora.py)
 
     def __call__(self, tokens_bs, positions_bs, valid_bs, cache: KVCache | None = None,
                  logits_slice: tuple[int, int] | None = None, return_hidden: bool = False,
@@ -180,14 +181,16 @@ class Transformer(nnx.Module):
             pos = start = cache.pos
             valid_bk = jax.lax.dynamic_update_slice(cache.valid_bk, valid_bs, (0, pos))
         x = constrain_rows(self.embed[...].astype(cdt)[tokens_bs])
+        lora_scale = getattr(self, "lora_scale", None)
 
         def block(carry, p):
             x, kc, vc, layer = carry
             x = constrain_rows(x)  # rows over the batch axes (sharding.constrain_rows)
+            lora = lambda out, x_in, w: lora_lib.add_delta(out, x_in, p, w, lora_scale)  # noqa: E731  out + s·(x·A)·B
             y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-            q = checkpoint_name(jnp.einsum("bsh,hnd->bsnd", y, p["wq"]), "qkv_proj")
-            k = checkpoint_name(jnp.einsum("bsh,hgd->bsgd", y, p["wk"]), "qkv_proj")
-            v = checkpoint_name(jnp.einsum("bsh,hgd->bsgd", y, p["wv"]), "qkv_proj")
+            q = checkpoint_name(lora(jnp.einsum("bsh,hnd->bsnd", y, p["wq"]), y, "wq"), "qkv_proj")
+            k = checkpoint_name(lora(jnp.einsum("bsh,hgd->bsgd", y, p["wk"]), y, "wk"), "qkv_proj")
+            v = checkpoint_name(lora(jnp.einsum("bsh,hgd->bsgd", y, p["wv"]), y, "wv"), "qkv_proj")
             if cfg.attention_bias:
                 q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
             if cfg.qk_norm:
@@ -209,11 +212,12 @@ class Transformer(nnx.Module):
             else:
                 attn = attn_lib.attention(q, k_all, v_all, valid_bk, q_start=start, impl=impl,
                                           segment_ids=segment_ids)
-            out = jnp.einsum("bsnd,ndh->bsh", checkpoint_name(attn, "attn_out"), p["wo"])
+            attn = checkpoint_name(attn, "attn_out")
+            out = lora(jnp.einsum("bsnd,ndh->bsh", attn, p["wo"]), attn, "wo")
             x = constrain_rows(x + (out + p["bo"] if cfg.o_bias else out))
             y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-            mlp = constrain_rows(jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"]))
-            x = constrain_rows(x + mlp @ p["w_down"])
+            mlp = constrain_rows(jax.nn.silu(lora(y @ p["w_gate"], y, "w_gate")) * lora(y @ p["w_up"], y, "w_up"))
+            x = constrain_rows(x + lora(mlp @ p["w_down"], mlp, "w_down"))
             return (x, kc, vc, layer + 1), None
 
         if cfg.remat != "none":

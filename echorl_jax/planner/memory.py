@@ -11,6 +11,11 @@ only its config.json) and measured by XLA's ``memory_analysis``: the program's a
 temporaries and outputs, plus what stays resident beside it (optimizer state, the KL reference, the
 fp32 masters while the sampler reads its copy).
 
+LoRA (``model.lora.rank > 0``, docs/lora.md): the trained parameters are the adapters, the frozen base
+is an argument of every learner pass, the optimizer state is the adapters' only, there is no reference
+copy (the base is the KL reference), and the sampler's decode copy is the adapters' plus, when the base
+is not already in the decode dtype and layout, the base's.
+
 Compiled on CPU, a flash-style attention backend (``auto``, ``cudnn``, ``splash``) is planned with
 ``xla_chunked``, its stand-in here (chunked queries, online softmax: no ``[rows, heads, S, S]``
 scores), and the plan says so; XLA:CPU also upcasts bf16 operands of its dots to f32, which a GPU/TPU
@@ -62,7 +67,7 @@ class Plan:
     micro_batches: int  # padded: rl.micro_batches; packed: the most packed micro-batches a step scans
     params: int
     optimizer: int
-    ref_params: int  # a frozen copy for the KL term (0 without KL)
+    ref_params: int  # a frozen copy for the KL term (0 without KL, and with LoRA: the base is the reference)
     train_temp: int  # the train step's temporaries: activations, gradients, logits chunks
     phases: tuple[Phase, ...] = ()
     kv_cache: int = 0
@@ -78,6 +83,8 @@ class Plan:
     remat: str = "none"
     attention: str = ""  # the backend compiled
     stand_in_for: str = ""  # the run's own backend where ``attention`` stands in for it (CPU), else ""
+    adapters: int = 0  # LoRA: the trained adapters' bytes (part of ``params``; the optimizer state is theirs)
+    base_copy: int = 0  # LoRA: the frozen base's part of the decode copy (0: decodes from the base itself)
 
     def phase(self, name: str) -> Phase | None:
         return next((p for p in self.phases if p.name == name), None)
@@ -138,6 +145,25 @@ def abstract_params(mcfg, mesh):
     return graphdef, state
 
 
+def abstract_lora_params(mcfg, mesh, lora):
+    """LoRA (``lora``: a LoraConfig with rank > 0): ``(graphdef, adapters, frozen)`` as trainer/adapters.py splits
+    the adapted model, abstract and placed like ``abstract_params``."""
+    import jax
+    from flax import nnx
+
+    from echorl_jax import sharding
+    from echorl_jax.models import lora as lora_lib
+    from echorl_jax.models.transformer import Transformer
+
+    model = nnx.eval_shape(lambda: lora_lib.add_adapters(Transformer(mcfg, rngs=nnx.Rngs(0)), lora))
+    graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    for state in (adapters, frozen):
+        shards = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
+        sds = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(state), shards)
+        nnx.replace_by_pure_dict(state, sds)
+    return graphdef, adapters, frozen
+
+
 def device_bytes(tree) -> int:
     """Bytes one device holds of a tree of sharded ``ShapeDtypeStruct``s / arrays (the largest shard)."""
     import jax
@@ -174,9 +200,18 @@ class Context(NamedTuple):
     graphdef: Any
     state: Any  # update.TrainState of ShapeDtypeStructs
     optimizer: Any
-    params: int  # bytes per device
+    params: int  # bytes per device (LoRA: the frozen base and the adapters)
     opt: int
-    ref: int  # the KL reference copy (0 without KL)
+    ref: int  # the KL reference copy (0 without KL, and with LoRA)
+    frozen: Any = None  # LoRA: the frozen base (abstract; ``state.params`` holds the adapters)
+    adapters: int = 0  # LoRA: the adapters' bytes per device
+
+    @property
+    def policy(self):
+        """The whole policy's abstract State (LoRA: adapters + base), what samplers and log-prob passes read."""
+        from echorl_jax.rl import update
+
+        return update.policy_params(self.state.params, self.frozen)
 
 
 def context(cfg, devices=None) -> Context:
@@ -192,12 +227,19 @@ def context(cfg, devices=None) -> Context:
     mesh = sharding.make_mesh(cfg.mesh.shape, devices)
     mcfg = model_config(cfg, planning=True)
     rl = cfg.rl
-    graphdef, params = abstract_params(mcfg, mesh)
+    frozen = None
+    if cfg.model.lora.enabled:  # params: the adapters; frozen: the base weights
+        graphdef, params, frozen = abstract_lora_params(mcfg, mesh, cfg.model.lora)
+    else:
+        graphdef, params = abstract_params(mcfg, mesh)
     optimizer = update.make_optimizer(cfg.optim, max(cfg.train.steps * rl.epochs * rl.minibatches, 1))
     opt_state = abstract_opt_state(optimizer, params, mesh)
     step0 = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
     state = update.TrainState(step0, params, opt_state)
     param_bytes = device_bytes(params)
+    if frozen is not None:  # LoRA: no reference copy, the base is the reference
+        return Context(mesh, mcfg, graphdef, state, optimizer, param_bytes + device_bytes(frozen),
+                       device_bytes(opt_state), 0, frozen, param_bytes)  # fmt: skip
     return Context(mesh, mcfg, graphdef, state, optimizer, param_bytes, device_bytes(opt_state),
                    param_bytes if cfg.objective.kl_coef > 0 else 0)  # fmt: skip
 
@@ -221,9 +263,11 @@ def learner_memory(cfg, ctx: Context) -> LearnerMemory:
     temperature = 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
     rl = cfg.rl
     state_sh = jax.tree.map(lambda x: x.sharding, ctx.state)
-    step = train.jit_train_step(cfg, ctx.graphdef, ctx.optimizer, temperature, state_sh, ctx.mesh)
-    # The mini-batch (and with packing its plan): one program whatever the lengths.
-    train_mem = step.lower(ctx.state, *train.abstract_step_inputs(cfg, ctx.mesh)).compile().memory_analysis()
+    frozen_sh = None if ctx.frozen is None else jax.tree.map(lambda x: x.sharding, ctx.frozen)
+    step = train.jit_train_step(cfg, ctx.graphdef, ctx.optimizer, temperature, state_sh, ctx.mesh, frozen_sh)
+    # The mini-batch (and with packing its plan; with LoRA the frozen base): one program whatever the lengths.
+    inputs = train.abstract_step_inputs(cfg, ctx.mesh, frozen=ctx.frozen)
+    train_mem = step.lower(ctx.state, *inputs).compile().memory_analysis()
     rows_mb = train.minibatch_rows(cfg)
     pack = train.pack_spec(cfg, rows_mb, ctx.mesh)
     how = f"{pack.num_micro_batches} packed micro-batches at most" if pack else f"{rl.micro_batches} micro-batches"
@@ -231,13 +275,14 @@ def learner_memory(cfg, ctx: Context) -> LearnerMemory:
 
     forward_logp, echo_norm = train.make_batch_passes(cfg, ctx.graphdef, temperature, ctx.mesh, state_sh.params)
     rows_all = rl.prompts_per_step * rl.group_size
-    batch_all = train.abstract_step_inputs(cfg, ctx.mesh, rows_all)
+    batch_all = train.abstract_step_inputs(cfg, ctx.mesh, rows_all, frozen=ctx.frozen)  # LoRA: (batch, plan, base)
     resident = ctx.opt + ctx.ref  # the policy's parameters are an argument of both passes
     if forward_logp is not None:
         why = [w for w, on in (("old log-probs", rl.recompute_logp), ("reference log-probs", cfg.objective.kl_coef > 0),
                                ("mismatch metrics", cfg.train.mismatch_every > 0)) if on]  # fmt: skip
         b = batch_all[0]
-        mem = forward_logp.lower(ctx.state.params, b.tokens_bs, b.valid_bs, *batch_all[1:]).compile().memory_analysis()
+        plan = () if len(batch_all) == 1 or batch_all[1] is None else (batch_all[1],)
+        mem = forward_logp.lower(ctx.policy, b.tokens_bs, b.valid_bs, *plan).compile().memory_analysis()
         phases.append(Phase("log-prob pass", program_bytes(mem), resident, f"{rows_all} rows: {', '.join(why)}"))
     if echo_norm is not None:
         mem = echo_norm.lower(ctx.state.params, *batch_all).compile().memory_analysis()
@@ -263,6 +308,7 @@ class SamplerMemory:
     refill: bool
     tensor_parallel: int
     kv_per_row: int  # one decode row over P + T' (whole, not per device)
+    base_copy: int = 0  # LoRA: the frozen base's part of ``decode_copy`` (``lora_copies``)
 
 
 def sampler_memory(cfg, mesh, mcfg, graphdef, params, *, memory: int | None = None, sampling=None,
@@ -303,9 +349,31 @@ def sampler_memory(cfg, mesh, mcfg, graphdef, params, *, memory: int | None = No
 
 def sampler_phase(name: str, sm: SamplerMemory, ctx: Context, what: str) -> Phase:
     """While sampling, the optimizer state and the reference stay resident, and the fp32 masters too when
-    the sampler reads a decode copy; the copy is made before the KV cache exists (its own temporaries)."""
+    the sampler reads a decode copy; the copy is made before the KV cache exists (its own temporaries).
+    LoRA: ``sm`` from ``lora_copies``; the originals of what was copied stay resident."""
     resident = ctx.opt + ctx.ref + (ctx.params if sm.decode_copy else 0)
+    if ctx.frozen is not None:
+        resident = ctx.opt + (ctx.adapters if sm.decode_copy > sm.base_copy else 0) + \
+            (ctx.params - ctx.adapters if sm.base_copy else 0)
     return Phase(name, max(sm.peak, sm.decode_copy + sm.copy_temp), resident, what)
+
+
+def lora_copies(sm: SamplerMemory, ctx: Context) -> SamplerMemory:
+    """LoRA (trainer/setup.py ``Setup.decode_weights``): the adapters and the frozen base are copied apart, each
+    only when its decode dtype or layout differs (a bf16 base with bf16 compute on one device is decoded
+    from as it is); ``sm`` computed for the whole policy as one tree is corrected to that."""
+    from echorl_jax.sampling.layout import DecodeLayout, copy_bytes_per_device
+
+    layout = DecodeLayout(ctx.mesh, sm.tensor_parallel, ctx.mcfg.compute_dtype)
+
+    def copy(state):  # (bytes per device, the copy program's temporaries)
+        if not layout.needs_copy(state):
+            return 0, 0
+        return (copy_bytes_per_device(state, layout.mesh, layout.dtype),
+                layout.lower(state).compile().memory_analysis().temp_size_in_bytes)
+
+    (base, base_temp), (adapters, adapter_temp) = copy(ctx.frozen), copy(ctx.state.params)
+    return dataclasses.replace(sm, decode_copy=base + adapters, base_copy=base, copy_temp=max(base_temp, adapter_temp))
 
 
 def eval_sampling(cfg):
@@ -318,14 +386,15 @@ def sampler_phases(cfg, ctx: Context, memory: int | None = None) -> tuple[Sample
     """The training sampler and, with ``data.eval``, the held-out sampler (at most ``prompts_per_step``
     prompts per round, as trainer/setup.py sizes it, x ``train.eval_samples``)."""
     rl, k = cfg.rl, cfg.objective.expert_per_group
-    sm = sampler_memory(cfg, ctx.mesh, ctx.mcfg, ctx.graphdef, ctx.state.params, memory=memory)
+    fix = (lambda m: m) if ctx.frozen is None else (lambda m: lora_copies(m, ctx))  # noqa: E731
+    sm = fix(sampler_memory(cfg, ctx.mesh, ctx.mcfg, ctx.graphdef, ctx.policy, memory=memory))
     how = f"{sm.rows} decode rows" + (" refilled" if sm.refill else "")
     phases = [sampler_phase("sampler", sm, ctx, f"{rl.prompts_per_step} x {rl.group_size - k} rollouts, {how}")]
     from echorl_jax.trainer.setup import eval_source
 
     if eval_source(cfg):
-        em = sampler_memory(cfg, ctx.mesh, ctx.mcfg, ctx.graphdef, ctx.state.params, memory=memory,
-                            sampling=eval_sampling(cfg), group=cfg.train.eval_samples)  # fmt: skip
+        em = fix(sampler_memory(cfg, ctx.mesh, ctx.mcfg, ctx.graphdef, ctx.policy, memory=memory,
+                                sampling=eval_sampling(cfg), group=cfg.train.eval_samples))  # fmt: skip
         phases.append(sampler_phase("held-out sampler", em, ctx,
                                     f"{rl.prompts_per_step} x {cfg.train.eval_samples} rollouts, {em.rows} decode rows"))
     return sm, tuple(phases)
@@ -352,6 +421,6 @@ def plan(cfg, devices=None, memory: int | None = None, learner: LearnerMemory | 
         kv_cache=sm.kv_cache, decode_rows=sm.rows, kv_per_row=sm.kv_per_row, refill=sm.refill,
         decode_copy=sm.decode_copy, decode_tp=sm.tensor_parallel, copy_temp=sm.copy_temp, sample_temp=sm.temp,
         cpu_bf16=jax.default_backend() == "cpu" and jnp.dtype(ctx.mcfg.compute_dtype) == jnp.bfloat16,
-        remat=cfg.model.remat, attention=ctx.mcfg.attention,
+        remat=cfg.model.remat, attention=ctx.mcfg.attention, adapters=ctx.adapters, base_copy=sm.base_copy,
         stand_in_for=run_attention if ctx.mcfg.attention != run_attention and run_attention != "xla_chunked" else "",
     )  # fmt: skip

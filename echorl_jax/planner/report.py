@@ -18,8 +18,10 @@ def format_plan(pl: Plan) -> str:
         + f"; model.remat={pl.remat}; attention compiled: {attn}",
         "per device:",
         f"  parameters            {gb(pl.params)}",
-        f"  optimizer state       {gb(pl.optimizer)}",
     ]
+    if pl.adapters:
+        lines.append(f"    of which LoRA adapters {gb(pl.adapters)}   (trained; the rest is the frozen base)")
+    lines.append(f"  optimizer state       {gb(pl.optimizer)}" + ("   (adapters only)" if pl.adapters else ""))
     if pl.ref_params:
         lines.append(f"  reference parameters  {gb(pl.ref_params)}")
     lines += [
@@ -30,6 +32,11 @@ def format_plan(pl: Plan) -> str:
         f"  decode copy           {gb(pl.decode_copy)}   (the sampler's parameters in the compute dtype, tensor-parallel "
         f"over {pl.decode_tp} device(s), made before sampling with {gb(pl.copy_temp).strip()} of temporaries; "
         "0: decodes from the parameters)",
+    ]
+    if pl.adapters:
+        lines.append(f"    of which the base's   {gb(pl.base_copy)}   (LoRA: 0 when the frozen base is already in the decode "
+                     "dtype and layout: it is decoded from as it is)")
+    lines += [
         f"  sampler temporaries   {gb(pl.sample_temp)}   (KV cache included)"
         + ("; XLA:CPU upcasts bf16 weights to f32 for its dots: up to 2x the decode copy here that a GPU/TPU "
            "does not hold" if pl.cpu_bf16 else ""),

@@ -30,8 +30,14 @@ from echorl_jax.rl.segments import ROWS
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 optimizer steps taken
-    params: Any  # nnx.State of the policy's Params
+    params: Any  # nnx.State of the trained Params: all of them, or only the LoRA adapters (models/lora.py)
     opt_state: Any
+
+
+def policy_params(params, frozen=None):
+    """The policy's whole nnx State: the trained ``params``, plus the ``frozen`` base weights when only
+    LoRA adapters train (a merge of two trees: no array is copied)."""
+    return params if frozen is None else nnx.merge_state(params, frozen)
 
 
 class UpdateBatch(NamedTuple):
@@ -212,25 +218,25 @@ def make_echo_grad_norm(graphdef, echo_cfg: echo_lib.EchoConfig, temperature: fl
     """``(params, batch) -> ||grad(coef * L_echo)||``: the echo term's share of the update (a diagnostic;
     it costs one extra forward + backward, so the trainer runs it only every few steps). Gradients are
     accumulated over ``num_chunks`` row-chunks, as in the train step; with ``pack`` over packed
-    micro-batches, ``(params, batch, dest_b)``. ``param_sh``: the parameters' shardings, which the
+    micro-batches, ``(params, batch, dest_b)``; LoRA: ``(params, batch, dest_b or None, frozen)``. ``param_sh``: the parameters' shardings, which the
     accumulated gradients keep (left to itself XLA may all-reduce them whole onto every device)."""
 
-    def echo_term(params, mb: UpdateBatch, num_clips, index=None):
-        logp, _, layout = micro_batch_logp(graphdef, params, mb, temperature, index, pack)
+    def echo_term(params, mb: UpdateBatch, num_clips, index, frozen):
+        logp, _, layout = micro_batch_logp(graphdef, policy_params(params, frozen), mb, temperature, index, pack)
         return echo_cfg.coef * echo_lib.echo_loss(logp, mb.echo_mask_bt, num_clips, layout)
 
-    def fn(params, batch: UpdateBatch, dest_b=None):
+    def fn(params, batch: UpdateBatch, dest_b=None, frozen=None):
         check_plan(dest_b, pack)
         num_clips = global_counts(batch).num_clips
+        grad = lambda mb, index=None: jax.grad(echo_term)(params, mb, num_clips, index, frozen)  # noqa: E731
         if dest_b is not None:
-            add = lambda grads, mb, index: add_float32(grads, jax.grad(echo_term)(params, mb, num_clips, index),  # noqa: E731
-                                                       param_sh)  # fmt: skip
+            add = lambda grads, mb, index: add_float32(grads, grad(mb, index), param_sh)  # noqa: E731
             grads = packing.scan_packed(add, zeros_float32(params, param_sh), batch,
                                         packing.placement(dest_b, batch.valid_bs), pack)  # fmt: skip
             return optax.global_norm(grads)
 
         def accumulate(grads, mb):
-            return add_float32(grads, jax.grad(echo_term)(params, mb, num_clips), param_sh), None
+            return add_float32(grads, grad(mb), param_sh), None
 
         split = jax.tree.map(lambda x: split_rows(x, num_chunks), batch)
         grads, _ = jax.lax.scan(accumulate, zeros_float32(params, param_sh), split)
@@ -250,30 +256,32 @@ def skip_nonfinite(old: TrainState, new: TrainState, metrics: dict) -> tuple[Tra
 
 def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig, *, micro_batches: int,
                     temperature: float, pack: packing.PackSpec | None = None, param_sh=None):  # fmt: skip
-    """Returns the un-jitted ``train_step(state, batch) -> (state, metrics)``; with ``pack`` (the
-    mini-batch's spec) ``train_step(state, batch, dest_b)`` on packed micro-batches. An update whose loss
-    or gradient is not finite leaves ``state`` as it was (``skip_nonfinite``). ``param_sh``: the
-    parameters' shardings, kept by the gradient accumulators."""
+    """Returns the un-jitted ``train_step(state, batch, dest_b=None, frozen=None) -> (state, metrics)``; with
+    ``pack`` (the mini-batch's spec) it takes the plan ``dest_b`` and runs on packed micro-batches. ``frozen``:
+    the base weights when ``state.params`` holds only LoRA adapters (read, never differentiated or updated).
+    An update whose loss or gradient is not finite leaves ``state`` as it was (``skip_nonfinite``).
+    ``param_sh``: the (trained) parameters' shardings, kept by the gradient accumulators."""
 
-    def loss_fn(params, mb: UpdateBatch, counts, index=None):
-        logp, entropy, layout = micro_batch_logp(graphdef, params, mb, temperature, index, pack)
+    def loss_fn(params, mb: UpdateBatch, counts, index, frozen):
+        logp, entropy, layout = micro_batch_logp(graphdef, policy_params(params, frozen), mb, temperature, index,
+                                                 pack)  # fmt: skip
         loss_batch = objectives.LossBatch(mb.mask_bt, mb.adv_bt, mb.old_logp_bt, mb.ref_logp_bt, mb.echo_mask_bt,
                                           mb.offpolicy_bt, mb.rc_weight_bt)  # fmt: skip
         return objectives.total_loss(logp, entropy, loss_batch, counts, obj_cfg, echo_cfg, layout)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: UpdateBatch, dest_b=None):
+    def train_step(state: TrainState, batch: UpdateBatch, dest_b=None, frozen=None):
         check_plan(dest_b, pack)
         counts = global_counts(batch)
 
         def accumulate(carry, mb, index=None):
             grads, loss, metrics = carry
-            (l, m), g = grad_fn(state.params, mb, counts, index)
+            (l, m), g = grad_fn(state.params, mb, counts, index, frozen)
             return (add_float32(grads, g, param_sh), loss + l, jax.tree.map(jnp.add, metrics, m))
 
         zeros = zeros_float32(state.params, param_sh)
-        metric_shape = jax.eval_shape(lambda: grad_fn(state.params, batch, counts)[0][1])  # scalars
+        metric_shape = jax.eval_shape(lambda: grad_fn(state.params, batch, counts, None, frozen)[0][1])  # scalars
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)
         init = (zeros, jnp.zeros((), jnp.float32), zero_metrics)
         if dest_b is None:

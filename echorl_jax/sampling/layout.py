@@ -21,6 +21,9 @@ does not report its memory (CPU) auto is 1.
 
 When the copy would equal the parameters (same dtype, same shardings: fp32 on one device, or a
 data-parallel mesh with tp 1) no copy is made.
+
+A state may be part of the parameters (LoRA copies its adapters every step and its frozen base once
+per run, trainer/setup.py): one copy program is built per state structure.
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ class DecodeLayout:
         self.mesh = decode_mesh(mesh, tensor_parallel)
         self.tensor_parallel = tensor_parallel
         self.dtype = jnp.dtype(dtype)
-        self._jitted = None  # the cast + reshard program, built for the first state's structure
+        self._jitted = {}  # the cast + reshard programs, one per state structure
         self.copies = 0  # how many copies were made (tests)
 
     @property
@@ -148,14 +151,15 @@ class DecodeLayout:
         return not all(a.is_equivalent_to(b, x.ndim) for x, a, b in zip(leaves, here, there))
 
     def _program(self, state):
-        """The jitted cast + reshard, built for the first state's structure.
+        """The jitted cast + reshard, built once per state structure.
 
         Each parameter is cast where it lies, then moved. XLA moves a parameter between two
         unrelated shardings (FSDP over embed -> a tensor-parallel group) by gathering it whole
         first; layer-stacked parameters therefore move one layer at a time (a loop writing into
         the decode-sharded result), so the transient is one layer's slice, not the whole model.
         """
-        if self._jitted is None:
+        structure = jax.tree.structure(state)
+        if structure not in self._jitted:
             dtype, target = self.dtype, self._target(state)
             targets = None if target is None else jax.tree.leaves(target)
             stacked = [_is_stacked(v) for v in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))]
@@ -167,11 +171,12 @@ class DecodeLayout:
                 return treedef.unflatten([_move(x, _cast_dtype(x, dtype), t, layered)
                                           for x, t, layered in zip(leaves, targets, stacked)])  # fmt: skip
 
-            self._jitted = jax.jit(cast, out_shardings=target)
-        return self._jitted
+            self._jitted[structure] = jax.jit(cast, out_shardings=target)
+        return self._jitted[structure]
 
     def copy(self, state) -> DecodeWeights:
-        """The decode copy of ``state`` (an nnx State of the model's parameters, on any placement)."""
+        """The decode copy of ``state`` (an nnx State of the model's parameters, or a part of them, on any
+        placement)."""
         if isinstance(state, DecodeWeights):
             return state
         if isinstance(state, nnx.Module):

@@ -30,7 +30,7 @@ from echorl_jax.config import ConfigError
 from echorl_jax.trainer import storage
 
 # Files and directories one run writes into its workdir.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "hf_export", "report.md", "config.json")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "hf_export", "peft_adapter", "report.md", "config.json")
 RUN_FILE_SUFFIXES = (".png",)
 PREVIOUS = "previous_runs"
 

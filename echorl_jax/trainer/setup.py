@@ -26,10 +26,11 @@ from echorl_jax.rewards import build_router
 from echorl_jax.rewards.custom import RewardSetupError
 from echorl_jax.rewards.router import check_against_data
 from echorl_jax.rl import echo as echo_lib, offpolicy, update
+from echorl_jax.sampling.layout import DecodeWeights
 from echorl_jax.sampling.sampler import make_sampler
 from echorl_jax.tasks import arith
 from echorl_jax.tasks.tokenizer import build_char_tokenizer
-from echorl_jax.trainer import storage
+from echorl_jax.trainer import adapters, storage
 
 TASK_PREFIX = "task:"
 
@@ -57,17 +58,45 @@ class Setup:
     log: Callable[[str], None]
     stop_ids: tuple = ()  # what ends a response: token ids and token-id sequences (stop_ids())
     experts: offpolicy.ExpertTraces | None = None  # LUFFY expert responses of train_records (expert_per_group > 0)
+    # LoRA (trainer/adapters.py): the base weights (state.params holds only the adapters), the base model's
+    # graph (the KL reference: adapters off) and its identity, saved with every checkpoint. None: full fine-tuning.
+    frozen: Any = None
+    ref_graphdef: Any = None
+    base_identity: dict | None = None
+
+    def policy(self, params) -> Any:
+        """The whole policy State for ``params`` (a TrainState's): samplers and forward passes take it."""
+        return update.policy_params(params, self.frozen)
 
     @property
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.state.params)
+        return nnx.merge(self.graphdef, self.policy(self.state.params))
 
     def export(self, out_dir: str) -> None:
-        """Every process joins the gather; process 0 writes (a bucket's directory: written locally, uploaded)."""
-        from echorl_jax.models import hf
+        """The policy as a Hugging Face directory (LoRA: the merged model, W + s*A*B). Every process joins the
+        gather; process 0 writes (a bucket's directory: written locally, uploaded)."""
+        from echorl_jax.models import hf, peft_export
+
+        model = self.model if self.frozen is None else peft_export.merged_model(self.model)
+        with storage.local_dir_for(out_dir, upload=jax.process_index() == 0) as local:
+            hf.export_model(model, local, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
+
+    def export_adapter(self, out_dir: str) -> None:
+        """LoRA: the adapters as a PEFT adapter directory (models/peft_export.py); as ``export``."""
+        from echorl_jax.models import peft_export
 
         with storage.local_dir_for(out_dir, upload=jax.process_index() == 0) as local:
-            hf.export_model(self.model, local, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
+            peft_export.export_adapter(self.model, local, self.cfg.model.lora.alpha, base_model=self.cfg.model.path,
+                                       tokenizer=self.tokenizer)  # fmt: skip
+
+    def decode_weights(self, sampler, params) -> DecodeWeights:
+        """``sampler``'s decode copy of the policy for a TrainState's ``params`` (sampling/layout.py). LoRA: the
+        adapters and the frozen base are copied apart, so a base already in the decode dtype and layout is used
+        as it is (no copy); one that is not is copied with the adapters, per call (docs/lora.md)."""
+        if self.frozen is None:
+            return sampler.decode_weights(params)
+        layout = sampler.layout_for(self.policy(params))
+        return DecodeWeights(nnx.merge_state(layout.copy(params).params, layout.copy(self.frozen).params))
 
     def progress(self, start: int, total: int):
         return Progress(start, total, enabled=self.cfg.train.progress and jax.process_index() == 0)
@@ -418,28 +447,33 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log, tr
     log(f"model: {model.cfg.model_type}, {sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} params, mesh {dict(mesh.shape)}")
     if cfg.sft.steps > 0:
         model = _warm_start(cfg, model, tokenizer, train_records, mesh, log)
-    graphdef, params = nnx.split(model)
+    lora = adapters.attach(cfg, model, mesh, log) if cfg.model.lora.enabled else None
+    graphdef, params = (lora.graphdef, lora.params) if lora else nnx.split(model)
     total_updates = tc.steps * rl.epochs * rl.minibatches
     optimizer = update.make_optimizer(cfg.optim, total_updates)
     opt_state = update.init_opt_state(optimizer, params, mesh) if training else None  # moments sharded like params
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params, opt_state)
-    ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.objective.kl_coef > 0 and training else None
+    ref_params = None
+    if cfg.objective.kl_coef > 0 and training:  # LoRA: the frozen base itself (adapters off); else a copy
+        ref_params = lora.frozen if lora else jax.tree.map(lambda x: x.copy(), params)
 
     common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
     # LUFFY: the sampler draws G - k rollouts per prompt; collect() appends the k expert rows.
     sample = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size - cfg.objective.expert_per_group, **common)
-    _plan_sampler(sample, params, cfg, rl.prompts_per_step * (rl.group_size - cfg.objective.expert_per_group), log)
+    policy = update.policy_params(params, lora.frozen if lora else None)  # LoRA: adapters + frozen base
+    _plan_sampler(sample, policy, cfg, rl.prompts_per_step * (rl.group_size - cfg.objective.expert_per_group), log)
     eval_sample = None
     if eval_pipeline is not None:
         t = tc.eval_temperature
         eval_cfg = dataclasses.replace(cfg.sampling, temperature=t if t > 0 else 1.0, greedy=t <= 0)
         eval_sample = make_sampler(graphdef, eval_cfg, group_size=tc.eval_samples, **common)
-        _plan_sampler(eval_sample, params, cfg, eval_pipeline.batch_size * hosts * tc.eval_samples, log, "held-out sampler")
+        _plan_sampler(eval_sample, policy, cfg, eval_pipeline.batch_size * hosts * tc.eval_samples, log, "held-out sampler")
     return Setup(
         cfg=cfg, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, state=state, optimizer=optimizer,
         total_updates=total_updates, train_temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,
         sample=sample, eval_sample=eval_sample, train_pipeline=train_pipeline, eval_pipeline=eval_pipeline,
         eval_initial_state=eval_state, eval_records=eval_records, train_records=train_records,
         verifier=verifier, delimiter_ids=delimiter_ids, ref_params=ref_params, log=log,
-        stop_ids=stops, experts=experts,
+        stop_ids=stops, experts=experts, frozen=lora.frozen if lora else None,
+        ref_graphdef=lora.ref_graphdef if lora else graphdef, base_identity=lora.base_identity if lora else None,
     )  # fmt: skip

@@ -23,7 +23,7 @@ from echorl_jax import config as config_lib, sharding
 from echorl_jax.data.formats import DataError
 from echorl_jax.rl import offpolicy, packing, update
 from echorl_jax.rl.update import TrainState, UpdateBatch
-from echorl_jax.trainer import checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state, storage
+from echorl_jax.trainer import adapters, checkpoint as ckpt_lib, grading, rollout as rollout_lib, run_state, storage
 from echorl_jax.trainer.guard import Guard, NonFinite
 from echorl_jax.trainer.learner_pass import make_learner_pass
 from echorl_jax.trainer.metrics_log import MetricsLog, to_python
@@ -67,22 +67,27 @@ def minibatch_rows(cfg: config_lib.Config) -> int:
     return cfg.rl.prompts_per_step * cfg.rl.group_size // cfg.rl.minibatches
 
 
-def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, temperature: float, state_sh, mesh):
+def jit_train_step(cfg: config_lib.Config, graphdef, optimizer, temperature: float, state_sh, mesh, frozen_sh=None):
     """The jitted train step with explicit shardings and donated state (plan.py compiles this same one).
-    With packing it takes the mini-batch's plan too: ``step(state, batch, dest_b)``."""
+    With packing it takes the mini-batch's plan too: ``step(state, batch, dest_b)``. With LoRA (``frozen_sh``:
+    the base weights' shardings) ``step(state, batch, dest_b or None, frozen)``: the base is read, never donated."""
     pack = pack_spec(cfg, minibatch_rows(cfg), mesh)
     step_fn = update.make_train_step(
         graphdef, optimizer, cfg.objective, cfg.echo, micro_batches=cfg.rl.micro_batches, temperature=temperature,
         pack=pack, param_sh=state_sh.params,
     )  # fmt: skip
     batch_sh = sharding.batch_sharding(mesh, 2)  # every UpdateBatch field is [B, ...]
-    in_sh = (state_sh, batch_sh) if pack is None else (state_sh, batch_sh, sharding.replicated(mesh))
+    plan_sh = None if pack is None else sharding.replicated(mesh)
+    in_sh = (state_sh, batch_sh) if pack is None else (state_sh, batch_sh, plan_sh)
+    if frozen_sh is not None:
+        in_sh = (state_sh, batch_sh, plan_sh, frozen_sh)
     return jax.jit(sharding.traced_on(mesh, step_fn), in_shardings=in_sh, out_shardings=(state_sh, None), donate_argnums=0)
 
 
-def abstract_step_inputs(cfg: config_lib.Config, mesh, rows: int | None = None) -> tuple:
+def abstract_step_inputs(cfg: config_lib.Config, mesh, rows: int | None = None, frozen=None) -> tuple:
     """A learner pass's batch arguments as abstract values (plan.py): the ``UpdateBatch`` of ``rows``
-    rollout rows (default: a mini-batch, the train step's), and with packing its plan."""
+    rollout rows (default: a mini-batch, the train step's), with packing its plan, and with LoRA (``frozen``:
+    the abstract base weights) the plan or None and the base."""
     rows = rows or minibatch_rows(cfg)
     p, t = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
     sds = lambda cols, dtype: jax.ShapeDtypeStruct((rows, cols), dtype, sharding=sharding.batch_sharding(mesh, 2))  # noqa: E731
@@ -90,7 +95,10 @@ def abstract_step_inputs(cfg: config_lib.Config, mesh, rows: int | None = None) 
     batch = UpdateBatch(sds(p + t, jnp.int32), sds(p + t, bool), sds(t, bool), sds(t, f32), sds(t, f32), sds(t, f32),
                         sds(t, bool), sds(t, bool) if cfg.objective.expert_per_group else None,  # LUFFY expert tokens
                         sds(t, f32) if "token_tis" in cfg.objective.rollout_correction else None)  # fmt: skip
-    return (batch,) if pack_spec(cfg, rows, mesh) is None else (batch, packing.abstract_plan(rows, mesh))
+    plan = None if pack_spec(cfg, rows, mesh) is None else packing.abstract_plan(rows, mesh)
+    if frozen is not None:
+        return batch, plan, frozen
+    return (batch,) if plan is None else (batch, plan)
 
 
 def make_batch_passes(cfg: config_lib.Config, graphdef, temperature: float, mesh, param_sh=None) -> tuple:
@@ -111,8 +119,13 @@ def make_batch_passes(cfg: config_lib.Config, graphdef, temperature: float, mesh
 
 
 def _jit_train_step(s: Setup, state: TrainState):
+    """The run's jitted train step, ``(state, batch[, dest_b])``; LoRA: with the setup's frozen base bound."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    return jit_train_step(s.cfg, s.graphdef, s.optimizer, s.train_temperature, state_sh, s.mesh)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, s.frozen)
+    step = jit_train_step(s.cfg, s.graphdef, s.optimizer, s.train_temperature, state_sh, s.mesh, frozen_sh)
+    if s.frozen is None:
+        return step
+    return lambda state, batch, dest_b=None: step(state, batch, dest_b, s.frozen)
 
 
 def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds, num_expert: int = 0) -> dict[str, Any]:
@@ -183,8 +196,8 @@ def run_eval(s: Setup, params, step: int) -> dict[str, float]:
         return {}
     s.eval_pipeline.set_state(s.eval_initial_state)
     rng = jax.random.fold_in(jax.random.key(s.cfg.train.seed + 1), step)
-    return grading.evaluate(  # one decode copy for the whole evaluation, dropped after it
-        s.eval_sample, s.eval_sample.decode_weights(params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
+    return grading.evaluate(  # one decode copy for the whole evaluation, dropped after it (LoRA: of the adapters)
+        s.eval_sample, s.decode_weights(s.eval_sample, params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
         k=s.cfg.train.eval_samples, rng=rng,
     )  # fmt: skip
 
@@ -215,7 +228,12 @@ def _open_run(s: Setup, state: TrainState) -> tuple[int, TrainState, ckpt_lib.Ch
             checkpointer = ckpt_lib.Checkpointer(directory, keep=tc.keep_checkpoints)
         run_state.write_config(tc.workdir, config_lib.to_dict(s.cfg))
         return 0, state, checkpointer, {}
-    check = lambda step, host: run_state.check_resume(host.get("config"), config_lib.to_dict(s.cfg), tc.workdir, step)
+
+    def check(step, host):
+        run_state.check_resume(host.get("config"), config_lib.to_dict(s.cfg), tc.workdir, step)
+        if s.base_identity is not None:  # LoRA adapters fit only the base they were trained on
+            adapters.check_base(host.get("lora_base"), s.base_identity, tc.workdir, step)
+
     try:  # the newest checkpoint that reads back (a truncated newer one is moved aside with a warning)
         start, state, host = checkpointer.restore_newest(state, check, s.log)
         s.train_pipeline.set_state(host["data"])
@@ -276,6 +294,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     pack_all = pack_spec(cfg, rl.prompts_per_step * rl.group_size, s.mesh)  # the whole batch's (log-probs, echo)
     forward_logp, echo_norm = make_batch_passes(cfg, s.graphdef, s.train_temperature, s.mesh,
                                                 jax.tree.map(lambda x: x.sharding, state.params))  # fmt: skip
+    forward_ref = forward_logp  # LoRA: the base model's graph (adapters off) on the frozen weights
+    if cfg.objective.kl_coef > 0 and s.ref_graphdef is not s.graphdef:
+        forward_ref = make_batch_passes(cfg, s.ref_graphdef, s.train_temperature, s.mesh)[0]
     learner_pass = make_learner_pass(cfg, forward_logp)
     score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
     schedule = update.make_schedule(cfg.optim, s.total_updates)
@@ -292,11 +313,12 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     step = saved = start
     stopping = False  # SIGTERM on any process (decided together at the end of a step)
     stop_why = ""  # the collapse guard (train.collapse_guard=stop) or non-finite updates stopped the run
+    lora_host = {"lora_base": s.base_identity} if s.base_identity is not None else {}  # LoRA: the base's identity
 
     def save():
         log.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint a restart resumes from
         checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
-                                        "guard": guard.state()})  # fmt: skip
+                                        "guard": guard.state(), **lora_host})  # fmt: skip
 
     for step in range(start + 1, tc.steps + 1):
         timings: dict[str, float] = {}
@@ -304,8 +326,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         key = jax.random.fold_in(base_key, step)
         # The sampler decodes from a copy in the compute dtype and decode layout (sampling/layout.py),
         # made once per step; collect() holds the only reference, so it is freed once sampling is done.
+        # LoRA: the adapted model (adapters + frozen base) as it is, no merged weights; the base's copy is kept.
         got = rollout_lib.collect(
-            lambda: next(s.train_pipeline), s.sample, s.sample.decode_weights(state.params), key,
+            lambda: next(s.train_pipeline), s.sample, s.decode_weights(s.sample, state.params), key,
             verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
             dynamic_sampling=cfg.objective.dynamic_sampling,
             echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
@@ -320,17 +343,19 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
             lengths = np.asarray(sharding.to_host(jnp.sum(ro.valid, axis=1)))
             plan_all = (packing.put_plan(packing.plan_rows(lengths, pack_all), s.mesh),)
         expert_b = jnp.asarray(offpolicy.expert_rows(ro.tokens.shape[0], rl.group_size, k))
-        learner = learner_pass(step, state.params, ro, ~expert_b, plan_all)  # old log-probs, mismatch, correction
+        policy = s.policy(state.params)  # LoRA: adapters + frozen base (two trees joined, no copy)
+        learner = learner_pass(step, policy, ro, ~expert_b, plan_all)  # old log-probs, mismatch, correction
         old_logp = learner.old_logp_bt
         if cfg.objective.kl_coef > 0:
-            ref_logp = forward_logp(s.ref_params, ro.tokens, ro.valid, *plan_all)
+            ref_logp = forward_ref(s.ref_params, ro.tokens, ro.valid, *plan_all)
         else:
             ref_logp = jnp.zeros_like(old_logp)
         full = UpdateBatch(ro.tokens, ro.valid, learner.mask_bt, adv_bt, old_logp, ref_logp, clips.mask_bt,
                            ro.response_mask & expert_b[:, None], learner.rc_weight_bt)  # fmt: skip
         extra = dict(learner.metrics)
         if echo_norm is not None and step % tc.echo_grad_norm_every == 0:
-            extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh), *plan_all)
+            args = (*plan_all,) if s.frozen is None else (plan_all[0] if plan_all else None, s.frozen)
+            extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh), *args)
         state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step,
                                              pack=pack_mb, lengths=lengths)  # fmt: skip
         jax.block_until_ready(state.params)
@@ -382,5 +407,8 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     log.close()
     s.state = state
     if tc.export_hf and not stopped:  # every host joins the gather; process 0 writes
-        s.export(storage.join(tc.workdir, "hf_export"))
+        if s.frozen is not None:  # LoRA: the adapters in PEFT's format; the merged model on request
+            s.export_adapter(storage.join(tc.workdir, "peft_adapter"))
+        if s.frozen is None or cfg.model.lora.export_merged:
+            s.export(storage.join(tc.workdir, "hf_export"))
     return {"step": step, "eval": last_eval, "workdir": tc.workdir, "setup": s}
