@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import jax
+import pytest
 from flax import nnx
 
 from echorl_jax import config as config_lib, plan, sharding
@@ -43,6 +44,7 @@ def test_plan_counts_equal_the_bytes_of_a_real_placed_model_and_optimizer():
     assert pl.train_peak >= pl.params + pl.optimizer and pl.fits("v5e")
 
 
+@pytest.mark.slow  # a search: several compiles
 def test_plan_command_line_with_fit(capsys):
     code = plan.main(["--config", TINY_CONFIG, "--devices", "8", "--fit", "h100"])
     out = capsys.readouterr().out
@@ -134,6 +136,7 @@ def test_every_phase_is_planned():
     assert [p.name for p in plan.plan(_tiny({"data": {"eval": ""}})).phases] == ["train step", "sampler"]
 
 
+@pytest.mark.slow  # a search: several compiles
 def test_fit_chooses_recomputation_only_when_memory_binds(monkeypatch):
     """An accelerator just too small for the learner without remat (but large enough with full remat): the
     search keeps the first policy that fits, from none to full, and the plan under its setting fits."""

@@ -10,7 +10,7 @@ The learner and the sampler are searched apart (their knobs do not interact):
 * **Sampler** (training and held-out): the decode copy's tensor parallelism is the sampler's own
   ``auto`` for ACCEL's memory (sampling/layout.py), and the KV cache gets what is left: one compile
   with a small probe budget measures everything but the cache, and ``sampling.kv_cache_memory``
-  becomes the rest of USABLE x memory in bytes (rounded down to 0.1 GB; never more than one row per
+  becomes the rest of USABLE x memory in bytes (rounded down to 0.1 GB on 16-141 GB chips; never more than one row per
   rollout needs), checked by compiling again. Bytes, not a fraction: a fraction is of what the device
   reports, which on GPU is JAX's allocator limit (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 75 % by default).
 
@@ -91,7 +91,8 @@ def fit(cfg, accel: str, devices=None, log: Callable[[str], None] = print) -> Fi
     rollouts = cfg.rl.prompts_per_step * (cfg.rl.group_size - cfg.objective.expert_per_group)
     every_row = sm.kv_cache / sm.rows * rollouts  # one row per rollout: no budget needs more
     # In bytes, not a fraction: a fraction is of what the device reports (on GPU, JAX's allocator limit).
-    budget = math.floor(min(usable - other, every_row + 1e8) / 1e8) * 1e8
+    step = 10.0 ** (math.floor(math.log10(memory)) - 2)  # 0.1 GB for 16-141 GB chips
+    budget = math.floor(min(usable - other, every_row + step) / step) * step
     for _ in range(4):
         if budget < sm.kv_cache / max(sm.rows, 1):
             return Fit(accel, learner_found, None, f"the sampler's weights and resident state leave no room for a KV "
@@ -104,7 +105,7 @@ def fit(cfg, accel: str, devices=None, log: Callable[[str], None] = print) -> Fi
             found = {**learner_found, "sampling.kv_cache_memory": budget, "sampling.slots": 0,
                      "sampling.decode_tensor_parallel": pl.decode_tp}  # fmt: skip
             return Fit(accel, found, pl)
-        budget -= 2e9
+        budget -= 20 * step
     return Fit(accel, learner_found, None, "the sampler's budget search did not converge")
 
 
