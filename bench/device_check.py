@@ -43,7 +43,8 @@ correct the estimates here from the first GPU run.
 
 Output: the table on stdout and in ``--out`` (default ``$OUT/device_check.md`` where ``$OUT`` is set,
 else ``./device_check.md``); beside it ``device_check.log`` (every part's output) and
-``device_check.json`` (every part's results). Put the table in bench/README.md ("Device check").
+``device_check.json`` (every part's results). Put the table in bench/README.md ("Device check"). The exit
+status is 1 when a part failed or timed out (its row says why), else 0.
 """
 
 from __future__ import annotations
@@ -446,6 +447,10 @@ def main(argv=None) -> int:
         json.dump({"info": info, "total_s": total, "parts": {k: dataclasses.asdict(o) for k, o in outcomes.items()}},
                   f, indent=1, default=float)  # fmt: skip
     print(f"[device_check] table: {out_path}; logs: {stem}.log; results: {stem}.json")
+    failed = [k for k, o in outcomes.items() if o.error]
+    if failed:  # the table is written either way; the exit status says that some row holds no figure
+        print(f"[device_check] failed parts: {', '.join(failed)} (their rows and {stem}.log say why)")
+        return 1
     return 0
 
 
