@@ -69,25 +69,46 @@ def machine_line() -> str:
             f"({len(jax.devices())} x {dev.device_kind})")  # fmt: skip
 
 
-def build_qwen2_checkpoint(path: str, *, vocab, hidden, layers, heads, kv_heads, mlp, tied, max_positions=4096,
-                           seed=0):  # fmt: skip
-    """A random-weight ``Qwen2ForCausalLM`` (fp32, CPU) saved to ``path``; returns the torch model.
+def write_json(path: str | None, obj: dict) -> None:
+    """``--json PATH``: the script's results, machine-readable (bench/device_check.py reads them)."""
+    if not path:
+        return
+    import json
 
-    transformers zero-inits the q/k/v biases; random ones make any parity check meaningful.
-    """
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)  # a reader never sees half a file
 
-    torch.manual_seed(seed)
-    config = Qwen2Config(
+
+def qwen2_config(*, vocab, hidden, layers, heads, kv_heads, mlp, tied, max_positions=4096):
+    """The ``Qwen2Config`` of the benchmarks' random checkpoints (also what the planner reads as config.json)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
         tie_word_embeddings=bool(tied), bos_token_id=1, eos_token_id=2, pad_token_id=0, use_sliding_window=False,
     )  # fmt: skip
+
+
+def build_qwen2_checkpoint(path: str | None, *, vocab, hidden, layers, heads, kv_heads, mlp, tied, max_positions=4096,
+                           seed=0):  # fmt: skip
+    """A random-weight ``Qwen2ForCausalLM`` (fp32, CPU) saved to ``path`` (None: not saved); returns the torch model.
+
+    transformers zero-inits the q/k/v biases; random ones make any parity check meaningful.
+    """
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = qwen2_config(vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, mlp=mlp,
+                          tied=tied, max_positions=max_positions)  # fmt: skip
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0.0, 0.02)
-    model.save_pretrained(path)
+    if path is not None:
+        model.save_pretrained(path)
     return model

@@ -43,6 +43,10 @@ STOP_ID = 2
 PRESETS = {
     "default-job": dict(rows=128, group=8, prompt=16, response=48, hidden=128, layers=4, heads=4, kv_heads=2, mlp=344,
                         vocab=128, workload="default-job"),
+    # bench/train_step.py's preset model and batch (16 rows of P 256 + T 768, bf16), the lengths long-tailed.
+    "qwen2.5-0.5b": dict(rows=16, group=8, prompt=256, response=768, rows_per_micro_batch=4, model_type="qwen2",
+                         hidden=896, layers=24, heads=14, kv_heads=2, mlp=4864, vocab=151936, dtype="bfloat16",
+                         param_dtype="bfloat16"),
 }  # fmt: skip
 
 
@@ -61,7 +65,10 @@ def parse_args(argv=None):
     ap.add_argument("--peer-micro-batches", type=int, default=0,
                     help="the padded side's rl.micro_batches (0: rows per device / k, the packed side's shape)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="default-job: configs/default.py's model and batch (128 rollouts of 16 + 48 tokens)")
+                    help="default-job: configs/default.py's model and batch (128 rollouts of 16 + 48 tokens); "
+                         "qwen2.5-0.5b: bench/train_step.py's preset model and batch (16 rows of 256 + 768, bf16)")
+    ap.add_argument("--model-type", choices=("llama", "qwen2"), default="llama",
+                    help="llama: no attention bias; qwen2: q/k/v bias")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
@@ -70,10 +77,14 @@ def parse_args(argv=None):
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--attention", choices=("auto", "xla", "xla_chunked", "cudnn", "splash"), default="auto")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    ap.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype")
+    ap.add_argument("--remat", choices=("none", "full", "dots", "attn", "dots_attn"), default="none",
+                    help="activation checkpointing (models/transformer.REMAT_POLICIES), both sides")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per side")
     ap.add_argument("--rl-step", action="store_true", help="also time sample + update per side")
     ap.add_argument("--slots", type=int, default=0, help="--rl-step: decode slots with refill (0: one row per rollout)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
     C.apply_preset(args, argv, PRESETS)
     return args
@@ -132,10 +143,11 @@ def build(args):
     if args.rows % d or per_device % k:
         raise SystemExit(f"--rows {args.rows} must split into {d} devices x a multiple of k={k}")
     base = {
-        "model": {"model_type": "llama", "attention_bias": False, "tie_embeddings": True, "vocab_size": args.vocab,
-                  "hidden_size": args.hidden, "intermediate_size": args.mlp, "num_layers": args.layers,
-                  "num_heads": args.heads, "num_kv_heads": args.kv_heads, "attention": args.attention,
-                  "compute_dtype": args.dtype},
+        "model": {"model_type": args.model_type, "attention_bias": args.model_type == "qwen2", "tie_embeddings": True,
+                  "vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.mlp,
+                  "num_layers": args.layers, "num_heads": args.heads, "num_kv_heads": args.kv_heads,
+                  "attention": args.attention, "compute_dtype": args.dtype, "param_dtype": args.param_dtype,
+                  "remat": args.remat},
         "data": {"max_prompt_len": args.prompt},
         "sampling": {"max_new_tokens": args.response, "slots": args.slots},
         "objective": {"method": "grpo"}, "echo": {"enabled": True},
@@ -172,6 +184,7 @@ def run_update(built, name, state, batch_dev, lengths):
 
 def main(argv=None):
     args = parse_args(argv)
+    import jax
     import numpy as np
 
     from echorl_jax import sharding
@@ -186,8 +199,9 @@ def main(argv=None):
     used = packing.micro_batches_used(dest, spec)
     d = sharding.batch_divisor(built.mesh)
     print(C.machine_line())
-    print(f"model: hidden {args.hidden}, {args.layers} layers, heads {args.heads}/{args.kv_heads}, mlp {args.mlp}, "
-          f"vocab {args.vocab}, attention {built.model.attention_impl}, compute {args.dtype}; {args.rows} rollouts "
+    print(f"model: {args.model_type}, hidden {args.hidden}, {args.layers} layers, heads {args.heads}/{args.kv_heads}, "
+          f"mlp {args.mlp}, vocab {args.vocab}, attention {built.model.attention_impl}, compute {args.dtype}, params "
+          f"{args.param_dtype}, remat {args.remat}; {args.rows} rollouts "
           f"of P {args.prompt} + T {args.response} on {d} device(s); padded: {built.cfg.rl.micro_batches} "
           f"micro-batch(es) of {args.rows // d // built.cfg.rl.micro_batches} rows per device; packed: "
           f"{spec.rows_per_device} rows of {spec.row_len} per device per micro-batch, up to {spec.num_micro_batches}")  # fmt: skip
@@ -211,20 +225,33 @@ def main(argv=None):
             state = run_update(built, name, state, batch, lengths)
             times[name].append(time.perf_counter() - t0)
     pad_mb, tok = built.cfg.rl.micro_batches, int(lengths.sum())
-    rows = []
+    rows, report = [], {}
     for name, mbs in (("padded (peer)", pad_mb), ("packed (ours)", used)):
         sec = C.median(times[name.split()[0]])
         fill = tok / (mbs * spec.tokens_per_micro_batch if name.startswith("packed") else args.rows * s)
         rows.append([name, f"{sec:.3f}", C.spread(times[name.split()[0]]), f"{tok / sec:,.0f}", f"{mbs}", f"{fill:.1%}",
                      f"{compile_s[name.split()[0]]:.1f}"])  # fmt: skip
+        report[name.split()[0]] = {"s_per_step": sec, "min_s": min(times[name.split()[0]]),
+                                   "max_s": max(times[name.split()[0]]), "useful_tokens_per_s": tok / sec,
+                                   "micro_batches": int(mbs), "fill": fill,
+                                   "first_call_s": compile_s[name.split()[0]]}  # fmt: skip
     ratio = C.median(times["padded"]) / C.median(times["packed"])
     print("\ntrain step (forward + backward + AdamW), one optimizer step over all rollouts:\n")
     print(C.table(["side", "s/step", "min-max", "useful tok/s", "micro-batches", "fill", "first call s"], rows))
     print(f"\npacked / padded useful tokens/s: {ratio:.2f}x "
           f"(compiled programs: padded {built.steps['padded']._cache_size()}, "
           f"packed {built.steps['packed']._cache_size()})")  # fmt: skip
+    result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+              "attention": built.model.attention_impl, "remat": args.remat, "dtype": args.dtype,
+              "param_dtype": args.param_dtype, "rows": args.rows, "prompt": args.prompt, "response": args.response,
+              "rows_per_micro_batch": args.rows_per_micro_batch, "real_tokens": tok, "padded_tokens": args.rows * s,
+              "response_lengths": {"mean": float(rlen.mean()), "median": float(np.median(rlen)), "max": int(rlen.max())},
+              **report, "ratio_packed_over_padded": ratio,
+              "compiled_programs": {k: built.steps[k]._cache_size() for k in ("padded", "packed")}}  # fmt: skip
+    C.write_json(args.json, result)
     if args.rl_step:
-        rl_step(args, built, state, rng, plen, rlen)
+        result["rl_step"] = rl_step(args, built, state, rng, plen, rlen)
+        C.write_json(args.json, result)
 
 
 def rl_step(args, built, state, rng, plen, rlen):
@@ -270,6 +297,8 @@ def rl_step(args, built, state, rng, plen, rlen):
           f" + host batch + update), same lengths:\n")  # fmt: skip
     print(C.table(["side", "s/step", "sample s", "update s"], rows))
     print(f"\npacked / padded RL steps/s: {C.median(times['padded']) / C.median(times['packed']):.2f}x")
+    return {name: {"s_per_step": C.median(times[name]), "sample_s": C.median([a for a, _ in phases[name]]),
+                   "update_s": C.median([b for _, b in phases[name]])} for name in ("padded", "packed")}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ takes the next rollout), the long-tail ones twice: decode attention over the
 *live blocks* of the cache (the default) and over the *whole cache* (one key
 block of P + T columns: what the sampler did before it tracked the live
 extent; the plain loop used to grow its cache in 4 segments, ``4 segments``
-reads as it did). Timed in ``--rounds`` rounds, best kept. Reported: useful tokens/s
+reads as it did); ``--runs`` picks some of them (keys in ``LONGTAIL_RUNS``);
+runs with the same slots and key block share one compiled sampler. Timed in
+``--rounds`` rounds, best kept. Reported: useful tokens/s
 (tokens inside the response masks), slot occupancy (useful tokens / (decode
 steps x rows)) and the bandwidth floor (every parameter and the whole KV
 cache read once per step, at ``--bandwidth-gbs``). No peer in this mode.
@@ -39,7 +41,16 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common as C
+
+# --workload longtail: key -> the name printed in its table.
+LONGTAIL_RUNS = {
+    "uniform": "uniform", "plain-whole": "long-tail plain, whole cache", "plain-4seg": "long-tail plain, 4 segments",
+    "plain-live": "long-tail plain, live blocks", "refill-whole": "long-tail refill, whole cache",
+    "refill-live": "long-tail refill, live blocks",
+}  # fmt: skip
 PRESETS = {
     "qwen2.5-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, mlp=4864, vocab=151936, tied=True,
                          dtype="bfloat16", batch=256, prompt_len=128, new_tokens=256),
@@ -68,7 +79,13 @@ def parse_args(argv=None):
     ap.add_argument("--slots", type=int, default=0, help="longtail: decode slots for refill (0: batch / 4)")
     ap.add_argument("--breakdown", action="store_true", help="time the pieces of one decode step instead")
     ap.add_argument("--rounds", type=int, default=3, help="longtail: timed rounds (each run once per round, best kept)")
+    ap.add_argument("--runs", default=",".join(LONGTAIL_RUNS),
+                    help=f"longtail: which runs, comma-separated, of {','.join(LONGTAIL_RUNS)}")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (uniform and longtail workloads)")
     args = ap.parse_args(argv)
+    unknown = set(args.runs.split(",")) - set(LONGTAIL_RUNS)
+    if unknown:
+        ap.error(f"--runs {args.runs!r}: unknown {sorted(unknown)}; allowed: {','.join(LONGTAIL_RUNS)}")
     if args.preset:
         explicit = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
         for k, v in PRESETS[args.preset].items():
@@ -190,11 +207,20 @@ def main(argv=None):
     print(f"our first call (trace + compile + run): {first:.2f} s -> compile ~ {first - ours_s:.2f} s")
     print(f"decode-step bytes read: params {param_bytes / 1e6:.1f} MB + KV cache {kv_bytes / 1e6:.1f} MB "
           f"= {step_bytes / 1e6:.1f} MB")  # fmt: skip
+    floor_s = step_bytes / (args.bandwidth_gbs * 1e9)
     if backend != "cpu":
-        floor_s = step_bytes / (args.bandwidth_gbs * 1e9)
         print(f"bandwidth floor at {args.bandwidth_gbs:.0f} GB/s: {floor_s * 1e3:.3f} ms/step -> "
               f"<= {b / floor_s:.0f} tokens/s; ours per step {ours_s / t * 1e3:.3f} ms "
               f"({floor_s / (ours_s / t):.0%} of floor)")  # fmt: skip
+    C.write_json(args.json, {
+        "workload": "uniform", "backend": backend, "device_kind": jax.devices()[0].device_kind, "dtype": args.dtype,
+        "batch": b, "prompt_len": p, "new_tokens": t, "parity_max_abs": parity,
+        "ours": {"tokens_per_s": ours_tps, "wall_s": ours_s, "first_call_s": first, "ms_per_step": ours_s / t * 1e3},
+        "peer": None if peer_tps is None else {"name": "transformers generate", "tokens_per_s": peer_tps,
+                                               "wall_s": b * t / peer_tps},
+        "ratio_ours_over_peer": None if peer_tps is None else ours_tps / peer_tps,
+        "floor": {"bandwidth_gbs": args.bandwidth_gbs, "ms_per_step": floor_s * 1e3, "tokens_per_s": b / floor_s},
+    })  # fmt: skip
 
 STOP_ID = 2  # the checkpoint's eos id: the long-tail workload forces it
 
@@ -245,41 +271,62 @@ def longtail(args, graphdef, state, cfg, prompts_np):
     print(f"\n| {'workload':<30} | {'rows':>5} | {'useful tok/s':>12} | {'wall s':>7} | {'steps':>6} | "
           f"{'occupancy':>9} | {'floor tok/s':>11} | {'of floor':>8} |")  # fmt: skip
     print("|" + "|".join("-" * w for w in (32, 7, 14, 9, 8, 11, 13, 10)) + "|")
-    runs = (("uniform", slots, np.full((b,), t, np.int32), live),
-            ("long-tail plain, whole cache", 0, stop_at, whole),
-            ("long-tail plain, 4 segments", 0, stop_at, whole // 4), ("long-tail plain, live blocks", 0, stop_at, live),
-            ("long-tail refill, whole cache", slots, stop_at, whole),
-            ("long-tail refill, live blocks", slots, stop_at, live))  # fmt: skip
-    samplers = {}
+    spec = {"uniform": (slots, np.full((b,), t, np.int32), live), "plain-whole": (0, stop_at, whole),
+            "plain-4seg": (0, stop_at, whole // 4), "plain-live": (0, stop_at, live),
+            "refill-whole": (slots, stop_at, whole), "refill-live": (slots, stop_at, live)}  # fmt: skip
+    chosen = args.runs.split(",")
+    runs = [(LONGTAIL_RUNS[key], *spec[key]) for key in LONGTAIL_RUNS if key in chosen]
+    samplers, by_setting = {}, {}  # runs with the same slots and key block share one compiled sampler
     for name, s, lens, block in runs:
-        scfg = dataclasses.replace(cfg, slots=s)
-        samplers[name] = make_sampler(graphdef, scfg, group_size=g, stop_ids=(STOP_ID,), pad_id=0, decode_block=block)
-        samplers[name](state, prompts, lengths, jax.random.key(1), bench_stop_lengths=lens)  # compile + warm-up
-    # Timed in rounds (each run once per round, best round kept) so that contention hits all alike.
+        if (s, block) not in by_setting:
+            scfg = dataclasses.replace(cfg, slots=s)
+            by_setting[s, block] = make_sampler(graphdef, scfg, group_size=g, stop_ids=(STOP_ID,), pad_id=0,
+                                                decode_block=block)  # fmt: skip
+            by_setting[s, block](state, prompts, lengths, jax.random.key(1), bench_stop_lengths=lens)  # compile + warm-up
+        samplers[name] = by_setting[s, block]
+    # Timed in rounds (each run once per round, best round kept) so that contention hits all alike. The
+    # rollouts are the same every round (same key and lengths): the last one is kept for the counts.
     best = {name: float("inf") for name, *_ in runs}
+    outs = {}
     for _ in range(args.rounds):
         for name, s, lens, block in runs:
             t0 = time.perf_counter()
             out = jax.block_until_ready(samplers[name](state, prompts, lengths, jax.random.key(1),
                                                        bench_stop_lengths=lens))  # fmt: skip
             best[name] = min(best[name], time.perf_counter() - t0)
-    results = {}
+            outs[name] = (out, int(samplers[name].last_decode_steps))
+    results, report = {}, {}
     for name, s, lens, block in runs:
         sample = samplers[name]
-        out = sample(state, prompts, lengths, jax.random.key(1), bench_stop_lengths=lens)
+        out, steps = outs[name]
         secs, useful = best[name], int(np.asarray(out.lengths).sum())
-        rows, steps = decode_rows(sample.cfg, b)[0], int(sample.last_decode_steps)
+        rows = decode_rows(sample.cfg, b)[0]
         occupancy = useful / (steps * rows)
         floor_tps = rows * occupancy / (_step_bytes(args, state, rows) / (args.bandwidth_gbs * 1e9))
         results[name] = useful / secs
+        report[name] = {"rows": rows, "useful_tokens_per_s": useful / secs, "wall_s": secs, "decode_steps": steps,
+                        "occupancy": occupancy, "floor_tokens_per_s": floor_tps, "useful_tokens": useful}  # fmt: skip
         print(f"| {name:<30} | {rows:>5} | {useful / secs:>12.0f} | {secs:>7.2f} | {steps:>6} | {occupancy:>9.1%} | "
               f"{floor_tps:>11.0f} | {useful / secs / floor_tps:>8.1%} |")  # fmt: skip
     r = results
-    print(f"\nlive blocks / whole cache: plain {r['long-tail plain, live blocks'] / r['long-tail plain, whole cache']:.2f}x, "
-          f"refill {r['long-tail refill, live blocks'] / r['long-tail refill, whole cache']:.2f}x; "
-          f"refill / plain (live): {r['long-tail refill, live blocks'] / r['long-tail plain, live blocks']:.2f}x; "
-          f"refill (live) / uniform: {r['long-tail refill, live blocks'] / r['uniform']:.2f}x "
-          f"(floor at {args.bandwidth_gbs:.0f} GB/s)")  # fmt: skip
+    pairs = (("live blocks / whole cache, plain", "long-tail plain, live blocks", "long-tail plain, whole cache"),
+             ("live blocks / whole cache, refill", "long-tail refill, live blocks", "long-tail refill, whole cache"),
+             ("refill / plain (live)", "long-tail refill, live blocks", "long-tail plain, live blocks"),
+             ("refill (live) / uniform", "long-tail refill, live blocks", "uniform"))  # fmt: skip
+    got = [(label, r[a] / r[b]) for label, a, b in pairs if a in r and b in r]
+    if len(got) == len(pairs):  # every run: the line as it always read
+        (_, pw), (_, rw), (_, rp), (_, ru) = got
+        print(f"\nlive blocks / whole cache: plain {pw:.2f}x, refill {rw:.2f}x; refill / plain (live): {rp:.2f}x; "
+              f"refill (live) / uniform: {ru:.2f}x (floor at {args.bandwidth_gbs:.0f} GB/s)")  # fmt: skip
+    elif got:
+        print("\n" + "; ".join(f"{label}: {x:.2f}x" for label, x in got))
+    C.write_json(args.json, {
+        "workload": "longtail", "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+        "dtype": args.dtype, "rollouts": b, "prompts": n, "group": g, "prompt_len": p, "new_tokens": t, "slots": slots,
+        "lengths": {"mean": float(stop_at.mean()), "median": float(np.median(stop_at)),
+                    "p90": float(np.percentile(stop_at, 90)), "max": int(stop_at.max())},
+        "rounds": args.rounds, "runs": report,
+    })  # fmt: skip
 
 
 def breakdown(args, model, state, cfg):

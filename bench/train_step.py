@@ -81,15 +81,57 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side before timing")
     ap.add_argument("--torch-compile", action="store_true", help="torch.compile the peer's forward + loss")
     ap.add_argument("--skip-peer", action="store_true", help="time only ours")
+    ap.add_argument("--skip-ours", action="store_true", help="time only the peer (e.g. --torch-compile alone)")
     ap.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--compile-only", action="store_true",
                     help="only compile ours from abstract shapes and print XLA's memory analysis (no weights, no run)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="PATH",
+                    help="also write the results as JSON (rewritten as each side finishes, so a crash keeps the "
+                         "finished side; on a GPU with JAX's device memory_stats: peak_bytes_in_use)")
     args = ap.parse_args(argv)
     C.apply_preset(args, argv, PRESETS)
     if not 0 < args.prompt_frac < 1:
         ap.error(f"--prompt-frac={args.prompt_frac} must be in (0, 1)")
+    if args.skip_ours and (args.skip_peer or args.compile_only):
+        ap.error("--skip-ours leaves only the peer: it cannot go with --skip-peer or --compile-only")
     return args
+
+
+def bench_config(args=None, extra: dict | None = None):
+    """The run config both sides' loss and optimizer come from: ``configs/default.py`` with one padded
+    micro-batch (bench/packing.py compares packed rows) and no lr warm-up. With ``args``, also the batch
+    shape (``prompts_per_step x GROUP`` rows of ``P + T``) and the model's numerics, so that the planner
+    (bench/device_check.py) compiles this same step. ``extra``: more overrides, ``{section: {key: value}}``."""
+    from echorl_jax import config as config_lib
+
+    over = {"rl": {"micro_batches": 1, "pack_rows_per_micro_batch": 0}, "optim": {"warmup_steps": 0}}
+    if args is not None:
+        t = args.seq - max(1, round(args.seq * args.prompt_frac))
+        g = min(GROUP, args.batch)
+        dt = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+        over["rl"].update(prompts_per_step=args.batch // g, group_size=g)
+        over["data"] = {"max_prompt_len": args.seq - t}
+        over["sampling"] = {"max_new_tokens": t}
+        over["model"] = {"param_dtype": dt, "compute_dtype": dt, "remat": args.remat, "attention": args.attention,
+                         "logits_chunk": args.logits_chunk}  # fmt: skip
+    for section, values in (extra or {}).items():
+        over.setdefault(section, {}).update(values)
+    base = config_lib.load_config_file(os.path.join(C.REPO, "configs", "default.py"))
+    if over.get("model", {}).get("path"):  # the architecture comes from the path's config.json, not the file's
+        base = {**base, "model": {}}
+    return config_lib.build_config(base, over)
+
+
+def device_memory():
+    """JAX's allocator statistics of device 0 (bytes in use, peak, limit), or None where the backend has
+    none (CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None
+    return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
 
 
 def make_batch(args, obj_cfg):
@@ -158,6 +200,7 @@ class Ours:
         if path is not None:
             model = hf.load_model(path, mesh, param_dtype=dt, compute_dtype=dt, remat=args.remat,
                                   logits_chunk=args.logits_chunk, attention=args.attention)  # fmt: skip
+            self.attention = model.attention_impl
             graphdef, params = nnx.split(model)
             opt_state = jax.jit(optimizer.init)(params)
             step0 = jax.device_put(np.int32(0), sharding.replicated(mesh))
@@ -167,7 +210,9 @@ class Ours:
                                num_kv_heads=args.kv_heads, tie_embeddings=bool(args.tied), param_dtype=dt,
                                compute_dtype=dt, remat=args.remat, max_position_embeddings=max(4096, args.seq),
                                logits_chunk=args.logits_chunk, attention=args.attention)  # fmt: skip
-            graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+            abstract = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
+            self.attention = abstract.attention_impl
+            graphdef, params = nnx.split(abstract)
             shardings = nnx.to_pure_dict(sharding.state_shardings(params, mesh))
             sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
             nnx.replace_by_pure_dict(params, jax.tree.map(sds, nnx.to_pure_dict(params), shardings))
@@ -192,6 +237,9 @@ class Ours:
         self.memory = None
         self.host_transfer = None
         self.compiles_in_loop = 0
+        # Device memory (GPU): after loading (parameters, optimizer state, batch), after compiling (the
+        # autotuner's buffers count towards the peak), after the timed steps.
+        self.device_memory = {"loaded": device_memory() if path is not None else None}
 
     def compile(self):
         def lower_compile():
@@ -202,6 +250,8 @@ class Ours:
             self.memory = self.compiled.memory_analysis()
         except Exception:  # not every backend reports it
             self.memory = None
+        if self.device_memory["loaded"] is not None:
+            self.device_memory["compiled"] = device_memory()
 
     def one(self):
         self.state, metrics = self.step(self.state, self.batch)
@@ -319,17 +369,24 @@ class Peer:
 
 def main(argv=None):
     args = parse_args(argv)
+    result = {"args": {k: v for k, v in vars(args).items() if k != "json"}}
+    try:
+        _main(args, result)
+    except BaseException as e:  # the JSON keeps what finished, and says what did not
+        result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        raise
+    finally:
+        C.write_json(args.json, result)
+
+
+def _main(args, result):
     import jax
 
-    from echorl_jax import config as config_lib
-
     backend = jax.default_backend()
-    cfg = config_lib.build_config(config_lib.load_config_file(os.path.join(C.REPO, "configs", "default.py")),
-                                  # one padded micro-batch: bench/packing.py compares packed rows
-                                  {"rl": {"micro_batches": 1, "pack_rows_per_micro_batch": 0},
-                                   "optim": {"warmup_steps": 0}})  # fmt: skip
+    cfg = bench_config(args)
     data = make_batch(args, cfg.objective)
     b, s, t = args.batch, args.seq, data["t"]
+    result.update(backend=backend, device_kind=jax.devices()[0].device_kind, batch=b, seq=s, response=t)
     print(C.machine_line())
     if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) < (os.cpu_count() or 1):
         print(f"pinned to cores {sorted(os.sched_getaffinity(0))} (both sides)")
@@ -345,6 +402,7 @@ def main(argv=None):
         print(f"\ncompiled ours from abstract shapes in {ours.compile_s:.1f} s ({ours.num_params / 1e6:.1f}M params); "
               f"nothing was run")  # fmt: skip
         _report_memory(ours, args, data)
+        result["ours"] = _ours_json(ours, [])
         return
 
     import torch
@@ -354,57 +412,96 @@ def main(argv=None):
         print(f"note: JAX runs on {backend} but torch has no CUDA: the peer runs on the CPU (use --skip-peer)")
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = C.build_qwen2_checkpoint(
-            tmp, vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+            None if args.skip_ours else tmp, vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
             mlp=args.mlp, tied=args.tied, max_positions=max(4096, s), seed=args.seed,
         )  # fmt: skip
-        ours = Ours(args, tmp, data, cfg)
+        ours = None if args.skip_ours else Ours(args, tmp, data, cfg)
     peer = None if args.skip_peer else Peer(args, hf_model, data, cfg, device)
+    num_params = ours.num_params if ours else sum(x.numel() for x in hf_model.parameters())  # tied: counted once
     del hf_model
     _count_compiles()
 
+    # ----------------------------------------------------------------- report helpers
+    tokens = b * s
+    p_matmul = num_params - (0 if args.tied else args.vocab * args.hidden)
+    flops = 6 * p_matmul * tokens
+    result["model_flops_per_step"] = flops
+
     times: dict[str, list[float]] = {"ours": [], "peer": []}
-    sides = [("ours", ours)] + ([("peer", peer)] if peer else [])
+    sides = ([("ours", ours)] if ours else []) + ([("peer", peer)] if peer else [])
+
+    def record(key, side):
+        if key == "ours":
+            result["ours"] = _ours_json(side, times["ours"], flops, tokens)
+        else:
+            sec = C.median(times["peer"])
+            result["peer"] = {"name": side.name, "device": device, "s_per_step": sec, "min_s": min(times["peer"]),
+                              "max_s": max(times["peer"]), "tokens_per_s": tokens / sec,
+                              "tflops": flops / sec / 1e12, "first_step_s": side.first_s,
+                              "compile_s": max(side.first_s - sec, 0.0) if args.torch_compile else None,
+                              "first": side.first}  # fmt: skip
+
     if backend == "cpu":  # alternate, so contention from other jobs hits both sides alike
         for _, side in sides:
             side.warmup(args.warmup)
         for r in range(args.rounds):
             for key, side in sides if r % 2 == 0 else sides[::-1]:
                 times[key] += side.run(args.steps)
+        for key, side in sides:
+            record(key, side)
     else:  # one accelerator: the peer runs first and frees its memory before ours allocates
         for key, side in sides[::-1]:
             side.warmup(args.warmup)
             times[key] += side.run(args.steps * args.rounds)
+            if key == "ours":
+                side.device_memory["after_steps"] = device_memory()
+            record(key, side)
+            C.write_json(args.json, result)  # a crash in the next side keeps this one
             side.close()
 
     # ----------------------------------------------------------------- report
-    tokens = b * s
-    p_matmul = ours.num_params - (0 if args.tied else args.vocab * args.hidden)
-    flops = 6 * p_matmul * tokens
-    ours_s = C.median(times["ours"])
     rows = []
     if peer:
         peer_s = C.median(times["peer"])
         peer_compile = max(peer.first_s - peer_s, 0.0)
         rows.append([peer.name, f"{peer_s:.4f}", C.spread(times["peer"]), f"{tokens / peer_s:,.0f}",
                      f"{flops / peer_s / 1e12:.3f}", f"{peer_compile:.1f}" if args.torch_compile else "-"])  # fmt: skip
-    rows.append([ours.name, f"{ours_s:.4f}", C.spread(times["ours"]), f"{tokens / ours_s:,.0f}",
-                 f"{flops / ours_s / 1e12:.3f}", f"{ours.compile_s:.1f}"])  # fmt: skip
-    n = len(times["ours"])
+    if ours:
+        ours_s = C.median(times["ours"])
+        rows.append([ours.name, f"{ours_s:.4f}", C.spread(times["ours"]), f"{tokens / ours_s:,.0f}",
+                     f"{flops / ours_s / 1e12:.3f}", f"{ours.compile_s:.1f}"])  # fmt: skip
+    n = len(times["ours"] or times["peer"])
     print(f"\n{n} timed steps per side ({args.rounds} rounds x {args.steps}) after {args.warmup} warm-up steps; "
           f"medians; model FLOPs/step = 6 x {p_matmul / 1e6:.2f}M params x {tokens} tokens = {flops / 1e12:.3f} TFLOP")  # fmt: skip
     print(C.table(["train step", "s/step (median)", "min-max s", "tokens/s", "model TFLOP/s", "compile s"], rows))
-    if peer:
+    if peer and ours:
         print(f"\nratio peer / ours: {peer_s / ours_s:.2f}x  (>1: ours is faster)")
         dl = abs(peer.first["loss"] - ours.first["loss"])
         dg = abs(peer.first["grad_norm"] - ours.first["grad_norm"]) / max(abs(peer.first["grad_norm"]), 1e-12)
         print(f"first-step parity: loss ours {ours.first['loss']:.6f} vs peer {peer.first['loss']:.6f} "
               f"(|diff| {dl:.1e}); grad norm ours {ours.first['grad_norm']:.6f} vs peer "
               f"{peer.first['grad_norm']:.6f} (rel diff {dg:.1e})")  # fmt: skip
-    print(f"ours: JAX traces/compilations during the {n} timed steps: {ours.compiles_in_loop} (0 = no recompilation); "
-          f"implicit host<->device transfers inside a step: {ours.host_transfer}")  # fmt: skip
-    _report_memory(ours, args, data)
+        result.update(ratio_peer_over_ours=peer_s / ours_s, parity={"loss_abs": dl, "grad_norm_rel": dg})
+    if ours:
+        print(f"ours: JAX traces/compilations during the {n} timed steps: {ours.compiles_in_loop} (0 = no recompilation); "
+              f"implicit host<->device transfers inside a step: {ours.host_transfer}")  # fmt: skip
+        _report_memory(ours, args, data)
     if backend == "cpu":
         print("CPU timings: cores are shared with other jobs; contention inflates both sides (see min-max).")
+
+
+def _ours_json(ours, times, flops=None, tokens=None) -> dict:
+    m = ours.memory
+    out = {"name": ours.name, "attention": ours.attention, "compile_s": ours.compile_s,
+           "num_params": ours.num_params, "first": ours.first, "compiles_in_loop": ours.compiles_in_loop,
+           "host_transfer": ours.host_transfer, "device_memory": ours.device_memory,
+           "memory_analysis": None if m is None else {
+               k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}}  # fmt: skip
+    if times:
+        sec = C.median(times)
+        out.update(s_per_step=sec, min_s=min(times), max_s=max(times), tokens_per_s=tokens / sec,
+                   tflops=flops / sec / 1e12)  # fmt: skip
+    return out
 
 
 def _report_memory(ours, args, data):
@@ -414,6 +511,11 @@ def _report_memory(ours, args, data):
         print(f"ours memory (XLA analysis, {ours.jax.default_backend()}): arguments {gib(m.argument_size_in_bytes)}, "
               f"outputs {gib(m.output_size_in_bytes)}, aliased (donated) {gib(m.alias_size_in_bytes)}, "
               f"temporaries {gib(m.temp_size_in_bytes)}")  # fmt: skip
+    dm = ours.device_memory
+    if dm.get("after_steps") and "peak_bytes_in_use" in dm["after_steps"]:
+        print(f"ours device memory (JAX allocator, device 0): peak {gib(dm['after_steps']['peak_bytes_in_use'])} "
+              f"in use after the steps (after loading: {gib(dm['loaded'].get('bytes_in_use', 0))} in use; "
+              f"after compiling: peak {gib(dm['compiled'].get('peak_bytes_in_use', 0))})")  # fmt: skip
     b, s, t = args.batch, args.seq, data["t"]
     print(f"one fp32 logits tensor: {gib(b * s * args.vocab * 4)} for all {b}x{s} positions "
           f"(the model computes logits at every position), {gib(b * t * args.vocab * 4)} for the {t} response "
