@@ -1,8 +1,9 @@
 """Qwen2.5-Math-1.5B (Qwen/Qwen2.5-Math-1.5B) x DAPO at the paper's hyperparameters (configs/paper/_base.py).
 
-Accelerator: 8 devices of >= 80 GB: 1 node of 8 H100 80GB, or TPU v5p-16 (8 chips);
-mesh (1, -1, 1) (FSDP), rl.micro_batches=32;
-estimated peak 34 GiB per device (_base.per_device_gib).
+Accelerator: TPU v5e-8 (8 × 16 GB); mesh (1, -1, 1) (FSDP); planned with EchoRL on by
+python -m echorl_jax.plan --config configs/paper/qwen25_math_1p5b_grpo.py --devices 8 --config.model.path=configs/paper/models/qwen25_math_1p5b --config.echo.enabled=true --fit v5e
+(configs/paper/plans.json): model.remat=attn, rl.pack_rows_per_micro_batch=1,
+sampling.kv_cache_memory=5.2e9, sampling.decode_tensor_parallel=2; peak 14.3 GB per device (sampler).
 Run:    python -m echorl_jax.main --config configs/paper/qwen25_math_1p5b_dapo.py
 EchoRL: add --config.echo.enabled=true
 """

@@ -1,8 +1,9 @@
 """Qwen3-8B-Base (Qwen/Qwen3-8B-Base) x Dr.GRPO at the paper's hyperparameters (configs/paper/_base.py).
 
-Accelerator: 32 devices of >= 80 GB: 4 nodes of 8 H100 80GB, or TPU v5p-64 (32 chips);
-mesh (1, -1, 1) (FSDP), rl.micro_batches=16;
-estimated peak 44 GiB per device (_base.per_device_gib).
+Accelerator: 8 × 80 GB (one node of 8 H100 or A100 80GB); mesh (1, -1, 1) (FSDP); planned with EchoRL on by
+python -m echorl_jax.plan --config configs/paper/qwen3_8b_base_grpo.py --devices 8 --config.model.path=configs/paper/models/qwen3_8b_base --config.echo.enabled=true --fit h100
+(configs/paper/plans.json): model.remat=attn, rl.pack_rows_per_micro_batch=2,
+sampling.kv_cache_memory=30.1e9, sampling.decode_tensor_parallel=2; peak 71.8 GB per device (sampler).
 Run:    python -m echorl_jax.main --config configs/paper/qwen3_8b_base_drgrpo.py
 EchoRL: add --config.echo.enabled=true
 """

@@ -422,5 +422,5 @@ def plan(cfg, devices=None, memory: int | None = None, learner: LearnerMemory | 
         decode_copy=sm.decode_copy, decode_tp=sm.tensor_parallel, copy_temp=sm.copy_temp, sample_temp=sm.temp,
         cpu_bf16=jax.default_backend() == "cpu" and jnp.dtype(ctx.mcfg.compute_dtype) == jnp.bfloat16,
         remat=cfg.model.remat, attention=ctx.mcfg.attention, adapters=ctx.adapters, base_copy=sm.base_copy,
-        stand_in_for=run_attention if ctx.mcfg.attention != run_attention and run_attention != "xla_chunked" else "",
+        stand_in_for=run_attention if ctx.mcfg.attention != run_attention else "",
     )  # fmt: skip
