@@ -223,7 +223,8 @@ class Ours:
         self.num_params = sum(x.size for x in jax.tree.leaves(params))
         self.state = update.TrainState(step0, params, opt_state)
         # The trainer's own jit wrapper; it reads only these attributes of a Setup.
-        s = SimpleNamespace(graphdef=graphdef, optimizer=optimizer, cfg=cfg, train_temperature=1.0, mesh=mesh)
+        s = SimpleNamespace(graphdef=graphdef, optimizer=optimizer, cfg=cfg, train_temperature=1.0, mesh=mesh,
+                            frozen=None)  # frozen: LoRA's base weights; none here, every weight trains
         self.step = train._jit_train_step(s, self.state)
         ub = update.UpdateBatch(data["tokens"], data["valid"], data["mask"], data["adv"], data["old_logp"],
                                 np.zeros_like(data["old_logp"]), data["echo"])  # fmt: skip
