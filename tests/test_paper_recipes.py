@@ -95,7 +95,7 @@ def shrunk(path, tmp_path, echo: bool) -> config_lib.Config:
         "data": {"train": str(tmp_path / "train.parquet"), "eval": "", "tokenizer": str(tok_dir), "max_prompt_len": 32},
         "sampling": {"max_new_tokens": 24},
         "echo": {"enabled": echo},
-        "rl": {"prompts_per_step": 4, "group_size": 4, "micro_batches": 2, "max_sample_rounds": 1},
+        "rl": {"prompts_per_step": 4, "group_size": 4, "pack_rows_per_micro_batch": 1, "max_sample_rounds": 1},
         "train": {"steps": 1, "workdir": str(tmp_path / f"{model}_{method}"), "export_hf": False, "resume": False,
                   "eval_every": 0, "save_every": 0, "progress": False, "echo_grad_norm_every": 1},
     }  # fmt: skip
