@@ -239,3 +239,71 @@ def test_train_with_packing_gives_the_unpacked_run(tmp_path):
     rows = [r for r in read_jsonl(tmp_path / "packed" / "metrics.jsonl") if r["kind"] == "train"]
     assert all(1 <= r["packing/micro_batches"] <= 2 and 0 < r["packing/fill"] <= 1 for r in rows)
     assert out["step"] == 2
+
+
+SKIP_CASES = {
+    "grpo-token-mean-echo": dict(aggregation="token-mean"),
+    "gspo-seq-mean-token-mean-luffy": dict(policy_loss="gspo", aggregation="seq-mean-token-mean", expert_per_group=1),
+    "drgrpo-seq-mean-token-sum-norm": dict(estimator="drgrpo", aggregation="seq-mean-token-sum-norm"),
+}
+
+
+@pytest.mark.parametrize("name", list(SKIP_CASES))
+def test_train_step_leaves_out_rows_with_no_gradient(mesh, model, name):
+    """Groups whose advantages are all 0 (all correct or all wrong) and hold no EchoClip add nothing to the
+    loss: the packed step that leaves them out (``update.signal_rows`` -> ``plan_rows(keep_b=...)``)
+    computes fewer micro-batches and gives the padded step's loss, gradient and update over every row;
+    its per-token metrics are the padded step's over the rows it computed."""
+    b = 32
+    obj = objectives.ObjectiveConfig(**SKIP_CASES[name]).validate()
+    echo = echo_lib.EchoConfig(enabled=True, coef=0.5)
+    batch = rollout_batch(b, "long", seed=5)
+    adv = np.asarray(batch.adv_bt).copy()
+    adv[G : 3 * G] = 0.0  # groups 1 and 2: degenerate; group 0 keeps its EchoClip row, group 3+ their advantage
+    echo_mask = np.asarray(batch.echo_mask_bt).copy()
+    echo_mask[G : 3 * G] = False
+    batch = batch._replace(adv_bt=adv, echo_mask_bt=echo_mask)
+    if not obj.expert_per_group:
+        batch = batch._replace(offpolicy_bt=None)
+    keep = update.signal_rows(batch, obj)
+    expect = np.ones(b, bool)
+    expect[G : 3 * G] = False
+    if obj.expert_per_group:  # expert rows stay whatever their advantage
+        expect[G - 1 : 3 * G : G] = True
+    np.testing.assert_array_equal(keep, expect)
+    graphdef, params = nnx.split(model)
+    opt = optax.sgd(1.0)
+    state = update.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
+    spec = packing.make_spec(b, P + T, T, 1, mesh)
+    lengths = batch.valid_bs.sum(1)
+    dest = packing.plan_rows(lengths, spec, keep_b=keep)
+    assert (dest[~keep] == packing.skipped_dest(spec)).all()
+    assert packing.micro_batches_used(dest, spec) < packing.micro_batches_used(packing.plan_rows(lengths, spec), spec)
+    assert packing.plan_stats(dest, lengths, spec)["packing/skipped_rows"] == (~keep).sum()
+    padded = jax.jit(update.make_train_step(graphdef, opt, obj, echo, micro_batches=1, temperature=0.9))
+    packed = jax.jit(update.make_train_step(graphdef, opt, obj, echo, micro_batches=1, temperature=0.9, pack=spec))
+    s_pad, m_pad = padded(state, sharding.shard_batch(batch, mesh))
+    s_pk, m_pk = packed(state, sharding.shard_batch(batch, mesh), packing.put_plan(dest, mesh))
+    per_token = ("entropy", "clip_frac", "approx_kl_old", "offpolicy_prob")
+    for k in m_pad:
+        if k not in per_token:
+            np.testing.assert_allclose(m_pk[k], m_pad[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for p0, a, b_ in zip(jax.tree.leaves(params), jax.tree.leaves(s_pk.params), jax.tree.leaves(s_pad.params)):
+        assert relative_error(np.asarray(p0) - np.asarray(a), np.asarray(p0) - np.asarray(b_)) < 1e-5
+    assert float(m_pad["grad_norm"]) > 0
+    # The per-token metrics: the padded step's over the computed rows only.
+    k1 = keep[:, None]
+    kept = batch._replace(mask_bt=batch.mask_bt & k1, echo_mask_bt=batch.echo_mask_bt & k1,
+                          offpolicy_bt=None if batch.offpolicy_bt is None else batch.offpolicy_bt & k1)
+    _, m_kept = padded(state, sharding.shard_batch(kept, mesh))
+    for k in per_token:
+        if k in m_pad:
+            np.testing.assert_allclose(m_pk[k], m_kept[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_signal_rows_keeps_every_row_under_kl_or_entropy_terms():
+    batch = rollout_batch(16, "tail", seed=2)._replace(adv_bt=np.zeros((16, T), np.float32), offpolicy_bt=None)
+    batch = batch._replace(echo_mask_bt=np.zeros((16, T), bool))
+    assert not update.signal_rows(batch, objectives.ObjectiveConfig().validate()).any()
+    for extra in (dict(kl_coef=0.05), dict(entropy_coef=0.01)):
+        assert update.signal_rows(batch, objectives.ObjectiveConfig(**extra).validate()).all(), extra

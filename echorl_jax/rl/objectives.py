@@ -328,7 +328,7 @@ def entropy_term(entropy_bt, mask_bt, counts: GlobalCounts, obj: ObjectiveConfig
 
 def total_loss(
     logp_bt, entropy_bt, batch: LossBatch, counts: GlobalCounts, obj: ObjectiveConfig, echo: echo_lib.EchoConfig | None,
-    layout=ROWS,
+    layout=ROWS, metric_counts: GlobalCounts | None = None,
 ):
     """Combined loss for one (micro-)batch and its additive metrics.
 
@@ -337,6 +337,9 @@ def total_loss(
     ``batch.offpolicy_bt`` (LUFFY), "policy" is the clipped surrogate on on-policy tokens plus
     ``offpolicy_loss_bt`` on expert tokens, aggregated together over all valid tokens.
     ``layout``: how tokens group into sequences (``ROWS``, or a packed batch's ``Segments``).
+    ``metric_counts``: the counts the per-token metrics (entropy, clip_frac, approx_kl_old) average over,
+    when the pass computes only some of the mini-batch's rows (rows with no gradient skipped); default
+    ``counts``. The loss always uses ``counts``.
     """
     mask = batch.mask_bt.astype(bool)
     off = jnp.zeros_like(mask) if batch.offpolicy_bt is None else mask & batch.offpolicy_bt.astype(bool)
@@ -354,9 +357,12 @@ def total_loss(
     pg_loss = agg(pl_bt)
     entropy = entropy_term(entropy_bt, mask, counts, obj, layout)
     loss = pg_loss - obj.entropy_coef * entropy
-    n_tok = jnp.maximum(counts.num_tokens, 1.0)
+    mc = counts if metric_counts is None else metric_counts
+    if metric_counts is not None:
+        entropy = entropy_term(entropy_bt, mask, mc, obj, layout)  # the metric; the loss used counts
+    n_tok = jnp.maximum(mc.num_tokens, 1.0)
     # Expert tokens have no behaviour policy to drift from: the drift metric is over on-policy tokens.
-    n_on = jnp.maximum(counts.num_tokens - counts.num_offpolicy_tokens, 1.0)
+    n_on = jnp.maximum(mc.num_tokens - mc.num_offpolicy_tokens, 1.0)
     sg_log_ratio_bt = jax.lax.stop_gradient(jnp.where(on, logp_bt - batch.old_logp_bt, 0.0))
     sg_log_ratio_bt = jnp.clip(sg_log_ratio_bt, -obj.logratio_clamp, obj.logratio_clamp)
     metrics = {
@@ -368,7 +374,7 @@ def total_loss(
     }
     if obj.expert_per_group > 0:  # LUFFY: mean pi_theta of the expert tokens (how far the policy is from them)
         p_off = jnp.where(off, jnp.exp(jax.lax.stop_gradient(logp_bt)), 0.0)
-        metrics["offpolicy_prob"] = p_off.sum() / jnp.maximum(counts.num_offpolicy_tokens, 1.0)
+        metrics["offpolicy_prob"] = p_off.sum() / jnp.maximum(mc.num_offpolicy_tokens, 1.0)
     if obj.kl_coef > 0:
         kl = agg(jnp.where(mask, kl_bt(logp_bt, ref_logp_bt, obj.kl_kind, obj.logratio_clamp), 0.0))
         loss = loss + obj.kl_coef * kl

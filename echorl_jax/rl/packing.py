@@ -86,9 +86,16 @@ def make_spec(num_rows: int, source_len: int, response_len: int, rows_per_device
 # ----------------------------------------------------------------------------- host: placement
 
 
-def plan_rows(length_b: np.ndarray, spec: PackSpec, max_segments: int = MAX_SEGMENTS) -> np.ndarray:
+def skipped_dest(spec: PackSpec) -> int:
+    """The ``dest_b`` of a row left out of every micro-batch: one past the packed layout ``[C, R, L]``."""
+    return spec.num_micro_batches * spec.tokens_per_micro_batch
+
+
+def plan_rows(length_b: np.ndarray, spec: PackSpec, max_segments: int = MAX_SEGMENTS,
+              keep_b: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """``dest_b`` int32 ``[B]``: where rollout row ``b``'s real tokens start in the flattened packed
-    layout ``[C, R, L]`` (``(c · R + r) · L + offset``).
+    layout ``[C, R, L]`` (``(c · R + r) · L + offset``). Rows with ``keep_b`` false are placed nowhere
+    (``skipped_dest``): no micro-batch computes them (the train step's rows that carry no gradient).
 
     First-fit-decreasing into rows of ``L`` tokens and at most ``max_segments`` sequences; the rows,
     largest first, go to the device with the fewest tokens among those holding fewer than
@@ -96,9 +103,19 @@ def plan_rows(length_b: np.ndarray, spec: PackSpec, max_segments: int = MAX_SEGM
     ``j // k``. Fewer rows than sequences, spread evenly, so ``C`` micro-batches always suffice.
     """
     length_b = np.asarray(length_b, np.int64)
-    L, k, D = spec.row_len, spec.rows_per_device, spec.devices
     if length_b.shape != (spec.num_rows,):
         raise ValueError(f"packing: {length_b.shape[0]} row lengths for a spec of {spec.num_rows} rows")
+    if keep_b is not None:
+        keep_b = np.asarray(keep_b, bool)
+        dest = np.full(spec.num_rows, skipped_dest(spec), np.int64)
+        if keep_b.any():
+            dest[keep_b] = _place(length_b[keep_b], spec, max_segments)
+        return dest.astype(np.int32)
+    return _place(length_b, spec, max_segments).astype(np.int32)
+
+
+def _place(length_b: np.ndarray, spec: PackSpec, max_segments: int) -> np.ndarray:
+    L, k, D = spec.row_len, spec.rows_per_device, spec.devices
     if length_b.size and (length_b.min() < 1 or length_b.max() > L):
         raise ValueError(f"packing: row lengths must be in [1, {L}]; got {length_b.min()}..{length_b.max()}")
     free = np.empty(len(length_b), np.int64)  # tokens left per packed row
@@ -125,20 +142,23 @@ def plan_rows(length_b: np.ndarray, spec: PackSpec, max_segments: int = MAX_SEGM
         rows_d[d] += 1
     if rows and quota > spec.num_micro_batches * k:  # cannot happen: rows <= B
         raise AssertionError(f"packing: {quota} rows per device exceed {spec.num_micro_batches} x {k}")
-    return (flat_row[row_of] * L + offset).astype(np.int32)
+    return flat_row[row_of] * L + offset
 
 
 def micro_batches_used(dest_b: np.ndarray, spec: PackSpec) -> int:
     """How many of the ``C`` micro-batches hold a sequence (the rest are skipped)."""
-    return int(np.unique(np.asarray(dest_b) // spec.tokens_per_micro_batch).size)
+    dest_b = np.asarray(dest_b)
+    return int(np.unique(dest_b[dest_b < skipped_dest(spec)] // spec.tokens_per_micro_batch).size)
 
 
 def plan_stats(dest_b: np.ndarray, length_b: np.ndarray, spec: PackSpec) -> dict[str, float]:
     """Train metrics of one plan: micro-batches computed (of ``C``), and the real tokens' share of the
     tokens those micro-batches compute (``packing/fill``; a padded step's is sum(lengths) / (B · S))."""
     used = micro_batches_used(dest_b, spec)
-    return {"packing/micro_batches": float(used),
-            "packing/fill": float(np.sum(length_b)) / max(used * spec.tokens_per_micro_batch, 1)}  # fmt: skip
+    placed = np.asarray(dest_b) < skipped_dest(spec)
+    real = float(np.sum(np.asarray(length_b)[placed]))
+    return {"packing/micro_batches": float(used), "packing/skipped_rows": float(np.sum(~placed)),
+            "packing/fill": real / max(used * spec.tokens_per_micro_batch, 1)}  # fmt: skip
 
 
 def put_plan(dest_b: np.ndarray, mesh) -> jax.Array:

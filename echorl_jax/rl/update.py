@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -160,6 +161,29 @@ def global_counts(batch: UpdateBatch) -> objectives.GlobalCounts:
     return objectives.global_counts(batch.mask_bt, batch.echo_mask_bt, batch.offpolicy_bt)
 
 
+def placed_rows(batch: UpdateBatch, dest_b, pack: packing.PackSpec) -> UpdateBatch:
+    """``batch`` with the masks of the rows the plan ``dest_b`` left out cleared (what counts see)."""
+    keep_b1 = (jnp.asarray(dest_b) < packing.skipped_dest(pack))[:, None]
+    off = None if batch.offpolicy_bt is None else batch.offpolicy_bt & keep_b1
+    return batch._replace(mask_bt=batch.mask_bt & keep_b1, echo_mask_bt=batch.echo_mask_bt & keep_b1, offpolicy_bt=off)
+
+
+def signal_rows(batch: UpdateBatch, obj_cfg) -> np.ndarray:
+    """bool ``[B]`` (host): the rows whose loss terms can have a gradient. A row of an objective with no KL
+    and no entropy term whose advantage is 0 at every response token and that holds no EchoClip token adds
+    exactly 0 to the loss and the gradient (every policy loss here is proportional to the advantage), so the
+    packed train step need not compute it; expert (off-policy) rows are always kept."""
+    n = batch.tokens_bs.shape[0]
+    if obj_cfg.kl_coef > 0 or obj_cfg.entropy_coef != 0:
+        return np.ones(n, bool)
+    mask = np.asarray(sharding.to_host(batch.mask_bt), bool)
+    keep = ((np.asarray(sharding.to_host(batch.adv_bt)) != 0) & mask).any(axis=1)
+    keep |= np.asarray(sharding.to_host(batch.echo_mask_bt), bool).any(axis=1)
+    if batch.offpolicy_bt is not None:
+        keep |= np.asarray(sharding.to_host(batch.offpolicy_bt), bool).any(axis=1)
+    return keep
+
+
 def split_rows(x: jax.Array, num_chunks: int) -> jax.Array:
     """``[B, ...] -> [C, B/C, ...]``, chunk ``c`` holding rows ``c, c + C, ...``.
 
@@ -262,22 +286,25 @@ def make_train_step(graphdef, optimizer, obj_cfg, echo_cfg: echo_lib.EchoConfig,
     An update whose loss or gradient is not finite leaves ``state`` as it was (``skip_nonfinite``).
     ``param_sh``: the (trained) parameters' shardings, kept by the gradient accumulators."""
 
-    def loss_fn(params, mb: UpdateBatch, counts, index, frozen):
+    def loss_fn(params, mb: UpdateBatch, counts, index, frozen, metric_counts=None):
         logp, entropy, layout = micro_batch_logp(graphdef, policy_params(params, frozen), mb, temperature, index,
                                                  pack)  # fmt: skip
         loss_batch = objectives.LossBatch(mb.mask_bt, mb.adv_bt, mb.old_logp_bt, mb.ref_logp_bt, mb.echo_mask_bt,
                                           mb.offpolicy_bt, mb.rc_weight_bt)  # fmt: skip
-        return objectives.total_loss(logp, entropy, loss_batch, counts, obj_cfg, echo_cfg, layout)
+        return objectives.total_loss(logp, entropy, loss_batch, counts, obj_cfg, echo_cfg, layout, metric_counts)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: UpdateBatch, dest_b=None, frozen=None):
         check_plan(dest_b, pack)
         counts = global_counts(batch)
+        # Packed: rows the plan placed nowhere (no gradient: rl/packing.py, signal_rows) are not computed;
+        # the loss keeps the whole mini-batch's counts, the per-token metrics average over the computed rows.
+        metric_counts = None if dest_b is None else global_counts(placed_rows(batch, dest_b, pack))
 
         def accumulate(carry, mb, index=None):
             grads, loss, metrics = carry
-            (l, m), g = grad_fn(state.params, mb, counts, index, frozen)
+            (l, m), g = grad_fn(state.params, mb, counts, index, frozen, metric_counts)
             return (add_float32(grads, g, param_sh), loss + l, jax.tree.map(jnp.add, metrics, m))
 
         zeros = zeros_float32(state.params, param_sh)

@@ -167,9 +167,11 @@ def _rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds, num_expert:
 
 
 def _run_updates(train_step, state: TrainState, full: UpdateBatch, mesh, rl, *, seed: int, step: int,
-                 pack: packing.PackSpec | None = None, lengths: np.ndarray | None = None):  # fmt: skip
+                 pack: packing.PackSpec | None = None, lengths: np.ndarray | None = None,
+                 keep: np.ndarray | None = None):  # fmt: skip
     """``rl.epochs`` passes over the rollout rows, each split into ``rl.minibatches`` optimizer steps.
-    With ``pack`` each mini-batch's rows (real-token ``lengths``, host) are packed by a host plan."""
+    With ``pack`` each mini-batch's rows (real-token ``lengths``, host) are packed by a host plan, which
+    leaves out the rows ``keep`` marks false (no gradient: ``update.signal_rows``)."""
     rows = full.tokens_bs.shape[0]
     per_mb = rows // rl.minibatches
     metrics: list[dict] = []
@@ -184,7 +186,8 @@ def _run_updates(train_step, state: TrainState, full: UpdateBatch, mesh, rl, *, 
                 state, step_metrics = train_step(state, mb)
             else:
                 mb_lengths = lengths[order[m * per_mb : (m + 1) * per_mb]]
-                dest_b = packing.plan_rows(mb_lengths, pack)
+                mb_keep = None if keep is None else keep[order[m * per_mb : (m + 1) * per_mb]]
+                dest_b = packing.plan_rows(mb_lengths, pack, keep_b=mb_keep)
                 state, step_metrics = train_step(state, mb, packing.put_plan(dest_b, mesh))
                 step_metrics = dict(step_metrics, **packing.plan_stats(dest_b, mb_lengths, pack))
             metrics.append(step_metrics)
@@ -196,10 +199,12 @@ def run_eval(s: Setup, params, step: int) -> dict[str, float]:
         return {}
     s.eval_pipeline.set_state(s.eval_initial_state)
     rng = jax.random.fold_in(jax.random.key(s.cfg.train.seed + 1), step)
-    return grading.evaluate(  # one decode copy for the whole evaluation, dropped after it (LoRA: of the adapters)
+    t0 = time.perf_counter()
+    got = grading.evaluate(  # one decode copy for the whole evaluation, dropped after it (LoRA: of the adapters)
         s.eval_sample, s.decode_weights(s.eval_sample, params), s.eval_pipeline, s.eval_records, s.verifier, s.tokenizer,
         k=s.cfg.train.eval_samples, rng=rng,
     )  # fmt: skip
+    return {**got, "time/eval": time.perf_counter() - t0}  # the first includes compiling the held-out sampler
 
 
 def _num_chunks(rl) -> int:
@@ -356,8 +361,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         if echo_norm is not None and step % tc.echo_grad_norm_every == 0:
             args = (*plan_all,) if s.frozen is None else (plan_all[0] if plan_all else None, s.frozen)
             extra["echo/grad_norm"] = echo_norm(state.params, sharding.shard_batch(full, s.mesh), *args)
+        keep = update.signal_rows(full, cfg.objective) if pack_mb is not None else None  # rows with a gradient
         state, update_metrics = _run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step,
-                                             pack=pack_mb, lengths=lengths)  # fmt: skip
+                                             pack=pack_mb, lengths=lengths, keep=keep)  # fmt: skip
         jax.block_until_ready(state.params)
         timings["update"] = time.perf_counter() - t0
         metrics = _rollout_metrics(ro, sharding.to_host(reward_dev), got.correct_ng, clips, got.info, got.rounds, k)
