@@ -46,6 +46,10 @@ class ModelSection(ModelConfig):
 class MeshConfig:
     shape: tuple = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
     num_devices: int = 0  # 0 = every visible device; else the first N (e.g. 1 to compare against a mesh)
+    # A CPU-only host as this many JAX devices, each running its share of every batch on its own threads
+    # (XLA:CPU keeps one device's small ops on about one core); set before JAX starts, by the entry
+    # scripts. 0 = JAX's default: one (or XLA_FLAGS' --xla_force_host_platform_device_count).
+    cpu_devices: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,6 +467,7 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
            cfg.objective.rollout_correction, "needs rl.recompute_logp=true (the learner's log-probs of the rollout "
            "tokens, before the update)")
     _check(train.eval_samples >= 1, "train.eval_samples", train.eval_samples, "must be >= 1")
+    _check(cfg.mesh.cpu_devices >= 0, "mesh.cpu_devices", cfg.mesh.cpu_devices, "must be >= 0 (0 = JAX's default)")
     _check(cfg.dist.initialize in ("auto", "always", "never"), "dist.initialize", cfg.dist.initialize,
            "one of 'auto', 'always', 'never'")
     _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")

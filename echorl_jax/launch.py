@@ -78,6 +78,22 @@ def deterministic_ops_here() -> str:
     return platform
 
 
+def set_cpu_devices(n: int) -> str:
+    """Makes a CPU-only host ``n`` JAX devices (``mesh.cpu_devices``; 0 = leave JAX's default). Call it
+    before JAX starts its backend; returns what happened, for the log ("" when nothing was asked).
+    ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` is the user's own choice and wins."""
+    if n <= 0:
+        return ""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return f"mesh.cpu_devices={n} left to XLA_FLAGS, which sets --xla_force_host_platform_device_count"
+    if _jax_started():
+        return f"mesh.cpu_devices={n} not applied: JAX had already started (set it before, or use XLA_FLAGS)"
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", n)
+    return f"CPU devices: {n} (mesh.cpu_devices; used when the CPU is the platform)"
+
+
 def is_deterministic(xla_flags: str) -> bool:
     return DETERMINISTIC_FLAG in xla_flags.split()
 

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # Before anything starts JAX's backend (nothing above has): XLA reads XLA_FLAGS only then.
+        if said := launch.set_cpu_devices(cfg.mesh.cpu_devices):
+            print(f"[echorl] {said}", flush=True)
         platform = launch.deterministic_ops_here() if args.compare or args.deterministic else None
         cli.maybe_init_distributed(cfg.dist)
         parallel = compare_parallel(args.parallel, cfg.dist) if args.compare else 1

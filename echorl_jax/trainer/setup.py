@@ -393,6 +393,10 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log, tr
         mesh = sharding.make_mesh(cfg.mesh.shape, devices)
     except ValueError as e:
         raise config_lib.ConfigError(f"mesh.shape={cfg.mesh.shape}: {e}") from None
+    n_cpu = cfg.mesh.cpu_devices
+    if n_cpu and jax.default_backend() == "cpu" and jax.local_device_count() != n_cpu:  # set by the entry scripts
+        log(f"note: mesh.cpu_devices={n_cpu} but this process has {jax.local_device_count()} CPU devices (JAX started "
+            "before the setting could apply, or XLA_FLAGS chose); running on those")
     rows = rl.prompts_per_step * rl.group_size
     if rows % sharding.batch_divisor(mesh) or (rows // rl.minibatches) % sharding.batch_divisor(mesh):
         raise config_lib.ConfigError(
