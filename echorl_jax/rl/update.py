@@ -173,15 +173,18 @@ def signal_rows(batch: UpdateBatch, obj_cfg) -> np.ndarray:
     and no entropy term whose advantage is 0 at every response token and that holds no EchoClip token adds
     exactly 0 to the loss and the gradient (every policy loss here is proportional to the advantage), so the
     packed train step need not compute it; expert (off-policy) rows are always kept."""
-    n = batch.tokens_bs.shape[0]
     if obj_cfg.kl_coef > 0 or obj_cfg.entropy_coef != 0:
-        return np.ones(n, bool)
-    mask = np.asarray(sharding.to_host(batch.mask_bt), bool)
-    keep = ((np.asarray(sharding.to_host(batch.adv_bt)) != 0) & mask).any(axis=1)
-    keep |= np.asarray(sharding.to_host(batch.echo_mask_bt), bool).any(axis=1)
+        return np.ones(batch.tokens_bs.shape[0], bool)
+    return np.asarray(sharding.to_host(_signal_rows(batch)), bool)  # one [B] transfer
+
+
+@jax.jit
+def _signal_rows(batch: UpdateBatch) -> jax.Array:
+    keep_b = jnp.any((batch.adv_bt != 0) & batch.mask_bt.astype(bool), axis=1)
+    keep_b |= jnp.any(batch.echo_mask_bt.astype(bool), axis=1)
     if batch.offpolicy_bt is not None:
-        keep |= np.asarray(sharding.to_host(batch.offpolicy_bt), bool).any(axis=1)
-    return keep
+        keep_b |= jnp.any(batch.offpolicy_bt.astype(bool), axis=1)
+    return keep_b
 
 
 def split_rows(x: jax.Array, num_chunks: int) -> jax.Array:
