@@ -12,7 +12,10 @@ import socket
 import subprocess
 import sys
 import time
+from numbers import Number
 from typing import NamedTuple
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,3 +90,24 @@ def run_tool(tmp_path, tag: str, argv: list[str], *, processes: int = 2, devices
     if check:
         assert out.codes == [0] * processes, "\n\n".join(f"--- process {i}\n{t[-4000:]}" for i, t in enumerate(out.logs))
     return out
+
+
+def metric_rows(workdir) -> list[dict]:
+    """A run's metrics.jsonl rows without wall times (``time/*``, ``tokens_per_s``), which differ by nature."""
+    from echorl_jax.trainer.metrics_log import read_jsonl
+
+    drop = ("time/", "tokens_per_s")
+    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def assert_rows_close(got: list[dict], want: list[dict], rel: float = 1e-5, abs: float = 1e-6) -> None:
+    """Metric rows agree: the same rows and keys; numbers up to float summation order, everything else (the
+    ``kind`` column, None for a skipped update) exactly."""
+    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys(), (g["kind"], g["step"], set(g) ^ set(w))
+        for k in w:
+            if isinstance(w[k], Number) and not isinstance(w[k], bool):
+                assert g[k] == pytest.approx(w[k], rel=rel, abs=abs), (g["kind"], g["step"], k, g[k], w[k])
+            else:
+                assert g[k] == w[k], (g["kind"], g["step"], k, g[k], w[k])

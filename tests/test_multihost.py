@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from echorl_jax import cli, main as main_lib
 from echorl_jax.config import ConfigError, DistConfig
 from echorl_jax.data.pipeline import DataError, PromptPipeline
+from tests.multiproc import assert_rows_close, metric_rows
 from tests.test_data import make_records, make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,19 +163,6 @@ def _run_processes(tmp_path, workdir, reward_path, steps, tag, n=2, sigterm_proc
     return [json.loads(r.read_text()) for r in records], texts
 
 
-def _metric_rows(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
-
-
-def _assert_rows_close(got, want):
-    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys(), (g["kind"], g["step"])
-        for k in w:  # counts and rewards agree exactly; float reductions up to summation order
-            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), (g["kind"], g["step"], k, g[k], w[k])
-
-
 @pytest.mark.slow  # ~1-3 min: three trainer processes; CI runs it (.ci/run)
 def test_two_processes_match_one_process_with_resume(tmp_path):
     reward_path = tmp_path / "my_reward.py"
@@ -192,10 +180,10 @@ def test_two_processes_match_one_process_with_resume(tmp_path):
     writes2, logs2 = _run_processes(tmp_path, two, reward_path, 2, "resume")
     assert "resumed from step 1" in logs2[0]
 
-    rows_one, rows_two = _metric_rows(one), _metric_rows(two)
+    rows_one, rows_two = metric_rows(one), metric_rows(two)
     assert [r["kind"] for r in rows_one] == ["eval", "train", "train", "eval"]
     assert 0 < rows_one[1]["reward/mean"] < 1 and rows_one[1]["grad_norm"] > 0  # a real learning signal
-    _assert_rows_close(rows_two, rows_one)
+    assert_rows_close(rows_two, rows_one)
     assert rows_two[2]["reward/mean"] == rows_one[2]["reward/mean"]  # the resumed step drew the same rollouts
     assert rows_one[2]["reward/mean"] != rows_one[1]["reward/mean"]  # ... which differ from step 1's
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from byo_fixture import make_byo_dir
-from multiproc import ROOT, run_tool
+from multiproc import ROOT, assert_rows_close, metric_rows, run_tool
 from safetensors.numpy import load_file
 
 from echorl_jax import cli, main as main_lib
@@ -46,19 +46,6 @@ def _train_args(workdir, reward, steps=2, **overrides):
     args = {"train.workdir": workdir, "train.steps": steps, "sft.steps": 0, "sampling.max_new_tokens": 12,
             "reward.name": "custom", "reward.custom": reward, **overrides}  # fmt: skip
     return ["--config", TINY, *(f"--config.{k}={v}" for k, v in args.items())]
-
-
-def _metric_rows(workdir):
-    drop = ("time/", "tokens_per_s")
-    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
-
-
-def _assert_rows_close(got, want, rel=1e-5, abs=1e-6):
-    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys(), (g["kind"], g["step"], set(g) ^ set(w))
-        for k in w:  # counts and rewards agree exactly; float reductions up to summation order
-            assert g[k] == pytest.approx(w[k], rel=rel, abs=abs), (g["kind"], g["step"], k, g[k], w[k])
 
 
 def _assert_export_close(a, b, rtol=1e-5, atol=1e-5):  # weights ~1e-2: float32 summation order over 2 updates
@@ -128,8 +115,8 @@ def _case(name, tmp_path, eval_files):
         reward = _reward_file(tmp_path, drop_half=name == "dapo")
 
         def compare(one, two):
-            rows_one, rows_two = _metric_rows(one), _metric_rows(two)
-            _assert_rows_close(rows_two, rows_one)
+            rows_one, rows_two = metric_rows(one), metric_rows(two)
+            assert_rows_close(rows_two, rows_one)
             # 20 warm-start steps at lr 3e-3 amplify float32 summation-order differences in a few weights
             _assert_export_close(one, two, atol=5e-5 if name == "warm_start" else 1e-5)
             train_rows = [r for r in rows_one if r["kind"] == "train"]
@@ -150,8 +137,8 @@ def _case(name, tmp_path, eval_files):
                 for k in (k for k in ea if not k.startswith("time/")):  # wall times differ by nature
                     assert eb[k] == pytest.approx(ea[k], rel=1e-5, abs=1e-6), (variant, k)
             for variant in ("grpo", "grpo+echo"):
-                _assert_rows_close(_metric_rows(two / "compare" / variant / "seed0"),
-                                   _metric_rows(one / "compare" / variant / "seed0"))  # fmt: skip
+                assert_rows_close(metric_rows(two / "compare" / variant / "seed0"),
+                                   metric_rows(one / "compare" / variant / "seed0"))  # fmt: skip
 
         return (lambda out: ["main", "--compare", "--seeds", "0", "--methods", "grpo",
                              *_train_args(out, reward, steps=1)]), compare  # fmt: skip
@@ -215,7 +202,7 @@ def test_a_checkpoint_from_two_processes_resumes_on_one_times_eight_and_one_time
 
     straight = tmp_path / "straight"
     assert main_lib.main(_train_args(straight, reward, steps=2)) == 0
-    want = _metric_rows(straight)
+    want = metric_rows(straight)
 
     fake_gcs.install(tmp_path / "gcs_copies")
     try:
@@ -228,17 +215,17 @@ def test_a_checkpoint_from_two_processes_resumes_on_one_times_eight_and_one_time
             assert main_lib.main(args) == 0
             resumed = tmp_path / "gcs_copies" / name / "run"
             assert "resumed from step 1" in capsys.readouterr().out
-            got = _metric_rows(resumed)
+            got = metric_rows(resumed)
             # the rows the 2 x 4 run wrote (with its final evaluation at step 1), then the resumed step and the
             # final evaluation
             assert [(r["kind"], r["step"]) for r in got][:3] == [("eval", 0), ("train", 1), ("eval", 1)]
             got = [r for r in got if (r["kind"], r["step"]) != ("eval", 1)]
             if devices == 0:
-                _assert_rows_close(got, want)
+                assert_rows_close(got, want)
             else:  # 2 devices: other per-device batches, so other float32 summation orders; the held-out
                 # evaluation samples at temperature 0.6, where such a difference can flip a token: train rows only
                 rel = 2e-4
-                _assert_rows_close([r for r in got if r["kind"] == "train"], [r for r in want if r["kind"] == "train"],
+                assert_rows_close([r for r in got if r["kind"] == "train"], [r for r in want if r["kind"] == "train"],
                                    rel=rel, abs=2e-5)  # fmt: skip
             assert got[2]["reward/mean"] == want[2]["reward/mean"]  # the same rollouts: the data went on
             _assert_export_close(straight, resumed, rtol=1e-5 if devices == 0 else 2e-4, atol=2e-5)
