@@ -50,7 +50,7 @@ class UpdateBatch(NamedTuple):
     adv_bt: jax.Array  # f32 advantages
     old_logp_bt: jax.Array  # f32 log pi_old
     ref_logp_bt: jax.Array  # f32 reference log-probs (zeros when KL is off)
-    echo_mask_bt: jax.Array  # bool EchoClip tokens
+    echo_mask_bt: jax.Array  # bool EchoClip tokens (inside mask_bt: rollout correction clears both for a sequence)
     offpolicy_bt: jax.Array | None = None  # bool expert (off-policy) tokens, LUFFY; None = all on-policy
     rc_weight_bt: jax.Array | None = None  # f32 rollout-correction weight on the on-policy term; None = no correction
 
