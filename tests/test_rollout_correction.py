@@ -155,7 +155,7 @@ def test_rejected_sequence_leaves_the_echo_term(mesh, model):
     builds its UpdateBatch from), the rejected clip is in no part of the update: the echo term's gradient is
     that of the surviving clip alone and echo_loss its mean NLL (both written here from the model's log-probs,
     not rl/echo.py; a clip still counted in num_clips would halve them), the echo grad-norm diagnostic agrees
-    with the train step, and the packed step leaves the rejected row out."""
+    with the train step, and the packed step leaves the rejected row out (with a KL term too)."""
     b, coef, temp = 2 * G, 0.5, 0.9
     kept_row, rejected_row = 0, G  # rollout_batch gives each group an EchoClip on its first row
     rb = rollout_batch(b, "long", seed=3)
@@ -204,6 +204,8 @@ def test_rejected_sequence_leaves_the_echo_term(mesh, model):
     # The packed step computes only the surviving clip's row and gives the same update.
     keep = update.signal_rows(full, cfg.objective)
     np.testing.assert_array_equal(keep, np.arange(b) == kept_row)
+    with_kl = O.ObjectiveConfig(kl_coef=0.1).validate()  # every loss token feeds KL: only the rejected row goes
+    np.testing.assert_array_equal(update.signal_rows(full, with_kl), np.arange(b) != rejected_row)
     spec = packing.make_spec(b, P + T, T, 1, mesh)
     dest = packing.plan_rows(np.asarray(rb.valid_bs).sum(1), spec, keep_b=keep)
     packed = jax.jit(update.make_train_step(graphdef, opt, cfg.objective, echo, micro_batches=1, temperature=temp,
