@@ -307,3 +307,9 @@ def test_signal_rows_keeps_every_row_under_kl_or_entropy_terms():
     assert not update.signal_rows(batch, objectives.ObjectiveConfig().validate()).any()
     for extra in (dict(kl_coef=0.05), dict(entropy_coef=0.01)):
         assert update.signal_rows(batch, objectives.ObjectiveConfig(**extra).validate()).all(), extra
+    # A row with no loss token and no EchoClip token (a sequence rollout correction rejected) feeds no term.
+    mask = np.asarray(batch.mask_bt).copy()
+    mask[3] = False
+    for extra in (dict(kl_coef=0.05), dict(entropy_coef=0.01)):
+        keep = update.signal_rows(batch._replace(mask_bt=mask), objectives.ObjectiveConfig(**extra).validate())
+        np.testing.assert_array_equal(keep, np.arange(16) != 3, err_msg=str(extra))

@@ -1,16 +1,23 @@
 """Sampler/learner mismatch metrics and rollout correction (token TIS, sequence masking) against numpy
-references written from verl's formulas, the weight's effect on the loss, config checks, the report."""
+references written from verl's formulas, the weight's effect on the loss, a rejected sequence's EchoClip
+in the update, config checks, the report."""
 
 from __future__ import annotations
+
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
-from echorl_jax import config as config_lib
-from echorl_jax.rl import objectives as O, rollout_correction as rc
+from echorl_jax import config as config_lib, sharding
+from echorl_jax.rl import echo as echo_lib, objectives as O, packing, rollout_correction as rc, update
+from echorl_jax.trainer.learner_pass import make_learner_pass
 from echorl_jax.trainer.report import summary_rows
+from test_packed_update import G, P, T, mesh, model, relative_error, rollout_batch  # noqa: F401  (fixtures)
 
 
 def batch(seed=0, B=6, T=7, scale=0.4):
@@ -66,6 +73,14 @@ def test_identical_log_probs_give_zero_mismatch():
     assert all(float(v) == 0.0 for v in got.values())
 
 
+def clips_for(mask):
+    """An EchoClip (a prefix of the response) on rows 0, 1 and 3; row 1 is the one seq_mask rejects."""
+    clip = np.zeros_like(mask)
+    for b in (0, 1, 3):
+        clip[b, : max(mask[b].sum() - 1, 1)] = True
+    return clip & mask
+
+
 def ref_correction(learner, sampler, mask, sampled, mode, c_tis, c_mask):
     """verl (docs/algo/rollout_corr.md): token weight min(exp(clamp(d, +-20)), C); sequence rejected when
     exp(mean_t d) is outside [1/C, C]. Written per row in float64."""
@@ -88,9 +103,10 @@ def ref_correction(learner, sampler, mask, sampled, mode, c_tis, c_mask):
 @pytest.mark.parametrize("c_tis,c_mask", [(2.0, 2.0), (1.2, 1.05)])
 def test_correction_matches_numpy_reference(mode, c_tis, c_mask):
     learner, sampler, mask, sampled = batch(seed=1)
+    clip = clips_for(mask)
     obj = O.ObjectiveConfig(rollout_correction=mode, rollout_tis_threshold=c_tis,
                             rollout_mask_threshold=c_mask).validate()  # fmt: skip
-    got = jax.jit(rc.rollout_correction, static_argnums=4)(learner, sampler, mask, sampled, obj)
+    got = jax.jit(rc.rollout_correction, static_argnums=5)(learner, sampler, mask, clip, sampled, obj)
     weight, keep = ref_correction(learner, sampler, mask, sampled, mode, c_tis, c_mask)
     if "token_tis" in mode:
         np.testing.assert_allclose(np.asarray(got.weight_bt), weight, rtol=1e-6)
@@ -98,8 +114,14 @@ def test_correction_matches_numpy_reference(mode, c_tis, c_mask):
     else:
         assert got.weight_bt is None
     np.testing.assert_array_equal(np.asarray(got.keep_b), keep)
+    # A rejected sequence leaves the loss mask and the EchoClip mask alike.
+    np.testing.assert_array_equal(np.asarray(got.mask_bt), mask & keep[:, None])
+    np.testing.assert_array_equal(np.asarray(got.echo_mask_bt), clip & keep[:, None])
     if "seq_mask" in mode:
         assert not keep[1] and keep[-1]  # the far row goes, the expert row stays
+        assert float(got.metrics["rollout_corr/seq_masked_clips"]) == (clip.any(1) & ~keep).sum() >= 1
+    else:
+        assert "rollout_corr/seq_masked_clips" not in got.metrics
 
 
 def test_tis_weight_scales_each_tokens_policy_term():
@@ -112,7 +134,7 @@ def test_tis_weight_scales_each_tokens_policy_term():
     logp[~mask] = 0.0
     adv = np.where(mask, rng.normal(size=(B, 1)), 0.0).astype(np.float32)
     obj = O.ObjectiveConfig(aggregation="token-mean", entropy_coef=0.01, rollout_correction="token_tis").validate()
-    corr = rc.rollout_correction(learner, sampler, mask, sampled, obj)
+    corr = rc.rollout_correction(learner, sampler, mask, np.zeros_like(mask), sampled, obj)
     old = np.where(mask, learner, 0.0).astype(np.float32)
     lb = O.LossBatch(jnp.asarray(mask), jnp.asarray(adv), jnp.asarray(old), jnp.zeros((B, T)), jnp.zeros((B, T), bool),
                      None, corr.weight_bt)  # fmt: skip
@@ -126,6 +148,72 @@ def test_tis_weight_scales_each_tokens_policy_term():
     want_pg = (w * surr)[mask].sum() / n
     np.testing.assert_allclose(float(m["pg_loss"]), want_pg, rtol=1e-5)
     np.testing.assert_allclose(float(loss), want_pg - 0.01 * ent[mask].sum() / n, rtol=1e-5)
+
+
+def test_rejected_sequence_leaves_the_echo_term(mesh, model):
+    """seq_mask rejects the sequence of one of two EchoClips. Through the learner pass (the masks train()
+    builds its UpdateBatch from), the rejected clip is in no part of the update: the echo term's gradient is
+    that of the surviving clip alone and echo_loss its mean NLL (both written here from the model's log-probs,
+    not rl/echo.py; a clip still counted in num_clips would halve them), the echo grad-norm diagnostic agrees
+    with the train step, and the packed step leaves the rejected row out (with a KL term too)."""
+    b, coef, temp = 2 * G, 0.5, 0.9
+    kept_row, rejected_row = 0, G  # rollout_batch gives each group an EchoClip on its first row
+    rb = rollout_batch(b, "long", seed=3)
+    clip = np.asarray(rb.echo_mask_bt)
+    assert clip[kept_row].any() and clip[rejected_row].any() and clip.any(1).sum() == 2
+    cfg = config_lib.build_config({"objective": {"rollout_correction": "seq_mask", "aggregation": "token-mean"},
+                                   "rl": {"recompute_logp": True}})  # fmt: skip
+    far = np.where(np.arange(b)[:, None] == rejected_row, -1.5, 0.0)  # geometric-mean ratio e^-1.5 < 1/2
+    learner_logp = np.where(rb.mask_bt, rb.old_logp_bt + far, 0).astype(np.float32)
+    ro = types.SimpleNamespace(tokens=rb.tokens_bs, valid=rb.valid_bs, response_mask=rb.mask_bt,
+                               behaviour_logp=rb.old_logp_bt)  # fmt: skip
+    forward = lambda params, tokens, valid: jnp.asarray(learner_logp)  # noqa: E731
+    learner = make_learner_pass(cfg, forward)(1, None, ro, np.ones(b, bool), clip)
+    assert float(learner.metrics["rollout_corr/seq_masked_clips"]) == 1
+    # All-success groups (advantage 0): the echo term is the update's only gradient.
+    full = update.UpdateBatch(rb.tokens_bs, rb.valid_bs, learner.mask_bt, np.zeros(rb.adv_bt.shape, np.float32),
+                              learner.old_logp_bt, np.zeros_like(learner_logp), learner.echo_mask_bt)  # fmt: skip
+    sharded = sharding.shard_batch(full, mesh)
+    graphdef, params = nnx.split(model)
+    echo = echo_lib.EchoConfig(coef=coef)
+
+    # Reference: the surviving clip alone, from the model's log-probs of its row.
+    c = clip[kept_row : kept_row + 1]
+
+    def clip_nll(p):
+        logp = update.response_logp(graphdef, p, rb.tokens_bs[kept_row : kept_row + 1],
+                                    rb.valid_bs[kept_row : kept_row + 1], T, temp)[0]  # fmt: skip
+        return -(logp * c).sum() / c.sum()
+
+    want_nll, want_grad = jax.jit(jax.value_and_grad(clip_nll))(params)
+    want_grad = jax.tree.map(lambda g: coef * np.asarray(g), want_grad)
+
+    opt = optax.sgd(1.0)  # lr 1: the update is minus the gradient
+    state = update.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
+    padded = jax.jit(update.make_train_step(graphdef, opt, cfg.objective, echo, micro_batches=1, temperature=temp))
+    s_pad, m_pad = padded(state, sharded)
+    np.testing.assert_allclose(float(m_pad["echo_loss"]), float(want_nll), rtol=1e-5)
+    for p0, p1, g in zip(jax.tree.leaves(params), jax.tree.leaves(s_pad.params), jax.tree.leaves(want_grad)):
+        assert relative_error(np.asarray(p0) - np.asarray(p1), g) < 1e-5
+    want_norm = float(optax.global_norm(want_grad))
+    assert want_norm > 0
+    np.testing.assert_allclose(float(m_pad["grad_norm"]), want_norm, rtol=1e-5)
+    echo_norm = update.make_echo_grad_norm(graphdef, echo, temp, 2)(params, sharded)
+    np.testing.assert_allclose(float(echo_norm), want_norm, rtol=1e-5)
+
+    # The packed step computes only the surviving clip's row and gives the same update.
+    keep = update.signal_rows(full, cfg.objective)
+    np.testing.assert_array_equal(keep, np.arange(b) == kept_row)
+    with_kl = O.ObjectiveConfig(kl_coef=0.1).validate()  # every loss token feeds KL: only the rejected row goes
+    np.testing.assert_array_equal(update.signal_rows(full, with_kl), np.arange(b) != rejected_row)
+    spec = packing.make_spec(b, P + T, T, 1, mesh)
+    dest = packing.plan_rows(np.asarray(rb.valid_bs).sum(1), spec, keep_b=keep)
+    packed = jax.jit(update.make_train_step(graphdef, opt, cfg.objective, echo, micro_batches=1, temperature=temp,
+                                            pack=spec))  # fmt: skip
+    s_pk, m_pk = packed(state, sharded, packing.put_plan(dest, mesh))
+    np.testing.assert_allclose(float(m_pk["echo_loss"]), float(want_nll), rtol=1e-5)
+    for p0, p1, g in zip(jax.tree.leaves(params), jax.tree.leaves(s_pk.params), jax.tree.leaves(want_grad)):
+        assert relative_error(np.asarray(p0) - np.asarray(p1), g) < 1e-5
 
 
 def test_config_validation_names_the_keys():

@@ -14,8 +14,10 @@ step because both log-probs are known before the update:
   policy-gradient term (``objective.rollout_tis_threshold`` = C); ``Δ`` is first bounded to
   ``±LOG_BOUND`` as verl bounds it.
 - ``seq_mask``: sequences whose geometric-mean ratio ``exp(mean_t Δ)`` leaves ``[1/C, C]``
-  (``objective.rollout_mask_threshold`` = C) leave the loss: their tokens leave the loss mask, so
-  they count in no normaliser either (verl's rejection modifies the response mask).
+  (``objective.rollout_mask_threshold`` = C) leave the loss: their tokens leave the loss mask and their
+  EchoClip leaves the echo mask, so they count in no normaliser either (verl's rejection modifies the
+  response mask). ``rollout_correction`` returns both masks, the one place the rejection is applied:
+  the loss, its counts, the echo diagnostic and the packed step's row choice all read them.
 
 Expert rows (LUFFY) were not drawn by the sampler; callers pass ``sampled_b`` so they get weight 1,
 are never masked and stay out of the metrics. Everything here is pure ``jnp`` over fixed shapes.
@@ -45,6 +47,8 @@ def uses_seq_mask(mode: str) -> bool:
 class Correction(NamedTuple):
     weight_bt: jax.Array | None  # f32 [B, T] weight on the policy-gradient term; None = no token IS
     keep_b: jax.Array  # bool [B] sequences that stay in the loss
+    mask_bt: jax.Array  # bool [B, T] the response mask less the rejected sequences
+    echo_mask_bt: jax.Array  # bool [B, T] the EchoClips less those of the rejected sequences
     metrics: dict  # rollout_corr/* scalars
 
 
@@ -89,8 +93,11 @@ def mismatch_metrics(learner_logp_bt, sampler_logp_bt, mask_bt, sampled_b) -> di
     }
 
 
-def rollout_correction(learner_logp_bt, sampler_logp_bt, mask_bt, sampled_b, cfg: ObjectiveConfig) -> Correction:
-    """The correction ``cfg.rollout_correction`` asks for (see the module docstring)."""
+def rollout_correction(learner_logp_bt, sampler_logp_bt, mask_bt, echo_mask_bt, sampled_b,
+                       cfg: ObjectiveConfig) -> Correction:  # fmt: skip
+    """The correction ``cfg.rollout_correction`` asks for (see the module docstring). ``mask_bt``: the
+    response mask; ``echo_mask_bt``: the EchoClips (``echo.echo_clips``). A rejected sequence leaves both,
+    so it adds nothing to any loss term or normaliser (``num_tokens``, ``num_seqs``, ``num_clips``)."""
     mode = cfg.rollout_correction
     mask, delta = _masks(learner_logp_bt, sampler_logp_bt, mask_bt, sampled_b)
     delta = jnp.clip(delta, -LOG_BOUND, LOG_BOUND)
@@ -112,5 +119,10 @@ def rollout_correction(learner_logp_bt, sampler_logp_bt, mask_bt, sampled_b, cfg
         drop_b = (n_b > 0) & ((log_geo_b < -jnp.log(c)) | (log_geo_b > jnp.log(c)))
         keep_b = ~drop_b
         metrics["rollout_corr/seq_masked_frac"] = drop_b.sum() / jnp.maximum((n_b > 0).sum(), 1)
-    return Correction(weight_bt, keep_b, metrics)
+        # echo/num_clips counts the clips EchoRL chose; this many of them left the loss with their sequence.
+        clip_b = echo_mask_bt.astype(bool).any(axis=1)
+        metrics["rollout_corr/seq_masked_clips"] = (drop_b & clip_b).sum(dtype=jnp.float32)
+    keep_b1 = keep_b[:, None]
+    mask_bt, echo_mask_bt = mask_bt.astype(bool) & keep_b1, echo_mask_bt.astype(bool) & keep_b1
+    return Correction(weight_bt, keep_b, mask_bt, echo_mask_bt, metrics)
 

@@ -14,6 +14,7 @@ per sequence through the packed batch's ``Segments`` (rl/segments.py).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -50,7 +51,7 @@ class UpdateBatch(NamedTuple):
     adv_bt: jax.Array  # f32 advantages
     old_logp_bt: jax.Array  # f32 log pi_old
     ref_logp_bt: jax.Array  # f32 reference log-probs (zeros when KL is off)
-    echo_mask_bt: jax.Array  # bool EchoClip tokens
+    echo_mask_bt: jax.Array  # bool EchoClip tokens (inside mask_bt: rollout correction clears both for a sequence)
     offpolicy_bt: jax.Array | None = None  # bool expert (off-policy) tokens, LUFFY; None = all on-policy
     rc_weight_bt: jax.Array | None = None  # f32 rollout-correction weight on the on-policy term; None = no correction
 
@@ -169,18 +170,20 @@ def placed_rows(batch: UpdateBatch, dest_b, pack: packing.PackSpec) -> UpdateBat
 
 
 def signal_rows(batch: UpdateBatch, obj_cfg) -> np.ndarray:
-    """bool ``[B]`` (host): the rows whose loss terms can have a gradient. A row of an objective with no KL
-    and no entropy term whose advantage is 0 at every response token and that holds no EchoClip token adds
-    exactly 0 to the loss and the gradient (every policy loss here is proportional to the advantage), so the
-    packed train step need not compute it; expert (off-policy) rows are always kept."""
-    if obj_cfg.kl_coef > 0 or obj_cfg.entropy_coef != 0:
-        return np.ones(batch.tokens_bs.shape[0], bool)
-    return np.asarray(sharding.to_host(_signal_rows(batch)), bool)  # one [B] transfer
+    """bool ``[B]`` (host): the rows whose loss terms can have a gradient. Every term reads only a row's
+    loss-mask tokens (policy, KL, entropy, expert) or its EchoClip tokens (echo), so a row with neither adds
+    exactly 0 to the loss and the gradient: an empty response, or a sequence rollout correction rejected
+    (it clears both masks). Without a KL or entropy term, so does a row whose advantage is 0 at every loss
+    token (every policy loss here is proportional to the advantage). The packed train step need not compute
+    these rows; expert (off-policy) rows are always kept."""
+    every_token = obj_cfg.kl_coef > 0 or obj_cfg.entropy_coef != 0  # a term that any loss token feeds
+    return np.asarray(sharding.to_host(_signal_rows(batch, every_token)), bool)  # one [B] transfer
 
 
-@jax.jit
-def _signal_rows(batch: UpdateBatch) -> jax.Array:
-    keep_b = jnp.any((batch.adv_bt != 0) & batch.mask_bt.astype(bool), axis=1)
+@functools.partial(jax.jit, static_argnums=1)
+def _signal_rows(batch: UpdateBatch, every_token: bool) -> jax.Array:
+    mask_bt = batch.mask_bt.astype(bool)
+    keep_b = jnp.any(mask_bt if every_token else (batch.adv_bt != 0) & mask_bt, axis=1)
     keep_b |= jnp.any(batch.echo_mask_bt.astype(bool), axis=1)
     if batch.offpolicy_bt is not None:
         keep_b |= jnp.any(batch.offpolicy_bt.astype(bool), axis=1)

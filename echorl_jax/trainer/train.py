@@ -349,13 +349,14 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
             plan_all = (packing.put_plan(packing.plan_rows(lengths, pack_all), s.mesh),)
         expert_b = jnp.asarray(offpolicy.expert_rows(ro.tokens.shape[0], rl.group_size, k))
         policy = s.policy(state.params)  # LoRA: adapters + frozen base (two trees joined, no copy)
-        learner = learner_pass(step, policy, ro, ~expert_b, plan_all)  # old log-probs, mismatch, correction
+        # old log-probs, mismatch, correction (a rejected sequence leaves the loss mask and the EchoClip mask)
+        learner = learner_pass(step, policy, ro, ~expert_b, clips.mask_bt, plan_all)
         old_logp = learner.old_logp_bt
         if cfg.objective.kl_coef > 0:
             ref_logp = forward_ref(s.ref_params, ro.tokens, ro.valid, *plan_all)
         else:
             ref_logp = jnp.zeros_like(old_logp)
-        full = UpdateBatch(ro.tokens, ro.valid, learner.mask_bt, adv_bt, old_logp, ref_logp, clips.mask_bt,
+        full = UpdateBatch(ro.tokens, ro.valid, learner.mask_bt, adv_bt, old_logp, ref_logp, learner.echo_mask_bt,
                            ro.response_mask & expert_b[:, None], learner.rc_weight_bt)  # fmt: skip
         extra = dict(learner.metrics)
         if echo_norm is not None and step % tc.echo_grad_norm_every == 0:
