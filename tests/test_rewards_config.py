@@ -313,7 +313,8 @@ def test_evaluate_skips_padding_rows(hook_path):
     pipeline = [batch_of([0, 1], RECORDS, valid=[True, False])]  # row 1 pads the last eval batch
     texts = ["7", "1", "BOOM", "BOOM"]  # a padding row never reaches the hook
 
-    def sample_fn(params, tokens, lengths, rng):
+    def sample_fn(params, tokens, lengths, rng, row_ids):
+        assert row_ids.tolist() == [0, 1, 2, 3]  # sample j of record i: stream i·k + j
         return fake_rollout(4)
 
     out = grading.evaluate(sample_fn, None, pipeline, RECORDS, router, RowTokenizer(texts), k=2, rng=jax.random.key(0))

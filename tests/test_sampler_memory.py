@@ -217,7 +217,8 @@ def test_decode_layout_on_an_fsdp_mesh(split, reference):
 
     biggest = max(x.size for x in jax.tree.leaves(state))
     p = PROMPTS_NP.shape[1]
-    args = (jnp.zeros((4, p), jnp.int32), jnp.full((4,), p, jnp.int32), jax.random.key(0), None)
+    # prompts, lengths, rng; no row ids, no forced stops
+    args = (jnp.zeros((4, p), jnp.int32), jnp.full((4,), p, jnp.int32), jax.random.key(0), None, None)
     new = sampler._jitted.lower(copy, *args, p_out=p).compile()
     # As before the decode layout: the program compiled on the training mesh and the FSDP masters.
     before = make_sampler(graphdef, dataclasses.replace(SAMPLED, decode_tensor_parallel=1), group_size=G,

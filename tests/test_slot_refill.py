@@ -114,6 +114,36 @@ def test_prompt_bucketing_gives_the_same_rollouts(split):
     assert sampler.traces == before + 1
 
 
+def _rows_of(prompts) -> np.ndarray:
+    """Group-major rollout ids of prompts ``prompts`` in a batch of all four: n·G + g."""
+    return (np.asarray(prompts)[:, None] * G + np.arange(G)).reshape(-1)
+
+
+@pytest.mark.parametrize("slots", [0, 5], ids=["plain", "refill"])
+def test_row_ids_key_each_rollout(split, slots):
+    """Rollout r draws from the stream of ``row_ids[r]``, not of its row: the default ids are the row index,
+    and prompts permuted, or split over two batches, with their rollouts' ids give the same rollouts."""
+    graphdef, state = split
+    base, sampler = run(graphdef, state, dataclasses.replace(SAMPLED, slots=slots))  # default ids, seed 1
+
+    def sample(prompts, ids):
+        r = sampler(state, PROMPTS_NP[prompts], LENGTHS_N[prompts], jax.random.key(1), row_ids=ids,
+                    bench_stop_lengths=STOP_AT[_rows_of(prompts)])  # fmt: skip
+        return Rollout(*(np.asarray(x) for x in r))
+
+    def take(r: Rollout, rows) -> Rollout:
+        return Rollout(*(x[rows] for x in r))
+
+    assert_same(sample(np.arange(4), np.arange(4 * G)), base)
+    traces = sampler.traces
+    perm = np.array([2, 0, 3, 1])
+    assert_same(sample(perm, _rows_of(perm)), take(base, _rows_of(perm)))
+    assert sampler.traces == traces  # the ids are a traced input: new ids, same program
+    assert (sample(perm, None).tokens != take(base, _rows_of(perm)).tokens).any()  # row streams: other draws
+    halves = [sample(h, _rows_of(h)) for h in ([3, 1], [0, 2])]  # B = 6: refill still has 5 slots
+    assert_same(Rollout(*(np.concatenate(x) for x in zip(*halves))), take(base, _rows_of([3, 1, 0, 2])))
+
+
 def test_bucket_and_slot_arithmetic():
     assert [prompt_bucket(n, 2048) for n in (1, 16, 17, 33, 600, 1024, 1025, 2048)] == \
         [16, 16, 32, 64, 1024, 1024, 2048, 2048]  # fmt: skip

@@ -23,9 +23,10 @@ reaches T) its slot takes the next pending rollout r = n·G + g at the next iter
 KV is copied into the slot's prompt columns and its first token is drawn from prompt n's prefill
 logits. The slot table (rollout id, own step) and the insert step live inside the loop with
 fixed shapes; outputs are written per rollout id, so the Rollout contract is unchanged. Draws
-use the stream of the rollout id and the rollout's own step, so a rollout's tokens depend on
-(seed, rollout id) only and equal the one-row-per-rollout loop's. The KV cache is S × (P + ring)
-instead of N·G × (P + ring) (``sampling.kv_bytes_per_slot``). The response region is a ring
+use the rollout's stream id (``stream_ids``: the rollout id unless the caller gives row ids) and
+its own step, so a rollout's tokens depend on (seed, stream id) only and equal the
+one-row-per-rollout loop's. The KV cache is S × (P + ring) instead of N·G × (P + ring)
+(``sampling.kv_bytes_per_slot``). The response region is a ring
 (below), so a slot's keys are a circular window ending at this iteration's column, as long as
 its rollout's step: the segments are re-entered as that extent (the longest live rollout) grows
 and shrinks: an outer loop runs the buckets' loops in ascending order, each while the extent
@@ -135,6 +136,13 @@ class _Decoded(NamedTuple):
     steps: jax.Array  # decode iterations (each draws one token per busy row)
 
 
+def stream_ids(row_ids_b, b: int, b_pad: int):
+    """[b_pad] key stream of each rollout (draws use ``fold_in(fold_in(rng, id), step)``): the caller's
+    ``row_ids_b`` [B], or None for the rollout index; padding rows past B (discarded) keep their index."""
+    ids_r = jnp.arange(b_pad)
+    return ids_r if row_ids_b is None else jnp.concatenate([row_ids_b.astype(ids_r.dtype), ids_r[b:]])
+
+
 def _full_cache(sampler: DecodeStep, prompt_k, prompt_v, valid_bk, ring: int) -> KVCache:
     """The decode cache at its final size: prompt columns from ``prompt_*`` [L, rows, g, P, d], then
     ``ring`` empty response columns; ``pos`` = P, the first response column."""
@@ -144,7 +152,8 @@ def _full_cache(sampler: DecodeStep, prompt_k, prompt_v, valid_bk, ring: int) ->
                    jnp.asarray(p, jnp.int32))  # fmt: skip
 
 
-def decode_plain(sampler: DecodeStep, model, cache, logits_nv, lengths_n, rng, stop_at_b, b: int, b_pad: int) -> _Decoded:
+def decode_plain(sampler: DecodeStep, model, cache, logits_nv, lengths_n, rng, row_ids_b, stop_at_b, b: int,
+                 b_pad: int) -> _Decoded:  # fmt: skip
     """One row per rollout: each prompt's cache copied G times; rows share the write column."""
     cfg, g_size, pad_id = sampler.cfg, sampler.group_size, sampler.pad_id
     n, p, t_max = lengths_n.shape[0], cache.valid_bk.shape[1], cfg.max_new_tokens
@@ -161,8 +170,8 @@ def decode_plain(sampler: DecodeStep, model, cache, logits_nv, lengths_n, rng, s
     logits_bv = sampler.rows_sharded(expand(logits_nv))
     lengths_b = sampler.rows_sharded(expand(lengths_n))
 
-    # Row keys fold in the global row (= rollout) index, so draws do not depend on the mesh.
-    row_keys_b = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b_pad))
+    # Row keys fold in the rollout's stream id (default: its global row index): draws do not depend on the mesh.
+    row_keys_b = jax.vmap(jax.random.fold_in, (None, 0))(rng, stream_ids(row_ids_b, b, b_pad))
     pad_row_b = jnp.arange(b_pad) >= b
 
     def pick(logits_bv, t, done_b, hist_bl, stop_len_b):
@@ -231,8 +240,8 @@ def refill_extent(steps, step_s, active_s, block: int, ring: int):
     return jnp.minimum(touched, ring // block)
 
 
-def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, logits_nv, lengths_n, rng, stop_at_r, b: int,
-                  s_rows: int) -> _Decoded:  # fmt: skip
+def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, logits_nv, lengths_n, rng, row_ids_r,
+                  stop_at_r, b: int, s_rows: int) -> _Decoded:  # fmt: skip
     """Continuous batching in fixed shapes: ``s_rows`` slots; a slot whose rollout ends takes the
     next pending rollout (ids in group-major order) at the next iteration.
 
@@ -243,9 +252,9 @@ def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, log
     shared column: an in-place dynamic-update-slice; a per-row scatter into the layer-scanned
     cache made XLA copy the whole cache). A rollout lives at most T <= ring iterations, so it
     never overwrites its own keys; ``valid_bk`` masks the rest. Each draw uses the stream
-    fold_in(fold_in(rng, r), t) with t the rollout's own step, and each rollout attends over
-    exactly its own prompt and tokens (in ring order: sums may differ from the plain loop's in
-    the last bits), so rollouts equal the one-row-per-rollout loop's.
+    fold_in(fold_in(rng, id_r), t) with id_r rollout r's stream id (``stream_ids``) and t its own
+    step, and each rollout attends over exactly its own prompt and tokens (in ring order: sums may
+    differ from the plain loop's in the last bits), so rollouts equal the one-row-per-rollout loop's.
     """
     cfg, g_size, pad_id = sampler.cfg, sampler.group_size, sampler.pad_id
     p, t_max = prompt_valid_np.shape[1], cfg.max_new_tokens
@@ -254,6 +263,7 @@ def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, log
     ring_blocks = ring // block
     b_pad = round_up(b, 1 if sampler.mesh is None else batch_divisor(sampler.mesh))
     pk_lngpd, pv_lngpd = prompt_cache.k_lbgkd, prompt_cache.v_lbgkd
+    streams_r = stream_ids(row_ids_r, b, b_pad)
 
     def insert(cache, ins_s, rid_s):
         """Copies prompt KV into the slots ``ins_s`` (one dynamic-update-slice per inserted slot)."""
@@ -300,7 +310,7 @@ def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, log
         logits_sv = jax.lax.cond(jnp.any(fresh_s), lambda: jnp.where(fresh_s[:, None], logits_nv[n_s],
                                                                      logits_s1v[:, 0]),
                                  lambda: logits_s1v[:, 0])  # fmt: skip
-        keys_s = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(rng, r), t))(rid_s, st.step_s)
+        keys_s = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(rng, r), t))(streams_r[rid_s], st.step_s)
         force_s = None if stop_at_r is None else st.step_s == stop_at_r[rid_s] - 1
         tok_s, _, done_s, lp_s, ent_s, hist_sl, stop_len_s = sampler.pick(
             logits_sv, keys_s, ~active_s, st.hist_sl, st.stop_len_s, force_s)

@@ -110,6 +110,11 @@ class Sampler(DecodeStep):
     ``prepare(state, prompt_len)`` resolves the memory plan (``sampling/budget.py``: decode layout,
     decode rows from ``sampling.kv_cache_memory``) once; every call does it on first use.
 
+    ``row_ids`` ([N·G] int, default the row index ``arange(N·G)``): row r's draws come from the key
+    stream ``fold_in(fold_in(rng, row_ids[r]), t)``, so a row's tokens depend on (rng, its id, its
+    prompt) only, not on the batch it is in. Held-out grading keys each sample by its record and
+    sample number (``trainer/grading.py``). Multi-process: each process passes its own rows' global ids.
+
     ``bench_stop_lengths`` ([N·G] int, benchmarks and tests only): rollout r emits the first
     single stop id as its response token number ``bench_stop_lengths[r]`` (1-based) unless it
     stopped earlier, so workloads with a chosen length distribution can be timed.
@@ -160,7 +165,7 @@ class Sampler(DecodeStep):
             return state
         return self.layout_for(state).copy(self._params(state))
 
-    def __call__(self, state, prompt_tokens, prompt_lengths, rng, *, bench_stop_lengths=None) -> Rollout:
+    def __call__(self, state, prompt_tokens, prompt_lengths, rng, *, row_ids=None, bench_stop_lengths=None) -> Rollout:
         if isinstance(state, nnx.Module):
             state = nnx.state(state)
         tokens_np, lengths_n = prompt_tokens, prompt_lengths
@@ -176,6 +181,14 @@ class Sampler(DecodeStep):
             raise ValueError(f"prompt lengths must be in [1, P={tokens_np.shape[1]}]; got {lengths_n.tolist()}")
         if isinstance(rng, (int, np.integer)):
             rng = jax.random.key(int(rng))
+        if row_ids is not None:
+            row_ids = np.asarray(row_ids)
+            rows = tokens_np.shape[0] * self.group_size
+            if row_ids.shape != (rows,):
+                raise ValueError(f"row_ids {row_ids.shape}: expected [N·G] = [{rows}]")
+            if row_ids.size and (row_ids.min() < -(2**31) or row_ids.max() >= 2**31):
+                raise ValueError(f"row_ids must fit int32; got [{row_ids.min()}, {row_ids.max()}]")
+            row_ids = row_ids.astype(np.int32)
         if bench_stop_lengths is not None:
             if not self.stop_ids:
                 raise ValueError("bench_stop_lengths forces the first single stop id; this sampler has none")
@@ -187,6 +200,8 @@ class Sampler(DecodeStep):
             # Multi-process: each process passes its own prompts; the batch is all of them in process
             # order (sharding.process_rows finds a process's rows of the result).
             tokens_np, lengths_n = gather_rows(tokens_np), gather_rows(lengths_n)
+            if row_ids is not None:
+                row_ids = gather_rows(row_ids)
             if bench_stop_lengths is not None:
                 bench_stop_lengths = gather_rows(bench_stop_lengths)
         if self.cfg.prompt_buckets and isinstance(lengths_n, np.ndarray) and lengths_n.size:
@@ -197,9 +212,11 @@ class Sampler(DecodeStep):
             if jax.process_count() > 1 and rng.is_fully_addressable:  # a key array goes across as its raw data
                 rng = jax.random.wrap_key_data(put(np.asarray(jax.random.key_data(rng))), impl=jax.random.key_impl(rng))
             tokens_np, lengths_n, rng = put(tokens_np), put(lengths_n), put(rng)
+            if row_ids is not None:
+                row_ids = put(row_ids)
             if bench_stop_lengths is not None:
                 bench_stop_lengths = put(bench_stop_lengths)
-        rollout, self.last_decode_steps = self._jitted(params, tokens_np, lengths_n, rng, bench_stop_lengths,
+        rollout, self.last_decode_steps = self._jitted(params, tokens_np, lengths_n, rng, row_ids, bench_stop_lengths,
                                                        p_out=p_out)  # fmt: skip
         return rollout
 
@@ -211,9 +228,9 @@ class Sampler(DecodeStep):
         p = prompt_tokens.shape[1]
         if p not in self.plans:
             self.prepare(params, p)
-        return self._jitted.lower(params, prompt_tokens, prompt_lengths, rng, None, p_out=p)
+        return self._jitted.lower(params, prompt_tokens, prompt_lengths, rng, None, None, p_out=p)
 
-    def _sample(self, state, prompt_np, lengths_n, rng, stop_at_r, *, p_out: int):
+    def _sample(self, state, prompt_np, lengths_n, rng, row_ids_b, stop_at_r, *, p_out: int):
         self.traces += 1
         g_size, pad_id = self.group_size, self.pad_id
         model = nnx.merge(self.graphdef, state)
@@ -240,9 +257,10 @@ class Sampler(DecodeStep):
 
         # 2-3. decode: one row per rollout, or S slots refilled from the queue of rollouts.
         if refill:
-            out = decode_refill(self, model, cache, val, logits_n1v[:, 0], lengths_n, rng, stop_at_r, b, rows)
+            out = decode_refill(self, model, cache, val, logits_n1v[:, 0], lengths_n, rng, row_ids_b, stop_at_r, b,
+                                rows)
         else:
-            out = decode_plain(self, model, cache, logits_n1v[:, 0], lengths_n, rng, stop_at_r, b, rows)
+            out = decode_plain(self, model, cache, logits_n1v[:, 0], lengths_n, rng, row_ids_b, stop_at_r, b, rows)
 
         # 4. assemble [B, ...] outputs (drop padding rows); left-pad a bucketed prompt back to p_out.
         mask_bt = out.mask_bt[:b]

@@ -49,10 +49,16 @@ def grade(
     responses: dict[int, list[str]] | None = None,
 ) -> dict[int, np.ndarray]:
     """The verdicts ``evaluate`` summarizes: record index -> bool ``[k]`` (one per sampled response).
-    ``responses``, if given, is filled with record index -> the ``k`` response texts."""
+    ``responses``, if given, is filled with record index -> the ``k`` response texts.
+
+    Sample j of record i draws from the key stream ``i·k + j`` of ``rng`` (``sample_fn``'s ``row_ids``),
+    whatever batch and row it lands in: the eval batch size follows the device and host count, and
+    the grades do not."""
     correct_by_record: dict[int, np.ndarray] = {}
-    for i, batch in enumerate(pipeline):
-        rollout = sample_fn(params, batch.tokens_np, batch.length_n, jax.random.fold_in(rng, i))
+    for batch in pipeline:
+        # Padding rows (record -1) get ids -k..-1, apart from every real one; their rows are discarded.
+        row_ids = (np.asarray(batch.record_index, np.int64)[:, None] * k + np.arange(k)).reshape(-1)
+        rollout = sample_fn(params, batch.tokens_np, batch.length_n, rng, row_ids=row_ids)
         texts = decode_responses(tokenizer, own_rows(rollout, len(batch.ground_truth) * k))  # this host's rows
         truths = [gt for gt in batch.ground_truth for _ in range(k)]
         rows = rows_for_batch(batch, records, k)
