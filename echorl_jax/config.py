@@ -153,6 +153,7 @@ class SFTConfig:
     batch_size: int = 64
     learning_rate: float = 2e-3
     warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine floor at the last step, as a fraction of learning_rate
     cache_dir: str = ""  # where warm-start results are cached; "" = train.workdir/warmstart
     seed: int = 0  # warm-start data order; separate from train.seed so RL seeds can share one warm start
 
@@ -481,6 +482,7 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
            cfg.data.expert_overlong, "allowed: truncate, drop, error")
     _check(cfg.data.max_prompt_len >= 1, "data.max_prompt_len", cfg.data.max_prompt_len, "must be >= 1")
     _check(cfg.sft.steps >= 0, "sft.steps", cfg.sft.steps, "must be >= 0")
+    _check(0 <= cfg.sft.min_lr_ratio <= 1, "sft.min_lr_ratio", cfg.sft.min_lr_ratio, "must be in [0, 1]")
     _check(not (cfg.data.response_prefix and cfg.sft.steps > 0), "data.response_prefix", cfg.data.response_prefix,
            "is not supported with a warm start (sft.steps > 0): the warm start renders prompts without it")
 

@@ -25,6 +25,7 @@ class SFT:  # the fields of config.SFTConfig that warm_start reads
     batch_size: int = 16
     learning_rate: float = 3e-3
     warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
     cache_dir: str = ""
 
 

@@ -65,9 +65,10 @@ class _OptimConfig(NamedTuple):
 
 
 def optim_config(sft_cfg) -> _OptimConfig:
-    """AdamW, linear warmup, cosine decay to 10% of the peak, global-norm clip 1.0."""
+    """AdamW, linear warmup, cosine decay to ``sft.min_lr_ratio`` of the peak, global-norm clip 1.0."""
     warmup = min(max(sft_cfg.warmup_steps, 0), max(sft_cfg.steps - 1, 0))
-    return _OptimConfig(learning_rate=sft_cfg.learning_rate, warmup_steps=warmup)
+    return _OptimConfig(learning_rate=sft_cfg.learning_rate, warmup_steps=warmup,
+                        min_lr_ratio=sft_cfg.min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------- batches
