@@ -71,6 +71,7 @@ def test_chunked_matches_xla_for_a_cache_step():
     assert_matches_reference(lambda q, k, v: fn(q, k, v, jnp.int32(start)), q, k, v, valid, w, q_start=start)
 
 
+@pytest.mark.slow  # Pallas in interpret mode: slow set (CI runs it)
 def test_splash_interpret_matches_xla():
     """The real splash kernel (Pallas interpret mode on CPU): s=200 is padded to two 128-blocks."""
     q, k, v, valid, w = random_qkv(s=200, d=16)

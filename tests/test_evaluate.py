@@ -72,6 +72,7 @@ def test_model_eval_table_and_json_equal_summarize(tmp_path, files, byo, capsys)
     assert "AIME24" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a training run, then the benchmark CLI: slow set (CI runs it)
 def test_checkpoint_params_are_restored(tmp_path, files, byo):
     cfg = config_lib.build_config({
         "model": {"path": byo[0]}, "data": {"train": files[0], "eval": "", "max_prompt_len": MAX_PROMPT},

@@ -98,6 +98,7 @@ def test_kl_reference_is_the_base_model_without_a_copy(tmp_path):
     assert np.abs(forward(s.graphdef, s.policy(s.state.params)) - want).max() > 1e-3  # the policy is adapted
 
 
+@pytest.mark.slow  # samplers on three layouts: slow set (CI runs it)
 def test_sampler_decodes_the_adapted_model_copying_the_base_only_when_its_layout_differs(tmp_path):
     """FSDP training mesh, tensor-parallel decode layout (decode_tensor_parallel=2): the decode copy holds the
     base and the adapters on the decode mesh, and the rollouts equal those of the merged model (W + s*A*B)
@@ -144,6 +145,7 @@ def _device0_bytes(tree) -> int:
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
 
 
+@pytest.mark.slow  # compiles every planned phase twice: slow set (CI runs it)
 def test_planner_counts_adapters_only_for_the_optimizer():
     overrides = {"mesh": {"shape": (1, 4, 2)}, "model": {"param_dtype": "bfloat16", "compute_dtype": "bfloat16",
                                                           "lora": {"rank": 4, "targets": "q,v,down"}}}  # fmt: skip

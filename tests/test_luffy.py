@@ -357,6 +357,7 @@ def test_add_to_takes_every_process_s_expert_rows(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- one RL step
 
 
+@pytest.mark.slow  # two end-to-end runs: slow set (CI runs it)
 def test_luffy_and_luffy_echo_run_one_rl_step_on_a_jsonl(tmp_path):
     f = write_jsonl(tmp_path / "train.jsonl", rows_with_expert(8))
     setup = None

@@ -161,8 +161,9 @@ def test_equal_non_binary_rewards_give_exactly_zero(estimator, G, r, eps):
     assert np.all(got == 0.0), got[:, 0]
 
 
+# G from a few sizes (1, even, odd, the largest): each new shape compiles, and the float edge cases are in r.
 @settings(max_examples=40, deadline=None)
-@given(r=st.floats(-1e6, 1e6, width=32), G=st.integers(1, 16), estimator=st.sampled_from(O.ESTIMATORS))
+@given(r=st.floats(-1e6, 1e6, width=32), G=st.sampled_from([1, 2, 7, 15, 16]), estimator=st.sampled_from(O.ESTIMATORS))
 def test_equal_groups_are_exactly_zero_property(r, G, estimator):
     got = _advantages(np.full((1, G), r, np.float32), np.ones((G, 2), bool), estimator)
     assert np.all(got == 0.0)

@@ -178,6 +178,7 @@ def test_packing_may_change_on_resume():
                                "w", 1)  # fmt: skip
 
 
+@pytest.mark.slow  # compiles every planned phase: slow set (CI runs it)
 def test_planner_compiles_the_packed_step():
     """plan.py compiles the packed train step from abstract shapes: one packed row per device per
     micro-batch holds about half the activations of the padded step's one micro-batch of 2 rows."""
@@ -204,6 +205,7 @@ def _rows(workdir):
             for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]  # fmt: skip
 
 
+@pytest.mark.slow  # two end-to-end runs: slow set (CI runs it)
 def test_train_with_packing_gives_the_unpacked_run(tmp_path):
     """The tiny config, every learner pass packed (SFT warm start, recomputed old log-probs, the KL
     reference pass, the echo diagnostic, 2 minibatches): the same metrics as the padded run."""

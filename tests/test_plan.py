@@ -23,6 +23,7 @@ def _device0_bytes(tree) -> int:
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
 
 
+@pytest.mark.slow  # compiles every planned phase: slow set (CI runs it)
 def test_plan_counts_equal_the_bytes_of_a_real_placed_model_and_optimizer():
     overrides = {"mesh": {"shape": (2, 2, 2)}, "model": {"param_dtype": "bfloat16", "compute_dtype": "bfloat16"}}
     cfg = config_lib.build_config(config_lib.load_config_file(TINY_CONFIG), overrides)
@@ -75,6 +76,7 @@ def _tiny(overrides=None):
     return config_lib.build_config(config_lib.load_config_file(TINY_CONFIG), overrides or {})
 
 
+@pytest.mark.slow  # compiles the planned train step on an FSDP mesh: slow set (CI runs it)
 def test_fsdp_train_step_keeps_rows_sharded():
     """On an FSDP mesh the weights' embed dimension is over the same axis as the rows; left to itself XLA
     replicates the rows inside the scanned layer and all-reduces partial sums (every device computes the
@@ -118,6 +120,7 @@ def test_chunked_logprobs_keep_the_head_once():
     assert grad.memory_analysis().temp_size_in_bytes < 4 * head_bytes
 
 
+@pytest.mark.slow  # compiles every planned phase: slow set (CI runs it)
 def test_every_phase_is_planned():
     """LUFFY with recomputed log-probs, EchoRL's diagnostic and a held-out set: each phase has its own peak,
     the sampler draws G - k rollouts per prompt, and a CPU plan names its attention stand-in."""
