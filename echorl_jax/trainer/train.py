@@ -258,7 +258,8 @@ def _log_line(step: int, row: dict, last_eval: dict) -> str:
 # What build_setup bakes into a Setup (model and warm start, data pipelines, samplers, verifier, optimizer
 # and its schedule length, the reference copy): a setup can be reused for a config that differs elsewhere.
 SETUP_SECTIONS = ("model", "mesh", "dist", "data", "task", "sampling", "rl", "reward", "optim", "sft")
-SETUP_KEYS = ("objective.expert_per_group", "train.steps", "train.eval_temperature", "train.eval_samples")
+SETUP_KEYS = ("objective.expert_per_group", "train.steps", "train.eval_temperature", "train.eval_samples",
+              "echo.delimiter_ids")
 
 
 def setup_for(cfg: config_lib.Config, setup: Setup) -> Setup:
