@@ -4,7 +4,7 @@ Peer: today's padded path -- one ``[P + T]`` row per rollout, the mini-batch spl
 micro-batches of ``k`` rows per device (``rl.micro_batches``). Ours: the same rows packed
 (``rl.pack_rows_per_micro_batch = k``: micro-batches of ``k`` packed rows per device,
 so both hold the same activations per micro-batch), empty micro-batches skipped. Both are
-``update.make_train_step`` jitted as the trainer does (``train.jit_train_step``: explicit
+``update.make_train_step`` jitted as the trainer does (``learn_step.jit_train_step``: explicit
 shardings, donated state), default GRPO + EchoRL loss, AdamW.
 
 Workload: ``--rows`` rollouts (groups of ``--group``), prompts of ``P/2..P`` tokens, responses
@@ -134,7 +134,7 @@ def build(args):
     from echorl_jax import config as config_lib, sharding
     from echorl_jax.models.transformer import Transformer
     from echorl_jax.rl import update
-    from echorl_jax.trainer import setup as setup_lib, train
+    from echorl_jax.trainer import learn_step, setup as setup_lib
 
     mesh = sharding.make_mesh((-1, 1, 1))
     d = sharding.batch_divisor(mesh)
@@ -161,9 +161,9 @@ def build(args):
     state = update.TrainState(jax.device_put(np.int32(0), sharding.replicated(mesh)), params,
                               update.init_opt_state(optimizer, params, mesh))  # fmt: skip
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    steps = {name: train.jit_train_step(cfg, graphdef, optimizer, 1.0, state_sh, mesh)
+    steps = {name: learn_step.jit_train_step(cfg, graphdef, optimizer, 1.0, state_sh, mesh)
              for name, cfg in (("padded", padded), ("packed", packed))}  # fmt: skip
-    spec = train.pack_spec(packed, args.rows, mesh)
+    spec = learn_step.pack_spec(packed, args.rows, mesh)
     return dataclasses.make_dataclass("Built", ["mesh", "graphdef", "state", "steps", "spec", "cfg", "model"])(
         mesh, graphdef, state, steps, spec, padded, model)
 

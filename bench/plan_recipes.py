@@ -2,12 +2,14 @@
 
     python bench/plan_recipes.py                 # plan every target (tens of minutes on CPU), then --write
     python bench/plan_recipes.py --only qwen25_math_7b
+    python bench/plan_recipes.py --only qwen25_math_7b_authors_echorl   # one recipe, with its model's setting
     python bench/plan_recipes.py --write         # only regenerate the files from configs/paper/plans.json
 
 For each model's target accelerator (``TARGETS``), ``python -m echorl_jax.plan --fit`` runs on
 ``devices`` fake CPU devices on the model's GRPO recipe with EchoRL on (the paper's runs; the echo
 diagnostic is a phase of its own), reading the shipped config.json (configs/paper/models/); the
-setting it finds is then planned for the LUFFY recipe too (G - k rollouts, recomputed log-probs).
+setting it finds is then planned for the LUFFY recipe too (G - k rollouts, recomputed log-probs), and for
+the recipes of ``RECIPES`` (a model's own setting with another objective: the EchoRL authors' run).
 Results go to ``configs/paper/plans.json``, which ``configs/paper/_base.py`` reads: the recipes take
 the setting found, their docstrings state the accelerator and every phase's peak, and the table between
 the ``plan-table`` markers of docs/recipes.md is rewritten. ``STRETCH`` rows are planned for docs only.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -36,13 +39,17 @@ TARGETS = {
     "qwen3_8b_base": ("h100", 8),
 }
 STRETCH = {"qwen25_math_7b@v5p-8": ("qwen25_math_7b", "v5p", 4)}
+# Recipes planned on their own with their model's setting (no --fit): recipe -> the plans.json key it reads.
+RECIPES = {"qwen25_math_7b_authors_echorl": "qwen25_math_7b"}
+MODEL_DIR = {"qwen25_math_7b_authors": "qwen25_math_7b"}  # its config.json: the same model
 LABEL = {"h100": "8 × 80 GB (one node of 8 H100 or A100 80GB)", "v5e": "TPU v5e-8 (8 × 16 GB)",
          "v5p": "TPU v5p-8 (4 × 95 GB)"}  # fmt: skip
 
 
 def command(model: str, method: str, accel: str, devices: int, fit: bool, overrides: dict | None = None) -> list:
-    cmd = [sys.executable, "-m", "echorl_jax.plan", "--config", f"configs/paper/{model}_{method}.py",
-           "--devices", str(devices), f"--config.model.path=configs/paper/models/{model}", "--config.echo.enabled=true"]  # fmt: skip
+    cmd = [sys.executable, "-m", "echorl_jax.plan", "--config", f"configs/paper/{model}_{method}.py", "--devices",
+           str(devices), f"--config.model.path=configs/paper/models/{MODEL_DIR.get(model, model)}",
+           "--config.echo.enabled=true"]  # fmt: skip
     if fit:
         cmd += ["--fit", accel]
     for k, v in (overrides or {}).items():
@@ -71,6 +78,21 @@ def plan_target(model: str, accel: str, devices: int) -> dict:
             "grpo": grpo, "luffy": luffy}  # fmt: skip
 
 
+def plan_recipe(recipe: str, p: dict) -> dict:
+    """``recipe`` planned with the setting ``p`` (a plans.json target) found for its model."""
+    model, _, method = recipe.rpartition("_")
+    return run(command(model, method, p["accelerator"], p["devices"], fit=False, overrides=p["overrides"]))
+
+
+def own_plan(plans: dict, stem: str) -> dict:
+    """The plan a recipe file (``stem``: its name without .py) states: its model's recipe planned on its own
+    (``RECIPES``), else its model's GRPO plan."""
+    model = stem.rpartition("_")[0]
+    base = runpy.run_path(os.path.join(PAPER, "_base.py"))["PLAN_OF"]
+    p = plans[base.get(model, model)]
+    return next((r for name, r in p.get("recipes", {}).items() if name.rpartition("_")[0] == model), p["grpo"])
+
+
 def _gb(v: float) -> str:
     return f"{v:.1f}"
 
@@ -92,18 +114,25 @@ def table(plans: dict) -> str:
             name = f"`{model}_{'grpo` (drgrpo, dapo)' if method == 'grpo' else 'luffy`'}"
             rows.append(f"| {name} | {LABEL[p['accelerator']]} | {setting} | " + " | ".join(cells)
                         + f" | **{peak:.1f} GB ({peak / cap:.1%})** |")  # fmt: skip
+        for recipe, r in p.get("recipes", {}).items():
+            cells = [_gb(r["phases"][n]) if n in r["phases"] else "–" for n in ("train step", "log-prob pass",
+                     "echo diagnostic", "sampler", "held-out sampler")]  # fmt: skip
+            cap, peak = {"h100": 80, "v5e": 16, "v5p": 95}[p["accelerator"]], r["peak_gb"]
+            rows.append(f"| `{recipe}` (and its GRPO twin) | {LABEL[p['accelerator']]} | {setting} | " + " | ".join(cells)
+                        + f" | **{peak:.1f} GB ({peak / cap:.1%})** |")  # fmt: skip
     return "\n".join(rows)
 
 
-def docstring_line(p: dict) -> str:
+def docstring_line(p: dict, own: dict) -> str:
+    """The Accelerator block of a recipe's docstring: its model's setting ``p`` and its own plan ``own``."""
     o = p["overrides"]
-    worst = max(p["grpo"]["phases"], key=p["grpo"]["phases"].get)
+    worst = max(own["phases"], key=own["phases"].get)
     return (f"Accelerator: {LABEL[p['accelerator']]}; mesh (1, -1, 1) (FSDP); planned with EchoRL on by\n"
             f"{p['command'].replace('python -m', 'python -m', 1)}\n"
             f"(configs/paper/plans.json): model.remat={o['model.remat']}, rl.pack_rows_per_micro_batch="
             f"{o['rl.pack_rows_per_micro_batch']},\nsampling.kv_cache_memory={o['sampling.kv_cache_memory'] / 1e9:g}e9, "
             f"sampling.decode_tensor_parallel={o['sampling.decode_tensor_parallel']}; peak "
-            f"{p['grpo']['peak_gb']:.1f} GB per device ({worst}).")  # fmt: skip
+            f"{own['peak_gb']:.1f} GB per device ({worst}).")  # fmt: skip
 
 
 def write(plans: dict) -> None:
@@ -118,7 +147,7 @@ def write(plans: dict) -> None:
     doc = doc[: doc.index(begin) + len(begin)] + "\n" + table(plans) + "\n" + doc[doc.index(end) :]
     with open(DOC, "w") as f:
         f.write(doc)
-    base = {"qwen25_math_7b_think": "qwen25_math_7b"}  # same architecture and shapes: the same plan
+    base = runpy.run_path(os.path.join(PAPER, "_base.py"))["PLAN_OF"]  # same architecture and shapes: same plan
     for path in sorted(os.listdir(PAPER)):
         if not path.endswith(".py") or path.startswith("_"):
             continue
@@ -129,7 +158,8 @@ def write(plans: dict) -> None:
         full = os.path.join(PAPER, path)
         with open(full) as f:
             text = f.read()
-        text = re.sub(r"\nAccelerator: .*?\n(?=Run:)", "\n" + docstring_line(p) + "\n", text, count=1, flags=re.S)
+        line = docstring_line(p, own_plan(plans, path[: -len(".py")]))
+        text = re.sub(r"\nAccelerator: .*?\n(?=Run:)", "\n" + line + "\n", text, count=1, flags=re.S)
         with open(full, "w") as f:
             f.write(text)
 
@@ -147,6 +177,12 @@ def main() -> None:
                 continue
             plans[key] = plan_target(model, accel, devices)
             with open(PLANS, "w") as f:  # after each target: a long run keeps what it has
+                json.dump(plans, f, indent=1)
+        for recipe, key in RECIPES.items():
+            if args.only and recipe not in args.only.split(",") and key not in args.only.split(","):
+                continue
+            plans[key].setdefault("recipes", {})[recipe] = plan_recipe(recipe, plans[key])
+            with open(PLANS, "w") as f:
                 json.dump(plans, f, indent=1)
     write(plans)
 

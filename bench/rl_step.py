@@ -13,11 +13,12 @@ group is all-success, every group gets an EchoClip, and the echo loss is active
 on every group. (With all rewards equal the GRPO advantages are zero; the
 update still does the same forward + backward + AdamW either way.)
 
-The step mirrors ``train.train``'s loop body piece by piece (``rollout.collect``,
-``rollout.make_scorer``, ``train._jit_train_step``, the metrics); phases:
-``sample`` (jitted generation), ``reward`` (decode + verify on the host),
-``update`` (score + train_step, as ``time/update`` in trainer/train.py; its ``score``
-part — advantages + EchoClips — is also shown alone, timed with one extra
+The step mirrors ``train.train``'s rollout source and learning step piece by piece
+(``rollout.collect``, ``rollout.make_scorer``, ``learn_step.setup_train_step``,
+``learn_step.run_updates``, the metrics); phases: ``sample`` (jitted generation),
+``reward`` (decode + verify on the host), ``update`` (score + train_step: the trainer's
+source dispatches scoring asynchronously, so its device time falls in ``time/update``; its
+``score`` part — advantages + EchoClips — is also shown alone, timed with one extra
 sync), ``metrics`` (host-side metric reduction). The two modes alternate step
 by step (order flipped every step) so contention hits both alike; the first
 ``--warmup`` steps (compilation) are dropped and medians reported.
@@ -93,7 +94,7 @@ class Mode:
         import jax
 
         from echorl_jax.rl import update
-        from echorl_jax.trainer import rollout as rollout_lib, setup as setup_lib, train
+        from echorl_jax.trainer import learn_step, rollout as rollout_lib, setup as setup_lib
 
         self.name = "echo on" if echo else "echo off"
         self.cfg = cfg = make_cfg(args, echo, workdir, args.warmup + args.steps)
@@ -101,7 +102,7 @@ class Mode:
         if not args.real_rewards:
             s.verifier = all_correct(s.verifier)
         self.state = s.state
-        self.train_step = train._jit_train_step(s, self.state)
+        self.train_step = learn_step.setup_train_step(s, self.state)
         self.score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
         self.schedule = update.make_schedule(cfg.optim, s.total_updates)
         self.base_key = jax.random.key(cfg.train.seed)
@@ -117,7 +118,7 @@ class Mode:
         import numpy as np
 
         from echorl_jax.rl.update import UpdateBatch
-        from echorl_jax.trainer import rollout as rollout_lib, train
+        from echorl_jax.trainer import learn_step, rollout as rollout_lib, rollout_source
 
         s, cfg, rl = self.s, self.cfg, self.cfg.rl
         timings: dict[str, float] = {}
@@ -132,18 +133,18 @@ class Mode:
         )  # fmt: skip
         t0 = time.perf_counter()
         reward_dev, adv_bt, clips = self.score(ro, jnp.asarray(reward_ng))
-        jax.block_until_ready(clips.mask_bt)  # the one sync trainer/train.py does not do: times score on its own
+        jax.block_until_ready(clips.mask_bt)  # the one sync the trainer does not do: times score on its own
         timings["score"] = time.perf_counter() - t0
         old_logp = ro.behaviour_logp  # rl.recompute_logp=False and kl_coef=0 in the default job
         full = UpdateBatch(ro.tokens, ro.valid, ro.response_mask, adv_bt, old_logp, jnp.zeros_like(old_logp),
                            clips.mask_bt)  # fmt: skip
-        # The trainer's own minibatch loop, so the bench times exactly what trainer/train.py runs.
-        self.state, update_metrics = train._run_updates(self.train_step, self.state, full, s.mesh, rl,
-                                                        seed=cfg.train.seed, step=step)  # fmt: skip
+        # The trainer's own minibatch loop, so the bench times exactly what the learning step runs.
+        self.state, update_metrics = learn_step.run_updates(self.train_step, self.state, full, s.mesh, rl,
+                                                            seed=cfg.train.seed, step=step)  # fmt: skip
         jax.block_until_ready(self.state.params)
         timings["update"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        metrics = train._rollout_metrics(ro, np.asarray(reward_dev), correct_ng, clips, info, rounds)
+        metrics = rollout_source.rollout_metrics(ro, np.asarray(reward_dev), correct_ng, clips, info, rounds)
         metrics.update({k: np.mean([float(u[k]) for u in update_metrics]) for k in update_metrics[0]})
         metrics["lr"] = float(self.schedule(int(self.state.step) - 1))
         timings["metrics"] = time.perf_counter() - t1

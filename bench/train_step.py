@@ -18,7 +18,7 @@ same batch of ``B × S`` tokens, split ``P = S/4`` prompt + ``T = 3S/4`` respons
   matches -- betas 0.9/0.999, eps 1e-8, no weight decay).
 
 Ours is ``update.make_train_step`` jitted exactly as the trainer does
-(``train._jit_train_step``: explicit shardings, donated state, one micro-batch).
+(``learn_step.setup_train_step``: explicit shardings, donated state, one micro-batch).
 The peer is ``model(input_ids).logits`` + the same loss in torch,
 ``loss.backward()``, ``clip_grad_norm_``, ``torch.optim.AdamW.step()``,
 ``zero_grad()`` (``--torch-compile`` compiles forward + loss). The first step of
@@ -174,7 +174,7 @@ def _count_compiles():
 
 
 class Ours:
-    """``train._jit_train_step`` on a model loaded from the HF directory (``path=None``: abstract shapes only,
+    """``learn_step.setup_train_step`` on a model loaded from the HF directory (``path=None``: abstract shapes only,
     for ``--compile-only``)."""
 
     name = "echorl_jax train_step"
@@ -191,7 +191,7 @@ class Ours:
         from echorl_jax.models.config import ModelConfig
         from echorl_jax.models.transformer import Transformer
         from echorl_jax.rl import update
-        from echorl_jax.trainer import train
+        from echorl_jax.trainer import learn_step
 
         self.jax = jax
         dt = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
@@ -225,7 +225,7 @@ class Ours:
         # The trainer's own jit wrapper; it reads only these attributes of a Setup.
         s = SimpleNamespace(graphdef=graphdef, optimizer=optimizer, cfg=cfg, train_temperature=1.0, mesh=mesh,
                             frozen=None)  # frozen: LoRA's base weights; none here, every weight trains
-        self.step = train._jit_train_step(s, self.state)
+        self.step = learn_step.setup_train_step(s, self.state)
         ub = update.UpdateBatch(data["tokens"], data["valid"], data["mask"], data["adv"], data["old_logp"],
                                 np.zeros_like(data["old_logp"]), data["echo"])  # fmt: skip
         if path is not None:

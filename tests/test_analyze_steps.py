@@ -31,8 +31,9 @@ def setup(tmp_path_factory):
     return byo, str(data), d
 
 
-def reference(byo, prompt, solution):
-    """Unpadded forward, entropy in numpy, steps split in Python at tokens whose text holds a newline."""
+def reference(byo, prompt, solution, delimiters=None):
+    """Unpadded forward, entropy in numpy, steps split in Python at tokens whose text holds a newline (or at the
+    ids in ``delimiters``)."""
     tok = load_hf_tokenizer(byo)
     model = load_model(byo)
     p = tokenize_prompts([prompt], tok, "auto")[0]
@@ -46,7 +47,8 @@ def reference(byo, prompt, solution):
     steps, cur = [], []
     for t, tid in enumerate(a):
         cur.append(ent[t])
-        if (tid not in special and "\n" in tok.decode([tid])) or t == len(a) - 1:
+        auto = tid not in special and "\n" in tok.decode([tid])
+        if (auto if delimiters is None else tid in delimiters) or t == len(a) - 1:
             steps.append((np.mean(cur), t))
             cur = []
     best = int(np.argmax([s for s, _ in steps]))
@@ -87,6 +89,23 @@ def test_rollouts_use_only_correct_responses(setup, tmp_path):
     assert step_entropy.main(["--model", byo, "--data", str(path), "--source", "rollouts", "--out", str(out)]) == 0
     rows = json.loads((out / "summary.json").read_text())["solutions"]
     assert [r["tokens"] for r in rows] == [reference(byo, lines[i]["prompt"], TRACES[i])[0] for i in (0, 2)]
+
+
+def test_delimiter_ids_as_given(setup, tmp_path, capsys):
+    """--delimiter-ids takes echo.delimiter_ids' values: steps end only at the tokens given (here ".")."""
+    byo, data, _ = setup
+    out = tmp_path / "out"
+    assert step_entropy.main(["--model", byo, "--data", data, "--out", str(out), "--delimiter-ids", "['.']"]) == 0
+    rows = json.loads((out / "summary.json").read_text())["solutions"]
+    dot = set(load_hf_tokenizer(byo).encode(".", add_special_tokens=False))
+    prompts = [json.loads(json.dumps(r)) for r in pq.read_table(data).column("prompt").to_pylist()]
+    got = [(r["steps"], r["argmax_step"]) for r in rows]
+    want = [reference(byo, p, t, delimiters=dot) for p, t in zip(prompts, TRACES)]
+    assert got == [(len(steps), best) for _, steps, best in want]
+    auto = [reference(byo, p, t) for p, t in zip(prompts, TRACES)]
+    assert got != [(len(steps), best) for _, steps, best in auto]  # not the newline rule's steps
+    assert step_entropy.main(["--model", byo, "--data", data, "--out", str(out), "--delimiter-ids", "['46 +']"]) == 2
+    assert "--delimiter-ids=['46 +']: the text '46 +' is not one token" in capsys.readouterr().err
 
 
 def test_missing_expert_column_is_a_clear_error(tmp_path, capsys):

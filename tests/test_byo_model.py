@@ -109,7 +109,8 @@ def test_build_setup_logs_and_export_carries_stops(byo, tmp_path):
     assert s.stop_ids == (0, 7, im_end)
     stop_line = next(line for line in lines if line.startswith("stop ids:"))
     assert f"{im_end} '{IM_END}'" in stop_line and f"0 '{EOS}'" in stop_line
-    assert any(line.startswith(f"step delimiters: {len(s.delimiter_ids)} tokens, e.g. ") for line in lines)
+    assert any(line.startswith(f"step delimiters: {len(s.delimiter_ids)} tokens (echo.delimiter_ids=auto: ")
+               for line in lines)  # fmt: skip
 
     out = str(tmp_path / "export")
     s.export(out)

@@ -86,6 +86,8 @@ def test_checkpoint_params_are_restored(tmp_path, files, byo):
     _, _, r_seed1 = run(tmp_path, "s1", files, "--model", byo[1])
     _, _, r_seed0 = run(tmp_path, "s0", files, "--model", byo[0])
     assert from_ckpt["step"] == 3
+    # The row names what trained the checkpoint (its saved config: the grpo preset, EchoRL on by default).
+    assert from_ckpt["label"] == f"GRPO (DeepSeekMath) + EchoRL: {tmp_path / 'run'} (step 3)"
     texts = lambda lines: [x["response"] for x in lines]
     assert texts(r_ckpt) == texts(r_seed1) != texts(r_seed0)  # the checkpoint's params, not model.path's
     _, _, r_step = run(tmp_path, "st", files, "--checkpoint", str(tmp_path / "run" / "checkpoints" / "3"))

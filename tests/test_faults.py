@@ -16,7 +16,7 @@ import pytest
 
 from echorl_jax.rl import update
 from echorl_jax.rl.update import TrainState
-from echorl_jax.trainer import checkpoint as ckpt_lib, rollout as rollout_lib, run_state, train
+from echorl_jax.trainer import checkpoint as ckpt_lib, rollout as rollout_lib, rollout_source, run_state, train
 from echorl_jax.trainer.checkpoint import Checkpointer, CheckpointError
 from echorl_jax.trainer.guard import Guard, NonFinite
 from echorl_jax.trainer.metrics_log import read_jsonl
@@ -198,13 +198,13 @@ def test_a_save_that_cannot_write_is_a_clear_error_and_the_previous_checkpoint_s
 
 def _with_accuracy(monkeypatch, accuracy_by_step):
     """Train rows whose accuracy is scripted by step (the rest is the real run's)."""
-    rollout_metrics = train._rollout_metrics
+    rollout_metrics = rollout_source.rollout_metrics
     steps = iter(range(1, 1000))
 
     def scripted(*args, **kwargs):
         return dict(rollout_metrics(*args, **kwargs), accuracy=accuracy_by_step(next(steps)))
 
-    monkeypatch.setattr(train, "_rollout_metrics", scripted)
+    monkeypatch.setattr(rollout_source, "rollout_metrics", scripted)
 
 
 @pytest.mark.slow  # 12 tiny RL steps (~1 min on 2 shared cores); CI runs it

@@ -1,6 +1,8 @@
 """The luffy paper recipe's loss and gradient equal LUFFY's script's (ElliottYan/LUFFY, exp_scripts/train.sh),
 computed in numpy from the formulas in its files: no PPO clip, recomputed old log-probs, its loss scale and
-entropy weighting. At the recipe's real shapes: a 512-row optimizer step of 8,192-token responses."""
+entropy weighting. At the recipe's real shapes: a 512-row optimizer step of 8,192-token responses. The same for
+the GRPO recipes and the EchoRL authors' script on the same fork (bibisbar/EchoRL
+exp_scripts/baseline_train_pure_grpo.sh): no expert rows, the PPO clip kept (core_algos.compute_policy_loss)."""
 
 from __future__ import annotations
 
@@ -17,11 +19,14 @@ from echorl_jax.rl import objectives as O, offpolicy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "paper", "qwen25_math_7b_luffy.py")
+AUTHORS_GRPO = os.path.join(ROOT, "configs", "paper", "qwen25_math_7b_authors_grpo.py")
 W, L, C, GAMMA = 8, 8192, 0.001, 0.1  # train.sh: 8 GPUs, max_response_length, entropy_coeff; p_div_p_0.1
+EPS = 0.2  # clip_ratio (mix_ppo_trainer.yaml:39): the ratio clipped to [0.8, 1.2] unless loss_remove_clip
 
 
-def luffy_script_loss(logp, old, ent, mask, prefix, reward_ng, gpu_b, micro_b):
-    """LUFFY's loss for one optimizer step, float64, and its gradient w.r.t. logp.
+def luffy_script_loss(logp, old, ent, mask, prefix, reward_ng, gpu_b, micro_b, clip=False):
+    """LUFFY's loss for one optimizer step, float64, and its gradient w.r.t. logp (``clip``: the PPO clip kept,
+    core_algos.compute_policy_loss: max(-A r, -A clip(r, 0.8, 1.2)), whose gradient is 0 where the clip binds).
 
     Advantage (mix_trainer.compute_advantage, grpo with grpo_use_std=False): r - mean of the uid's 8 rows.
     Per micro-batch (mix_core_alg.compute_token_on_off_policy_loss with loss_remove_clip, loss_remove_token_mean,
@@ -34,8 +39,13 @@ def luffy_script_loss(logp, old, ent, mask, prefix, reward_ng, gpu_b, micro_b):
     adv = adv_b[:, None] * mask
     logp, old, ent = (x.astype(np.float64) for x in (logp, old, ent))
     p = np.exp(logp)
-    pg_tok = np.where(prefix, -adv * p / (p + GAMMA), -adv * np.exp(logp - old))
-    dpg_tok = np.where(prefix, -adv * GAMMA * p / (p + GAMMA) ** 2, -adv * np.exp(logp - old))  # d/dlogp
+    r = np.exp(logp - old)
+    on_tok, don_tok = -adv * r, -adv * r
+    if clip:
+        clipped = -adv * np.clip(r, 1 - EPS, 1 + EPS)
+        on_tok, don_tok = np.maximum(on_tok, clipped), np.where(clipped > on_tok, 0.0, don_tok)
+    pg_tok = np.where(prefix, -adv * p / (p + GAMMA), on_tok)
+    dpg_tok = np.where(prefix, -adv * GAMMA * p / (p + GAMMA) ** 2, don_tok)  # d/dlogp
     loss, grad = 0.0, np.zeros_like(logp)
     for gpu in range(W):
         gpu_loss = 0.0
@@ -87,12 +97,23 @@ def test_luffy_recipe_is_the_reference_scripts_setting():
     assert (cfg.optim.max_grad_norm, cfg.optim.learning_rate, cfg.rl.minibatches) == (1.0, 1e-6, 2)
 
 
-@pytest.mark.slow  # 4M-token arrays at the recipe's real shapes: ~1 min on 2 shared cores; CI runs it (-m slow)
-def test_luffy_recipe_loss_and_gradient_equal_the_reference_scripts():
-    cfg = config_lib.build_config(config_lib.load_config_file(RECIPE))
+def test_grpo_recipes_are_the_echorl_authors_setting():
+    cfg = config_lib.build_config(config_lib.load_config_file(AUTHORS_GRPO))
+    obj = cfg.objective
+    assert (obj.estimator, obj.policy_loss, obj.aggregation) == ("drgrpo", "ppo", "seq-mean-token-sum-norm")
+    assert (obj.clip_low, obj.clip_high, obj.entropy_coef, obj.kl_coef, obj.expert_per_group) == (EPS, EPS, C, 0, 0)
+    assert cfg.rl.recompute_logp and not cfg.echo.enabled
+    grpo = config_lib.build_config(config_lib.load_config_file(RECIPE.replace("_luffy", "_grpo")))
+    assert grpo.objective == obj  # every GRPO recipe: the same objective
+
+
+@pytest.mark.slow  # 4M-token arrays at the recipe's real shapes: ~1 min each on 2 shared cores; CI runs it (-m slow)
+@pytest.mark.parametrize("recipe", [RECIPE, AUTHORS_GRPO], ids=["luffy", "authors_grpo"])
+def test_recipe_loss_and_gradient_equal_the_reference_scripts(recipe):
+    cfg = config_lib.build_config(config_lib.load_config_file(recipe))
     d = recipe_batch(cfg)
     want_loss, want_grad = luffy_script_loss(d["logp"], d["old"], d["ent"], d["mask"], d["prefix"], d["reward"],
-                                             d["gpu_b"], d["micro_b"])  # fmt: skip
+                                             d["gpu_b"], d["micro_b"], clip=cfg.objective.policy_loss == "ppo")  # fmt: skip
     mask = jnp.asarray(d["mask"])
     adv = O.compute_advantages(jnp.asarray(d["reward"]), mask, cfg.objective)
     batch = O.LossBatch(mask, adv, jnp.asarray(d["old"]), jnp.zeros(mask.shape), jnp.zeros_like(mask),

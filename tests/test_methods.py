@@ -114,6 +114,21 @@ def test_plus_echo_method_name():
         build("ppo+echo")
 
 
+def test_describe_objective_names_whose_setting_it_follows():
+    T = 8192
+    label = lambda method, **kw: M.describe_objective(M.get_method(method, T, **kw), T)  # noqa: E731
+    assert [label(m) for m in ("grpo", "drgrpo", "dapo", "luffy")] == [
+        "GRPO (DeepSeekMath)", "Dr.GRPO (Dr.GRPO paper)", "DAPO (DAPO paper)", "LUFFY (LUFFY paper)"]
+    authors = M.script_fields("grpo", "EchoRL authors' script")
+    assert authors == dict(estimator="drgrpo", policy_loss="ppo", aggregation="seq-mean-token-sum-norm",
+                           entropy_coef=0.001)  # fmt: skip
+    assert label("grpo", **authors, norm_length=128, entropy_norm_tokens=406) == "GRPO (EchoRL authors' script)"
+    assert label("grpo", **authors, clip_high=0.28) == "GRPO (EchoRL authors' script; clip_high=0.28)"
+    assert label("grpo", estimator="drgrpo") == "GRPO (DeepSeekMath; estimator='drgrpo')"  # not the whole script
+    assert label("luffy", policy_loss="pg", norm_length=128) == "LUFFY (LUFFY's script)"
+    assert label("dapo", clip_high=0.3) == "DAPO (DAPO paper; clip_high=0.3)"
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_each_method_with_echo_gives_finite_loss_and_grad(name):
     rng = np.random.default_rng(0)

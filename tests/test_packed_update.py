@@ -14,7 +14,7 @@ from echorl_jax import config as config_lib, sharding
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rl import echo as echo_lib, objectives, packing, update
-from echorl_jax.trainer import sft, train
+from echorl_jax.trainer import learn_step, sft, train
 from echorl_jax.trainer.metrics_log import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +156,7 @@ def test_packing_config_is_validated():
         config_lib.build_config(tiny, {"rl": {"pack_rows_per_micro_batch": -1}})
     # Rows of P + T: any length the rollout rows have fits one.
     cfg = config_lib.build_config(tiny, {"rl": {"pack_rows_per_micro_batch": 1}, "sampling": {"max_new_tokens": 999}})
-    assert train.pack_spec(cfg, 16, sharding.make_mesh((-1, 1, 1))).row_len == 8 + 999
+    assert learn_step.pack_spec(cfg, 16, sharding.make_mesh((-1, 1, 1))).row_len == 8 + 999
 
 
 def test_default_job_packs():
@@ -194,8 +194,8 @@ def test_planner_compiles_the_packed_step():
     optimizer = update.make_optimizer(cfg.optim, 10)
     state = update.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)), params,
                               plan.abstract_opt_state(optimizer, params, mesh))  # fmt: skip
-    step = train.jit_train_step(cfg, graphdef, optimizer, 1.0, jax.tree.map(lambda x: x.sharding, state), mesh)
-    padded_temp = step.lower(state, *train.abstract_step_inputs(cfg, mesh)).compile().memory_analysis().temp_size_in_bytes
+    step = learn_step.jit_train_step(cfg, graphdef, optimizer, 1.0, jax.tree.map(lambda x: x.sharding, state), mesh)
+    padded_temp = step.lower(state, *learn_step.abstract_step_inputs(cfg, mesh)).compile().memory_analysis().temp_size_in_bytes
     assert packed.train_temp < 0.75 * padded_temp
 
 

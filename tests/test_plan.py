@@ -83,7 +83,7 @@ def test_fsdp_train_step_keeps_rows_sharded():
     whole micro-batch). ``sharding.constrain_rows`` under ``traced_on`` keeps each device on its own rows:
     its temporaries stay near the data-parallel mesh's, far below the unconstrained program's."""
     from echorl_jax.planner import memory
-    from echorl_jax.trainer import train
+    from echorl_jax.trainer import learn_step
 
     big = {"model": {"hidden_size": 64, "intermediate_size": 1024, "num_heads": 4, "num_kv_heads": 4},
            "rl": {"prompts_per_step": 8, "group_size": 8}, "sampling": {"max_new_tokens": 120}}  # fmt: skip
@@ -96,7 +96,7 @@ def test_fsdp_train_step_keeps_rows_sharded():
                                     temperature=1.0)  # fmt: skip
         fn = sharding.traced_on(ctx.mesh if constrained else None, fn)
         jitted = jax.jit(fn, in_shardings=(sh, sharding.batch_sharding(ctx.mesh, 2)))
-        lowered = jitted.lower(ctx.state, *train.abstract_step_inputs(cfg, ctx.mesh))
+        lowered = jitted.lower(ctx.state, *learn_step.abstract_step_inputs(cfg, ctx.mesh))
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
     fsdp, fsdp_free, dp = temp((1, 8, 1), True), temp((1, 8, 1), False), temp((8, 1, 1), True)

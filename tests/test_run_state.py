@@ -16,7 +16,7 @@ from echorl_jax import compare, config as config_lib, main
 from echorl_jax.models.config import ModelConfig
 from echorl_jax.models.transformer import Transformer
 from echorl_jax.rl import update
-from echorl_jax.trainer import run_state, train
+from echorl_jax.trainer import learn_step, run_state, train
 from echorl_jax.trainer.checkpoint import Checkpointer
 from echorl_jax.trainer.metrics_log import read_jsonl
 from tests.test_train import ROOT, TINY, tiny_cfg
@@ -84,7 +84,7 @@ def test_cli_refuses_a_changed_method_in_the_same_workdir(tmp_path):
 
 def test_sigterm_in_the_last_step_still_gets_its_final_evaluation_after_resume(tmp_path, monkeypatch):
     w = tmp_path / "w"
-    run_updates = train._run_updates
+    run_updates = learn_step.run_updates
 
     def preempted_at_step_2(*args, step, **kwargs):
         out = run_updates(*args, step=step, **kwargs)
@@ -92,11 +92,11 @@ def test_sigterm_in_the_last_step_still_gets_its_final_evaluation_after_resume(t
             os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler only sets a flag
         return out
 
-    monkeypatch.setattr(train, "_run_updates", preempted_at_step_2)
+    monkeypatch.setattr(learn_step, "run_updates", preempted_at_step_2)
     cfg = tiny_cfg(w, train={"steps": 2, "export_hf": False})
     train.train(cfg)
     assert _steps(w, "eval") == [0] and Checkpointer(str(w / "checkpoints")).latest_step() == 2
-    monkeypatch.setattr(train, "_run_updates", run_updates)
+    monkeypatch.setattr(learn_step, "run_updates", run_updates)
     out = train.train(cfg)
     assert _steps(w, "eval") == [0, 2] and _steps(w, "train") == [1, 2]
     assert "avg@2" in out["eval"]

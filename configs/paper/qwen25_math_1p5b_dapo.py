@@ -1,5 +1,7 @@
 """Qwen2.5-Math-1.5B (Qwen/Qwen2.5-Math-1.5B) x DAPO at the paper's hyperparameters (configs/paper/_base.py).
 
+Setting: DAPO (DAPO paper): the dapo preset.
+
 Accelerator: TPU v5e-8 (8 × 16 GB); mesh (1, -1, 1) (FSDP); planned with EchoRL on by
 python -m echorl_jax.plan --config configs/paper/qwen25_math_1p5b_grpo.py --devices 8 --config.model.path=configs/paper/models/qwen25_math_1p5b --config.echo.enabled=true --fit v5e
 (configs/paper/plans.json): model.remat=attn, rl.pack_rows_per_micro_batch=1,

@@ -1,5 +1,8 @@
 """Qwen2.5-Math-7B (Qwen/Qwen2.5-Math-7B) x GRPO at the paper's hyperparameters (configs/paper/_base.py).
 
+Setting: GRPO (EchoRL authors' script): mean-only group advantage, LUFFY's loss scale (a token sum / 8,192 per
+micro-batch), entropy bonus 0.001, PPO clip, recomputed old log-probs (the grpo preset is DeepSeekMath's).
+
 Accelerator: 8 × 80 GB (one node of 8 H100 or A100 80GB); mesh (1, -1, 1) (FSDP); planned with EchoRL on by
 python -m echorl_jax.plan --config configs/paper/qwen25_math_7b_grpo.py --devices 8 --config.model.path=configs/paper/models/qwen25_math_7b --config.echo.enabled=true --fit h100
 (configs/paper/plans.json): model.remat=attn, rl.pack_rows_per_micro_batch=2,

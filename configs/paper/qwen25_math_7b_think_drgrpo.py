@@ -1,5 +1,7 @@
 """LUFFY's own setting: Elliott/Qwen2.5-Math-7B-16k-think on LUFFY's R1-style prompts, think reward x Dr.GRPO at the paper's hyperparameters (configs/paper/_base.py).
 
+Setting: Dr.GRPO (Dr.GRPO paper): the drgrpo preset.
+
 Accelerator: 8 × 80 GB (one node of 8 H100 or A100 80GB); mesh (1, -1, 1) (FSDP); planned with EchoRL on by
 python -m echorl_jax.plan --config configs/paper/qwen25_math_7b_grpo.py --devices 8 --config.model.path=configs/paper/models/qwen25_math_7b --config.echo.enabled=true --fit h100
 (configs/paper/plans.json): model.remat=attn, rl.pack_rows_per_micro_batch=2,

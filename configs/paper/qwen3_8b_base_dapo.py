@@ -1,5 +1,7 @@
 """Qwen3-8B-Base (Qwen/Qwen3-8B-Base) x DAPO at the paper's hyperparameters (configs/paper/_base.py).
 
+Setting: DAPO (DAPO paper): the dapo preset.
+
 Accelerator: 8 × 80 GB (one node of 8 H100 or A100 80GB); mesh (1, -1, 1) (FSDP); planned with EchoRL on by
 python -m echorl_jax.plan --config configs/paper/qwen3_8b_base_grpo.py --devices 8 --config.model.path=configs/paper/models/qwen3_8b_base --config.echo.enabled=true --fit h100
 (configs/paper/plans.json): model.remat=attn, rl.pack_rows_per_micro_batch=2,

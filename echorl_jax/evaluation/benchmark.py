@@ -46,7 +46,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--out", default="eval_results.json", help="JSON results; the table goes to the same name .md")
     p.add_argument("--responses", default="", help="also write every response (JSONL: index, data_source, "
                    "sample, response, correct): analyze_steps --source rollouts reads it")
-    p.add_argument("--label", default="", help="row label in the table (default: the model or checkpoint)")
+    p.add_argument("--label", default="", help="row label in the table (default: the model, or for a checkpoint "
+                   "its method, whose setting it follows and EchoRL on/off, then the checkpoint)")
     return p.parse_known_args(argv)
 
 
@@ -164,7 +165,9 @@ def run(args, overrides: dict) -> dict:
         ckpt.close()
         params = state.params
         s.log(f"restored step {step} from {ckpt_dir}")
-    label = args.label or (f"{args.checkpoint} (step {step})" if ckpt_dir else cfg.model.path or "random init")
+    # A checkpoint's row says what trained it (its saved config): method, whose setting, EchoRL.
+    trained = f"{paper_table.run_label(cfg)}: {args.checkpoint} (step {step})" if ckpt_dir else None
+    label = args.label or trained or cfg.model.path or "random init"
     t0 = time.perf_counter()
     s.eval_pipeline.set_state(s.eval_initial_state)
     texts: dict[int, list[str]] | None = {} if args.responses else None

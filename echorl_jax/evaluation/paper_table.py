@@ -5,7 +5,9 @@ of an ``trainer.grading.summarize`` dict; ``markdown_table(rows, k)`` lays runs 
 the paper does (columns AIME24 ... ID avg, ARC-c ... OOD avg), in percent. An
 average is over the benchmarks present; a column with no data shows "-", and the
 average's header then says how many of its sets it covers. data_sources outside
-the paper's nine are listed after the table.
+the paper's nine are listed after the table. ``run_label(cfg)`` names a trained
+run's row by its method and whose setting it follows ("GRPO (EchoRL authors'
+script) + EchoRL", "GRPO (DeepSeekMath)": ``methods.describe_objective``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ IN_DISTRIBUTION = (("AIME24", "aime24"), ("AIME25", "aime25"), ("AMC", "amc23"),
                    ("Minerva", "minerva"), ("Olympiad", "olympiadbench"))  # fmt: skip
 OUT_OF_DISTRIBUTION = (("ARC-c", "arc_c"), ("GPQA", "gpqa_diamond"), ("MMLU-Pro", "mmlu_pro"))
 PAPER_SOURCES = tuple(src for _, src in IN_DISTRIBUTION + OUT_OF_DISTRIBUTION)
+
+
+def run_label(cfg) -> str:
+    """The method of a training config and whose setting it follows, ``+ EchoRL`` when it is on."""
+    from echorl_jax.rl import methods
+
+    label = methods.describe_objective(cfg.objective, cfg.sampling.max_new_tokens)
+    return label + (" + EchoRL" if cfg.echo.enabled else "")
 
 
 def benchmark_scores(metrics: Mapping[str, float], k: int) -> dict[str, dict[str, float]]:

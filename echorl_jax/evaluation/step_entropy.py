@@ -1,7 +1,7 @@
 """Step-entropy analysis of verified solutions (the paper's motivating figure).
 
     python -m echorl_jax.analyze_steps --model HF_DIR_OR_HUB_ID --data FILE [--source expert|rollouts]
-        [--out analysis/] [--max-len 8192] [--batch 8] [--limit N] [--temperature 1.0]
+        [--out analysis/] [--max-len 8192] [--batch 8] [--limit N] [--temperature 1.0] [--delimiter-ids auto]
 
 ``--source expert``: FILE is a data_prep parquet with an ``expert`` column
 (OpenR1-Math-46k's DeepSeek-R1 traces). ``--source rollouts``: FILE is the
@@ -11,7 +11,8 @@ are used (the model's own successful rollouts).
 Each prompt + solution is teacher-forced through the model (``update.response_logp``:
 token entropy of the full next-token distribution at ``--temperature``). Steps
 are split and scored exactly as EchoRL does (``echo.step_ends`` / ``echo.step_stats``
-over the tokenizer's newline tokens, ``echo.discover_delimiters``): a step ends
+over the delimiters ``--delimiter-ids`` names, as ``echo.delimiter_ids``: ``auto``, the tokenizer's
+newline tokens, or a list such as ``[198,271]``; ``echo.resolve_delimiters``): a step ends
 with its delimiter, its score is the mean token entropy. Per solution: the step
 count, the argmax-entropy step ``s*``, its relative position (end of ``s*`` /
 solution length, as ``echo/mean_clip_rel_pos``) and the EchoClip length (tokens
@@ -70,13 +71,14 @@ def _tokenize(tokenizer, solutions, template: str, max_len: int):
 
 
 def step_table(model_dir: str, solutions, *, template: str = "auto", max_len: int = 8192, batch: int = 8,
-               temperature: float = 1.0, tokenizer_dir: str = "") -> list[dict]:
+               temperature: float = 1.0, tokenizer_dir: str = "", delimiter_ids="auto") -> list[dict]:
     """Per solution: its step entropies and where the argmax step falls (module docstring)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from echorl_jax import sharding
+    from echorl_jax.config import ConfigError
     from echorl_jax.models import hf
     from echorl_jax.models.hub import resolve_model_dir
     from echorl_jax.models.tokenizer import load_hf_tokenizer, pad_token_id
@@ -84,9 +86,12 @@ def step_table(model_dir: str, solutions, *, template: str = "auto", max_len: in
 
     model_dir = resolve_model_dir(model_dir)
     tokenizer = load_hf_tokenizer(resolve_model_dir(tokenizer_dir, "--tokenizer") or model_dir, key="--model")
+    try:  # before the weights load: a bad value fails at once
+        delims = jnp.asarray(echo.resolve_delimiters(tokenizer, delimiter_ids)[0], jnp.int32)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("echo.delimiter_ids", "--delimiter-ids")) from None
     mesh = sharding.make_mesh((-1, 1, 1), jax.devices())
     graphdef, params = nnx.split(hf.load_model(model_dir, mesh))
-    delims = jnp.asarray(echo.discover_delimiters(tokenizer), jnp.int32)
     pad = pad_token_id(tokenizer)[0]  # padding is masked: any id serves
     prompts, answers = _tokenize(tokenizer, solutions, template, max_len)
     P, T = max(map(len, prompts)), max(map(len, answers))
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="solutions per forward pass")
     p.add_argument("--limit", type=int, default=0, help="analyse the first N solutions only")
     p.add_argument("--temperature", type=float, default=1.0, help="entropy of softmax(logits / T)")
+    p.add_argument("--delimiter-ids", default="auto", help="step delimiters, as echo.delimiter_ids: auto or a "
+                   "list of token ids / one-token texts, e.g. [198,271]")
     args = p.parse_args(argv)
     dist = config_lib.DistConfig()  # multi-process from the env (JAX_COORDINATOR_ADDRESS ...) or a TPU VM
     try:
@@ -223,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         solutions = load_solutions(args.data, args.source, args.limit)
         with exit_when_a_process_is_lost(dist):
             table = step_table(args.model, solutions, template=args.template, max_len=args.max_len,
-                               batch=args.batch, temperature=args.temperature, tokenizer_dir=args.tokenizer)  # fmt: skip
+                               batch=args.batch, temperature=args.temperature, tokenizer_dir=args.tokenizer,
+                               delimiter_ids=args.delimiter_ids)  # fmt: skip
     except user_errors() as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

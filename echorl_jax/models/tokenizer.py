@@ -150,11 +150,12 @@ def describe_ids(tokenizer, ids: Any) -> str:
     return f"{ids if isinstance(ids, int) else tuple(seq)} {text!r}"
 
 
-def describe_stops(tokenizer, stops, delimiter_ids) -> list[str]:
-    """Start-up log lines: every stop with its text, and the step delimiters (count + a few texts)."""
-    shown = ", ".join(repr(tokenizer.decode([int(i)])) for i in delimiter_ids[:6])
-    more = ", ..." if len(delimiter_ids) > 6 else ""
+def describe_stops(tokenizer, stops, delimiter_ids, delimiter_rule: str) -> list[str]:
+    """Start-up log lines: every stop with its text, and the step delimiters with the rule that chose them
+    (``echo.resolve_delimiters``): every id with its text when there are up to 8, else a few."""
+    ids = [int(i) for i in delimiter_ids]
+    shown = "; ".join(describe_ids(tokenizer, i) for i in ids[:8]) + ("; ..." if len(ids) > 8 else "")
     return [
         "stop ids: " + "; ".join(describe_ids(tokenizer, s) for s in stops),
-        f"step delimiters: {len(delimiter_ids)} tokens" + (f", e.g. {shown}{more}" if len(delimiter_ids) else ""),
+        f"step delimiters: {len(ids)} tokens ({delimiter_rule})" + (f": {shown}" if ids else ""),
     ]

@@ -4,8 +4,8 @@ A run holds memory in phases that never overlap: the **train step** (one optimiz
 mini-batch, micro-batch by micro-batch), the learner's passes over the **whole rollout batch** (old /
 reference log-probs and the mismatch metrics; the echo term's gradient norm), the **sampler** (its
 decode copy of the weights and the KV cache of the decode rows, LUFFY's G - k rollouts per prompt) and
-the **held-out sampler**. Each phase is the trainer's own jitted program (``train.jit_train_step``,
-``train.make_batch_passes``, ``sampling.make_sampler`` as the trainer runs it), lowered for the
+the **held-out sampler**. Each phase is the trainer's own jitted program (``learn_step.jit_train_step``,
+``learn_step.make_batch_passes``, ``sampling.make_sampler`` as the trainer runs it), lowered for the
 configured mesh on abstract parameters (``nnx.eval_shape`` + shardings; a ``model.path`` run reads
 only its config.json) and measured by XLA's ``memory_analysis``: the program's arguments,
 temporaries and outputs, plus what stays resident beside it (optimizer state, the KL reference, the
@@ -258,24 +258,24 @@ def learner_memory(cfg, ctx: Context) -> LearnerMemory:
     """The train step and the passes over the whole rollout batch, compiled as the trainer builds them."""
     import jax
 
-    from echorl_jax.trainer import train
+    from echorl_jax.trainer import learn_step
 
     temperature = 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
     rl = cfg.rl
     state_sh = jax.tree.map(lambda x: x.sharding, ctx.state)
     frozen_sh = None if ctx.frozen is None else jax.tree.map(lambda x: x.sharding, ctx.frozen)
-    step = train.jit_train_step(cfg, ctx.graphdef, ctx.optimizer, temperature, state_sh, ctx.mesh, frozen_sh)
+    step = learn_step.jit_train_step(cfg, ctx.graphdef, ctx.optimizer, temperature, state_sh, ctx.mesh, frozen_sh)
     # The mini-batch (and with packing its plan; with LoRA the frozen base): one program whatever the lengths.
-    inputs = train.abstract_step_inputs(cfg, ctx.mesh, frozen=ctx.frozen)
+    inputs = learn_step.abstract_step_inputs(cfg, ctx.mesh, frozen=ctx.frozen)
     train_mem = step.lower(ctx.state, *inputs).compile().memory_analysis()
-    rows_mb = train.minibatch_rows(cfg)
-    pack = train.pack_spec(cfg, rows_mb, ctx.mesh)
+    rows_mb = learn_step.minibatch_rows(cfg)
+    pack = learn_step.pack_spec(cfg, rows_mb, ctx.mesh)
     how = f"{pack.num_micro_batches} packed micro-batches at most" if pack else f"{rl.micro_batches} micro-batches"
     phases = [Phase("train step", program_bytes(train_mem), ctx.ref, f"{rows_mb} rows in {how}")]
 
-    forward_logp, echo_norm = train.make_batch_passes(cfg, ctx.graphdef, temperature, ctx.mesh, state_sh.params)
+    forward_logp, echo_norm = learn_step.make_batch_passes(cfg, ctx.graphdef, temperature, ctx.mesh, state_sh.params)
     rows_all = rl.prompts_per_step * rl.group_size
-    batch_all = train.abstract_step_inputs(cfg, ctx.mesh, rows_all, frozen=ctx.frozen)  # LoRA: (batch, plan, base)
+    batch_all = learn_step.abstract_step_inputs(cfg, ctx.mesh, rows_all, frozen=ctx.frozen)  # LoRA: (batch, plan, base)
     resident = ctx.opt + ctx.ref  # the policy's parameters are an argument of both passes
     if forward_logp is not None:
         why = [w for w, on in (("old log-probs", rl.recompute_logp), ("reference log-probs", cfg.objective.kl_coef > 0),

@@ -8,7 +8,10 @@ NLL ("echo") loss on the prefix of that rollout ending at that step.
 Rules (fixed shapes, no Python loops over the batch; docs/objectives.md):
 
 * Steps. A step ends with, and includes, a delimiter token (any id in
-  ``delimiter_ids``; negative ids are padding and never match). The last step
+  ``delimiter_ids``; negative ids are padding and never match). Which ids delimit is
+  ``EchoConfig.delimiter_ids`` (``resolve_delimiters``): ``auto`` (every non-special token
+  whose text contains a newline) or a given list (the paper's code: Qwen2.5's "\n" and
+  "\n\n", ids 198 and 271). The last step
   ends at the last response token. A response with no delimiter is one step;
   an empty response (mask all False) has no steps and can never be chosen.
 * Truncated responses (no stop token within T) are treated like any other
@@ -34,6 +37,7 @@ micro-batches equals the whole-batch value.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from typing import NamedTuple
 
@@ -53,6 +57,12 @@ class EchoConfig:
     success_threshold: float = 1.0  # a rollout is successful when reward >= this
     min_step_len: int = 1  # steps shorter than this (tokens) cannot be chosen
     top_k: int = 1  # clips per group, from distinct rollouts (paper: 1)
+    # Step delimiters: "auto" (every non-special token whose text contains a newline) or a list of token ids
+    # and/or one-token texts, e.g. (198, 271) or ("\n", "\n\n"); resolved with the tokenizer at start-up.
+    delimiter_ids: str | tuple = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "delimiter_ids", parse_delimiter_spec(self.delimiter_ids))
 
     def validate(self) -> "EchoConfig":
         if self.eligible not in ELIGIBILITY:
@@ -71,6 +81,57 @@ class EchoConfig:
 class EchoClips(NamedTuple):
     mask_bt: jax.Array  # bool [B, T]: tokens of the chosen clips
     metrics: dict  # scalars, see echo_clips
+
+
+AUTO_RULE = "echo.delimiter_ids=auto: every non-special token whose text contains a newline"
+_SPEC_HELP = ("expected 'auto' or a non-empty list of token ids (ints >= 0) and/or one-token texts, "
+              "e.g. [198, 271] or ['\\n', '\\n\\n']")
+
+
+def parse_delimiter_spec(value) -> str | tuple:
+    """``echo.delimiter_ids`` as given (a config value or a command-line string) -> ``"auto"`` or a tuple of
+    ids (int) and texts (str). A string other than ``auto`` is read as a Python literal: ``[198,271]``,
+    ``198``, ``"'\\n'"``."""
+    key = f"echo.delimiter_ids={value!r}"
+    if isinstance(value, str):
+        if value.strip() == "auto":
+            return "auto"
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{key}: {_SPEC_HELP}") from None
+    if isinstance(value, (int, str)):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{key}: {_SPEC_HELP}")
+    for item in value:
+        ok_id = isinstance(item, int) and not isinstance(item, bool) and item >= 0
+        if not (ok_id or (isinstance(item, str) and item)):
+            raise ValueError(f"{key}: {item!r} is neither a token id nor a text; {_SPEC_HELP}")
+    return tuple(value)
+
+
+def resolve_delimiters(tokenizer, spec) -> tuple[list[int], str]:
+    """``(sorted ids, rule)`` for ``echo.delimiter_ids``: ``auto`` -> ``discover_delimiters``; else each id
+    (within the tokenizer's vocabulary) and each text's single token. A text the tokenizer does not encode as
+    exactly one token that decodes back to it is refused (ValueError naming the key and value)."""
+    spec = parse_delimiter_spec(spec)
+    if spec == "auto":
+        return discover_delimiters(tokenizer), AUTO_RULE
+    vocab, ids = len(tokenizer), set()
+    key = f"echo.delimiter_ids={list(spec)!r}"
+    for item in spec:
+        if isinstance(item, str):
+            got = list(tokenizer.encode(item, add_special_tokens=False))
+            if len(got) != 1 or tokenizer.decode(got, skip_special_tokens=False,
+                                                  clean_up_tokenization_spaces=False) != item:
+                raise ValueError(f"{key}: the text {item!r} is not one token of this tokenizer (it encodes to "
+                                 f"{got}); give its token id, or a text that is one token")  # fmt: skip
+            item = int(got[0])
+        if not 0 <= item < vocab:
+            raise ValueError(f"{key}: id {item} is outside the tokenizer's vocabulary (0..{vocab - 1})")
+        ids.add(item)
+    return sorted(ids), f"echo.delimiter_ids={list(spec)!r}"
 
 
 def discover_delimiters(tokenizer) -> list[int]:

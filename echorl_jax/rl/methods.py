@@ -104,6 +104,49 @@ register_method(
 )
 
 
+# Whose setting each preset follows (its display name, its source), for labels: evaluate's table rows and the
+# paper recipes' docstrings (describe_objective).
+SOURCES = {
+    "grpo": ("GRPO", "DeepSeekMath"), "drgrpo": ("Dr.GRPO", "Dr.GRPO paper"), "dapo": ("DAPO", "DAPO paper"),
+    "gspo": ("GSPO", "GSPO paper"), "rloo": ("RLOO", "RLOO paper"), "reinforce_pp": ("REINFORCE++", "REINFORCE++ paper"),
+    "cispo": ("CISPO", "MiniMax-M1 paper"), "luffy": ("LUFFY", "LUFFY paper"),
+}  # fmt: skip
+# Published training scripts that run a method with other values than its preset: the fields that tell them
+# apart. The loss-scale fields (SCALE_FIELDS) are left out: they follow the script's hardware, not its method.
+SCRIPTS = {
+    # bibisbar/EchoRL exp_scripts/baseline_train_pure_grpo*.sh (LUFFY's fork): grpo_use_std=False,
+    # loss_remove_token_mean=True (a token sum / 8192 per micro-batch), entropy_coeff=0.001, PPO clip kept.
+    ("grpo", "EchoRL authors' script"): MappingProxyType(
+        dict(estimator="drgrpo", policy_loss="ppo", aggregation="seq-mean-token-sum-norm", entropy_coef=0.001)),
+    # ElliottYan/LUFFY exp_scripts/train.sh: loss_remove_clip=True (no PPO clip on on-policy tokens).
+    ("luffy", "LUFFY's script"): MappingProxyType(dict(policy_loss="pg")),
+}  # fmt: skip
+SCALE_FIELDS = ("norm_length", "entropy_norm_tokens")
+
+
+def script_fields(method: str, source: str) -> dict:
+    """The objective fields of ``SCRIPTS[(method, source)]`` (what a recipe sets to follow that script)."""
+    return dict(SCRIPTS[(method, source)])
+
+
+def describe_objective(obj: ObjectiveConfig, max_new_tokens: int) -> str:
+    """``"GRPO (DeepSeekMath)"``, ``"GRPO (EchoRL authors' script)"``: the method and whose setting its objective
+    fields follow (the preset's source, or a script of ``SCRIPTS``); other differences from the preset are listed
+    (``"DAPO (DAPO paper; clip_high=0.3)"``). The loss scale (``SCALE_FIELDS``) is not part of a setting."""
+    name, source = SOURCES.get(obj.method, (obj.method, f"{obj.method} preset"))
+    try:
+        preset = ObjectiveConfig(**method_fields(obj.method, max_new_tokens))
+    except ValueError:
+        return f"{name} (custom method)"
+    ignore = {"method", *SCALE_FIELDS}
+    diff = {f: getattr(obj, f) for f in sorted(_FIELDS - ignore) if getattr(obj, f) != getattr(preset, f)}
+    for (method, script), fields in SCRIPTS.items():
+        if method == obj.method and all(getattr(obj, k) == v for k, v in fields.items()):
+            source, diff = script, {k: v for k, v in diff.items() if k not in fields}
+    extra = "".join(f", {k}={v!r}" for k, v in diff.items())
+    return f"{name} ({source}{'; ' + extra[2:] if extra else ''})"
+
+
 def list_methods() -> list[str]:
     return sorted(_METHODS)
 

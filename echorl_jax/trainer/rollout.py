@@ -20,14 +20,6 @@ from echorl_jax.rl import echo as echo_lib, objectives, offpolicy
 from echorl_jax.sampling.sampler import Rollout, decode_responses
 
 
-class ScoredRollout(NamedTuple):
-    rollout: Rollout  # [B, ...] rows group-major (b = n*G + g)
-    reward_ng: jax.Array
-    correct_ng: np.ndarray
-    adv_bt: jax.Array
-    clips: echo_lib.EchoClips
-
-
 def make_scorer(obj_cfg, echo_cfg, delimiter_ids: np.ndarray, max_new_tokens: int) -> Callable:
     """Jitted ``(rollout, reward_ng) -> (shaped reward, adv_bt, clips)``.
 

@@ -428,10 +428,15 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log, tr
     experts = None
     if cfg.objective.expert_per_group > 0:
         train_records, experts = load_experts(cfg, train_records, tokenizer, stops, chat, pad_id, log)
-    delimiter_ids = np.asarray(echo_lib.discover_delimiters(tokenizer), np.int32)
+    try:
+        delimiter_ids, delimiter_rule = echo_lib.resolve_delimiters(tokenizer, cfg.echo.delimiter_ids)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    delimiter_ids = np.asarray(delimiter_ids, np.int32)
     if cfg.echo.enabled and delimiter_ids.size == 0:
-        raise config_lib.ConfigError("echo.enabled=True but the tokenizer has no token containing a newline")
-    for line in describe_stops(tokenizer, stops, delimiter_ids):
+        raise config_lib.ConfigError("echo.enabled=True but the tokenizer has no token containing a newline "
+                                     "(echo.delimiter_ids=auto); give the step delimiters as echo.delimiter_ids")
+    for line in describe_stops(tokenizer, stops, delimiter_ids, delimiter_rule):
         log(line)
     pipe_kw = dict(max_prompt_len=cfg.data.max_prompt_len, template=cfg.data.template, add_bos=cfg.data.add_bos,
                    pad_id=pad_id, on_overlong=cfg.data.on_overlong, response_prefix=cfg.data.response_prefix)  # fmt: skip
