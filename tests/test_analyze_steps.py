@@ -55,6 +55,7 @@ def reference(byo, prompt, solution, delimiters=None):
     return len(a), steps, best
 
 
+@pytest.mark.slow  # a warm start, then the analysis: slow set (CI runs it)
 def test_expert_traces_match_the_reference(setup, tmp_path):
     byo, data, _ = setup
     out = tmp_path / "out"

@@ -94,6 +94,7 @@ def test_checkpoint_params_are_restored(tmp_path, files, byo):
     assert texts(r_step) == texts(r_seed1)
 
 
+@pytest.mark.slow  # a training run, then an evaluation: slow set (CI runs it)
 def test_evaluation_builds_no_optimizer_state(tmp_path, files, byo, monkeypatch):
     """Only the parameters: no optimizer moments are created, and a checkpoint's are not read."""
     from echorl_jax.rl import update

@@ -193,6 +193,7 @@ def test_weights_fingerprint_sees_every_bit_on_any_mesh():
     assert lora.weights_fingerprint(bf16) not in (fp, lora.weights_fingerprint(jax.tree.map(jnp.zeros_like, bf16)))
 
 
+@pytest.mark.slow  # four LoRA train steps compiled: slow set (CI runs it)
 def test_packed_lora_step_equals_padded_and_skips_a_nonfinite_update():
     """LoRA composes with packed micro-batches: ``train_step(state, batch, dest_b, frozen)`` on packed rows
     gives the padded step's loss and adapter updates (SGD lr 1: minus the gradient), fp32, relative 1e-5;

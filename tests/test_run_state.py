@@ -26,6 +26,7 @@ def _steps(workdir, kind):
     return [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["kind"] == kind]
 
 
+@pytest.mark.slow  # end-to-end runs: slow set (CI runs it)
 def test_fresh_run_moves_the_old_run_aside_and_its_checkpoints_are_written(tmp_path):
     w = tmp_path / "w"
     train.train(tiny_cfg(w, train={"steps": 2, "export_hf": False}))
@@ -41,6 +42,7 @@ def test_fresh_run_moves_the_old_run_aside_and_its_checkpoints_are_written(tmp_p
     assert out["step"] == 1 and _steps(w, "train") == [1]
 
 
+@pytest.mark.slow  # end-to-end runs: slow set (CI runs it)
 def test_resume_with_changed_settings_is_refused_with_a_diff(tmp_path):
     w = tmp_path / "w"
     train.train(tiny_cfg(w, train={"steps": 1, "export_hf": False}))

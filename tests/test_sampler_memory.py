@@ -197,6 +197,7 @@ def _collectives(hlo: str, min_elements: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # samplers on two layouts: slow set (CI runs it)
 def test_decode_layout_on_an_fsdp_mesh(split, reference):
     """Mesh (1, 8, 1) (FSDP over 8), decode_tensor_parallel=2: rollouts equal the single-device
     ones (plain and refill); the compiled sampler's arguments are the tensor-parallel copy, with no

@@ -65,6 +65,7 @@ def test_bad_override_fails_cleanly(tmp_path):
     assert "rl.group_sise" in proc.stderr and "group_size" in proc.stderr
 
 
+@pytest.mark.slow  # an end-to-end run, stopped and resumed: slow set (CI runs it)
 def test_resume_is_exact(tmp_path):
     straight = train.train(tiny_cfg(tmp_path / "a", train={"steps": 4, "save_every": 2}))
     first = train.train(tiny_cfg(tmp_path / "b", train={"steps": 2, "save_every": 2}))
@@ -74,6 +75,7 @@ def test_resume_is_exact(tmp_path):
     assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
 
 
+@pytest.mark.slow  # an end-to-end run: slow set (CI runs it)
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path / "c", train={"steps": 2, "save_every": 1, "export_hf": False})
     train.train(cfg)
@@ -115,6 +117,7 @@ def test_metrics_are_json_and_finite(tmp_path):
         assert all(v is None or np.isfinite(v) for k, v in row.items() if k not in ("step", "kind"))
 
 
+@pytest.mark.slow  # end-to-end runs; test_presets_train runs every preset too: slow set (CI runs it)
 @pytest.mark.parametrize("method", ["dapo", "rloo", "grpo_kl"])
 def test_other_methods_run(tmp_path, method):
     objective = {"method": method}
