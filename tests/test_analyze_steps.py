@@ -92,6 +92,7 @@ def test_rollouts_use_only_correct_responses(setup, tmp_path):
     assert [r["tokens"] for r in rows] == [reference(byo, lines[i]["prompt"], TRACES[i])[0] for i in (0, 2)]
 
 
+@pytest.mark.slow  # a warm start, then the analysis: slow set (CI runs it)
 def test_delimiter_ids_as_given(setup, tmp_path, capsys):
     """--delimiter-ids takes echo.delimiter_ids' values: steps end only at the tokens given (here ".")."""
     byo, data, _ = setup

@@ -142,6 +142,7 @@ def test_adapter_gradients_are_the_full_gradient_projected_onto_the_adapters():
                                    rtol=1e-4, err_msg=weight)  # fmt: skip
 
 
+@pytest.mark.slow  # LoRA steps on two meshes: slow set (CI runs it)
 def test_adapters_shard_like_their_weights_and_an_8_device_step_matches_one_device():
     mesh = sharding.make_mesh((2, 2, 2))
     model = adapted_model(mesh=mesh)

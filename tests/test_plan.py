@@ -58,6 +58,7 @@ def test_plan_command_line_with_fit(capsys):
             "--config.sampling.decode_tensor_parallel=1") in out
 
 
+@pytest.mark.slow  # plans and compiles samplers: slow set (CI runs it)
 def test_plan_kv_cache_follows_sampling_slots():
     """With slot refill the sampler's cache is slots x (P + T), not N·G x (P + T)."""
     base = {"mesh": {"shape": (8, 1, 1)}}

@@ -90,6 +90,7 @@ def test_bf16_compute_loss_matches_fp32_within_bf16_tolerance():
     assert float(cos) > 0.99
 
 
+@pytest.mark.slow  # a train step compiled per remat policy: slow set (CI runs it)
 def test_remat_policies_give_the_same_loss_and_gradients():
     batch = _batch()
     loss, grads = _loss_and_grads(CFG, batch)

@@ -84,6 +84,7 @@ def test_cli_refuses_a_changed_method_in_the_same_workdir(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # end-to-end runs: slow set (CI runs it)
 def test_sigterm_in_the_last_step_still_gets_its_final_evaluation_after_resume(tmp_path, monkeypatch):
     w = tmp_path / "w"
     run_updates = learn_step.run_updates

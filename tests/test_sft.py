@@ -127,6 +127,7 @@ def test_sft_loss_matches_numpy_reference(tok, records, mesh):
 # ----------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # a warm start; test_sft_loss_matches_numpy_reference checks the loss: slow set (CI runs it)
 def test_warm_start_lowers_the_loss(tok, records, mesh):
     model = tiny_model(mesh)
     graphdef, _ = nnx.split(model)

@@ -160,6 +160,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert max(r["step"] for r in read_jsonl(metrics) if r["kind"] == "train") == saved
 
 
+@pytest.mark.slow  # end-to-end runs: slow set (CI runs it)
 def test_reused_setup_takes_the_new_config_or_refuses(tmp_path):
     """train(cfg, setup=...) runs cfg (its workdir, objective, config.json), not the setup's; settings the
     setup fixed (optimizer, reference copy) may not differ."""
