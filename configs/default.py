@@ -5,10 +5,10 @@ default in echorl_jax/config.py. The settings come from the sweeps in RESULTS.md
 at lr 1e-4 and above RL degrades this model; at 3e-5 to 5e-5 it learns steadily.
 One-step problems are left out: a warm start that sees them solves every one (no RL
 signal, a held-out level pinned at 1.0); without them the warm start is weaker
-and RL has more to do. On 2-4-step problems 500 steps at 4e-5 gain 7-11 points of
-held-out avg@4 (three seeds; 768 held-out prompts, standard error about 1.5 points
-per evaluation) in about 11 1/2 minutes on a 2-core CPU without AVX-512; 400 steps
-(9 1/2 minutes) gained as little as +4 on one seed (RESULTS.md).
+and RL has more to do. Measured as shipped in a clean shell (RESULTS.md, "The default
+as shipped"): 8 minutes on a 2-core Xeon with AVX-512, held-out avg@4 +5.9; 5 1/2
+minutes and +3.4 to +4.9 (three seeds) on a 2-core AMD EPYC. The 400-step warm start
+ends mid-descent, so where it lands moves with seeds, CPU type and device count.
 """
 
 
