@@ -9,12 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from echorl_jax import cli, main as main_lib
 from echorl_jax.config import ConfigError, DistConfig
 from echorl_jax.data.pipeline import DataError, PromptPipeline
-from tests.multiproc import assert_rows_close, metric_rows
+from tests.multiproc import assert_export_close, assert_rows_close, metric_rows
 from tests.test_data import make_records, make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,11 +186,7 @@ def test_two_processes_match_one_process_with_resume(tmp_path):
     assert rows_two[2]["reward/mean"] == rows_one[2]["reward/mean"]  # the resumed step drew the same rollouts
     assert rows_one[2]["reward/mean"] != rows_one[1]["reward/mean"]  # ... which differ from step 1's
 
-    want = load_file(str(one / "hf_export" / "model.safetensors"))
-    got = load_file(str(two / "hf_export" / "model.safetensors"))
-    assert got.keys() == want.keys()
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert_export_close(one, two)
 
     # Only process 0 writes run files (metrics, TensorBoard, report, plots, config, HF export, tokenizer).
     assert {"metrics.jsonl", "config.json", "tokenizer"} <= set(writes[0]), writes[0]

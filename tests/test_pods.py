@@ -14,13 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from byo_fixture import make_byo_dir
-from multiproc import ROOT, assert_rows_close, metric_rows, run_tool
-from safetensors.numpy import load_file
+from multiproc import ROOT, assert_export_close, assert_rows_close, assert_value_close, metric_rows, run_tool
 
 from echorl_jax import cli, main as main_lib
 from echorl_jax.data import prep
 from echorl_jax.evaluation import benchmark
-from echorl_jax.trainer.metrics_log import read_jsonl
 
 TINY = os.path.join(ROOT, "configs", "tiny_test.py")
 
@@ -46,13 +44,6 @@ def _train_args(workdir, reward, steps=2, **overrides):
     args = {"train.workdir": workdir, "train.steps": steps, "sft.steps": 0, "sampling.max_new_tokens": 12,
             "reward.name": "custom", "reward.custom": reward, **overrides}  # fmt: skip
     return ["--config", TINY, *(f"--config.{k}={v}" for k, v in args.items())]
-
-
-def _assert_export_close(a, b, rtol=1e-5, atol=1e-5):  # weights ~1e-2: float32 summation order over 2 updates
-    want, got = load_file(str(a / "hf_export" / "model.safetensors")), load_file(str(b / "hf_export" / "model.safetensors"))
-    assert got.keys() == want.keys()
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=atol, err_msg=k)
 
 
 # ----------------------------------------------------------------------------- evaluate --responses
@@ -118,7 +109,7 @@ def _case(name, tmp_path, eval_files):
             rows_one, rows_two = metric_rows(one), metric_rows(two)
             assert_rows_close(rows_two, rows_one)
             # 20 warm-start steps at lr 3e-3 amplify float32 summation-order differences in a few weights
-            _assert_export_close(one, two, atol=5e-5 if name == "warm_start" else 1e-5)
+            assert_export_close(one, two, atol=5e-5 if name == "warm_start" else 1e-5)
             train_rows = [r for r in rows_one if r["kind"] == "train"]
             if name == "luffy":
                 assert all("expert/accuracy" in r and r["offpolicy_prob"] > 0 for r in train_rows)
@@ -135,7 +126,7 @@ def _case(name, tmp_path, eval_files):
                 ea, eb = a["runs"][variant]["0"]["eval"], b["runs"][variant]["0"]["eval"]
                 assert ea.keys() == eb.keys() and ea["avg@2"] == eb["avg@2"]
                 for k in (k for k in ea if not k.startswith("time/")):  # wall times differ by nature
-                    assert eb[k] == pytest.approx(ea[k], rel=1e-5, abs=1e-6), (variant, k)
+                    assert_value_close(eb[k], ea[k], where=(variant, k))
             for variant in ("grpo", "grpo+echo"):
                 assert_rows_close(metric_rows(two / "compare" / variant / "seed0"),
                                    metric_rows(one / "compare" / variant / "seed0"))  # fmt: skip
@@ -228,6 +219,6 @@ def test_a_checkpoint_from_two_processes_resumes_on_one_times_eight_and_one_time
                 assert_rows_close([r for r in got if r["kind"] == "train"], [r for r in want if r["kind"] == "train"],
                                    rel=rel, abs=2e-5)  # fmt: skip
             assert got[2]["reward/mean"] == want[2]["reward/mean"]  # the same rollouts: the data went on
-            _assert_export_close(straight, resumed, rtol=1e-5 if devices == 0 else 2e-4, atol=2e-5)
+            assert_export_close(straight, resumed, rtol=1e-5 if devices == 0 else 2e-4, atol=2e-5)
     finally:
         fake_gcs.uninstall()
