@@ -124,7 +124,7 @@ class Mode:
         timings: dict[str, float] = {}
         t_step = time.perf_counter()
         key = jax.random.fold_in(self.base_key, step)
-        ro, reward_ng, correct_ng, info, rounds, _ = rollout_lib.collect(
+        ro, reward_ng, correct_ng, info, rounds, *_ = rollout_lib.collect(
             lambda: next(s.train_pipeline), s.sample, s.decode_weights(s.sample, self.state.params), key,
             verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
             dynamic_sampling=cfg.objective.dynamic_sampling,

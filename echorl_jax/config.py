@@ -132,6 +132,11 @@ class RLConfig:
     recompute_logp: bool = False  # old log-probs from a forward pass instead of the sampler
     stop_strings: tuple = ()  # extra stop texts (one or more tokens each), besides the default stops (docs/components.md)
     max_sample_rounds: int = 3  # DAPO dynamic sampling: prompt batches drawn at most per step
+    # Streaming rollouts (trainer/stream_source.py, docs/training.md): 0 = synchronous (every step samples its
+    # batch whole with its own weights); k >= 1 = rollouts still in flight when N groups are complete carry into
+    # the next step, and no token more than k policy versions old reaches a loss (older groups are dropped).
+    max_staleness: int = 0
+    stream_batches: int = 2  # streaming: the pool holds this many prompt batches (N each) in flight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -467,6 +472,16 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
     _check(cfg.objective.rollout_correction == "off" or rl.recompute_logp, "objective.rollout_correction",
            cfg.objective.rollout_correction, "needs rl.recompute_logp=true (the learner's log-probs of the rollout "
            "tokens, before the update)")
+    _check(rl.max_staleness >= 0, "rl.max_staleness", rl.max_staleness, "must be >= 0 (0 = synchronous rollouts)")
+    _check(rl.stream_batches >= 1, "rl.stream_batches", rl.stream_batches, "must be >= 1")
+    _check(rl.max_staleness > 0 or rl.stream_batches == 2, "rl.stream_batches", rl.stream_batches,
+           "is read only with rl.max_staleness >= 1 (streaming rollouts); leave it unset")
+    streaming_flags = "--config.rl.recompute_logp=true --config.objective.rollout_correction=token_tis"
+    _check(rl.max_staleness == 0 or (rl.recompute_logp and "token_tis" in cfg.objective.rollout_correction),
+           "rl.max_staleness", rl.max_staleness, "streaming needs the decoupled correction: the learner's log-probs "
+           "before the update as the PPO ratio's proximal policy (rl.recompute_logp=true) and the truncated "
+           f"importance weight proximal/behaviour (objective.rollout_correction=token_tis); add {streaming_flags} "
+           "(docs/training.md, 'Streaming rollouts')")
     _check(train.eval_samples >= 1, "train.eval_samples", train.eval_samples, "must be >= 1")
     _check(cfg.mesh.cpu_devices >= 0, "mesh.cpu_devices", cfg.mesh.cpu_devices, "must be >= 0 (0 = JAX's default)")
     _check(cfg.dist.initialize in ("auto", "always", "never"), "dist.initialize", cfg.dist.initialize,

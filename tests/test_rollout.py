@@ -71,14 +71,14 @@ MIXED, ALL1, ALL0 = [0, 1], [1, 1], [0, 0]
 
 
 def test_without_dynamic_sampling_first_draw_is_used_as_is():
-    ro, reward, _, _, rounds, _ = run([[ALL1, ALL0, MIXED, ALL1]], dynamic=False, echo_threshold=None)
+    ro, reward, _, _, rounds, *_ = run([[ALL1, ALL0, MIXED, ALL1]], dynamic=False, echo_threshold=None)
     assert rounds == 1 and groups_of(ro) == [0, 1, 2, 3]
     np.testing.assert_array_equal(reward, [ALL1, ALL0, MIXED, ALL1])
 
 
 def test_dynamic_sampling_refills_with_informative_groups_in_order():
     draws = [[ALL1, MIXED, ALL0, ALL0], [MIXED, ALL1, MIXED, ALL0], [MIXED, MIXED, MIXED, MIXED]]
-    ro, reward, _, info, rounds, _ = run(draws, dynamic=True, echo_threshold=None)
+    ro, reward, _, info, rounds, *_ = run(draws, dynamic=True, echo_threshold=None)
     # draw 0 keeps group 1; draw 1 keeps 100, 102; draw 2 keeps 200 to reach N = 4.
     assert groups_of(ro) == [1, 100, 102, 200] and rounds == 3
     assert np.all(reward.std(axis=1) > 0)
@@ -86,12 +86,12 @@ def test_dynamic_sampling_refills_with_informative_groups_in_order():
 
 
 def test_echo_keeps_all_success_groups_under_dapo():
-    ro, reward, _, _, rounds, _ = run([[ALL1, MIXED, ALL0, ALL1], [MIXED] * 4], dynamic=True, echo_threshold=1.0)
+    ro, reward, _, _, rounds, *_ = run([[ALL1, MIXED, ALL0, ALL1], [MIXED] * 4], dynamic=True, echo_threshold=1.0)
     assert groups_of(ro) == [0, 1, 3, 100] and rounds == 2
 
 
 def test_shortfall_after_max_rounds_is_filled_with_dropped_groups_and_counted():
-    ro, reward, _, info, rounds, _ = run([[ALL0, MIXED, ALL0, ALL1], [ALL0] * 4], dynamic=True, echo_threshold=None,
+    ro, reward, _, info, rounds, *_ = run([[ALL0, MIXED, ALL0, ALL1], [ALL0] * 4], dynamic=True, echo_threshold=None,
                                       max_rounds=2)  # fmt: skip
     assert rounds == 2 and groups_of(ro)[0] == 1 and len(groups_of(ro)) == N
     assert info["dynamic_fill_groups"] == 3

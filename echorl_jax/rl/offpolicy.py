@@ -169,3 +169,19 @@ def mix_expert_rows(rollout: Rollout, expert_tokens_nkt: jax.Array, expert_len_n
         truncated=mix(rollout.truncated, cut_nk),
         stop_len=mix(stop_len, (~cut_nk).astype(jnp.int32)),
     )
+
+
+
+
+def mix_versions(version_bt: jax.Array, mask_bt: jax.Array, num_groups: int, group_size: int) -> jax.Array:
+    """int32 ``[N*G, T]`` version tags laid out like ``mix_expert_rows``'s rows (N = ``num_groups``, G =
+    ``group_size``): each group's ``G - k`` sampled rows keep theirs (``version_bt``, ``mask_bt``: those rows,
+    ``[N*(G-k), T]``), its ``k`` expert rows (drawn by no policy) take the group's oldest sampled token's, so a
+    staleness bound keeps or drops a group whole."""
+    on_nkt = version_bt.reshape(num_groups, -1, version_bt.shape[1])
+    big = jnp.iinfo(jnp.int32).max
+    oldest_n = jnp.min(jnp.where(mask_bt.reshape(on_nkt.shape), on_nkt, big), axis=(1, 2))
+    oldest_n = jnp.where(oldest_n == big, jnp.max(on_nkt, axis=(1, 2)), oldest_n)  # no sampled token: any tag
+    k = group_size - on_nkt.shape[1]
+    expert = jnp.broadcast_to(oldest_n[:, None, None], (num_groups, k, on_nkt.shape[2])).astype(jnp.int32)
+    return jnp.concatenate([on_nkt.astype(jnp.int32), expert], axis=1).reshape(num_groups * group_size, -1)

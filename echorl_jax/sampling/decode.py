@@ -218,7 +218,7 @@ def decode_plain(sampler: DecodeStep, model, cache, logits_nv, lengths_n, rng, r
     return _Decoded(out.tokens_bt, out.mask_bt, out.logp_bt, out.entropy_bt, out.done_b, out.stop_len_b, out.t)
 
 
-def _prompt_row(sampler: DecodeStep, prompt_lngpd, n):
+def prompt_row(sampler: DecodeStep, prompt_lngpd, n):
     """Prompt ``n``'s prefill KV [L, 1, g, P, d]. With prompts sharded over devices a dynamic slice
     would make XLA all-gather the whole prompt cache onto every device; a masked sum over the
     prompt axis is a local sum plus an all-reduce of one row (exact: every other term is 0)."""
@@ -275,7 +275,7 @@ def decode_refill(sampler: DecodeStep, model, prompt_cache, prompt_valid_np, log
         def one(j, kv):
             slot = order_s[j]
             start = (0, slot, 0, 0, 0)
-            return tuple(jax.lax.dynamic_update_slice(c, _prompt_row(sampler, pc, n_s[slot]), start)
+            return tuple(jax.lax.dynamic_update_slice(c, prompt_row(sampler, pc, n_s[slot]), start)
                          for c, pc in zip(kv, (pk_lngpd, pv_lngpd)))  # fmt: skip
 
         k, v = jax.lax.fori_loop(0, jnp.sum(ins_s, dtype=jnp.int32), one, (cache.k_lbgkd, cache.v_lbgkd))

@@ -42,7 +42,7 @@ class Checkpointer:
         self._pending: int | None = None  # the step whose background save may still be running
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "host")
+            self.directory, options=options, item_names=("state", "host", "stream")
         )
 
     def latest_step(self) -> int | None:
@@ -51,14 +51,16 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, host: dict) -> None:
-        """``state``: pytree of jax arrays (sharded as they are); ``host``: JSON-serialisable dict.
+    def save(self, step: int, state: Any, host: dict, stream: Any = None) -> None:
+        """``state``: pytree of jax arrays (sharded as they are); ``host``: JSON-serialisable dict; ``stream``:
+        the streaming decoder's state (trainer/stream_source.py), a third item, or None.
         Raises ``CheckpointError`` when this save, or the previous one still running, fails."""
         self.wait()
+        items = {"state": ocp.args.StandardSave(state), "host": ocp.args.JsonSave(host)}
+        if stream is not None:
+            items["stream"] = ocp.args.StandardSave(stream)
         try:
-            self._manager.save(
-                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host))
-            )
+            self._manager.save(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001  (OSError, tensorstore's ValueError, ...)
             raise self._save_failed(step, e) from e
         self._pending = step
@@ -92,6 +94,16 @@ class Checkpointer:
         except Exception as e:  # orbax raises many types; name the checkpoint either way
             raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: {e}") from e
         return step, out["state"], dict(out["host"])
+
+    def read_stream(self, target: Any, step: int) -> Any:
+        """The ``stream`` item of checkpoint ``step``, onto the shardings of ``target`` (arrays or abstract)."""
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                stream=ocp.args.StandardRestore(jax.tree.map(_as_abstract, target))))
+        except Exception as e:  # orbax raises many types; name the checkpoint either way
+            raise CheckpointError(f"cannot restore the streaming rollouts of checkpoint step {step} from "
+                                  f"{self.directory}: {e}") from e
+        return out["stream"]
 
     def read_host(self, step: int | None = None) -> dict:
         """Only the JSON part of a checkpoint (config, data-iterator state): cheap, and it cannot fail on

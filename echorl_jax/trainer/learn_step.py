@@ -4,7 +4,8 @@
     gradient-norm diagnostic) -> UpdateBatch -> rl.epochs x rl.minibatches jitted train steps -> metrics
 
 It consumes whatever a rollout source yields (trainer/rollout_source.py) and reads the batch's version tags
-only for ``staleness/max_lag``. The jitted programs are built here, once per run; plan.py lowers the same
+for the staleness metrics and to enforce ``rl.max_staleness`` (a loss token past it stops the run before
+the update). The jitted programs are built here, once per run; plan.py lowers the same
 ones (``jit_train_step``, ``make_batch_passes``, ``abstract_step_inputs``) to plan memory.
 """
 
@@ -167,6 +168,9 @@ def make_learn_step(s: Setup, state: TrainState) -> Callable[[TrainState, Scored
         # old log-probs, mismatch, correction (a rejected sequence leaves the loss mask and the EchoClip mask)
         learner = learner_pass(step, policy, ro, ~expert_b, clips.mask_bt, plan_all)
         old_logp = learner.old_logp_bt
+        # How old the loss tokens are (0 for synchronous rollouts); a token past the bound stops the run here,
+        # before any update (and before ``state`` is donated).
+        staleness = source_lib.staleness_metrics(batch.version_bt, learner.mask_bt, step, rl.max_staleness)
         if cfg.objective.kl_coef > 0:
             ref_logp = forward_ref(s.ref_params, ro.tokens, ro.valid, *plan_all)
         else:
@@ -188,9 +192,8 @@ def make_learn_step(s: Setup, state: TrainState) -> Callable[[TrainState, Scored
         skipped = [float(u["skipped_updates"]) for u in update_metrics]  # NaN/Inf updates, left undone
         metrics["skipped_updates"] = sum(skipped)
         metrics.update(extra)
-        # the learner's version at this update less the oldest token's: 0 for synchronous rollouts
-        metrics["staleness/max_lag"] = source_lib.max_lag(batch.version_bt, ro.response_mask,
-                                                          source_lib.policy_version(step))  # fmt: skip
+        metrics.update(staleness)
+        metrics.update(batch.source_metrics or {})
         metrics["lr"] = float(schedule(int(state.step) - 1))
         metrics.update({f"time/{k}": v for k, v in batch.timings.items()})
         metrics["time/update"] = update_time  # the learner passes and the optimizer updates

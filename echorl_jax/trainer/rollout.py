@@ -56,6 +56,7 @@ class Collected(NamedTuple):
     info: dict[str, float]  # summed verifier counters (+ dynamic_fill_groups with dynamic sampling)
     rounds: int  # prompt batches sampled (> 1 only with DAPO dynamic sampling)
     sampled_tokens: int  # response tokens generated over all rounds, kept or not
+    version_bt: Any = None  # int32 [B, T] policy version of each token, when the draws carry one (streaming)
 
 
 def own_rows(rollout: Rollout, rows_per_process: int) -> Rollout:
@@ -100,6 +101,20 @@ def collect(
     sample: Callable,
     params,
     rng: jax.Array,
+    **kwargs,
+) -> Collected:
+    """Samples and verifies one step's rollouts: round ``i`` samples the next prompt batch with ``params``
+    and the key ``fold_in(rng, i)``; the rest is ``collect_from``'s (its keyword arguments)."""
+
+    def draw(rounds: int):
+        batch = next_prompts()
+        return batch, sample(params, batch.tokens_np, batch.length_n, jax.random.fold_in(rng, rounds)), None
+
+    return collect_from(draw, **kwargs)
+
+
+def collect_from(
+    draw: Callable[[int], tuple[Any, Rollout, Any]],
     *,
     verifier: Verifier,
     tokenizer,
@@ -111,28 +126,33 @@ def collect(
     records: Sequence[dict] | None = None,
     add_experts: Callable[[Rollout, Any], Rollout] | None = None,
 ) -> Collected:
-    """Samples and verifies one step's rollouts.
+    """Verifies the groups ``draw(round) -> (prompt batch, rollout, version_bt or None)`` yields, one draw per
+    round (a synchronous sampler's batch, or the streaming source's next complete groups).
 
-    With DAPO dynamic sampling, zero-variance groups are dropped and more prompts
-    are drawn until N informative groups are collected (at most ``max_rounds``
+    With DAPO dynamic sampling, zero-variance groups are dropped and more rounds are
+    drawn until N informative groups are collected (at most ``max_rounds``
     draws; any shortfall is filled with dropped groups, counted in the metrics).
     With EchoRL on (``echo_threshold`` set), all-success groups stay: they carry
     the echo signal, and dropping them would switch EchoRL off under DAPO.
-    LUFFY: ``sample`` draws ``G - k`` rollouts per prompt and ``add_experts(rollout, batch)``
-    appends the ``k`` expert rows of each group before verification (``group_size`` is G).
+    LUFFY: ``draw`` yields ``G - k`` rollouts per prompt and ``add_experts(rollout, batch)``
+    appends the ``k`` expert rows of each group before verification (``group_size`` is G); their
+    version tags are the group's oldest (``offpolicy.mix_versions``).
     """
-    kept_rollouts, kept_rewards, kept_correct, spare = [], [], [], []
+    kept_rollouts, kept_rewards, kept_correct, kept_versions, spare = [], [], [], [], []
     info_total: dict[str, float] = {}
     n_target, n_kept, rounds, sampled_tokens = None, 0, 0, 0
     while True:
-        batch = next_prompts()
         t0 = time.perf_counter()
-        rollout = sample(params, batch.tokens_np, batch.length_n, jax.random.fold_in(rng, rounds))
+        batch, rollout, version_bt = draw(rounds)
         jax.block_until_ready(rollout.tokens)
         t1 = time.perf_counter()
         sampled_tokens += int(sharding.to_host(rollout.lengths).sum())
         if add_experts is not None:
+            sampled_mask = rollout.response_mask
             rollout = add_experts(rollout, batch)
+            if version_bt is not None:
+                version_bt = offpolicy.mix_versions(version_bt, sampled_mask, rollout.tokens.shape[0] // group_size,
+                                                    group_size)  # fmt: skip
         reward_ng, correct_ng, info = verify(verifier, tokenizer, rollout, batch, group_size, records)
         n_target = n_target or reward_ng.shape[0]  # every process's prompts
         timings["sample"] = timings.get("sample", 0.0) + t1 - t0
@@ -141,7 +161,7 @@ def collect(
             info_total[k] = info_total.get(k, 0.0) + float(v)
         rounds += 1
         if not dynamic_sampling:
-            return Collected(rollout, reward_ng, correct_ng, info_total, rounds, sampled_tokens)
+            return Collected(rollout, reward_ng, correct_ng, info_total, rounds, sampled_tokens, version_bt)
         keep = np.asarray(objectives.zero_variance_groups(jnp.asarray(reward_ng)))
         if echo_threshold is not None:
             keep = keep | np.all(reward_ng >= echo_threshold, axis=1)
@@ -149,21 +169,24 @@ def collect(
         kept_rollouts.append(_take_groups(rollout, idx, group_size))
         kept_rewards.append(reward_ng[idx])
         kept_correct.append(correct_ng[idx])
+        kept_versions.append(None if version_bt is None else _take_groups(version_bt, idx, group_size))
         n_kept += len(idx)
         if n_kept < n_target:
-            spare.append((rollout, reward_ng, correct_ng, np.flatnonzero(~keep)))
+            spare.append((rollout, reward_ng, correct_ng, version_bt, np.flatnonzero(~keep)))
         if n_kept == n_target or rounds >= max_rounds:
             break
     filled = 0
-    for rollout, reward_ng, correct_ng, idx in spare:  # fill a shortfall with dropped groups
+    for rollout, reward_ng, correct_ng, version_bt, idx in spare:  # fill a shortfall with dropped groups
         idx = idx[: n_target - n_kept]
         if len(idx):
             kept_rollouts.append(_take_groups(rollout, idx, group_size))
             kept_rewards.append(reward_ng[idx])
             kept_correct.append(correct_ng[idx])
+            kept_versions.append(None if version_bt is None else _take_groups(version_bt, idx, group_size))
             n_kept += len(idx)
             filled += len(idx)
     info_total["dynamic_fill_groups"] = float(filled)
     rollout = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *kept_rollouts)
+    versions = None if kept_versions[0] is None else jnp.concatenate(kept_versions, axis=0)
     return Collected(rollout, np.concatenate(kept_rewards), np.concatenate(kept_correct), info_total, rounds,
-                     sampled_tokens)
+                     sampled_tokens, versions)

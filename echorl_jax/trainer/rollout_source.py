@@ -47,11 +47,20 @@ class ScoredBatch(NamedTuple):
     rounds: int  # prompt batches sampled (> 1 only with DAPO dynamic sampling)
     sampled_tokens: int  # response tokens generated over all rounds, kept or not
     timings: dict[str, float]  # seconds spent sampling and verifying ("sample", "reward"), all rounds
+    source_metrics: dict | None = None  # the source's own metrics (streaming: stream/*, sampler/*)
 
 
 class RolloutSource(Protocol):
     def next(self, params, step: int) -> ScoredBatch:
         """The batch learning step ``step`` consumes; ``params``: the learner's now (``policy_version(step)``)."""
+        ...
+
+    def checkpoint(self) -> tuple[Any, dict]:
+        """What a checkpoint keeps of the source: (device arrays or None, a JSON dict)."""
+        ...
+
+    def restore(self, read_arrays, params, host: dict) -> None:
+        """Continues from a checkpoint's JSON dict; ``read_arrays(target)`` reads its arrays onto ``target``."""
         ...
 
 
@@ -65,10 +74,30 @@ def _tag_tokens(mask_bt: jax.Array, version) -> jax.Array:
     return sharding.constrain_rows(jnp.full(mask_bt.shape, version, jnp.int32))
 
 
-@jax.jit
-def max_lag(version_bt: jax.Array, mask_bt: jax.Array, learner_version) -> jax.Array:
-    """int32: how many versions the oldest token under ``mask_bt`` is behind ``learner_version`` (0: none)."""
-    return learner_version - jnp.min(jnp.where(mask_bt, version_bt, learner_version))
+@jax.jit(static_argnames="bound")
+def lag_histogram(version_bt: jax.Array, mask_bt: jax.Array, learner_version, bound: int) -> jax.Array:
+    """int32 ``[bound + 2]``: tokens under ``mask_bt`` that are 0, 1, ..., ``bound`` versions behind
+    ``learner_version``, then those further behind (the bound's violations: must be 0)."""
+    lag_bt = jnp.clip(learner_version - version_bt, 0, bound + 1)
+    return jnp.sum(mask_bt[..., None] & (lag_bt[..., None] == jnp.arange(bound + 2)), axis=(0, 1), dtype=jnp.int32)
+
+
+class StalenessError(RuntimeError):
+    """A token older than ``rl.max_staleness`` versions reached a loss (a bug in a rollout source)."""
+
+
+def staleness_metrics(version_bt, mask_bt, step: int, bound: int) -> dict[str, float]:
+    """``staleness/lag{j}_frac``: the share of loss tokens ``j`` versions old (j = 0..bound), and
+    ``staleness/max_lag``; raises ``StalenessError`` when a loss token is older than ``bound``."""
+    counts = np.asarray(lag_histogram(version_bt, mask_bt, policy_version(step), bound))
+    total = max(int(counts.sum()), 1)
+    if counts[-1]:
+        raise StalenessError(f"step {step}: {int(counts[-1])} loss tokens are more than rl.max_staleness={bound} "
+                             f"policy versions old (learner at version {policy_version(step)})")
+    lags = np.flatnonzero(counts)
+    out = {f"staleness/lag{j}_frac": counts[j] / total for j in range(bound + 1)}
+    out["staleness/max_lag"] = float(lags.max()) if len(lags) else 0.0
+    return out
 
 
 class SyncSource:
@@ -101,9 +130,22 @@ class SyncSource:
         ro = got.rollout
         reward_ng, adv_bt, clips = self.score(ro, jnp.asarray(got.reward_ng))  # reward_ng: every process's rows
         version_bt = self.tag(ro.response_mask, policy_version(step))
+        metrics = {}
+        if got.rounds == 1 and s.sample.last_decode_steps is not None:  # the one sampler call's decode loop
+            rows = s.sample.plans[cfg.data.max_prompt_len].rows(ro.tokens.shape[0] - s.cfg.objective.expert_per_group
+                                                                * reward_ng.shape[0])[0]  # fmt: skip
+            steps = int(s.sample.last_decode_steps)
+            metrics = {"sampler/decode_steps": float(steps),
+                       "sampler/slot_occupancy": got.sampled_tokens / max(steps * rows, 1)}  # fmt: skip
         return ScoredBatch(rollout=ro, reward_ng=reward_ng, correct_ng=got.correct_ng, adv_bt=adv_bt, clips=clips,
                            version_bt=version_bt, info=got.info, rounds=got.rounds,
-                           sampled_tokens=got.sampled_tokens, timings=timings)  # fmt: skip
+                           sampled_tokens=got.sampled_tokens, timings=timings, source_metrics=metrics)  # fmt: skip
+
+    def checkpoint(self) -> tuple[Any, dict]:
+        return None, {}  # its place in the prompt stream is the train pipeline's state, saved by the loop
+
+    def restore(self, read_arrays, params, host: dict) -> None:
+        pass
 
 
 def rollout_metrics(ro, reward_ng, correct_ng, clips, info, rounds, num_expert: int = 0) -> dict[str, Any]:

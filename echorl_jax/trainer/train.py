@@ -6,10 +6,10 @@
                                                   -> metrics (trainer/learn_step.py)
     -> log, collapse guard -> eval every ``train.eval_every`` -> Orbax checkpoint every ``train.save_every``
 
-The source here is synchronous: sampling and learning use the same parameters, and once per step the
-sampler gets a copy of ``state.params`` in the compute dtype, laid out for decoding (sampling/layout.py),
-dropped after sampling; there is no second engine. Streaming rollouts are another source behind
-``source.next``, not a second loop. This module keeps what belongs to the run: opening or resuming it,
+The source is synchronous (``rl.max_staleness = 0``: sampling and learning use the same parameters) or
+streaming (trainer/stream_source.py: rollouts carried across steps under the staleness bound); either way
+once per step the sampler gets a copy of ``state.params`` in the compute dtype, laid out for decoding
+(sampling/layout.py); there is no second engine and no second loop. This module keeps what belongs to the run: opening or resuming it,
 logging, guards, evaluation, checkpoints and preemption.
 """
 
@@ -29,7 +29,8 @@ from echorl_jax.trainer import adapters, checkpoint as ckpt_lib, grading, run_st
 from echorl_jax.trainer.guard import Guard, NonFinite
 from echorl_jax.trainer.learn_step import make_learn_step
 from echorl_jax.trainer.metrics_log import MetricsLog, to_python
-from echorl_jax.trainer.rollout_source import RolloutSource, SyncSource
+from echorl_jax.trainer.rollout_source import RolloutSource
+from echorl_jax.trainer.stream_source import make_source
 from echorl_jax.trainer.setup import Setup, build_setup
 
 
@@ -154,7 +155,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
         raise ValueError(f"objective.expert_per_group={k} but the setup was built without expert responses")
     start, state, checkpointer, host = _open_run(s, s.state)
     log = MetricsLog(tc.workdir, resume_step=start)
-    source: RolloutSource = SyncSource(s)
+    source: RolloutSource = make_source(s)  # synchronous, or streaming with rl.max_staleness >= 1
+    if host.get("stream"):  # the in-flight rollouts of a streaming run's checkpoint
+        source.restore(lambda target: checkpointer.read_stream(target, start), state.params, host["stream"])
     learn = make_learn_step(s, state)
     preempt = _Preemption()
     guard = Guard(tc.collapse_guard, s.log)
@@ -172,8 +175,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
 
     def save():
         log.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint a restart resumes from
+        stream, stream_host = source.checkpoint()  # streaming: the in-flight rollouts
         checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
-                                        "guard": guard.state(), **lora_host})  # fmt: skip
+                                        "guard": guard.state(), **lora_host, "stream": stream_host}, stream)  # fmt: skip
 
     for step in range(start + 1, tc.steps + 1):
         t_step = time.perf_counter()

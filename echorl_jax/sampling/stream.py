@@ -1,0 +1,303 @@
+"""Streaming decode: a pool of prompt groups and S decode slots whose state lives across RL steps.
+
+The synchronous sampler (sampler.py) prefills a step's N prompts, decodes until the last of their N·G
+rollouts ends and throws its state away. Here the decode state is a value, ``StreamState``, that the
+caller threads through four jitted calls (trainer/stream_source.py drives them once per RL step):
+
+    admit(weights, st, prompts [N, P], lengths [N], entries [N], rng, seq0)   prefill N prompts into free
+                                                                                pool entries; queue their rollouts
+    advance(weights, st, version, need) -> st         decode until ``need`` groups are complete (all G ended)
+    harvest(st, entries [N]) -> (st, Rollout, version_bt)                      take N complete groups out
+    drop(st, drop_q [Q]) -> st                         forget groups (their slots go idle)
+
+**Pool.** Q entries (``rl.stream_batches`` × N); entry q holds prompt q's left-padded tokens, its
+prefill KV ``[L, Q, g, P, d]`` and last logits, and its G rollouts ``r = q·G + g`` (R = Q·G). A rollout
+is *pending* (queued, ``order_r`` = its admission number), *running* (in a slot) or *ended*; a group is
+*complete* when its G rollouts ended. **Slots** are ``decode.decode_refill``'s: S rows of
+``[prompt | response ring]`` KV cache; a slot whose rollout ends takes the oldest pending rollout (the
+smallest ``order_r``: groups admitted earlier finish first), copies its prompt's KV in and draws its
+first token from the prompt's logits. Nothing waits for a batch's last rollout: when ``need`` groups are
+complete the loop stops with the other slots mid-rollout, and the next call continues them.
+
+**Versions.** ``advance`` takes the policy version of the weights it decodes with and writes it beside
+every token (``version_rt``), with the log-prob the sampler drew it with (``logp_rt``): a rollout carried
+into the next step continues under the new weights (PipelineRL's in-flight update; its KV cache, written
+by the older weights, is kept), so one rollout may span versions. Draws use the rollout's own key stream
+``fold_in(fold_in(rng_admit, n·G + g), t)`` (``rng_admit`` the admission's key, ``n`` the prompt's row in
+its admission batch, ``t`` the rollout's own step), the stream the synchronous sampler gives row
+``n·G + g``: with a pool of N (one batch, ``stream_batches = 1``) every step admits, decodes and harvests
+exactly the synchronous batch.
+
+Fixed shapes: Q, S, P and T are static; prompts are decoded at the full width P (no prompt buckets).
+Single-process for now (trainer/stream_source.py says why). Shape letters: q pool entries (Q), r
+rollouts (R = Q·G), s slots (S), n admitted prompts (N), p prompt width (P), t response length (T).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from echorl_jax.models.decode_attention import LiveKeys
+from echorl_jax.models.transformer import KVCache, init_cache, positions_from_valid
+from echorl_jax.sampling.decode import block_buckets, prompt_row, refill_extent, response_columns
+from echorl_jax.sampling.sampler import Rollout, Sampler
+
+NEVER = 2**30  # order_r of a rollout that is not pending; stop_at_r of a rollout never forced to stop
+
+
+class StreamState(NamedTuple):
+    """The streaming decoder's whole state (device arrays; a checkpoint saves it as it is)."""
+
+    prompt_qp: jax.Array  # int32 left-padded prompt of each entry (pad_id off ``valid_qp``)
+    valid_qp: jax.Array  # bool
+    length_q: jax.Array  # int32 real prompt tokens
+    pk: jax.Array  # [L, Q, g, P, d] prompt KV, prefilled by the weights that admitted the entry
+    pv: jax.Array
+    logits_qv: jax.Array  # f32 logits after the prompt (each rollout's first draw)
+    live_q: jax.Array  # bool admitted and neither harvested nor dropped
+    key_r: jax.Array  # uint32 key data of rollout r's stream
+    order_r: jax.Array  # int32 admission number while pending; NEVER once started (or not admitted)
+    stop_at_r: jax.Array  # int32 bench/test hook: forced stop at this 1-based token (NEVER: not forced)
+    cache: KVCache  # [L, S, g, P + ring, d] the slots' KV
+    rid_s: jax.Array  # int32 rollout each slot decodes (R: idle)
+    step_s: jax.Array  # int32 that rollout's next response index
+    last_tok_s: jax.Array  # int32 its token step-1, fed this iteration
+    hist_sl: jax.Array  # int32 its last L tokens (multi-token stops)
+    stop_len_s: jax.Array  # int32
+    steps: jax.Array  # int32 decode iterations so far (the ring's write column is steps mod ring)
+    busy: jax.Array  # int32 slot-iterations that drew a real token, so far (occupancy = busy / (steps·S))
+    tokens_rt: jax.Array  # int32 response tokens
+    mask_rt: jax.Array  # bool drawn (through the first stop)
+    logp_rt: jax.Array  # f32 the sampler's log-prob of each token (the behaviour policy)
+    entropy_rt: jax.Array  # f32
+    version_rt: jax.Array  # int32 policy version that drew each token
+    done_r: jax.Array  # bool ended with a stop
+    stop_len_r: jax.Array  # int32
+    ended_r: jax.Array  # bool ended (stop or T tokens)
+
+
+class Status(NamedTuple):
+    """Per entry, on the host: what the source decides from."""
+
+    live_q: Any  # bool
+    complete_q: Any  # bool live and its G rollouts ended
+    oldest_q: Any  # int32 oldest version among its drawn tokens (NEVER: none drawn yet)
+    running_r: Any  # int rollouts in slots
+
+
+class StreamDecoder:
+    """The four jitted calls over one ``Sampler``'s config, stops and decode layout (see the module doc)."""
+
+    def __init__(self, sampler: Sampler, pool: int, slots: int, prompt_len: int):
+        self.sampler, self.q, self.s_rows, self.p = sampler, pool, slots, prompt_len
+        self.g = sampler.group_size
+        self.r = pool * self.g
+        self.t = sampler.cfg.max_new_tokens
+        self.block = sampler.block_size()
+        self.ring = response_columns(self.t, self.block)
+        self.key_impl = None
+        self.admit = jax.jit(self._admit, donate_argnums=1)
+        self.advance = jax.jit(self._advance, donate_argnums=1)
+        self.harvest = jax.jit(self._harvest, donate_argnums=0)
+        self.drop = jax.jit(self._drop, donate_argnums=0)
+        self.status = jax.jit(self._status)
+
+    # ------------------------------------------------------------------ state
+
+    def init(self, weights, key) -> StreamState:
+        """An empty pool and idle slots for the decode copy ``weights`` (shapes and dtypes from it)."""
+        self.key_impl = jax.random.key_impl(key)
+        kd = jax.random.key_data(key)
+        return jax.jit(lambda w: self._empty(w, kd))(weights)
+
+    def _empty(self, weights, kd) -> StreamState:
+        sp = self.sampler
+        mcfg = nnx.merge(sp.graphdef, weights).cfg
+        q, r, s, p, t, pad = self.q, self.r, self.s_rows, self.p, self.t, sp.pad_id
+        prompt = init_cache(mcfg, q, p)
+        slots = init_cache(mcfg, s, p + self.ring)
+        i32 = lambda shape, v=0: jnp.full(shape, v, jnp.int32)  # noqa: E731
+        rows = sp.rows_sharded
+        return StreamState(
+            prompt_qp=i32((q, p), pad), valid_qp=jnp.zeros((q, p), bool), length_q=i32((q,), 1),
+            pk=sp.kv_sharded(prompt.k_lbgkd), pv=sp.kv_sharded(prompt.v_lbgkd),
+            logits_qv=jnp.zeros((q, mcfg.vocab_size), jnp.float32), live_q=jnp.zeros((q,), bool),
+            key_r=jnp.zeros((r, *kd.shape), kd.dtype), order_r=i32((r,), NEVER), stop_at_r=i32((r,), NEVER),
+            cache=KVCache(sp.kv_sharded(slots.k_lbgkd), sp.kv_sharded(slots.v_lbgkd), rows(slots.valid_bk),
+                          slots.pos),
+            rid_s=i32((s,), r), step_s=i32((s,)), last_tok_s=i32((s,), pad), hist_sl=sp.hist(s), stop_len_s=i32((s,)),
+            steps=i32(()), busy=i32(()),
+            tokens_rt=rows(i32((r, t), pad)), mask_rt=rows(jnp.zeros((r, t), bool)),
+            logp_rt=rows(jnp.zeros((r, t), jnp.float32)), entropy_rt=rows(jnp.zeros((r, t), jnp.float32)),
+            version_rt=rows(i32((r, t))), done_r=jnp.zeros((r,), bool), stop_len_r=i32((r,)),
+            ended_r=jnp.zeros((r,), bool),
+        )  # fmt: skip
+
+    def abstract(self, weights, key) -> StreamState:
+        """The state's abstract form (shapes, dtypes, shardings): what a checkpoint restores onto."""
+        kd = jax.random.key_data(key)
+        return jax.eval_shape(lambda w: self._empty(w, kd), weights)
+
+    # ------------------------------------------------------------------ admit
+
+    def _admit(self, weights, st: StreamState, prompt_np, lengths_n, entry_n, rng, seq0, stop_at_b):
+        """Prefills prompts [N, P] into pool entries ``entry_n`` (free ones) and queues their N·G rollouts
+        with admission numbers ``seq0 + n·G + g``; ``stop_at_b`` [N·G] (NEVER: none) is the bench hook."""
+        sp, g, pad = self.sampler, self.g, self.sampler.pad_id
+        model = nnx.merge(sp.graphdef, weights)
+        n, p = prompt_np.shape
+        lengths_n = lengths_n.astype(jnp.int32)
+        valid_np = jnp.arange(p)[None, :] >= (p - lengths_n)[:, None]
+        prompt_np = jnp.where(valid_np, prompt_np.astype(jnp.int32), pad)
+        pos = positions_from_valid(valid_np)
+        cache = init_cache(model.cfg, n, p)
+        if p > 1:  # all but the last token: its logits are unused
+            _, cache = model(prompt_np[:, :-1], pos[:, :-1], valid_np[:, :-1], cache)
+        logits_n1v, cache = model(prompt_np[:, -1:], pos[:, -1:], valid_np[:, -1:], cache)
+        rid_b = (entry_n[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
+        keys_b = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(n * g))
+        return st._replace(
+            prompt_qp=st.prompt_qp.at[entry_n].set(prompt_np), valid_qp=st.valid_qp.at[entry_n].set(valid_np),
+            length_q=st.length_q.at[entry_n].set(lengths_n),
+            pk=sp.kv_sharded(st.pk.at[:, entry_n].set(cache.k_lbgkd.astype(st.pk.dtype))),
+            pv=sp.kv_sharded(st.pv.at[:, entry_n].set(cache.v_lbgkd.astype(st.pv.dtype))),
+            logits_qv=st.logits_qv.at[entry_n].set(logits_n1v[:, 0].astype(jnp.float32)),
+            live_q=st.live_q.at[entry_n].set(True),
+            key_r=st.key_r.at[rid_b].set(jax.random.key_data(keys_b)),
+            order_r=st.order_r.at[rid_b].set(seq0 + jnp.arange(n * g, dtype=jnp.int32)),
+            stop_at_r=st.stop_at_r.at[rid_b].set(stop_at_b.astype(jnp.int32)),
+            tokens_rt=st.tokens_rt.at[rid_b].set(pad), mask_rt=st.mask_rt.at[rid_b].set(False),
+            logp_rt=st.logp_rt.at[rid_b].set(0.0), entropy_rt=st.entropy_rt.at[rid_b].set(0.0),
+            version_rt=st.version_rt.at[rid_b].set(0), done_r=st.done_r.at[rid_b].set(False),
+            stop_len_r=st.stop_len_r.at[rid_b].set(0), ended_r=st.ended_r.at[rid_b].set(False),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ decode
+
+    def _fill(self, st: StreamState, free_s) -> StreamState:
+        """Slots ``free_s`` take the oldest pending rollouts (in slot order), or go idle when none is left."""
+        sp, r, g, p = self.sampler, self.r, self.g, self.p
+        k = min(self.s_rows, r)
+        neg, cand = jax.lax.top_k(-st.order_r, k)  # the k smallest admission numbers
+        j_s = jnp.cumsum(free_s, dtype=jnp.int32) - 1
+        jc_s = jnp.clip(j_s, 0, k - 1)
+        take_s = free_s & (j_s < k) & (-neg[jc_s] < NEVER)
+        rid_s = jnp.where(take_s, cand[jc_s].astype(jnp.int32), jnp.where(free_s, r, st.rid_s))
+        q_s = jnp.minimum(rid_s, r - 1) // g
+        fresh_sk = jnp.pad(st.valid_qp[q_s], ((0, 0), (0, self.ring)))
+        valid_sk = sp.rows_sharded(jnp.where(take_s[:, None], fresh_sk, st.cache.valid_bk))
+        order_s = jnp.argsort(~take_s, stable=True)  # slots that take a rollout first
+
+        def one(j, kv):
+            slot = order_s[j]
+            return tuple(jax.lax.dynamic_update_slice(c, prompt_row(sp, pc, q_s[slot]), (0, slot, 0, 0, 0))
+                         for c, pc in zip(kv, (st.pk, st.pv)))  # fmt: skip
+
+        kk, vv = jax.lax.fori_loop(0, jnp.sum(take_s, dtype=jnp.int32), one, (st.cache.k_lbgkd, st.cache.v_lbgkd))
+        return st._replace(
+            cache=st.cache._replace(k_lbgkd=sp.kv_sharded(kk), v_lbgkd=sp.kv_sharded(vv), valid_bk=valid_sk),
+            rid_s=rid_s, step_s=jnp.where(free_s, 0, st.step_s),
+            hist_sl=jnp.where(free_s[:, None], -2, st.hist_sl), stop_len_s=jnp.where(free_s, 0, st.stop_len_s),
+            order_r=st.order_r.at[jnp.where(take_s, rid_s, r)].set(NEVER, mode="drop"),
+        )  # fmt: skip
+
+    def _complete(self, st: StreamState):
+        return st.live_q & jnp.all(st.ended_r.reshape(self.q, self.g), axis=1)
+
+    def _advance(self, weights, st: StreamState, version, need):
+        """Decodes with ``weights`` (policy ``version``) until ``need`` live groups are complete or no slot
+        has work; idle slots first take pending rollouts."""
+        sp, r, g, p, t, ring, block = self.sampler, self.r, self.g, self.p, self.t, self.ring, self.block
+        ring_blocks = ring // block
+        model = nnx.merge(sp.graphdef, weights)
+        version = jnp.asarray(version, jnp.int32)
+        st = self._fill(st, st.rid_s >= r)
+
+        def body(st: StreamState, blocks: int) -> StreamState:
+            active_s = st.rid_s < r
+            rid_s = jnp.minimum(st.rid_s, r - 1)  # idle slots compute on a real rollout's inputs, then drop them
+            q_s = rid_s // g
+            fresh_s = st.step_s == 0
+            feed_s = active_s & ~fresh_s
+            positions_s1 = jnp.maximum(st.length_q[q_s] + st.step_s - 1, 0)[:, None]
+            col = st.steps % ring
+            live = LiveKeys(p, block, blocks, ring_blocks, col // block - blocks + 1 + ring_blocks)
+            logits_s1v, cache = model(st.last_tok_s[:, None], positions_s1, feed_s[:, None],
+                                      st.cache._replace(pos=p + col), live=live)  # fmt: skip
+            logits_sv = jax.lax.cond(jnp.any(fresh_s),
+                                     lambda: jnp.where(fresh_s[:, None], st.logits_qv[q_s], logits_s1v[:, 0]),
+                                     lambda: logits_s1v[:, 0])  # fmt: skip
+            keys_s = jax.vmap(lambda kd, step: jax.random.fold_in(jax.random.wrap_key_data(kd, impl=self.key_impl),
+                                                                  step))(st.key_r[rid_s], st.step_s)  # fmt: skip
+            force_s = st.step_s == st.stop_at_r[rid_s] - 1
+            tok_s, _, done_s, lp_s, ent_s, hist_sl, stop_len_s = sp.pick(
+                logits_sv, keys_s, ~active_s, st.hist_sl, st.stop_len_s, force_s)
+            at_r = jnp.where(active_s, rid_s, r)  # idle slots write out of bounds (dropped)
+
+            def put(buf_rt, col_s):
+                return buf_rt.at[at_r, st.step_s].set(col_s.astype(buf_rt.dtype), mode="drop")
+
+            ended_s = active_s & (done_s | (st.step_s == t - 1))
+            end_r = jnp.where(ended_s, rid_s, r)
+            st = st._replace(
+                cache=cache, last_tok_s=tok_s, hist_sl=hist_sl, stop_len_s=stop_len_s,
+                step_s=st.step_s + 1, steps=st.steps + 1, busy=st.busy + jnp.sum(active_s, dtype=jnp.int32),
+                tokens_rt=put(st.tokens_rt, tok_s), mask_rt=put(st.mask_rt, active_s), logp_rt=put(st.logp_rt, lp_s),
+                entropy_rt=put(st.entropy_rt, ent_s), version_rt=put(st.version_rt, jnp.broadcast_to(version, tok_s.shape)),
+                done_r=st.done_r.at[end_r].set(done_s, mode="drop"),
+                stop_len_r=st.stop_len_r.at[end_r].set(stop_len_s, mode="drop"),
+                ended_r=st.ended_r.at[end_r].set(True, mode="drop"),
+            )  # fmt: skip
+            return self._fill(st, ended_s)
+
+        def going(st):
+            return jnp.any(st.rid_s < r) & (jnp.sum(self._complete(st), dtype=jnp.int32) < need)
+
+        def extent(st):
+            return refill_extent(st.steps, st.step_s, st.rid_s < r, block, ring)
+
+        buckets = block_buckets(ring_blocks)
+
+        def by_bucket(st):
+            for blocks, lower in zip(buckets, [0] + buckets[:-1]):
+                st = jax.lax.while_loop(lambda s, blocks=blocks, lower=lower: going(s) & (extent(s) <= blocks)
+                                        & (extent(s) > lower), lambda s, blocks=blocks: body(s, blocks), st)  # fmt: skip
+            return st
+
+        return jax.lax.while_loop(going, by_bucket, st)
+
+    # ------------------------------------------------------------------ out
+
+    def _status(self, st: StreamState) -> Status:
+        oldest_r = jnp.min(jnp.where(st.mask_rt, st.version_rt, NEVER), axis=1)
+        oldest_q = jnp.min(oldest_r.reshape(self.q, self.g), axis=1)
+        running = jnp.sum(st.rid_s < self.r, dtype=jnp.int32)
+        return Status(st.live_q, self._complete(st), oldest_q, running)
+
+    def _harvest(self, st: StreamState, entry_n):
+        """Takes groups ``entry_n`` (complete) out of the pool: their rollout rows [N·G] group-major, as the
+        synchronous sampler lays them out, and each response token's version [N·G, T]."""
+        g = self.g
+        rid_b = (entry_n[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
+        mask_bt = st.mask_rt[rid_b]
+        rollout = Rollout(
+            tokens=jnp.concatenate([jnp.repeat(st.prompt_qp[entry_n], g, axis=0), st.tokens_rt[rid_b]], axis=1),
+            valid=jnp.concatenate([jnp.repeat(st.valid_qp[entry_n], g, axis=0), mask_bt], axis=1),
+            response_mask=mask_bt, behaviour_logp=st.logp_rt[rid_b], entropy=st.entropy_rt[rid_b],
+            lengths=jnp.sum(mask_bt, axis=1, dtype=jnp.int32), truncated=~st.done_r[rid_b],
+            stop_len=st.stop_len_r[rid_b],
+        )  # fmt: skip
+        return st._replace(live_q=st.live_q.at[entry_n].set(False)), rollout, st.version_rt[rid_b]
+
+    def _drop(self, st: StreamState, drop_q):
+        """Forgets groups ``drop_q`` [Q] bool: no longer live, pending rollouts unqueued, slots idle."""
+        drop_r = jnp.repeat(drop_q, self.g)
+        in_slot_s = (st.rid_s < self.r) & drop_r[jnp.minimum(st.rid_s, self.r - 1)]
+        return st._replace(
+            live_q=st.live_q & ~drop_q, order_r=jnp.where(drop_r, NEVER, st.order_r),
+            rid_s=jnp.where(in_slot_s, self.r, st.rid_s), step_s=jnp.where(in_slot_s, 0, st.step_s),
+        )  # fmt: skip
