@@ -28,6 +28,10 @@ its admission batch, ``t`` the rollout's own step), the stream the synchronous s
 ``n·G + g``: with a pool of N (one batch, ``stream_batches = 1``) every step admits, decodes and harvests
 exactly the synchronous batch.
 
+``StreamPool`` is the host side: which entries are live, their admission order and the caller's record of
+each prompt; it admits, drops groups past the staleness bound and harvests, for the trainer's streaming
+source and for bench/streaming.py alike.
+
 Fixed shapes: Q, S, P and T are static; prompts are decoded at the full width P (no prompt buckets).
 Single-process for now (trainer/stream_source.py says why). Shape letters: q pool entries (Q), r
 rollouts (R = Q·G), s slots (S), n admitted prompts (N), p prompt width (P), t response length (T).
@@ -39,6 +43,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from echorl_jax.models.decode_attention import LiveKeys
@@ -301,3 +306,100 @@ class StreamDecoder:
             live_q=st.live_q & ~drop_q, order_r=jnp.where(drop_r, NEVER, st.order_r),
             rid_s=jnp.where(in_slot_s, self.r, st.rid_s), step_s=jnp.where(in_slot_s, 0, st.step_s),
         )  # fmt: skip
+
+
+class StreamPool:
+    """The host side of a streaming decoder: N prompts per admission, harvests of N groups, the bound ``k``.
+
+    ``draw(weights, version, next_prompts, key_for)`` is one round: admit while N entries are free
+    (``next_prompts() -> (tokens [N, P], lengths [N], records [N], stop_at [N·G] or None)``, sampled with
+    ``key_for(a)`` for the a-th admission), decode with ``weights`` at ``version`` until N groups are complete,
+    and return the N admitted first as ``(records, rollout [N·G], version_bt [N·G, T])``. ``drop_stale(version)``
+    first forgets groups holding a token more than ``k`` versions older than ``version``."""
+
+    def __init__(self, decoder: StreamDecoder, n: int, bound: int):
+        self.dec, self.n, self.k = decoder, n, bound
+        self.state = None
+        self.live = np.zeros(decoder.q, bool)
+        self.seq = np.zeros(decoder.q, np.int64)
+        self.records: list[Any] = [None] * decoder.q
+        self.admitted = 0  # groups admitted so far (their admission numbers)
+        self.read = (0, 0)  # (busy slot-iterations, iterations) at the last ``counters``
+
+    def start(self, weights, key) -> None:
+        if self.state is None:
+            self.state = self.dec.init(weights, key)
+
+    def _admit(self, weights, prompts, key) -> None:
+        tokens, lengths, records, stop_at = prompts
+        free = np.flatnonzero(~self.live)[: self.n]
+        g = self.dec.g
+        stop_at = np.full(self.n * g, NEVER, np.int32) if stop_at is None else np.asarray(stop_at, np.int32)
+        self.state = self.dec.admit(weights, self.state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                                    jnp.asarray(free, jnp.int32), key, jnp.asarray(self.admitted * g, jnp.int32),
+                                    jnp.asarray(stop_at))  # fmt: skip
+        for j, q in enumerate(free):
+            self.live[q], self.seq[q], self.records[q] = True, self.admitted + j, records[j]
+        self.admitted += self.n
+
+    def drop_stale(self, version: int) -> int:
+        """Forgets the live groups with a token more than ``k`` versions older than ``version``; how many."""
+        oldest = np.asarray(self.dec.status(self.state).oldest_q).astype(np.int64)
+        stale = self.live & (oldest < NEVER) & (version - oldest > self.k)
+        if stale.any():
+            self.state = self.dec.drop(self.state, jnp.asarray(stale))
+            self.live[stale] = False
+            for q in np.flatnonzero(stale):
+                self.records[q] = None
+        return int(stale.sum())
+
+    def draw(self, weights, version: int, next_prompts, key_for, admissions: int = 0):
+        """One round (see the class docstring); ``admissions``: admissions already made this step (keys)."""
+        a = admissions
+        while (~self.live).sum() >= self.n:
+            self._admit(weights, next_prompts(), key_for(a))
+            a += 1
+        self.state = self.dec.advance(weights, self.state, version, self.n)
+        complete = np.flatnonzero(np.asarray(self.dec.status(self.state).complete_q))
+        take = complete[np.argsort(self.seq[complete], kind="stable")][: self.n]
+        if len(take) < self.n:  # cannot happen: every live group ends within T decode steps
+            raise RuntimeError(f"streaming: {len(take)} complete groups of {self.n} after decoding")
+        self.state, rollout, version_bt = self.dec.harvest(self.state, jnp.asarray(take, jnp.int32))
+        records = [self.records[q] for q in take]
+        self.live[take] = False
+        for q in take:
+            self.records[q] = None
+        return records, rollout, version_bt, a
+
+    def counters(self) -> dict[str, float]:
+        """Since the last call: decode iterations, slot occupancy; now: rollouts mid-flight, groups live."""
+        st = self.dec.status(self.state)
+        busy, steps = int(self.state.busy), int(self.state.steps)
+        d_busy, d_steps = busy - self.read[0], steps - self.read[1]
+        self.read = (busy, steps)
+        return {"sampler/decode_steps": float(d_steps),
+                "sampler/slot_occupancy": d_busy / max(d_steps * self.dec.s_rows, 1),
+                "stream/carried_rollouts": float(st.running_r), "stream/carried_groups": float(self.live.sum())}
+
+    def checkpoint(self) -> tuple[dict, dict]:
+        """(the device state's non-empty leaves, the JSON part): a checkpoint's stream item and host entry."""
+        host = {"live": self.live.tolist(), "seq": self.seq.tolist(), "records": self.records,
+                "admitted": self.admitted, "read": list(self.read)}  # fmt: skip
+        return _nonempty(self.state), host
+
+    def restore(self, read_arrays, host: dict) -> None:
+        """Continues a saved pool: ``read_arrays(target)`` reads the stream item onto ``target`` (``start`` first)."""
+        leaves, treedef = jax.tree.flatten(self.state)
+        got = read_arrays(_nonempty(self.state))
+        self.state = jax.tree.unflatten(treedef, [got.get(str(i), x) for i, x in enumerate(leaves)])
+        self.live = np.asarray(host["live"], bool)
+        self.seq = np.asarray(host["seq"], np.int64)
+        self.records = list(host["records"])
+        self.admitted = int(host["admitted"])
+        self.read = tuple(int(x) for x in host["read"])
+
+
+def _nonempty(state) -> dict:
+    """The state's leaves by position, less the zero-size ones (no multi-token stops: no history columns),
+    which Orbax cannot save; ``restore`` takes those from the fresh state."""
+    return {str(i): x for i, x in enumerate(jax.tree.leaves(state)) if x.size}

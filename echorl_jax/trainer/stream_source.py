@@ -40,7 +40,7 @@ import numpy as np
 
 from echorl_jax import config as config_lib
 from echorl_jax.data.pipeline import PromptBatch
-from echorl_jax.sampling.stream import NEVER, StreamDecoder
+from echorl_jax.sampling.stream import StreamDecoder, StreamPool
 from echorl_jax.trainer import rollout as rollout_lib
 from echorl_jax.trainer.rollout_source import ScoredBatch, SyncSource, policy_version
 from echorl_jax.trainer.setup import Setup
@@ -60,109 +60,59 @@ class StreamSource:
                 f"config key rl.max_staleness={s.cfg.rl.max_staleness} is invalid: streaming rollouts run in one "
                 f"process for now ({jax.process_count()} here); use rl.max_staleness=0 on several hosts")
         cfg = s.cfg
-        self.s, self.k = s, cfg.rl.max_staleness
-        self.n = cfg.rl.prompts_per_step
+        self.s, self.k, self.n = s, cfg.rl.max_staleness, cfg.rl.prompts_per_step
         self.score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
         self.base_key = jax.random.key(cfg.train.seed)
-        self.dec: StreamDecoder | None = None
-        self.state = None
-        # host side of the pool, per entry: live, admission number (order of the group), the prompt's record
-        self.q = 0
-        self.live = np.zeros(0, bool)
-        self.seq = np.zeros(0, np.int64)
-        self.rows: list[dict | None] = []
-        self.admitted = 0  # groups admitted so far (their admission numbers)
-        self.step_admissions = 0  # prompt batches admitted during this step (their keys)
-        self._busy = self._steps = 0  # decode counters at the last reading
+        self.pool: StreamPool | None = None
 
-    # ------------------------------------------------------------------ setup
+    def ensure(self, params) -> StreamPool:
+        """The decoder and its empty pool (built on the first step, or before a resume reads the saved one)."""
+        if self.pool is None:
+            s, sampler, width = self.s, self.s.sample, self.s.cfg.data.max_prompt_len
+            plan = sampler.prepare(params, width)
+            div = sampler.layout.groups
+            q = -(-s.cfg.rl.stream_batches * self.n // div) * div
+            slots = plan.rows(self.n * sampler.group_size)[0]
+            self.pool = StreamPool(StreamDecoder(sampler, q, slots, width), self.n, self.k)
+            self.pool.start(s.decode_weights(sampler, params).params, self.base_key)
+            s.log(f"streaming rollouts: rl.max_staleness={self.k}, a pool of {q} prompt groups "
+                  f"(rl.stream_batches={s.cfg.rl.stream_batches} x {self.n}), {slots} decode slots, prompts at "
+                  f"width {width} (no prompt buckets)")  # fmt: skip
+        return self.pool
 
-    def ensure(self, params, width: int) -> None:
-        """Builds the decoder and an empty pool for prompts of ``width`` columns (first step, or a resume)."""
-        if self.dec is not None:
-            return
-        s, sampler = self.s, self.s.sample
-        plan = sampler.prepare(params, width)
-        g_on = sampler.group_size
-        div = sampler.layout.groups
-        self.q = -(-self.s.cfg.rl.stream_batches * self.n // div) * div
-        slots = plan.rows(self.n * g_on)[0]
-        self.dec = StreamDecoder(sampler, self.q, slots, width)
-        self.state = self.dec.init(s.decode_weights(sampler, params).params, self.base_key)
-        self.live = np.zeros(self.q, bool)
-        self.seq = np.zeros(self.q, np.int64)
-        self.rows = [None] * self.q
-        s.log(f"streaming rollouts: rl.max_staleness={self.k}, a pool of {self.q} prompt groups "
-              f"(rl.stream_batches={s.cfg.rl.stream_batches} x {self.n}), {slots} decode slots, prompts at "
-              f"width {width} (no prompt buckets)")  # fmt: skip
-
-    # ------------------------------------------------------------------ one step
-
-    def _admit(self, weights, step: int, a: int) -> None:
-        batch: PromptBatch = next(self.s.train_pipeline)
-        free = np.flatnonzero(~self.live)[: self.n]
-        g = self.dec.g
-        stop_at = np.full(self.n * g, NEVER, np.int32)
-        self.state = self.dec.admit(weights, self.state, jnp.asarray(batch.tokens_np, jnp.int32),
-                                    jnp.asarray(batch.length_n, jnp.int32), jnp.asarray(free, jnp.int32),
-                                    jax.random.fold_in(jax.random.fold_in(self.base_key, step), a),
-                                    jnp.asarray(self.admitted * g, jnp.int32), jnp.asarray(stop_at))  # fmt: skip
-        for j, q in enumerate(free):
-            self.live[q], self.seq[q] = True, self.admitted + j
-            self.rows[q] = {"tokens": batch.tokens_np[j].tolist(), "length": int(batch.length_n[j]),
-                            "ground_truth": batch.ground_truth[j], "data_source": batch.data_source[j],
-                            "record_index": int(batch.record_index[j])}  # fmt: skip
-        self.admitted += self.n
-
-    def _draw(self, params, step: int):
-        """One round: admissions, decoding, the harvest of N complete groups -> (prompt batch, rollout, versions)."""
-        s = self.s
-        weights = s.decode_weights(s.sample, params).params
-        version = policy_version(step)
-        while (~self.live).sum() >= self.n:
-            self._admit(weights, step, self.step_admissions)
-            self.step_admissions += 1
-        self.state = self.dec.advance(weights, self.state, version, self.n)
-        st = self.dec.status(self.state)
-        complete = np.asarray(st.complete_q)
-        order = np.flatnonzero(complete)
-        order = order[np.argsort(self.seq[order], kind="stable")][: self.n]
-        if len(order) < self.n:  # cannot happen while every live group can finish (T is bounded)
-            raise RuntimeError(f"streaming: {len(order)} complete groups of {self.n} after decoding")
-        self.state, rollout, version_bt = self.dec.harvest(self.state, jnp.asarray(order, jnp.int32))
-        rows = [self.rows[q] for q in order]
-        self.live[order] = False
-        for q in order:
-            self.rows[q] = None
-        batch = PromptBatch(
-            tokens_np=np.asarray([r["tokens"] for r in rows], np.int32),
-            length_n=np.asarray([r["length"] for r in rows], np.int32),
-            ground_truth=[r["ground_truth"] for r in rows], data_source=[r["data_source"] for r in rows],
-            record_index=np.asarray([r["record_index"] for r in rows], np.int64), valid_n=np.ones(len(rows), bool),
-        )  # fmt: skip
-        return batch, rollout, version_bt
-
-    def _drop_stale(self, step: int) -> int:
-        """Drops the live groups with a token older than the bound allows at ``step``; returns how many."""
-        st = self.dec.status(self.state)
-        oldest = np.asarray(st.oldest_q).astype(np.int64)
-        stale = self.live & (oldest < NEVER) & (policy_version(step) - oldest > self.k)
-        if stale.any():
-            self.state = self.dec.drop(self.state, jnp.asarray(stale))
-            self.live[stale] = False
-            for q in np.flatnonzero(stale):
-                self.rows[q] = None
-        return int(stale.sum())
+    def _prompts(self):
+        """The train pipeline's next N prompts, each with the record verification needs (JSON, for checkpoints)."""
+        b: PromptBatch = next(self.s.train_pipeline)
+        records = [{"tokens": b.tokens_np[j].tolist(), "length": int(b.length_n[j]), "ground_truth": b.ground_truth[j],
+                    "data_source": b.data_source[j], "record_index": int(b.record_index[j])}
+                   for j in range(len(b.ground_truth))]  # fmt: skip
+        return b.tokens_np, b.length_n, records, None
 
     def next(self, params, step: int) -> ScoredBatch:
         s, cfg, rl = self.s, self.s.cfg, self.s.cfg.rl
-        self.ensure(params, cfg.data.max_prompt_len)
+        pool = self.ensure(params)
+        weights = s.decode_weights(s.sample, params).params
+        version = policy_version(step)
+        step_key = jax.random.fold_in(self.base_key, step)
+        dropped = pool.drop_stale(version)
+        admissions = 0
+
+        def draw(rounds: int):
+            nonlocal admissions
+            rows, rollout, version_bt, admissions = pool.draw(
+                weights, version, self._prompts, lambda a: jax.random.fold_in(step_key, a), admissions)
+            batch = PromptBatch(
+                tokens_np=np.asarray([r["tokens"] for r in rows], np.int32),
+                length_n=np.asarray([r["length"] for r in rows], np.int32),
+                ground_truth=[r["ground_truth"] for r in rows], data_source=[r["data_source"] for r in rows],
+                record_index=np.asarray([r["record_index"] for r in rows], np.int64),
+                valid_n=np.ones(len(rows), bool),
+            )  # fmt: skip
+            return batch, rollout, version_bt
+
         timings: dict[str, float] = {}
-        self.step_admissions = 0
-        dropped = self._drop_stale(step)
         got = rollout_lib.collect_from(
-            lambda rounds: self._draw(params, step),
-            verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
+            draw, verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
             dynamic_sampling=cfg.objective.dynamic_sampling,
             echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
             max_rounds=rl.max_sample_rounds, timings=timings, records=s.train_records,
@@ -170,49 +120,16 @@ class StreamSource:
         )  # fmt: skip
         ro = got.rollout
         reward_ng, adv_bt, clips = self.score(ro, jnp.asarray(got.reward_ng))
-        st = self.dec.status(self.state)
-        busy, steps = int(self.state.busy), int(self.state.steps)
-        d_busy, d_steps = busy - self._busy, steps - self._steps
-        self._busy, self._steps = busy, steps
-        metrics = {
-            "stream/dropped_groups": float(dropped),
-            "stream/carried_rollouts": float(st.running_r),  # in slots mid-rollout, continued next step
-            "stream/carried_groups": float(self.live.sum()),  # admitted, not yet harvested
-            "stream/admissions": float(self.step_admissions),
-            "sampler/decode_steps": float(d_steps),
-            "sampler/slot_occupancy": d_busy / max(d_steps * self.dec.s_rows, 1),
-        }
+        metrics = {"stream/dropped_groups": float(dropped), "stream/admissions": float(admissions), **pool.counters()}
         return ScoredBatch(rollout=ro, reward_ng=reward_ng, correct_ng=got.correct_ng, adv_bt=adv_bt, clips=clips,
-                           version_bt=got.version_bt,
-                           info=got.info, rounds=got.rounds, sampled_tokens=got.sampled_tokens, timings=timings,
-                           source_metrics=metrics)  # fmt: skip
-
-    # ------------------------------------------------------------------ checkpoints
+                           version_bt=got.version_bt, info=got.info, rounds=got.rounds,
+                           sampled_tokens=got.sampled_tokens, timings=timings, source_metrics=metrics)  # fmt: skip
 
     def checkpoint(self) -> tuple[Any, dict]:
-        """(device state or None, JSON part) for a checkpoint."""
-        if self.dec is None:
-            return None, {}
-        host = {"live": self.live.tolist(), "seq": self.seq.tolist(), "rows": self.rows, "admitted": self.admitted,
-                "busy": self._busy, "steps": self._steps}  # fmt: skip
-        return _nonempty(self.state), host
+        """(the decode state's arrays, the pool's JSON part); nothing before the first step."""
+        return (None, {}) if self.pool is None else self.pool.checkpoint()
 
     def restore(self, read_arrays, params, host: dict) -> None:
-        """Continues the pool a checkpoint saved: ``read_arrays(target)`` reads its stream item onto ``target``."""
-        if not host:
-            return
-        self.ensure(params, self.s.cfg.data.max_prompt_len)
-        leaves, treedef = jax.tree.flatten(self.state)
-        got = read_arrays(_nonempty(self.state))
-        self.state = jax.tree.unflatten(treedef, [got.get(str(i), x) for i, x in enumerate(leaves)])
-        self.live = np.asarray(host["live"], bool)
-        self.seq = np.asarray(host["seq"], np.int64)
-        self.rows = list(host["rows"])
-        self.admitted = int(host["admitted"])
-        self._busy, self._steps = int(host["busy"]), int(host["steps"])
-
-
-def _nonempty(state) -> dict:
-    """The state's leaves by position, less the zero-size ones (no multi-token stops: no history columns),
-    which Orbax cannot save; restore takes those from the fresh state."""
-    return {str(i): x for i, x in enumerate(jax.tree.leaves(state)) if x.size}
+        """Continues the pool a checkpoint saved (``read_arrays(target)`` reads its stream item)."""
+        if host:
+            self.ensure(params).restore(read_arrays, host)
