@@ -105,6 +105,8 @@ class StreamDecoder:
         self.block = sampler.block_size()
         self.ring = response_columns(self.t, self.block)
         self.key_impl = None
+        # Pool-indexed arrays are sharded over the batch axes when Q divides evenly, else left to XLA.
+        self.pool_sharded = sampler.mesh is None or pool % sampler.layout.groups == 0
         self.admit = jax.jit(self._admit, donate_argnums=1)
         self.advance = jax.jit(self._advance, donate_argnums=1)
         self.harvest = jax.jit(self._harvest, donate_argnums=0)
@@ -126,13 +128,14 @@ class StreamDecoder:
         prompt = init_cache(mcfg, q, p)
         slots = init_cache(mcfg, s, p + self.ring)
         i32 = lambda shape, v=0: jnp.full(shape, v, jnp.int32)  # noqa: E731
-        rows = sp.rows_sharded
+        rows = sp.rows_sharded if self.pool_sharded else (lambda x: x)  # noqa: E731
+        kv = sp.kv_sharded if self.pool_sharded else (lambda x: x)  # noqa: E731
         return StreamState(
             prompt_qp=i32((q, p), pad), valid_qp=jnp.zeros((q, p), bool), length_q=i32((q,), 1),
-            pk=sp.kv_sharded(prompt.k_lbgkd), pv=sp.kv_sharded(prompt.v_lbgkd),
+            pk=kv(prompt.k_lbgkd), pv=kv(prompt.v_lbgkd),
             logits_qv=jnp.zeros((q, mcfg.vocab_size), jnp.float32), live_q=jnp.zeros((q,), bool),
             key_r=jnp.zeros((r, *kd.shape), kd.dtype), order_r=i32((r,), NEVER), stop_at_r=i32((r,), NEVER),
-            cache=KVCache(sp.kv_sharded(slots.k_lbgkd), sp.kv_sharded(slots.v_lbgkd), rows(slots.valid_bk),
+            cache=KVCache(sp.kv_sharded(slots.k_lbgkd), sp.kv_sharded(slots.v_lbgkd), sp.rows_sharded(slots.valid_bk),
                           slots.pos),
             rid_s=i32((s,), r), step_s=i32((s,)), last_tok_s=i32((s,), pad), hist_sl=sp.hist(s), stop_len_s=i32((s,)),
             steps=i32(()), busy=i32(()),
@@ -168,8 +171,8 @@ class StreamDecoder:
         return st._replace(
             prompt_qp=st.prompt_qp.at[entry_n].set(prompt_np), valid_qp=st.valid_qp.at[entry_n].set(valid_np),
             length_q=st.length_q.at[entry_n].set(lengths_n),
-            pk=sp.kv_sharded(st.pk.at[:, entry_n].set(cache.k_lbgkd.astype(st.pk.dtype))),
-            pv=sp.kv_sharded(st.pv.at[:, entry_n].set(cache.v_lbgkd.astype(st.pv.dtype))),
+            pk=st.pk.at[:, entry_n].set(cache.k_lbgkd.astype(st.pk.dtype)),
+            pv=st.pv.at[:, entry_n].set(cache.v_lbgkd.astype(st.pv.dtype)),
             logits_qv=st.logits_qv.at[entry_n].set(logits_n1v[:, 0].astype(jnp.float32)),
             live_q=st.live_q.at[entry_n].set(True),
             key_r=st.key_r.at[rid_b].set(jax.random.key_data(keys_b)),

@@ -70,8 +70,7 @@ class StreamSource:
         if self.pool is None:
             s, sampler, width = self.s, self.s.sample, self.s.cfg.data.max_prompt_len
             plan = sampler.prepare(params, width)
-            div = sampler.layout.groups
-            q = -(-s.cfg.rl.stream_batches * self.n // div) * div
+            q = s.cfg.rl.stream_batches * self.n
             slots = plan.rows(self.n * sampler.group_size)[0]
             self.pool = StreamPool(StreamDecoder(sampler, q, slots, width), self.n, self.k)
             self.pool.start(s.decode_weights(sampler, params).params, self.base_key)

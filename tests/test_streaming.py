@@ -1,0 +1,196 @@
+"""Streaming rollouts (rl.max_staleness >= 1): the decode schedule never changes a rollout, every token carries
+the version that drew it, no token past the bound reaches a loss, and a pool of one batch is the synchronous
+trainer. References: the synchronous sampler (each admission batch sampled alone) and the synchronous run."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from echorl_jax import config as config_lib
+from echorl_jax.models.config import ModelConfig
+from echorl_jax.models.transformer import Transformer
+from echorl_jax.rl import offpolicy
+from echorl_jax.sampling.sampler import SamplingConfig, make_sampler
+from echorl_jax.sampling.stream import NEVER, StreamDecoder, StreamPool
+from echorl_jax.trainer.train import train
+from tests.multiproc import assert_rows_close
+from tests.test_train import _params, _rows, tiny_cfg
+
+TINY = ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   init_std=0.3)  # fmt: skip
+T, PAD, STOP, G, N, P = 12, 0, 39, 3, 4, 6
+SAMPLED = SamplingConfig(temperature=0.7, top_k=8, top_p=0.95, max_new_tokens=T)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return nnx.split(Transformer(TINY, rngs=nnx.Rngs(0)))
+
+
+def _batches(count: int, seed: int = 0):
+    """Admission batches: N prompts [N, P] left-padded, lengths, and forced stop lengths per rollout (long tail)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        lengths = rng.integers(1, P + 1, N).astype(np.int32)
+        tokens = rng.integers(1, 38, (N, P)).astype(np.int32)
+        tokens[np.arange(P)[None, :] < (P - lengths)[:, None]] = PAD
+        stop_at = np.minimum(np.ceil(rng.lognormal(1.0, 0.8, N * G)), T + 1).astype(np.int32)  # > T: never forced
+        out.append((tokens, lengths, stop_at))
+    return out
+
+
+def _pool(graphdef, state, batches_in_pool: int, slots: int, bound: int = 8):
+    sampler = make_sampler(graphdef, SAMPLED, group_size=G, stop_ids=(STOP,), pad_id=PAD)
+    sampler.prepare(state, P)
+    pool = StreamPool(StreamDecoder(sampler, batches_in_pool * N, slots, P), N, bound)
+    weights = sampler.decode_weights(state).params
+    pool.start(weights, jax.random.key(0))
+    return sampler, pool, weights
+
+
+def _run_pool(pool, weights, batches, steps: int, versions=None):
+    """``steps`` harvests; batch j is admitted with key fold_in(key(7), j) and record j. Returns the harvests."""
+    feed = iter(enumerate(batches))
+
+    def prompts():
+        j, (tokens, lengths, stop_at) = next(feed)
+        return tokens, lengths, [(j, n) for n in range(N)], stop_at
+
+    out, admitted = [], 0
+    for step in range(steps):
+        v = step if versions is None else versions[step]
+        dropped = pool.drop_stale(v)
+        # the a-th admission overall samples batch a with key fold_in(key(7), a)
+        records, rollout, version_bt, admitted = pool.draw(weights, v, prompts,
+                                                           lambda a: jax.random.fold_in(jax.random.key(7), a), admitted)
+        out.append((records, jax.tree.map(np.asarray, rollout), np.asarray(version_bt), dropped, pool.counters()))
+    return out
+
+
+@pytest.mark.parametrize("batches_in_pool,slots", [(1, 5), (2, 5), (3, 12)])
+def test_every_streamed_rollout_equals_the_synchronous_sampler_s(split, batches_in_pool, slots):
+    """Carrying rollouts across harvests, refilling from a pool of several batches and resuming decode in
+    another call change when a rollout is decoded, never what: each harvested group equals the synchronous
+    sampler's rows for its admission batch and key (same weights throughout)."""
+    graphdef, state = split
+    sampler, pool, weights = _pool(graphdef, state, batches_in_pool, slots)
+    batches = _batches(8)
+    harvests = _run_pool(pool, weights, batches, 5)
+    seen = set()
+    for records, ro, version_bt, dropped, _ in harvests:
+        assert dropped == 0
+        for i, (j, n) in enumerate(records):
+            seen.add((j, n))
+            tokens, lengths, stop_at = batches[j]
+            ref = sampler(state, tokens, lengths, jax.random.fold_in(jax.random.key(7), j),
+                          bench_stop_lengths=stop_at)  # fmt: skip
+            rows = slice(n * G, (n + 1) * G)
+            got = slice(i * G, (i + 1) * G)
+            for name in ("response_mask", "lengths", "truncated", "stop_len"):
+                np.testing.assert_array_equal(getattr(ro, name)[got], np.asarray(getattr(ref, name))[rows], err_msg=name)
+            t_mask = ro.response_mask[got]
+            np.testing.assert_array_equal(np.where(t_mask, ro.tokens[got, -T:], -1),
+                                          np.where(t_mask, np.asarray(ref.tokens)[rows, -T:], -1))  # fmt: skip
+            np.testing.assert_array_equal(ro.tokens[got, :P], np.asarray(ref.tokens)[rows, :P])
+            np.testing.assert_allclose(ro.behaviour_logp[got], np.asarray(ref.behaviour_logp)[rows], atol=1e-5)
+    # harvests come in admission order when every group of the earlier batch is done (FIFO)
+    assert len(seen) == 5 * N
+    if batches_in_pool == 1:
+        assert [sorted(r) for r, *_ in harvests] == [[(j, n) for n in range(N)] for j in range(5)]
+
+
+def test_tokens_carry_the_version_that_drew_them_and_the_bound_drops_older_groups(split):
+    """With a pool of two batches and few slots, rollouts span harvests: a token's tag is the version its
+    advance ran at; with bound k no harvested token is more than k versions old, and the groups that would
+    break it are dropped, not harvested."""
+    graphdef, state = split
+    for bound in (0, 1):
+        sampler, pool, weights = _pool(graphdef, state, 3, 3, bound=bound)
+        harvests = _run_pool(pool, weights, _batches(40, seed=1), 8)
+        lags, dropped = [], 0
+        for v, (_, ro, version_bt, d, counters) in enumerate(harvests):
+            mask = ro.response_mask
+            assert (version_bt[mask] <= v).all()
+            lags.extend((v - version_bt[mask]).tolist())
+            # within a rollout, versions never go down along the response
+            assert (np.diff(np.where(mask, version_bt, v), axis=1)[mask[:, 1:]] >= 0).all()
+            dropped += d
+            assert 0 < counters["sampler/slot_occupancy"] <= 1
+        assert max(lags) <= bound
+        if bound == 1:
+            assert max(lags) == 1  # rollouts did carry across a harvest
+        else:
+            assert dropped > 0  # k = 0: a carried group is dropped at the next step
+
+
+def test_expert_rows_take_their_group_s_oldest_version():
+    """LUFFY: each group's k expert rows carry the oldest tag of the group's sampled tokens."""
+    rng = np.random.default_rng(3)
+    n, g_on, k, t = 3, 2, 2, 5
+    version = rng.integers(0, 9, (n * g_on, t)).astype(np.int32)
+    mask = rng.random((n * g_on, t)) < 0.7
+    mask[2:4] = False  # group 1 drew no token: its expert rows take any of its tags
+    got = np.asarray(offpolicy.mix_versions(jnp.asarray(version), jnp.asarray(mask), n, g_on + k))
+    for i in range(n):
+        rows = slice(i * g_on, (i + 1) * g_on)
+        on = version[rows]
+        np.testing.assert_array_equal(got[i * (g_on + k) : i * (g_on + k) + g_on], on)
+        want = on[mask[rows]].min() if mask[rows].any() else on.max()
+        assert (got[i * (g_on + k) + g_on : (i + 1) * (g_on + k)] == want).all()
+
+
+STREAM = {"rl": {"max_staleness": 1, "recompute_logp": True}, "objective": {"rollout_correction": "token_tis"}}
+
+
+def _cfg(workdir, rl=None, **sections):
+    rl = {**STREAM["rl"], **(rl or {})}
+    return tiny_cfg(workdir, rl=rl, objective=STREAM["objective"], **sections)
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(("stream/", "sampler/", "staleness/lag1"))} for r in rows]
+
+
+def test_streaming_needs_the_decoupled_correction_and_its_pool_setting_needs_streaming(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="rl.recompute_logp=true.*rollout_correction=token_tis"):
+        tiny_cfg(tmp_path, rl={"max_staleness": 1})
+    with pytest.raises(config_lib.ConfigError, match="rl.stream_batches=3 is invalid: is read only with"):
+        tiny_cfg(tmp_path, rl={"stream_batches": 3})
+    with pytest.raises(config_lib.ConfigError, match="rl.max_staleness=-1"):
+        tiny_cfg(tmp_path, rl={"max_staleness": -1})
+
+
+def test_a_pool_of_one_batch_is_the_synchronous_trainer(tmp_path):
+    """rl.stream_batches = 1: every step admits, decodes and harvests exactly the synchronous batch (same
+    prompts, keys and weights), so metrics and parameters equal the k = 0 run's."""
+    steps = {"train": {"steps": 3}}
+    sync = train(tiny_cfg(tmp_path / "sync", rl=STREAM["rl"] | {"max_staleness": 0}, objective=STREAM["objective"],
+                          **steps))  # fmt: skip
+    stream = train(_cfg(tmp_path / "stream", rl={"stream_batches": 1}, **steps))
+    a, b = _strip(_rows(tmp_path / "sync")), _strip(_rows(tmp_path / "stream"))
+    assert len(a) == len(b) == 3
+    assert all(r["staleness/lag1_frac"] == 0 for r in _rows(tmp_path / "stream"))  # nothing carried
+    assert_rows_close(b, a)
+    for x, y in zip(jax.tree.leaves(_params(sync)), jax.tree.leaves(_params(stream))):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_a_streaming_run_keeps_the_bound_and_resumes_exactly(tmp_path):
+    """k = 1 over a pool of two batches: tokens one version old reach the loss, none older; a run stopped
+    at step 2 and resumed (the in-flight rollouts come back from the checkpoint) equals the straight run."""
+    straight = train(_cfg(tmp_path / "a", train={"steps": 4, "save_every": 2}))
+    rows = _rows(tmp_path / "a")
+    assert max(r["staleness/max_lag"] for r in rows) == 1
+    assert any(r["staleness/lag1_frac"] > 0 for r in rows)
+    assert sum(r["stream/carried_rollouts"] for r in rows) > 0
+    train(_cfg(tmp_path / "b", train={"steps": 2, "save_every": 2}))
+    resumed = train(_cfg(tmp_path / "b", train={"steps": 4, "save_every": 2}))
+    assert _rows(tmp_path / "b") == rows
+    for x, y in zip(jax.tree.leaves(_params(straight)), jax.tree.leaves(_params(resumed))):
+        np.testing.assert_array_equal(x, y)
+    assert os.path.isdir(tmp_path / "b" / "checkpoints" / "4" / "stream")
