@@ -147,9 +147,9 @@ def test_expert_rows_take_their_group_s_oldest_version():
 STREAM = {"rl": {"max_staleness": 1, "recompute_logp": True}, "objective": {"rollout_correction": "token_tis"}}
 
 
-def _cfg(workdir, rl=None, **sections):
+def _cfg(workdir, rl=None, objective=None, **sections):
     rl = {**STREAM["rl"], **(rl or {})}
-    return tiny_cfg(workdir, rl=rl, objective=STREAM["objective"], **sections)
+    return tiny_cfg(workdir, rl=rl, objective={**STREAM["objective"], **(objective or {})}, **sections)
 
 
 def _strip(rows):
@@ -194,3 +194,43 @@ def test_a_streaming_run_keeps_the_bound_and_resumes_exactly(tmp_path):
     for x, y in zip(jax.tree.leaves(_params(straight)), jax.tree.leaves(_params(resumed))):
         np.testing.assert_array_equal(x, y)
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "4" / "stream")
+
+
+@pytest.mark.slow  # one short run per preset (+ LoRA): CI's slow set runs it
+def test_every_preset_and_lora_stream_under_the_bound(tmp_path):
+    """k = 1 with every method preset (DAPO's dynamic sampling draws rounds of complete groups; LUFFY's expert
+    rows take their group's version) and with LoRA adapters: two steps each, finite, within the bound."""
+    from echorl_jax.rl import methods
+
+    setup = None
+    runs = [(name, {}) for name in methods.list_methods()] + [("grpo", {"lora": {"rank": 4, "alpha": 8.0}})]
+    for name, model in runs:
+        tag = name + ("_lora" if model else "")
+        cfg = _cfg(tmp_path / tag, rl={"max_sample_rounds": 2}, objective={"method": name},
+                   train={"steps": 2, "export_hf": False, "eval_every": 0}, data={"eval": ""},
+                   **({"model": model} if model else {}))  # fmt: skip
+        same = setup is not None and setup.cfg.objective.expert_per_group == cfg.objective.expert_per_group \
+            and setup.cfg.model == cfg.model  # fmt: skip
+        out = train(cfg, setup=setup if same else None)
+        setup = out["setup"]
+        rows = _rows(tmp_path / tag)
+        assert [r["step"] for r in rows] == [1, 2], tag
+        for r in rows:
+            assert np.isfinite(r["loss"]) and r["staleness/max_lag"] <= 1, (tag, r)
+        if name == "luffy":
+            assert rows[0]["expert/accuracy"] == 1.0
+
+
+@pytest.mark.slow  # a paper recipe shrunk to a tiny model, two streaming steps
+def test_a_paper_recipe_streams(tmp_path):
+    from tests.test_paper_recipes import RECIPES, recipe_name, shrunk
+
+    path = next(p for p in RECIPES if recipe_name(p) == ("qwen25_math_7b", "grpo"))
+    cfg = shrunk(path, tmp_path, echo=True)
+    cfg = config_lib.build_config(config_lib.to_dict(cfg), {
+        "rl": {"max_staleness": 1, "recompute_logp": True}, "objective": {"rollout_correction": "token_tis"},
+        "train": {"steps": 2}})  # fmt: skip
+    train(cfg)
+    rows = [r for r in _rows(cfg.train.workdir)]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["staleness/max_lag"] <= 1 for r in rows)
