@@ -79,6 +79,9 @@ def parse_args(argv=None):
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--tied", type=int, default=1, help="tie embeddings (1/0)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--decode-block", type=int, default=0,
+                    help="response key block in columns (0: the sampler's default; T: one block, every decode step "
+                         "reads the whole cache)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=8, help="RL steps per run")
     ap.add_argument("--stream-batches", type=int, default=2, help="pool size in prompt batches (rl.stream_batches)")
@@ -242,7 +245,8 @@ def main(argv=None):
                        param_dtype=args.dtype, compute_dtype=args.dtype)  # fmt: skip
     graphdef, state = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(args.seed)))
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=t, slots=args.slots)
-    sampler = make_sampler(graphdef, cfg, group_size=g, stop_ids=(STOP_ID,), pad_id=0)
+    sampler = make_sampler(graphdef, cfg, group_size=g, stop_ids=(STOP_ID,), pad_id=0,
+                           decode_block=args.decode_block or None)
     plan = sampler.prepare(state, p)
     slots, refill = plan.rows(b)
     if not refill:
@@ -262,7 +266,8 @@ def main(argv=None):
     print(C.machine_line())
     print(f"model: hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} mlp={args.mlp} "
           f"vocab={args.vocab} tied={bool(args.tied)} dtype={args.dtype}; {args.steps} RL steps of {n} prompts x G {g} "
-          f"= {b} rollouts, P {p}, T {t}, {slots} slots; stream pool {args.stream_batches} x {n} groups")  # fmt: skip
+          f"= {b} rollouts, P {p}, T {t}, {slots} slots, key blocks of {sampler.block_size()} columns; stream pool "
+          f"{args.stream_batches} x {n} groups")  # fmt: skip
     print(f"regime: {regime}: a decode step reads {param_bytes / 1e6:.1f} MB of parameters and at most "
           f"{kv_bytes / 1e6:.1f} MB of slot KV cache")  # fmt: skip
     print(f"forced lengths of the sync batches (log-normal, median T/8 = {t // 8}, sigma 1, cap T): mean "

@@ -234,3 +234,23 @@ def test_a_paper_recipe_streams(tmp_path):
     rows = [r for r in _rows(cfg.train.workdir)]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) and r["staleness/max_lag"] <= 1 for r in rows)
+
+
+@pytest.mark.slow  # compiles every planned phase
+def test_the_planner_counts_the_streaming_state_a_real_pool_holds(tmp_path):
+    """plan.py keeps the streaming decode state resident through the learner's phases and the pool beside the
+    sampler; its count is what device 0 really holds of a built pool (within the slot table's few bytes)."""
+    from echorl_jax import plan
+    from echorl_jax.trainer import setup as setup_lib
+    from echorl_jax.trainer.stream_source import StreamSource
+
+    cfg = _cfg(tmp_path, sampling={"slots": 8})
+    sync = plan.plan(tiny_cfg(tmp_path, sampling={"slots": 8}))
+    pl = plan.plan(cfg)
+    s = setup_lib.build_setup(cfg, log=lambda _: None)
+    pool = StreamSource(s).ensure(s.state.params)
+    dev = jax.devices()[0]
+    real = sum(sh.data.nbytes for x in jax.tree.leaves(pool.state) for sh in x.addressable_shards if sh.device == dev)
+    assert pl.stream_state == pytest.approx(real, rel=0.05)
+    assert pl.phase("train step").resident - sync.phase("train step").resident == pl.stream_state
+    assert pl.phase("sampler").resident > sync.phase("sampler").resident

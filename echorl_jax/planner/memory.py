@@ -85,6 +85,7 @@ class Plan:
     stand_in_for: str = ""  # the run's own backend where ``attention`` stands in for it (CPU), else ""
     adapters: int = 0  # LoRA: the trained adapters' bytes (part of ``params``; the optimizer state is theirs)
     base_copy: int = 0  # LoRA: the frozen base's part of the decode copy (0: decodes from the base itself)
+    stream_state: int = 0  # streaming: the decode state resident through the learner's phases (``stream_bytes``)
 
     def phase(self, name: str) -> Phase | None:
         return next((p for p in self.phases if p.name == name), None)
@@ -347,6 +348,27 @@ def sampler_memory(cfg, mesh, mcfg, graphdef, params, *, memory: int | None = No
                          kv_per_row=kv_bytes_per_slot(mcfg, p, sampling.max_new_tokens))  # fmt: skip
 
 
+def stream_bytes(cfg, sm: SamplerMemory, ctx: Context) -> tuple[int, int]:
+    """Streaming rollouts (``rl.max_staleness >= 1``, sampling/stream.py): per-device bytes of the decode state
+    that stays resident between sampling phases, as ``(slots, pool)``: the slots' KV cache (the sampler's
+    own KV, ``sm.kv_cache``) and the pool: per entry (Q = ``rl.stream_batches`` x N) its prompt KV over P
+    columns, last logits, prompt and mask; per rollout its buffers (tokens, mask, log-probs, entropy,
+    versions: 17 bytes per response position) and bookkeeping (key, order, forced stop, ends: 22 bytes).
+    Rows are split over the decode layout's groups, the bookkeeping replicated. (0, 0) without streaming."""
+    import jax.numpy as jnp
+
+    rl = cfg.rl
+    if rl.max_staleness == 0:
+        return 0, 0
+    q = rl.stream_batches * rl.prompts_per_step
+    r = q * (rl.group_size - cfg.objective.expert_per_group)
+    m, p, t = ctx.mcfg, cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+    groups = max(ctx.mesh.size // sm.tensor_parallel, 1)
+    prompt_kv = 2 * m.num_layers * m.num_kv_heads * m.dim_per_head * p * jnp.dtype(m.compute_dtype).itemsize
+    split = q * (prompt_kv + 4 * m.vocab_size + 5 * p) + r * t * 17  # rows over the groups
+    return sm.kv_cache, -(-split // groups) + q * 5 + r * 22  # bookkeeping: replicated
+
+
 def sampler_phase(name: str, sm: SamplerMemory, ctx: Context, what: str) -> Phase:
     """While sampling, the optimizer state and the reference stay resident, and the fp32 masters too when
     the sampler reads a decode copy; the copy is made before the KV cache exists (its own temporaries).
@@ -389,7 +411,13 @@ def sampler_phases(cfg, ctx: Context, memory: int | None = None) -> tuple[Sample
     fix = (lambda m: m) if ctx.frozen is None else (lambda m: lora_copies(m, ctx))  # noqa: E731
     sm = fix(sampler_memory(cfg, ctx.mesh, ctx.mcfg, ctx.graphdef, ctx.policy, memory=memory))
     how = f"{sm.rows} decode rows" + (" refilled" if sm.refill else "")
-    phases = [sampler_phase("sampler", sm, ctx, f"{rl.prompts_per_step} x {rl.group_size - k} rollouts, {how}")]
+    phase = sampler_phase("sampler", sm, ctx, f"{rl.prompts_per_step} x {rl.group_size - k} rollouts, {how}")
+    pool = stream_bytes(cfg, sm, ctx)[1]
+    if pool:  # streaming: the pool's prompts and buffers beside the slots (which the sampler's own KV counts)
+        phase = dataclasses.replace(phase, resident=phase.resident + pool,
+                                    what=phase.what + f"; streaming pool of {rl.stream_batches * rl.prompts_per_step} "
+                                    "prompt groups resident")  # fmt: skip
+    phases = [phase]
     from echorl_jax.trainer.setup import eval_source
 
     if eval_source(cfg):
@@ -413,6 +441,10 @@ def plan(cfg, devices=None, memory: int | None = None, learner: LearnerMemory | 
     ctx = context(cfg, devices)
     lm = learner or learner_memory(cfg, ctx)
     sm, sphases = sampler_phases(cfg, ctx, memory)
+    stream = sum(stream_bytes(cfg, sm, ctx))
+    if stream:  # streaming: the decode state (slots' KV + pool) stays resident through the learner's phases
+        lm = lm._replace(phases=tuple(dataclasses.replace(
+            ph, resident=ph.resident + stream, what=ph.what + "; + the streaming decode state") for ph in lm.phases))
     run_attention = cfg.model.attention
     return Plan(
         mesh_shape=dict(ctx.mesh.shape), rows_per_minibatch=cfg.rl.prompts_per_step * cfg.rl.group_size // cfg.rl.minibatches,
@@ -422,5 +454,5 @@ def plan(cfg, devices=None, memory: int | None = None, learner: LearnerMemory | 
         decode_copy=sm.decode_copy, decode_tp=sm.tensor_parallel, copy_temp=sm.copy_temp, sample_temp=sm.temp,
         cpu_bf16=jax.default_backend() == "cpu" and jnp.dtype(ctx.mcfg.compute_dtype) == jnp.bfloat16,
         remat=cfg.model.remat, attention=ctx.mcfg.attention, adapters=ctx.adapters, base_copy=sm.base_copy,
-        stand_in_for=run_attention if ctx.mcfg.attention != run_attention else "",
+        stand_in_for=run_attention if ctx.mcfg.attention != run_attention else "", stream_state=stream,
     )  # fmt: skip

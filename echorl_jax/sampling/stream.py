@@ -131,9 +131,9 @@ class StreamDecoder:
         rows = sp.rows_sharded if self.pool_sharded else (lambda x: x)  # noqa: E731
         kv = sp.kv_sharded if self.pool_sharded else (lambda x: x)  # noqa: E731
         return StreamState(
-            prompt_qp=i32((q, p), pad), valid_qp=jnp.zeros((q, p), bool), length_q=i32((q,), 1),
+            prompt_qp=rows(i32((q, p), pad)), valid_qp=rows(jnp.zeros((q, p), bool)), length_q=i32((q,), 1),
             pk=kv(prompt.k_lbgkd), pv=kv(prompt.v_lbgkd),
-            logits_qv=jnp.zeros((q, mcfg.vocab_size), jnp.float32), live_q=jnp.zeros((q,), bool),
+            logits_qv=rows(jnp.zeros((q, mcfg.vocab_size), jnp.float32)), live_q=jnp.zeros((q,), bool),
             key_r=jnp.zeros((r, *kd.shape), kd.dtype), order_r=i32((r,), NEVER), stop_at_r=i32((r,), NEVER),
             cache=KVCache(sp.kv_sharded(slots.k_lbgkd), sp.kv_sharded(slots.v_lbgkd), sp.rows_sharded(slots.valid_bk),
                           slots.pos),
