@@ -111,6 +111,10 @@ def test_correction_matches_numpy_reference(mode, c_tis, c_mask):
     if "token_tis" in mode:
         np.testing.assert_allclose(np.asarray(got.weight_bt), weight, rtol=1e-6)
         assert (np.asarray(got.weight_bt)[mask] < c_tis).any() and np.isclose(np.asarray(got.weight_bt).max(), c_tis)
+        ratios = np.exp(np.clip(learner.astype(np.float64) - sampler, -20, 20))[mask & sampled[:, None]]
+        for name, q in (("p01", 0.01), ("p50", 0.5), ("p99", 0.99)):
+            np.testing.assert_allclose(float(got.metrics[f"rollout_corr/ratio_{name}"]), np.quantile(ratios, q),
+                                       rtol=1e-5)  # fmt: skip
     else:
         assert got.weight_bt is None
     np.testing.assert_array_equal(np.asarray(got.keep_b), keep)

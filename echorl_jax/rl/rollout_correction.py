@@ -111,6 +111,11 @@ def rollout_correction(learner_logp_bt, sampler_logp_bt, mask_bt, echo_mask_bt, 
         weight_bt = jnp.where(mask, jnp.minimum(ratio_bt, c), 1.0)
         metrics["rollout_corr/tis_mean"] = jnp.where(mask, weight_bt, 0.0).sum() / n_tok
         metrics["rollout_corr/tis_truncated_frac"] = (mask & (ratio_bt > c)).sum() / n_tok
+        # quantiles of the untruncated ratio proximal/behaviour over the sampled tokens (streaming: how far
+        # carried tokens' behaviour policy is from the learner's); NaN-free: 1 when no token is sampled
+        qs = jnp.nanquantile(jnp.where(mask, ratio_bt, jnp.nan), jnp.asarray([0.01, 0.5, 0.99]))
+        for name, v in zip(("p01", "p50", "p99"), qs):
+            metrics[f"rollout_corr/ratio_{name}"] = jnp.where(mask.any(), v, 1.0)
     n_b = mask.sum(axis=1)
     keep_b = jnp.ones(mask.shape[0], bool)
     if uses_seq_mask(mode):
