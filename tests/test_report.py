@@ -22,3 +22,14 @@ def test_short_runs_report_single_steps():
     train = [{"kind": "train", "step": i + 1, "accuracy": a} for i, a in enumerate([0.1, 0.2, 0.9])]
     rows = {name: (first, last) for name, first, last in summary_rows(train)}
     assert rows["train accuracy"] == ("0.1", "0.9")
+
+
+def test_streaming_runs_plot_occupancy_and_lag(tmp_path):
+    from echorl_jax.trainer.report import plot_all
+
+    train = [{"kind": "train", "step": i + 1, "sampler/slot_occupancy": 0.9, "staleness/lag0_frac": 0.8,
+              "staleness/lag1_frac": 0.2, "staleness/max_lag": 1} for i in range(3)]  # fmt: skip
+    assert {"occupancy.png", "staleness.png"} <= set(plot_all(train, str(tmp_path)))
+    assert (tmp_path / "staleness.png").stat().st_size > 0
+    rows = {name: (first, last) for name, first, last in summary_rows(train)}
+    assert rows["train sampler/slot_occupancy"] == ("0.9", "0.9")

@@ -17,6 +17,8 @@ PLOTS = {
     "echo_only.png": ("Prompts whose only signal is the echo term", "train", r"^echo/only_signal_frac$"),
     "mismatch.png": ("Sampler vs learner: mean |Δ log p| per token and per sequence", "train",
                      r"^mismatch/(tok|seq)_abs_mean$"),
+    "occupancy.png": ("Decode slot occupancy", "train", r"^sampler/slot_occupancy$"),
+    "staleness.png": ("Loss tokens by policy versions behind the learner", "train", r"^staleness/lag\d+_frac$"),
 }
 # Sampler-vs-learner mismatch (trainer/learner_pass.py), summarised when the run measured it.
 MISMATCH_KEYS = ("mismatch/tok_abs_mean", "mismatch/tok_abs_max", "mismatch/tok_k3", "mismatch/tok_out_frac",
@@ -78,7 +80,8 @@ def summary_rows(rows: list[dict]) -> list[tuple[str, str, str]]:
         n = max(1, len(train) // 10)
         where = f" (mean of first/last {n} steps)" if n > 1 else ""
         for k in ("reward/mean", "accuracy", "echo/frac_all_success", "echo/frac_mixed", "echo/frac_all_fail",
-                  "echo/num_clips", "echo/mean_clip_len", "echo/only_signal_frac", "entropy/mean", "time/step"):  # fmt: skip
+                  "echo/num_clips", "echo/mean_clip_len", "echo/only_signal_frac", "entropy/mean", "time/step",
+                  "sampler/slot_occupancy", "staleness/lag1_frac", "stream/dropped_groups"):  # fmt: skip
             if k in train[-1]:
                 out.append((f"train {k}{where}", _fmt(_mean(train[:n], k)), _fmt(_mean(train[-n:], k))))
         measured = [r for r in train if "mismatch/tok_abs_mean" in r]  # every step, or every train.mismatch_every
