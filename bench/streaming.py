@@ -38,14 +38,18 @@ KV cache; ms per decode step of each run shows whether the schedule changes a st
     # (a) the issue's shape: a small model, a decode step costs little beyond loop overhead and KV reads
     python bench/streaming.py --batch 64 --group 4 --prompt-len 64 --new-tokens 256 --slots 16 \\
         --hidden 128 --layers 2 --mlp 344 --vocab 512
-    # (b) weight-bound: reading the parameters dominates a decode step, with few or many live rows
+    # (b) weight-bound: reading the parameters (50 MB) dominates a decode step, with few or many live rows
     python bench/streaming.py --batch 64 --group 4 --prompt-len 64 --new-tokens 256 --slots 16 \\
-        --hidden 1024 --layers 2 --heads 16 --kv-heads 2 --mlp 2816 --vocab 512
+        --hidden 768 --layers 2 --heads 12 --kv-heads 2 --mlp 2048 --vocab 512
+    # (--hidden 1024 --heads 16 --mlp 2816, 90 MB, is weight-bound too but takes > 6 min on a shared 2-core CPU)
     python bench/streaming.py --steps 16 --staleness 1,2,4 --stream-batches 3 --json streaming.json
 
 Decode slots compute whether live or idle (fixed shapes), so a decode step's cost does not fall with
 occupancy; fewer decode steps for the same harvested tokens is the whole gain, and it turns into wall time
-in the weight-bound regime (b), where a step's cost is the parameters' read. Not a test: nothing asserts.
+in the weight-bound regime (b), where a step's cost is the parameters' read. In regime (a) a streaming
+decode step costs more than a sync one (its slots nearly always hold some long rollout, so the live-block
+attention reads the whole window; ``--decode-block T`` reads the whole cache on both sides), which eats
+part of the gain. Not a test: nothing asserts.
 """
 
 from __future__ import annotations

@@ -254,3 +254,39 @@ def test_the_planner_counts_the_streaming_state_a_real_pool_holds(tmp_path):
     assert pl.stream_state == pytest.approx(real, rel=0.05)
     assert pl.phase("train step").resident - sync.phase("train step").resident == pl.stream_state
     assert pl.phase("sampler").resident > sync.phase("sampler").resident
+
+
+def test_a_rollout_started_under_new_weights_is_that_policy_s_whole(split):
+    """After an update, groups still pending start from prompts prefilled again with the new weights: a
+    rollout whose tokens are all tagged with the new version equals the synchronous sampler's under the new
+    weights (first token included), one wholly under the old version equals the old weights' rollout."""
+    graphdef, state = split
+    state1 = jax.tree.map(lambda x: x * 1.5, state)  # "version 1": different logits everywhere
+    sampler, pool, w0 = _pool(graphdef, state, 3, 3)
+    w1 = sampler.decode_weights(state1).params
+    batches = _batches(10, seed=2)
+    feed = iter(enumerate(batches))
+
+    def prompts():
+        j, (tokens, lengths, stop_at) = next(feed)
+        return tokens, lengths, [(j, n) for n in range(N)], stop_at
+
+    key = lambda a: jax.random.fold_in(jax.random.key(7), a)  # noqa: E731
+    _, _, _, admitted = pool.draw(w0, 0, prompts, key, 0)
+    records, ro, version_bt, _ = pool.draw(w1, 1, prompts, key, admitted)
+    ro, version_bt = jax.tree.map(np.asarray, ro), np.asarray(version_bt)
+    whole = {0: 0, 1: 0}
+    for i, (j, n) in enumerate(records):
+        tokens, lengths, stop_at = batches[j]
+        for g in range(G):
+            row, mask = i * G + g, ro.response_mask[i * G + g]
+            tags = set(version_bt[row][mask].tolist())
+            if len(tags) != 1:
+                continue
+            v = tags.pop()
+            ref = sampler(state1 if v else state, tokens, lengths, key(j), bench_stop_lengths=stop_at)
+            np.testing.assert_array_equal(np.where(mask, ro.tokens[row, -T:], -1),
+                                          np.where(np.asarray(ref.response_mask)[n * G + g],
+                                                   np.asarray(ref.tokens)[n * G + g, -T:], -1))  # fmt: skip
+            whole[v] += 1
+    assert whole[1] > 0 and whole[0] > 0, whole

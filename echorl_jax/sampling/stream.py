@@ -22,7 +22,10 @@ complete the loop stops with the other slots mid-rollout, and the next call cont
 **Versions.** ``advance`` takes the policy version of the weights it decodes with and writes it beside
 every token (``version_rt``), with the log-prob the sampler drew it with (``logp_rt``): a rollout carried
 into the next step continues under the new weights (PipelineRL's in-flight update; its KV cache, written
-by the older weights, is kept), so one rollout may span versions. Draws use the rollout's own key stream
+by the older weights, is kept), so one rollout may span versions. Before a round decodes with new weights
+the pool's prompts are prefilled again (``refresh``): a rollout that starts then draws its first token
+from, and attends over, a prompt prefilled by the weights its first token's tag names, so the oldest
+weights any rollout depends on are its first token's version and the bound on tokens bounds it whole. Draws use the rollout's own key stream
 ``fold_in(fold_in(rng_admit, n·G + g), t)`` (``rng_admit`` the admission's key, ``n`` the prompt's row in
 its admission batch, ``t`` the rollout's own step), the stream the synchronous sampler gives row
 ``n·G + g``: with a pool of N (one batch, ``stream_batches = 1``) every step admits, decodes and harvests
@@ -111,6 +114,7 @@ class StreamDecoder:
         self.advance = jax.jit(self._advance, donate_argnums=1)
         self.harvest = jax.jit(self._harvest, donate_argnums=0)
         self.drop = jax.jit(self._drop, donate_argnums=0)
+        self.refresh = jax.jit(self._refresh, donate_argnums=1)
         self.status = jax.jit(self._status)
 
     # ------------------------------------------------------------------ state
@@ -152,29 +156,33 @@ class StreamDecoder:
 
     # ------------------------------------------------------------------ admit
 
+    def _prefill(self, weights, prompt_np, valid_np):
+        """Prompt KV [L, n, g, P, d] and the logits after each prompt, with ``weights``."""
+        sp = self.sampler
+        model = nnx.merge(sp.graphdef, weights)
+        pos = positions_from_valid(valid_np)
+        cache = init_cache(model.cfg, prompt_np.shape[0], prompt_np.shape[1])
+        if prompt_np.shape[1] > 1:  # all but the last token: its logits are unused
+            _, cache = model(prompt_np[:, :-1], pos[:, :-1], valid_np[:, :-1], cache)
+        logits_n1v, cache = model(prompt_np[:, -1:], pos[:, -1:], valid_np[:, -1:], cache)
+        return cache.k_lbgkd, cache.v_lbgkd, logits_n1v[:, 0].astype(jnp.float32)
+
     def _admit(self, weights, st: StreamState, prompt_np, lengths_n, entry_n, rng, seq0, stop_at_b):
         """Prefills prompts [N, P] into pool entries ``entry_n`` (free ones) and queues their N·G rollouts
         with admission numbers ``seq0 + n·G + g``; ``stop_at_b`` [N·G] (NEVER: none) is the bench hook."""
         sp, g, pad = self.sampler, self.g, self.sampler.pad_id
-        model = nnx.merge(sp.graphdef, weights)
         n, p = prompt_np.shape
         lengths_n = lengths_n.astype(jnp.int32)
         valid_np = jnp.arange(p)[None, :] >= (p - lengths_n)[:, None]
         prompt_np = jnp.where(valid_np, prompt_np.astype(jnp.int32), pad)
-        pos = positions_from_valid(valid_np)
-        cache = init_cache(model.cfg, n, p)
-        if p > 1:  # all but the last token: its logits are unused
-            _, cache = model(prompt_np[:, :-1], pos[:, :-1], valid_np[:, :-1], cache)
-        logits_n1v, cache = model(prompt_np[:, -1:], pos[:, -1:], valid_np[:, -1:], cache)
+        k, v, logits_nv = self._prefill(weights, prompt_np, valid_np)
         rid_b = (entry_n[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
         keys_b = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(n * g))
         return st._replace(
             prompt_qp=st.prompt_qp.at[entry_n].set(prompt_np), valid_qp=st.valid_qp.at[entry_n].set(valid_np),
             length_q=st.length_q.at[entry_n].set(lengths_n),
-            pk=st.pk.at[:, entry_n].set(cache.k_lbgkd.astype(st.pk.dtype)),
-            pv=st.pv.at[:, entry_n].set(cache.v_lbgkd.astype(st.pv.dtype)),
-            logits_qv=st.logits_qv.at[entry_n].set(logits_n1v[:, 0].astype(jnp.float32)),
-            live_q=st.live_q.at[entry_n].set(True),
+            pk=st.pk.at[:, entry_n].set(k.astype(st.pk.dtype)), pv=st.pv.at[:, entry_n].set(v.astype(st.pv.dtype)),
+            logits_qv=st.logits_qv.at[entry_n].set(logits_nv), live_q=st.live_q.at[entry_n].set(True),
             key_r=st.key_r.at[rid_b].set(jax.random.key_data(keys_b)),
             order_r=st.order_r.at[rid_b].set(seq0 + jnp.arange(n * g, dtype=jnp.int32)),
             stop_at_r=st.stop_at_r.at[rid_b].set(stop_at_b.astype(jnp.int32)),
@@ -183,6 +191,12 @@ class StreamDecoder:
             version_rt=st.version_rt.at[rid_b].set(0), done_r=st.done_r.at[rid_b].set(False),
             stop_len_r=st.stop_len_r.at[rid_b].set(0), ended_r=st.ended_r.at[rid_b].set(False),
         )  # fmt: skip
+
+    def _refresh(self, weights, st: StreamState) -> StreamState:
+        """Prefills every pool entry again with ``weights``: a rollout that starts later draws its first token
+        from, and attends over, a prompt prefilled by the weights its tag names (not those that admitted it)."""
+        k, v, logits_qv = self._prefill(weights, st.prompt_qp, st.valid_qp)
+        return st._replace(pk=k.astype(st.pk.dtype), pv=v.astype(st.pv.dtype), logits_qv=logits_qv)
 
     # ------------------------------------------------------------------ decode
 
@@ -328,6 +342,7 @@ class StreamPool:
         self.records: list[Any] = [None] * decoder.q
         self.admitted = 0  # groups admitted so far (their admission numbers)
         self.read = (0, 0)  # (busy slot-iterations, iterations) at the last ``counters``
+        self.fresh_at = -1  # the version every live entry's prompt was last prefilled with
 
     def start(self, weights, key) -> None:
         if self.state is None:
@@ -359,6 +374,9 @@ class StreamPool:
     def draw(self, weights, version: int, next_prompts, key_for, admissions: int = 0):
         """One round (see the class docstring); ``admissions``: admissions already made this step (keys)."""
         a = admissions
+        if self.live.any() and self.fresh_at != version:  # carried groups: pending rollouts start from a fresh prompt
+            self.state = self.dec.refresh(weights, self.state)
+        self.fresh_at = version
         while (~self.live).sum() >= self.n:
             self._admit(weights, next_prompts(), key_for(a))
             a += 1
@@ -387,7 +405,7 @@ class StreamPool:
     def checkpoint(self) -> tuple[dict, dict]:
         """(the device state's non-empty leaves, the JSON part): a checkpoint's stream item and host entry."""
         host = {"live": self.live.tolist(), "seq": self.seq.tolist(), "records": self.records,
-                "admitted": self.admitted, "read": list(self.read)}  # fmt: skip
+                "admitted": self.admitted, "read": list(self.read), "fresh_at": self.fresh_at}  # fmt: skip
         return _nonempty(self.state), host
 
     def restore(self, read_arrays, host: dict) -> None:
@@ -400,6 +418,7 @@ class StreamPool:
         self.records = list(host["records"])
         self.admitted = int(host["admitted"])
         self.read = tuple(int(x) for x in host["read"])
+        self.fresh_at = int(host["fresh_at"])
 
 
 def _nonempty(state) -> dict:
