@@ -22,6 +22,9 @@ with the last line of its output. Rows (Qwen2.5-0.5B shape, random weights, bf16
   3i  splash attention: skipped on a GPU (Pallas splash is TPU-only).
   4   the planner's predicted train-step peak (planner.memory.learner_memory, phase "train step", compiled
       on this device for 3a's config) vs JAX's peak_bytes_in_use after 3a's steps (3a's fresh process).
+  5   streaming rollouts vs synchronous slot refill (streaming.py, Qwen2.5-0.5B's shape, bf16: 256 rollouts
+      = 64 prompts x G 4 per RL step, P 128, T 512, log-normal lengths, 64 slots, 8 RL steps, k = 1);
+      target (issue 30): >= 90 % slot occupancy.
 
 Estimated time on an H100/H200 host (16 cores), from the shapes: each process ~6 s to start, building and
 saving the random 0.5B checkpoint ~8 s, each XLA compile of the 0.5B train step or sampler ~15-20 s:
@@ -33,7 +36,8 @@ saving the random 0.5B checkpoint ~8 s, each XLA compile of the 0.5B train step 
   train_compiled  torch model + torch.compile (~45 s) + 12 steps                    65 s
   plan            1 compile (no run)                                                25 s
   pack x 6        random init + 2 compiles + 4 x 2 steps, per backend x remat    6 x 33 s
-  total (+ ~5 s to probe the device)                                              458 s
+  streaming       random init + 4 compiles + 2 runs x 8 RL steps of <= 512 decodes  60 s
+  total (+ ~5 s to probe the device)                                              518 s
 
 Parts run in that order (the grid: cudnn, xla_chunked, xla; none before full). A part starts only if its
 estimate fits in what is left of ``--budget-s`` (default 470 s from the driver's start: with the wrapper's
@@ -69,6 +73,8 @@ QUICK_GRID = [("xla", "none"), ("xla_chunked", "full")]  # --quick: both backend
 SAMPLER_TARGET_TPS = 200_000
 TRAIN_TARGET_S = 0.118
 REFILL_TARGET = 0.70
+STREAM_TARGET = 0.90  # slot occupancy (issue 30)
+QWEN05 = ["--hidden", "896", "--layers", "24", "--heads", "14", "--kv-heads", "2", "--mlp", "4864", "--vocab", "151936"]
 
 
 @dataclasses.dataclass
@@ -102,7 +108,9 @@ def parts(quick: bool) -> list[Part]:
                 "--model-type", "qwen2", "--reps", "1", *TINY]  # fmt: skip
         shapes = dict(b=8, p=8, t=8, lb=16, lg=4, lp=8, lt=32, slots=4, tb=8, ts=64, tp=16, tt=48, attn="xla",
                       rows=16, pp=8, pt=56, k=2)  # fmt: skip
-        est = dict(sampler=60, longtail=80, train_eager=90, train_compiled=150, plan=60, pack=100)  # a busy 2-core CPU
+        est = dict(sampler=60, longtail=80, train_eager=90, train_compiled=150, plan=60, pack=100, streaming=120)  # a busy 2-core CPU
+        stream = ["--batch", "16", "--group", "4", "--prompt-len", "8", "--new-tokens", "32", "--slots", "4",
+                  "--steps", "3", "--staleness", "1", *TINY]  # fmt: skip
     else:
         model = "Qwen2.5-0.5B shape, bf16"
         sampler = ["--preset", PRESET]
@@ -113,7 +121,9 @@ def parts(quick: bool) -> list[Part]:
         pack = ["--preset", PRESET, "--reps", "3"]
         shapes = dict(b=256, p=128, t=256, lb=256, lg=8, lp=128, lt=512, slots=64, tb=16, ts=1024, tp=256, tt=768,
                       attn="cudnn", rows=16, pp=256, pt=768, k=4)  # fmt: skip
-        est = dict(sampler=55, longtail=70, train_eager=45, train_compiled=65, plan=25, pack=33)
+        est = dict(sampler=55, longtail=70, train_eager=45, train_compiled=65, plan=25, pack=33, streaming=60)
+        stream = ["--batch", "256", "--group", "4", "--prompt-len", "128", "--new-tokens", "512", "--slots", "64",
+                  "--steps", "8", "--staleness", "1", "--dtype", "bfloat16", "--tied", "1", *QWEN05]  # fmt: skip
     z = shapes
     step = (f"train step, {model}, {z['tb']} x {z['ts']} tokens ({z['tp']} + {z['tt']}), GRPO + echo loss, AdamW; "
             f"ours: attention {z['attn']}, remat none")  # fmt: skip
@@ -142,6 +152,9 @@ def parts(quick: bool) -> list[Part]:
                     f"per micro-batch; " if i == 0 else "as 3c; ")  # fmt: skip
         out.append(Part(f"pack_{attn}_{remat}", py("packing.py", *pack, "--attention", attn, "--remat", remat),
                         est["pack"], f"{workload}attention {attn}, remat {remat}", skip))  # fmt: skip
+    out.append(Part("streaming", py("streaming.py", *stream), est["streaming"],
+                    f"streaming rollouts (k = 1, a pool of 2 batches) vs synchronous slot refill, {model}: long-tail "
+                    f"lengths, the same prompts and lengths both ways, same weights every step"))  # fmt: skip
     return out
 
 
@@ -279,13 +292,21 @@ def rows(todo: list[Part], out: dict[str, Outcome], on_gpu: bool) -> list[Row]:
     table.append(["3i", "train step, attention splash", "-", "-", "-", "-",
                   "skipped: Pallas splash attention runs on TPU only"])  # fmt: skip
 
+    table.append(plan_row(what, out))
+    table.append(streaming_row(what, out["streaming"], on_gpu))
+    return table
+
+
+def plan_row(what: dict, out: dict[str, Outcome]) -> Row:
+    """Row 4: the planner's prediction against 3a's measured peak."""
+    oe, de = out["train_eager"], out["train_eager"].data or {}
+    ours = de.get("ours") or {}
     op, dp = out["plan"], out["plan"].data or {}
     mem = ours.get("device_memory") or {}
     pred = dp.get("predicted_peak_bytes")
     after = mem.get("after_steps") or {}
     if pred is None:
-        table.append(["4", what["plan"], "-", "-", "-", "-", _status(op, "planner") or "FAILED: no prediction"])
-        return table
+        return ["4", what["plan"], "-", "-", "-", "-", _status(op, "planner") or "FAILED: no prediction"]
     pred_txt = f"predicted {_gib(pred)} (attention {dp.get('attention')})"
     # 3a's own compiled step, as the planner counts a program (arguments + temporaries + outputs - donated):
     # equal to the prediction when the planner compiled the same program.
@@ -293,14 +314,28 @@ def rows(todo: list[Part], out: dict[str, Outcome], on_gpu: bool) -> list[Row]:
     own = f"; 3a's step by XLA's analysis {_gib(xla['argument'] + xla['temp'] + xla['output'] - xla['alias'])}" if xla else ""
     if "peak_bytes_in_use" not in after:
         why = _status(oe, "3a") or f"n/a: the {de.get('backend', '?')} backend reports no memory_stats"
-        table.append(["4", what["plan"], pred_txt, f"measured: -{own}", "-", "-", why])
-        return table
+        return ["4", what["plan"], pred_txt, f"measured: -{own}", "-", "-", why]
     peak = after["peak_bytes_in_use"]
     compiled = (mem.get("compiled") or {}).get("peak_bytes_in_use")
     note = " (reached while compiling, not by the step)" if compiled is not None and compiled >= peak else ""
-    table.append(["4", what["plan"], pred_txt, f"measured {_gib(peak)}{note}{own}",
-                  f"{pred / peak:.2f}x predicted/measured", "-", "ok"])  # fmt: skip
-    return table
+    return ["4", what["plan"], pred_txt, f"measured {_gib(peak)}{note}{own}",
+            f"{pred / peak:.2f}x predicted/measured", "-", "ok"]  # fmt: skip
+
+
+def streaming_row(what: dict, o: Outcome, on_gpu: bool) -> Row:
+    """Row 5: streaming.py's k = 1 run against its synchronous run."""
+    runs = (o.data or {}).get("runs", {})
+    target = f"occupancy >= {STREAM_TARGET:.0%} (issue 30)"
+    stream = next((r for name, r in runs.items() if name.startswith("stream")), None)
+    sync = next((r for name, r in runs.items() if name.startswith("sync")), None)
+    if o.error or o.skipped or stream is None or sync is None:
+        return ["5", what["streaming"], "-", "-", "-", target, _status(o) or "FAILED: missing runs"]
+    return ["5", what["streaming"],
+            f"{stream['occupancy']:.0%} occupancy, {stream['decode_steps_per_1k_tokens']:.1f} decode steps / 1k tokens, "
+            f"{stream['s_per_step']:.3f} s/RL step",
+            f"sync {sync['occupancy']:.0%}, {sync['decode_steps_per_1k_tokens']:.1f} / 1k, {sync['s_per_step']:.3f} s/step",
+            f"{sync['s_per_step'] / stream['s_per_step']:.2f}x sync/stream step time", target,
+            _judge(stream["occupancy"] >= STREAM_TARGET, on_gpu)]  # fmt: skip
 
 
 def render(table: list[Row], header: str) -> str:

@@ -186,7 +186,7 @@ class StreamRun:
 
 def warm_up(args, sampler, decoder, weights, key):
     """Compiles and runs every program once on throw-away batches: the sync sampler, and the stream
-    decoder's init / admit / advance / status / harvest / drop."""
+    decoder's init / admit / advance / status / harvest / refresh / drop."""
     import jax
     import jax.numpy as jnp
 
@@ -204,6 +204,7 @@ def warm_up(args, sampler, decoder, weights, key):
         return tok, ln, [None] * n, st
 
     pool.draw(weights.params, 0, prompts, lambda a: key)
+    pool.state = decoder.refresh(weights.params, pool.state)  # what a draw at a new version runs first
     pool.drop_stale(0)
     pool.state = decoder.drop(pool.state, jnp.zeros((decoder.q,), bool))
     pool.counters()

@@ -15,7 +15,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "bench", "device_check.py")
-ROW_IDS = ["1", "2", "3a", "3b", "3c", "3d", "3e", "3f", "3g", "3h", "3i", "4"]
+ROW_IDS = ["1", "2", "3a", "3b", "3c", "3d", "3e", "3f", "3g", "3h", "3i", "4", "5"]
 
 
 def _module():
@@ -86,7 +86,11 @@ def test_targets_are_judged_from_the_results():
                                                              "after_steps": {"peak_bytes_in_use": 20 * 2**30}}}})  # fmt: skip
     outcomes["train_compiled"] = ok({"peer": {"s_per_step": 0.105, "name": "compiled", "compile_s": 40.0}})
     outcomes["plan"] = ok({"predicted_peak_bytes": 22 * 2**30, "attention": "cudnn"})
+    outcomes["streaming"] = ok({"runs": {
+        "sync (slot refill)": {"occupancy": 0.6, "decode_steps_per_1k_tokens": 100.0, "s_per_step": 2.0},
+        "stream k=1": {"occupancy": 0.95, "decode_steps_per_1k_tokens": 66.0, "s_per_step": 1.6}}})  # fmt: skip
     rows = _table_rows(dc.render(dc.rows(todo, outcomes, on_gpu=True), "header"))
+    assert rows["5"][-1] == "met" and rows["5"][4] == "1.25x sync/stream step time"
     assert rows["1"][4] == "30.00x ours/peer" and rows["1"][-1] == "missed"  # 150k < 200k tok/s
     assert rows["3a"][-1] == "met" and rows["3a"][4] == "1.90x peer/ours"
     assert rows["3b"][-1] == "missed"  # 0.1 s meets 0.118 s, but 1.05x < 1.1x the compiled peer
@@ -115,6 +119,7 @@ def test_quick_run_on_cpu_writes_every_row(tmp_path):
         assert rows[rid][-1].startswith("skipped: --quick")
     assert rows["3i"][-1].startswith("skipped: Pallas splash")
     assert rows["4"][2].startswith("predicted ") and rows["4"][-1].startswith("n/a: the cpu backend")
+    assert rows["5"][2].endswith("s/RL step") and rows["5"][-1].startswith("not judged"), rows["5"]
     results = json.loads((tmp_path / "device_check.json").read_text())
     # The planner compiled the very step 3a ran: its prediction is that program's bytes.
     xla = results["parts"]["train_eager"]["data"]["ours"]["memory_analysis"]
