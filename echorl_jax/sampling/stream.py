@@ -53,6 +53,7 @@ from echorl_jax.models.decode_attention import LiveKeys
 from echorl_jax.models.transformer import KVCache, init_cache, positions_from_valid
 from echorl_jax.sampling.decode import block_buckets, prompt_row, refill_extent, response_columns
 from echorl_jax.sampling.sampler import Rollout, Sampler
+from echorl_jax.sharding import batch_divisor, batch_sharding
 
 NEVER = 2**30  # order_r of a rollout that is not pending; stop_at_r of a rollout never forced to stop
 
@@ -313,7 +314,12 @@ class StreamDecoder:
             lengths=jnp.sum(mask_bt, axis=1, dtype=jnp.int32), truncated=~st.done_r[rid_b],
             stop_len=st.stop_len_r[rid_b],
         )  # fmt: skip
-        return st._replace(live_q=st.live_q.at[entry_n].set(False)), rollout, st.version_rt[rid_b]
+        version_bt = st.version_rt[rid_b]
+        out_mesh = self.sampler.train_mesh  # the rollout leaves in the training mesh's batch layout, as the sampler's
+        if out_mesh is not None and rid_b.shape[0] % batch_divisor(out_mesh) == 0:
+            rollout = Rollout(*(jax.lax.with_sharding_constraint(x, batch_sharding(out_mesh, x.ndim)) for x in rollout))
+            version_bt = jax.lax.with_sharding_constraint(version_bt, batch_sharding(out_mesh, 2))
+        return st._replace(live_q=st.live_q.at[entry_n].set(False)), rollout, version_bt
 
     def _drop(self, st: StreamState, drop_q):
         """Forgets groups ``drop_q`` [Q] bool: no longer live, pending rollouts unqueued, slots idle."""
