@@ -290,3 +290,29 @@ def test_a_rollout_started_under_new_weights_is_that_policy_s_whole(split):
                                                    np.asarray(ref.tokens)[n * G + g, -T:], -1))  # fmt: skip
             whole[v] += 1
     assert whole[1] > 0 and whole[0] > 0, whole
+
+
+@pytest.mark.slow  # three 2-process runs (~2-3 min on 2 cores); CI runs it
+def test_two_processes_stream_under_the_bound_and_resume_exactly(tmp_path):
+    """2 processes x 4 devices, k = 1: each process streams its own pool partition (its prompts, its rows),
+    tokens one version old reach the loss and none older, and a run stopped at step 2 and resumed on 2
+    processes (every partition's in-flight rollouts from the checkpoint) equals the straight run."""
+    from tests.multiproc import metric_rows, run_tool
+    from tests.test_pods import _reward_file, _train_args
+
+    reward = _reward_file(tmp_path)
+    stream = {"rl.max_staleness": 1, "rl.recompute_logp": "true", "objective.rollout_correction": "token_tis",
+              "train.save_every": 2, "train.export_hf": "false"}  # fmt: skip
+    straight = tmp_path / "straight"
+    run_tool(tmp_path, "straight", ["main", *_train_args(straight, reward, steps=4, **stream)])
+    rows = metric_rows(straight)
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert max(r["staleness/max_lag"] for r in train_rows) == 1 and any(r["staleness/lag1_frac"] > 0 for r in train_rows)
+    assert 0 < train_rows[0]["reward/mean"] < 1  # a real signal from every process's rows
+    stopped = tmp_path / "stopped"
+    run_tool(tmp_path, "first", ["main", *_train_args(stopped, reward, steps=2, **stream)])
+    out = run_tool(tmp_path, "resumed", ["main", *_train_args(stopped, reward, steps=4, **stream)])
+    assert "resumed from step 2" in out.logs[0]
+    got = [r for r in metric_rows(stopped) if (r["kind"], r["step"]) != ("eval", 2)]  # the stopped run's last eval
+    assert got == rows

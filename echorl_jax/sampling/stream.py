@@ -36,7 +36,7 @@ each prompt; it admits, drops groups past the staleness bound and harvests, for 
 source and for bench/streaming.py alike.
 
 Fixed shapes: Q, S, P and T are static; prompts are decoded at the full width P (no prompt buckets).
-Single-process for now (trainer/stream_source.py says why). Shape letters: q pool entries (Q), r
+Several processes: one pool partition per process (``StreamPool``). Shape letters: q pool entries (Q), r
 rollouts (R = Q·G), s slots (S), n admitted prompts (N), p prompt width (P), t response length (T).
 """
 
@@ -53,7 +53,8 @@ from echorl_jax.models.decode_attention import LiveKeys
 from echorl_jax.models.transformer import KVCache, init_cache, positions_from_valid
 from echorl_jax.sampling.decode import block_buckets, prompt_row, refill_extent, response_columns
 from echorl_jax.sampling.sampler import Rollout, Sampler
-from echorl_jax.sharding import batch_divisor, batch_sharding
+from echorl_jax import sharding
+from echorl_jax.sharding import batch_divisor, batch_sharding, replicated
 
 NEVER = 2**30  # order_r of a rollout that is not pending; stop_at_r of a rollout never forced to stop
 
@@ -101,8 +102,10 @@ class Status(NamedTuple):
 class StreamDecoder:
     """The four jitted calls over one ``Sampler``'s config, stops and decode layout (see the module doc)."""
 
-    def __init__(self, sampler: Sampler, pool: int, slots: int, prompt_len: int):
-        self.sampler, self.q, self.s_rows, self.p = sampler, pool, slots, prompt_len
+    def __init__(self, sampler: Sampler, pool: int, slots: int, prompt_len: int, parts: int = 1):
+        if pool % parts:
+            raise ValueError(f"a pool of {pool} entries does not split into {parts} equal process partitions")
+        self.sampler, self.q, self.s_rows, self.p, self.parts = sampler, pool, slots, prompt_len, parts
         self.g = sampler.group_size
         self.r = pool * self.g
         self.t = sampler.cfg.max_new_tokens
@@ -180,17 +183,19 @@ class StreamDecoder:
         rid_b = (entry_n[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
         keys_b = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(n * g))
         return st._replace(
-            prompt_qp=st.prompt_qp.at[entry_n].set(prompt_np), valid_qp=st.valid_qp.at[entry_n].set(valid_np),
-            length_q=st.length_q.at[entry_n].set(lengths_n),
-            pk=st.pk.at[:, entry_n].set(k.astype(st.pk.dtype)), pv=st.pv.at[:, entry_n].set(v.astype(st.pv.dtype)),
-            logits_qv=st.logits_qv.at[entry_n].set(logits_nv), live_q=st.live_q.at[entry_n].set(True),
-            key_r=st.key_r.at[rid_b].set(jax.random.key_data(keys_b)),
-            order_r=st.order_r.at[rid_b].set(seq0 + jnp.arange(n * g, dtype=jnp.int32)),
-            stop_at_r=st.stop_at_r.at[rid_b].set(stop_at_b.astype(jnp.int32)),
-            tokens_rt=st.tokens_rt.at[rid_b].set(pad), mask_rt=st.mask_rt.at[rid_b].set(False),
-            logp_rt=st.logp_rt.at[rid_b].set(0.0), entropy_rt=st.entropy_rt.at[rid_b].set(0.0),
-            version_rt=st.version_rt.at[rid_b].set(0), done_r=st.done_r.at[rid_b].set(False),
-            stop_len_r=st.stop_len_r.at[rid_b].set(0), ended_r=st.ended_r.at[rid_b].set(False),
+            prompt_qp=st.prompt_qp.at[entry_n].set(prompt_np, mode="drop"),
+            valid_qp=st.valid_qp.at[entry_n].set(valid_np, mode="drop"),
+            length_q=st.length_q.at[entry_n].set(lengths_n, mode="drop"),
+            pk=st.pk.at[:, entry_n].set(k.astype(st.pk.dtype), mode="drop"),
+            pv=st.pv.at[:, entry_n].set(v.astype(st.pv.dtype), mode="drop"),
+            logits_qv=st.logits_qv.at[entry_n].set(logits_nv, mode="drop"), live_q=st.live_q.at[entry_n].set(True, mode="drop"),
+            key_r=st.key_r.at[rid_b].set(jax.random.key_data(keys_b), mode="drop"),
+            order_r=st.order_r.at[rid_b].set(seq0 + jnp.arange(n * g, dtype=jnp.int32), mode="drop"),
+            stop_at_r=st.stop_at_r.at[rid_b].set(stop_at_b.astype(jnp.int32), mode="drop"),
+            tokens_rt=st.tokens_rt.at[rid_b].set(pad, mode="drop"), mask_rt=st.mask_rt.at[rid_b].set(False, mode="drop"),
+            logp_rt=st.logp_rt.at[rid_b].set(0.0, mode="drop"), entropy_rt=st.entropy_rt.at[rid_b].set(0.0, mode="drop"),
+            version_rt=st.version_rt.at[rid_b].set(0, mode="drop"), done_r=st.done_r.at[rid_b].set(False, mode="drop"),
+            stop_len_r=st.stop_len_r.at[rid_b].set(0, mode="drop"), ended_r=st.ended_r.at[rid_b].set(False, mode="drop"),
         )  # fmt: skip
 
     def _refresh(self, weights, st: StreamState) -> StreamState:
@@ -277,8 +282,9 @@ class StreamDecoder:
             )  # fmt: skip
             return self._fill(st, ended_s)
 
-        def going(st):
-            return jnp.any(st.rid_s < r) & (jnp.sum(self._complete(st), dtype=jnp.int32) < need)
+        def going(st):  # until every process partition holds ``need`` complete groups (or nothing runs)
+            done_p = jnp.sum(self._complete(st).reshape(self.parts, -1), axis=1, dtype=jnp.int32)
+            return jnp.any(st.rid_s < r) & (jnp.min(done_p) < need)
 
         def extent(st):
             return refill_extent(st.steps, st.step_s, st.rid_s < r, block, ring)
@@ -338,15 +344,26 @@ class StreamPool:
     (``next_prompts() -> (tokens [N, P], lengths [N], records [N], stop_at [N·G] or None)``, sampled with
     ``key_for(a)`` for the a-th admission), decode with ``weights`` at ``version`` until N groups are complete,
     and return the N admitted first as ``(records, rollout [N·G], version_bt [N·G, T])``. ``drop_stale(version)``
-    first forgets groups holding a token more than ``k`` versions older than ``version``."""
+    first forgets groups holding a token more than ``k`` versions older than ``version``.
+
+    **Several processes.** Each process drives its own partition of the pool, ``Q / H`` entries (``H``
+    processes; ``n`` is then this process's prompts per admission, N / H): it admits its own prompts into its
+    partition, and a harvest takes each partition's ``n`` oldest complete groups, in process order, so the
+    rollout's rows are process-major as the synchronous sampler's (each process verifies its own rows). Every
+    jitted call is collective: a process with no room in an admission passes rows that write nothing, and
+    the decoder decodes until every partition has ``n`` complete groups."""
 
     def __init__(self, decoder: StreamDecoder, n: int, bound: int):
         self.dec, self.n, self.k = decoder, n, bound
+        self.h, self.p = jax.process_count(), jax.process_index()
+        if decoder.parts != self.h:
+            raise ValueError(f"StreamDecoder(parts={decoder.parts}) in a {self.h}-process run: one partition per process")
+        self.ql = decoder.q // self.h  # this process's entries: [p·ql, (p + 1)·ql) of the pool
         self.state = None
-        self.live = np.zeros(decoder.q, bool)
-        self.seq = np.zeros(decoder.q, np.int64)
-        self.records: list[Any] = [None] * decoder.q
-        self.admitted = 0  # groups admitted so far (their admission numbers)
+        self.live = np.zeros(self.ql, bool)
+        self.seq = np.zeros(self.ql, np.int64)
+        self.records: list[Any] = [None] * self.ql
+        self.admitted = 0  # admission calls so far (collective: the same count on every process)
         self.read = (0, 0)  # (busy slot-iterations, iterations) at the last ``counters``
         self.fresh_at = -1  # the version every live entry's prompt was last prefilled with
 
@@ -354,24 +371,44 @@ class StreamPool:
         if self.state is None:
             self.state = self.dec.init(weights, key)
 
+    def _put(self, x):
+        """A host array, the same on every process, as the decoder's replicated input."""
+        x = np.asarray(x)
+        mesh = self.dec.sampler.mesh
+        return jnp.asarray(x) if mesh is None or self.h == 1 else jax.device_put(x, replicated(mesh))
+
+    def _local(self, x) -> np.ndarray:
+        """This process's partition of a per-entry array the decoder returned."""
+        return sharding.to_host(x)[self.p * self.ql : (self.p + 1) * self.ql]
+
     def _admit(self, weights, prompts, key) -> None:
-        tokens, lengths, records, stop_at = prompts
-        free = np.flatnonzero(~self.live)[: self.n]
-        g = self.dec.g
-        stop_at = np.full(self.n * g, NEVER, np.int32) if stop_at is None else np.asarray(stop_at, np.int32)
-        self.state = self.dec.admit(weights, self.state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
-                                    jnp.asarray(free, jnp.int32), key, jnp.asarray(self.admitted * g, jnp.int32),
-                                    jnp.asarray(stop_at))  # fmt: skip
-        for j, q in enumerate(free):
-            self.live[q], self.seq[q], self.records[q] = True, self.admitted + j, records[j]
-        self.admitted += self.n
+        """One collective admission: ``prompts`` = this process's next prompts, or None when it has no room."""
+        g, n = self.dec.g, self.n
+        if prompts is None:  # rows that write nothing: out-of-range entries are dropped by the scatters
+            tokens, lengths = np.zeros((n, self.dec.p), np.int32), np.ones(n, np.int32)
+            entries, stop_at, records = np.full(n, self.dec.q, np.int32), np.full(n * g, NEVER, np.int32), None
+        else:
+            tokens, lengths, records, stop_at = prompts
+            free = np.flatnonzero(~self.live)[:n]
+            entries = (free + self.p * self.ql).astype(np.int32)
+            stop_at = np.full(n * g, NEVER, np.int32) if stop_at is None else np.asarray(stop_at, np.int32)
+        gathered = [sharding.gather_rows(np.asarray(x, np.int32)) for x in (tokens, lengths, entries, stop_at)]
+        if self.h > 1 and key.is_fully_addressable:  # a key array goes across as its raw data
+            key = jax.random.wrap_key_data(self._put(jax.random.key_data(key)), impl=jax.random.key_impl(key))
+        tokens_all, lengths_all, entries_all, stop_all = (self._put(x) for x in gathered)
+        self.state = self.dec.admit(weights, self.state, tokens_all, lengths_all, entries_all, key,
+                                    self._put(np.int32(self.admitted * n * self.h * g)), stop_all)  # fmt: skip
+        if records is not None:
+            for j, q in enumerate(free):
+                self.live[q], self.seq[q], self.records[q] = True, self.admitted * n + j, records[j]
+        self.admitted += 1
 
     def drop_stale(self, version: int) -> int:
-        """Forgets the live groups with a token more than ``k`` versions older than ``version``; how many."""
-        oldest = np.asarray(self.dec.status(self.state).oldest_q).astype(np.int64)
+        """Forgets the live groups with a token more than ``k`` versions older than ``version``; how many (here)."""
+        oldest = self._local(self.dec.status(self.state).oldest_q).astype(np.int64)
         stale = self.live & (oldest < NEVER) & (version - oldest > self.k)
-        if stale.any():
-            self.state = self.dec.drop(self.state, jnp.asarray(stale))
+        if sharding.any_process(bool(stale.any())):
+            self.state = self.dec.drop(self.state, self._put(sharding.gather_rows(stale)))
             self.live[stale] = False
             for q in np.flatnonzero(stale):
                 self.records[q] = None
@@ -380,18 +417,19 @@ class StreamPool:
     def draw(self, weights, version: int, next_prompts, key_for, admissions: int = 0):
         """One round (see the class docstring); ``admissions``: admissions already made this step (keys)."""
         a = admissions
-        if self.live.any() and self.fresh_at != version:  # carried groups: pending rollouts start from a fresh prompt
-            self.state = self.dec.refresh(weights, self.state)
+        if sharding.any_process(bool(self.live.any())) and self.fresh_at != version:
+            self.state = self.dec.refresh(weights, self.state)  # carried groups: pending rollouts start fresh
         self.fresh_at = version
-        while (~self.live).sum() >= self.n:
-            self._admit(weights, next_prompts(), key_for(a))
+        while sharding.any_process(bool((~self.live).sum() >= self.n)):
+            self._admit(weights, next_prompts() if (~self.live).sum() >= self.n else None, key_for(a))
             a += 1
         self.state = self.dec.advance(weights, self.state, version, self.n)
-        complete = np.flatnonzero(np.asarray(self.dec.status(self.state).complete_q))
+        complete = np.flatnonzero(self._local(self.dec.status(self.state).complete_q))
         take = complete[np.argsort(self.seq[complete], kind="stable")][: self.n]
         if len(take) < self.n:  # cannot happen: every live group ends within T decode steps
             raise RuntimeError(f"streaming: {len(take)} complete groups of {self.n} after decoding")
-        self.state, rollout, version_bt = self.dec.harvest(self.state, jnp.asarray(take, jnp.int32))
+        take_all = sharding.gather_rows((take + self.p * self.ql).astype(np.int32))
+        self.state, rollout, version_bt = self.dec.harvest(self.state, self._put(take_all))
         records = [self.records[q] for q in take]
         self.live[take] = False
         for q in take:
@@ -399,29 +437,35 @@ class StreamPool:
         return records, rollout, version_bt, a
 
     def counters(self) -> dict[str, float]:
-        """Since the last call: decode iterations, slot occupancy; now: rollouts mid-flight, groups live."""
+        """Since the last call: decode iterations, slot occupancy; now: rollouts mid-flight, groups live (all
+        processes')."""
         st = self.dec.status(self.state)
-        busy, steps = int(self.state.busy), int(self.state.steps)
+        busy, steps = int(sharding.to_host(self.state.busy)), int(sharding.to_host(self.state.steps))
         d_busy, d_steps = busy - self.read[0], steps - self.read[1]
         self.read = (busy, steps)
         return {"sampler/decode_steps": float(d_steps),
                 "sampler/slot_occupancy": d_busy / max(d_steps * self.dec.s_rows, 1),
-                "stream/carried_rollouts": float(st.running_r), "stream/carried_groups": float(self.live.sum())}
+                "stream/carried_rollouts": float(sharding.to_host(st.running_r)),
+                "stream/carried_groups": float(sharding.to_host(st.live_q).sum())}  # fmt: skip
 
     def checkpoint(self) -> tuple[dict, dict]:
-        """(the device state's non-empty leaves, the JSON part): a checkpoint's stream item and host entry."""
-        host = {"live": self.live.tolist(), "seq": self.seq.tolist(), "records": self.records,
-                "admitted": self.admitted, "read": list(self.read), "fresh_at": self.fresh_at}  # fmt: skip
+        """(the device state's non-empty leaves, the JSON part: every process's partition, in process order)."""
+        parts = sharding.gather_objects({"live": self.live.tolist(), "seq": self.seq.tolist(), "records": self.records})
+        host = {"parts": parts, "admitted": self.admitted, "read": list(self.read), "fresh_at": self.fresh_at}
         return _nonempty(self.state), host
 
     def restore(self, read_arrays, host: dict) -> None:
         """Continues a saved pool: ``read_arrays(target)`` reads the stream item onto ``target`` (``start`` first)."""
+        if len(host["parts"]) != self.h:
+            raise ValueError(f"the checkpoint's streaming pool has {len(host['parts'])} process partitions; this run "
+                             f"has {self.h} processes (a streaming run resumes on as many processes as it saved)")
         leaves, treedef = jax.tree.flatten(self.state)
         got = read_arrays(_nonempty(self.state))
         self.state = jax.tree.unflatten(treedef, [got.get(str(i), x) for i, x in enumerate(leaves)])
-        self.live = np.asarray(host["live"], bool)
-        self.seq = np.asarray(host["seq"], np.int64)
-        self.records = list(host["records"])
+        mine = host["parts"][self.p]
+        self.live = np.asarray(mine["live"], bool)
+        self.seq = np.asarray(mine["seq"], np.int64)
+        self.records = list(mine["records"])
         self.admitted = int(host["admitted"])
         self.read = tuple(int(x) for x in host["read"])
         self.fresh_at = int(host["fresh_at"])

@@ -25,9 +25,9 @@ sampling plus the pool's prompt columns (``stream_batches`` × N × P) during th
 and the pool's prompt records (JSON), so a resumed run continues every in-flight rollout exactly where
 the straight run did: same tokens, same versions.
 
-Single process only: harvesting takes the oldest complete groups wherever their prompts came from, while
-verification decodes each process's own rows (``rollout.own_rows``); per-process pool partitions are the
-next step (docs/training.md).
+Several processes: each drives its own partition of the pool with its own prompts, and a harvest takes each
+partition's N oldest complete groups in process order, so every process verifies its own rows as with the
+synchronous source (``sampling/stream.StreamPool``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echorl_jax import config as config_lib
 from echorl_jax.data.pipeline import PromptBatch
 from echorl_jax.sampling.stream import StreamDecoder, StreamPool
 from echorl_jax.trainer import rollout as rollout_lib
@@ -55,12 +54,9 @@ class StreamSource:
     """Rollouts that never wait for a batch's longest one (see the module docstring)."""
 
     def __init__(self, s: Setup):
-        if jax.process_count() > 1:
-            raise config_lib.ConfigError(
-                f"config key rl.max_staleness={s.cfg.rl.max_staleness} is invalid: streaming rollouts run in one "
-                f"process for now ({jax.process_count()} here); use rl.max_staleness=0 on several hosts")
         cfg = s.cfg
-        self.s, self.k, self.n = s, cfg.rl.max_staleness, cfg.rl.prompts_per_step
+        # this process's prompts per admission and per harvest: rl.prompts_per_step is every process's together
+        self.s, self.k, self.n = s, cfg.rl.max_staleness, cfg.rl.prompts_per_step // jax.process_count()
         self.score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
         self.base_key = jax.random.key(cfg.train.seed)
         self.pool: StreamPool | None = None
@@ -70,12 +66,14 @@ class StreamSource:
         if self.pool is None:
             s, sampler, width = self.s, self.s.sample, self.s.cfg.data.max_prompt_len
             plan = sampler.prepare(params, width)
-            q = s.cfg.rl.stream_batches * self.n
-            slots = plan.rows(self.n * sampler.group_size)[0]
-            self.pool = StreamPool(StreamDecoder(sampler, q, slots, width), self.n, self.k)
+            hosts = jax.process_count()
+            q = s.cfg.rl.stream_batches * self.n * hosts  # each process its own partition of the pool
+            slots = plan.rows(self.n * hosts * sampler.group_size)[0]
+            self.pool = StreamPool(StreamDecoder(sampler, q, slots, width, parts=hosts), self.n, self.k)
             self.pool.start(s.decode_weights(sampler, params).params, self.base_key)
             s.log(f"streaming rollouts: rl.max_staleness={self.k}, a pool of {q} prompt groups "
-                  f"(rl.stream_batches={s.cfg.rl.stream_batches} x {self.n}), {slots} decode slots, prompts at "
+                  f"(rl.stream_batches={s.cfg.rl.stream_batches} x {self.n * hosts}"
+                  f"{f', {hosts} process partitions' if hosts > 1 else ''}), {slots} decode slots, prompts at "
                   f"width {width} (no prompt buckets)")  # fmt: skip
         return self.pool
 
