@@ -4,9 +4,10 @@ Per learning step ``s`` (learner at version ``V = policy_version(s)``), ``Stream
 
 1. **Bound.** Drops every live group holding a token older than ``V - k`` (it could never reach a loss
    within the bound, so finishing it would waste decode steps); counted in ``stream/dropped_groups``.
-2. **Admit.** While the pool has N free entries, draws the next N prompts from the train pipeline and
-   prefills them with this step's weights (admission ``a`` of the step samples with
-   ``fold_in(fold_in(key(train.seed), s), a)``).
+2. **Admit.** Prefills the carried groups' prompts again with this step's weights (so a rollout that starts
+   now depends on no older weights than its first token's tag), then, while the pool has N free entries,
+   draws the next N prompts from the train pipeline and prefills them (admission ``a`` of the step samples
+   with ``fold_in(fold_in(key(train.seed), s), a)``).
 3. **Decode** (``sampling/stream.py``) with this step's weights, tagging tokens with version ``V``, until N
    groups are complete; rollouts still running stay in their slots for the next step.
 4. **Harvest** the N complete groups admitted first, verify and score them like the synchronous source.
