@@ -290,7 +290,8 @@ def main(argv=None):
     res = {run.name: totals(run, slots) for run in runs}
     sync = res[runs[0].name]
     header = ["run", "decode steps", "useful tokens", "mean len", "occupancy", "steps / 1k tok", "ms / decode step",
-              "s / RL step", "dropped groups", "token lag mean/max", "steps/1k vs sync", "s/step vs sync"]
+              "s / RL step", "harvested tok/s", "dropped groups", "token lag mean/max", "steps/1k vs sync",
+              "s/step vs sync"]
     rows = []
     for run in runs:
         r = res[run.name]
@@ -298,7 +299,8 @@ def main(argv=None):
         r["ratio_s_per_step"] = r["s_per_step"] / sync["s_per_step"]
         rows.append([run.name, r["decode_steps"], r["useful_tokens"], f"{r['mean_length']:.1f}",
                      f"{r['occupancy']:.1%}", f"{r['decode_steps_per_1k_tokens']:.1f}",
-                     f"{r['ms_per_decode_step']:.2f}", f"{r['s_per_step']:.3f}", r["dropped_groups"],
+                     f"{r['ms_per_decode_step']:.2f}", f"{r['s_per_step']:.3f}",
+                     f"{r['useful_tokens'] / (r['s_per_step'] * len(run.steps)):.0f}", r["dropped_groups"],
                      f"{r['lag_mean']:.2f}/{r['lag_max']}", f"{r['ratio_steps_per_1k']:.2f}x",
                      f"{r['ratio_s_per_step']:.2f}x"])  # fmt: skip
     print(f"\n{regime}; {args.steps} RL steps each, compile excluded; occupancy: sync = useful / (steps x S), "
