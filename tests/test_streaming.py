@@ -197,14 +197,15 @@ def test_a_streaming_run_keeps_the_bound_and_resumes_exactly(tmp_path):
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "4" / "stream")
 
 
-@pytest.mark.slow  # one short run per preset (+ LoRA): CI's slow set runs it
-def test_dapo_luffy_and_lora_stream_under_the_bound(tmp_path):
-    """k = 1 with DAPO (dynamic sampling draws rounds of complete groups), LUFFY (expert rows take their group's
-    version) and LoRA adapters: two steps each, finite, within the bound."""
+@pytest.mark.slow  # two short runs: CI's slow set runs it
+def test_dapo_and_luffy_stream_under_the_bound(tmp_path):
+    """k = 1 with DAPO (dynamic sampling draws rounds of complete groups) and LUFFY (expert rows take their group's
+    version): two steps each, finite, within the bound."""
     setup = None
-    # The presets whose sources differ (DAPO's rounds, LUFFY's expert rows) and LoRA; the other presets change only
-    # the loss, which the learner computes the same way whatever the source (test_presets_train runs them all).
-    runs = [("dapo", {}), ("luffy", {}), ("grpo", {"lora": {"rank": 4, "alpha": 8.0}})]
+    # The presets whose sources differ (DAPO's rounds, LUFFY's expert rows); the other presets change only the loss,
+    # which the learner computes the same way whatever the source (test_presets_train runs them all). LoRA's
+    # decode copy is the synchronous source's (Setup.decode_weights); a LoRA streaming run was checked by hand.
+    runs = [("dapo", {}), ("luffy", {})]
     for name, model in runs:
         tag = name + ("_lora" if model else "")
         cfg = _cfg(tmp_path / tag, rl={"max_sample_rounds": 2}, objective={"method": name},
@@ -278,27 +279,26 @@ def test_a_rollout_started_under_new_weights_is_that_policy_s_whole(split):
     assert whole[1] > 0 and whole[0] > 0, whole
 
 
-@pytest.mark.slow  # three 2-process runs (~2-3 min on 2 cores); CI runs it
-def test_two_processes_stream_under_the_bound_and_resume_exactly(tmp_path):
-    """2 processes x 4 devices, k = 1: each process streams its own pool partition (its prompts, its rows),
-    tokens one version old reach the loss and none older, and a run stopped at step 2 and resumed on 2
-    processes (every partition's in-flight rollouts from the checkpoint) equals the straight run."""
+@pytest.mark.slow  # two 2-process runs (~1-2 min on 2 cores); CI runs it
+def test_two_processes_stream_under_the_bound_and_resume(tmp_path):
+    """2 processes x 4 devices, k = 1: each process streams its own pool partition (its prompts, its rows);
+    tokens one version old reach the loss and none older; stopped at step 2 and resumed on 2 processes (every
+    partition's in-flight rollouts from the checkpoint), the run goes on to step 4 under the bound. (Exactness
+    of a streaming resume is the single-process test's; the 2-process straight run cost CI time.)"""
     from tests.multiproc import metric_rows, run_tool
     from tests.test_pods import _reward_file, _train_args
 
     reward = _reward_file(tmp_path)
     stream = {"rl.max_staleness": 1, "rl.recompute_logp": "true", "objective.rollout_correction": "token_tis",
               "train.save_every": 2, "train.export_hf": "false"}  # fmt: skip
-    straight = tmp_path / "straight"
-    run_tool(tmp_path, "straight", ["main", *_train_args(straight, reward, steps=4, **stream)])
-    rows = metric_rows(straight)
+    run = tmp_path / "run"
+    run_tool(tmp_path, "first", ["main", *_train_args(run, reward, steps=2, **stream)])
+    first = metric_rows(run)
+    out = run_tool(tmp_path, "resumed", ["main", *_train_args(run, reward, steps=4, **stream)])
+    assert "resumed from step 2" in out.logs[0]
+    rows = metric_rows(run)
+    assert rows[: len(first)] == first
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert max(r["staleness/max_lag"] for r in train_rows) == 1 and any(r["staleness/lag1_frac"] > 0 for r in train_rows)
     assert 0 < train_rows[0]["reward/mean"] < 1  # a real signal from every process's rows
-    stopped = tmp_path / "stopped"
-    run_tool(tmp_path, "first", ["main", *_train_args(stopped, reward, steps=2, **stream)])
-    out = run_tool(tmp_path, "resumed", ["main", *_train_args(stopped, reward, steps=4, **stream)])
-    assert "resumed from step 2" in out.logs[0]
-    got = [r for r in metric_rows(stopped) if (r["kind"], r["step"]) != ("eval", 2)]  # the stopped run's last eval
-    assert got == rows

@@ -176,8 +176,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     def save():
         log.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint a restart resumes from
         stream, stream_host = source.checkpoint()  # streaming: the in-flight rollouts
-        checkpointer.save(step, state, {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg),
-                                        "guard": guard.state(), **lora_host, "stream": stream_host}, stream)  # fmt: skip
+        host = {"data": s.train_pipeline.get_state(), "config": config_lib.to_dict(cfg), "guard": guard.state(),
+                **lora_host, "stream": stream_host}
+        checkpointer.save(step, state, host, **({} if stream is None else {"stream": stream}))
 
     for step in range(start + 1, tc.steps + 1):
         t_step = time.perf_counter()
