@@ -122,9 +122,11 @@ def _saved(directory, steps=(1, 2), keep=3):
 
 
 def _truncate_data(step_dir):
-    f = max(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True), key=os.path.getsize)
-    data = open(f, "rb").read()
-    open(f, "wb").write(data[: len(data) // 2])
+    """Cuts every data file of the checkpoint's train state to half (one file alone was not enough: which arrays
+    its second half holds depends on the order of Orbax's asynchronous writes, so a restore could still succeed)."""
+    for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+        data = open(f, "rb").read()
+        open(f, "wb").write(data[: len(data) // 2])
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path):
