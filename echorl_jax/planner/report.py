@@ -33,6 +33,9 @@ def format_plan(pl: Plan) -> str:
         f"over {pl.decode_tp} device(s), made before sampling with {gb(pl.copy_temp).strip()} of temporaries; "
         "0: decodes from the parameters)",
     ]
+    if pl.stream_state:
+        lines.append(f"  streaming state       {gb(pl.stream_state)}   (rl.max_staleness >= 1: slots' KV + the prompt pool, "
+                     "resident beside every learner phase)")
     if pl.adapters:
         lines.append(f"    of which the base's   {gb(pl.base_copy)}   (LoRA: 0 when the frozen base is already in the decode "
                      "dtype and layout: it is decoded from as it is)")

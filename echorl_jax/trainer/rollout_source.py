@@ -100,6 +100,17 @@ def staleness_metrics(version_bt, mask_bt, step: int, bound: int) -> dict[str, f
     return out
 
 
+def verify_args(s: Setup, timings: dict[str, float]) -> dict[str, Any]:
+    """``rollout.collect_from``'s keyword arguments for the run ``s`` (verifier, DAPO rounds, EchoRL's
+    eligibility, LUFFY's experts): the same for every source."""
+    cfg = s.cfg
+    return dict(verifier=s.verifier, tokenizer=s.tokenizer, group_size=cfg.rl.group_size,
+                dynamic_sampling=cfg.objective.dynamic_sampling,
+                echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
+                max_rounds=cfg.rl.max_sample_rounds, timings=timings, records=s.train_records,
+                add_experts=s.experts.add_to if s.experts is not None else None)  # fmt: skip
+
+
 class SyncSource:
     """Synchronous rollouts: each step's batch is sampled with the learner's parameters as they are (every
     token at ``policy_version(step)``), verified on the host and scored (advantages + EchoClips). Step ``s``
@@ -113,20 +124,14 @@ class SyncSource:
         self.base_key = jax.random.key(cfg.train.seed)
 
     def next(self, params, step: int) -> ScoredBatch:
-        s, cfg, rl = self.s, self.s.cfg, self.s.cfg.rl
+        s, cfg = self.s, self.s.cfg
         timings: dict[str, float] = {}
         # The sampler decodes from a copy in the compute dtype and decode layout (sampling/layout.py),
         # made once per step; collect() holds the only reference, so it is freed once sampling is done.
         # LoRA: the adapted model (adapters + frozen base) as it is, no merged weights; the base's copy is kept.
         got = rollout_lib.collect(
             lambda: next(s.train_pipeline), s.sample, s.decode_weights(s.sample, params),
-            jax.random.fold_in(self.base_key, step),
-            verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
-            dynamic_sampling=cfg.objective.dynamic_sampling,
-            echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
-            max_rounds=rl.max_sample_rounds, timings=timings, records=s.train_records,
-            add_experts=s.experts.add_to if s.experts is not None else None,
-        )  # fmt: skip
+            jax.random.fold_in(self.base_key, step), **verify_args(s, timings))
         ro = got.rollout
         reward_ng, adv_bt, clips = self.score(ro, jnp.asarray(got.reward_ng))  # reward_ng: every process's rows
         version_bt = self.tag(ro.response_mask, policy_version(step))

@@ -42,7 +42,7 @@ import numpy as np
 from echorl_jax.data.pipeline import PromptBatch
 from echorl_jax.sampling.stream import StreamDecoder, StreamPool
 from echorl_jax.trainer import rollout as rollout_lib
-from echorl_jax.trainer.rollout_source import ScoredBatch, SyncSource, policy_version
+from echorl_jax.trainer.rollout_source import ScoredBatch, SyncSource, policy_version, verify_args
 from echorl_jax.trainer.setup import Setup
 
 
@@ -87,7 +87,7 @@ class StreamSource:
         return b.tokens_np, b.length_n, records, None
 
     def next(self, params, step: int) -> ScoredBatch:
-        s, cfg, rl = self.s, self.s.cfg, self.s.cfg.rl
+        s = self.s
         pool = self.ensure(params)
         weights = s.decode_weights(s.sample, params).params
         version = policy_version(step)
@@ -109,13 +109,7 @@ class StreamSource:
             return batch, rollout, version_bt
 
         timings: dict[str, float] = {}
-        got = rollout_lib.collect_from(
-            draw, verifier=s.verifier, tokenizer=s.tokenizer, group_size=rl.group_size,
-            dynamic_sampling=cfg.objective.dynamic_sampling,
-            echo_threshold=cfg.echo.success_threshold if cfg.echo.enabled else None,
-            max_rounds=rl.max_sample_rounds, timings=timings, records=s.train_records,
-            add_experts=s.experts.add_to if s.experts is not None else None,
-        )  # fmt: skip
+        got = rollout_lib.collect_from(draw, **verify_args(s, timings))
         ro = got.rollout
         reward_ng, adv_bt, clips = self.score(ro, jnp.asarray(got.reward_ng))
         metrics = {"stream/dropped_groups": float(dropped), "stream/admissions": float(admissions), **pool.counters()}
