@@ -76,6 +76,36 @@ def test_solutions_are_right_and_have_one_line_per_step(steps):
         assert all(1 <= v <= task.max_value for v in values)
 
 
+def test_slipping_solutions_carry_their_slips_on_and_keep_the_true_answer():
+    """task.slip_rate: a train solution's line may write a result off by 1..3; the next line starts from the
+    written value and the answer line states the last one, while ground_truth stays the prompt's true value.
+    Prompts are the exact task's; eval records never slip; the slip share matches the rate (binomial bound)."""
+    exact, slipping = ArithTask(min_steps=2, max_steps=4), ArithTask(min_steps=2, max_steps=4, slip_rate=0.2)
+    plain, noisy = make_records(exact, "train", 2000, seed=3), make_records(slipping, "train", 2000, seed=3)
+    assert [r["prompt"] for r in plain] == [r["prompt"] for r in noisy]
+    assert [r["ground_truth"] for r in plain] == [r["ground_truth"] for r in noisy]
+    assert make_records(slipping, "eval", 300, seed=3) == make_records(exact, "eval", 300, seed=3)
+    slipped_lines = total_lines = wrong_answers = 0
+    for r in noisy:
+        start, ops, values = _reference(r["prompt"])
+        lines = r["solution"].split("\n")
+        written = start
+        for line, (op, k) in zip(lines[:-1], ops):
+            # a slipped value carried on may leave [1, max_value] (the teacher's own arithmetic from it)
+            a, line_op, b, c = re.fullmatch(r"(-?\d+)([+\-*])(\d+)=(-?\d+)", line).groups()
+            assert (int(a), line_op, int(b)) == (written, op, k)
+            slip = int(c) - _OP[op](written, k)
+            assert slip == 0 or (1 <= abs(slip) <= 3 and (int(c) >= 1 or _OP[op](written, k) < 1))  # never to < 1
+            slipped_lines += slip != 0
+            total_lines += 1
+            written = int(c)
+        assert lines[-1] == f"answer {written}" and r["ground_truth"] == str(values[-1])
+        wrong_answers += written != values[-1]
+    rate = slipped_lines / total_lines
+    assert abs(rate - 0.2) < 4 * (0.2 * 0.8 / total_lines) ** 0.5, rate
+    assert wrong_answers > 0.3 * len(noisy)  # 1 - 0.8^3 of the answers, less the rare slips that cancel
+
+
 def test_knobs_respected():
     task = ArithTask(min_steps=3, max_steps=3, max_operand=5, max_value=20, ops="+-")
     for r in make_records(task, "train", 300, seed=1):
@@ -111,7 +141,7 @@ def test_eval_records_balanced():
 @pytest.mark.parametrize(
     "kwargs",
     [dict(min_steps=0), dict(min_steps=3, max_steps=2), dict(ops="+/"), dict(ops=""), dict(eval_fraction=1.0),
-     dict(max_operand=0), dict(max_value=5)],
+     dict(max_operand=0), dict(max_value=5), dict(slip_rate=-0.1), dict(slip_rate=1.0)],
 )
 def test_bad_config_raises(kwargs):
     with pytest.raises(ValueError, match="ArithTask"):

@@ -51,6 +51,11 @@ class ArithTask:
     max_value:     every running value stays in [1, max_value].
     ops:           allowed operators, a subset of "+-*".
     eval_fraction: share of the problem space reserved for the eval split.
+    slip_rate:     chance that a line of a train record's worked solution slips: its result is off by
+                   1..3 and the next lines carry the slipped value on, so the demonstrated answer is
+                   wrong (``ground_truth`` stays the true answer). A warm start on slipping solutions
+                   converges to a fallible teacher's accuracy, which RL on verified answers can then
+                   raise. Eval records never slip; 0 keeps every solution exact.
     """
 
     min_steps: int = 1
@@ -59,6 +64,7 @@ class ArithTask:
     max_value: int = 99
     ops: str = "+-*"
     eval_fraction: float = 0.1
+    slip_rate: float = 0.0
 
     def __post_init__(self):
         def bad(key, value, allowed):
@@ -74,6 +80,8 @@ class ArithTask:
             bad("ops", self.ops, f"need a non-empty subset of {_OPS!r} without repeats")
         if not 0.0 < self.eval_fraction < 1.0:
             bad("eval_fraction", self.eval_fraction, "need 0 < eval_fraction < 1")
+        if not 0.0 <= self.slip_rate < 1.0:
+            bad("slip_rate", self.slip_rate, "need 0 <= slip_rate < 1")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -122,16 +130,28 @@ def _sample_problem(rng: random.Random, task: ArithTask, steps: int) -> tuple[in
     raise ValueError(f"arith: cannot build a {steps}-step problem within [1, {task.max_value}] using ops={task.ops!r}.")
 
 
-def render(start: int, ops: Sequence[tuple[str, int]]) -> tuple[str, str, int]:
-    """``(prompt, solution, answer)`` of a problem; the solution has no trailing newline."""
+def render(start: int, ops: Sequence[tuple[str, int]], slips: Sequence[int] = ()) -> tuple[str, str, int]:
+    """``(prompt, solution, answer)`` of a problem; the solution has no trailing newline.
+
+    ``answer`` is always the true value. ``slips[i]`` (when given) is added to line i's written result,
+    and the solution carries the written value on (a teacher's slip): only the solution text changes.
+    """
     prompt = " ".join([str(start)] + [f"{op}{k}" for op, k in ops]) + "\n"
-    lines, value = [], start
-    for op, k in ops:
-        new = _apply(value, op, k)
-        lines.append(f"{value}{op}{k}={new}")
-        value = new
-    lines.append(f"answer {value}")
+    lines, written, value = [], start, start
+    for i, (op, k) in enumerate(ops):
+        value = _apply(value, op, k)
+        new = _apply(written, op, k)
+        slip = slips[i] if i < len(slips) else 0
+        new = new + slip if new + slip >= 1 else new - slip  # a slip never writes below 1 (a value carried on from one may be)
+        lines.append(f"{written}{op}{k}={new}")
+        written = new
+    lines.append(f"answer {written}")
     return prompt, "\n".join(lines), value
+
+
+def draw_slips(rng: random.Random, steps: int, slip_rate: float) -> list[int]:
+    """Per-line slips of a worked solution: 0, or with chance ``slip_rate`` a nonzero offset in ±1..3."""
+    return [rng.choice((-3, -2, -1, 1, 2, 3)) if rng.random() < slip_rate else 0 for _ in range(steps)]
 
 
 def is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
@@ -174,11 +194,23 @@ def make_records(task: ArithTask, split: str, num: int, seed: int) -> list[dict]
     """
     _check_args(split, num)
     rng = random.Random(f"arith/{split}/{seed}")
+    # Slips draw from their own stream: slip_rate=0 leaves every record as it was without the option.
+    slip_rng = random.Random(f"arith/{split}/{seed}/slips")
     out = []
     for _ in range(num):
         steps = rng.randint(task.min_steps, task.max_steps)
-        out.append(_record(*_draw(rng, task, steps, split), steps))
+        record = _record(*_draw(rng, task, steps, split), steps)
+        if split == "train" and task.slip_rate > 0:
+            start, ops = parse_prompt(record["prompt"])
+            record["solution"] = render(start, ops, draw_slips(slip_rng, steps, task.slip_rate))[1]
+        out.append(record)
     return out
+
+
+def parse_prompt(prompt: str) -> tuple[int, list[tuple[str, int]]]:
+    """``(start, ops)`` of a prompt written by ``render``."""
+    start, *ops = prompt.split()
+    return int(start), [(o[0], int(o[1:])) for o in ops]
 
 
 def make_eval_records(task: ArithTask, num_per_level: int, seed: int) -> list[dict]:
