@@ -50,6 +50,10 @@ class MeshConfig:
     # (XLA:CPU keeps one device's small ops on about one core); set before JAX starts, by the entry
     # scripts. 0 = JAX's default: one (or XLA_FLAGS' --xla_force_host_platform_device_count).
     cpu_devices: int = 0
+    # Disaggregated rollouts: this many devices decode alone (the sampler mesh) while the rest learn (the
+    # learner mesh, laid out by mesh.shape), at once under rl.max_staleness; every process gives the sampler
+    # sampler_devices / processes of its own devices (its last ones). 0 = colocated: both on every device.
+    sampler_devices: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,6 +486,13 @@ def validate(cfg: Config, given: Mapping | None = None) -> None:
            "before the update as the PPO ratio's proximal policy (rl.recompute_logp=true) and the truncated "
            f"importance weight proximal/behaviour (objective.rollout_correction=token_tis); add {streaming_flags} "
            "(docs/training.md, 'Streaming rollouts')")
+    _check(cfg.mesh.sampler_devices >= 0, "mesh.sampler_devices", cfg.mesh.sampler_devices,
+           "must be >= 0 (0 = sampler and learner share every device)")
+    _check(not (cfg.mesh.sampler_devices and rl.max_staleness == 1 and rl.stream_batches > 1), "rl.stream_batches",
+           rl.stream_batches, "with mesh.sampler_devices and rl.max_staleness=1 must be 1: the sampler decodes the "
+           "next batch while the learner updates, so every token is already one version old when it is learned "
+           "from and a rollout carried to a later step would be two (dropped: wasted decoding); set "
+           "--config.rl.stream_batches=1, or --config.rl.max_staleness=2 to carry rollouts")
     _check(train.eval_samples >= 1, "train.eval_samples", train.eval_samples, "must be >= 1")
     _check(cfg.mesh.cpu_devices >= 0, "mesh.cpu_devices", cfg.mesh.cpu_devices, "must be >= 0 (0 = JAX's default)")
     _check(cfg.dist.initialize in ("auto", "always", "never"), "dist.initialize", cfg.dist.initialize,

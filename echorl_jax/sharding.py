@@ -59,6 +59,26 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
     return Mesh(device_grid(shape, devices), MESH_AXES)
 
 
+def split_devices(devices: Sequence[jax.Device], sampler_devices: int) -> tuple[list, list]:
+    """``(learner, sampler)`` devices for ``mesh.sampler_devices``: every process gives the sampler the last
+    ``sampler_devices / processes`` of its own devices, so a device's weights and rows move to a device of
+    the same process (no transfer crosses hosts). Both lists keep ``devices``' order. 0 = no split."""
+    devices = list(devices)
+    if not sampler_devices:
+        return devices, []
+    by_process: dict[int, list] = {}
+    for d in devices:
+        by_process.setdefault(d.process_index, []).append(d)
+    hosts = len(by_process)
+    per = sampler_devices // hosts
+    local = min(len(v) for v in by_process.values())
+    if sampler_devices % hosts or not 0 < per < local:
+        raise ValueError(f"mesh.sampler_devices={sampler_devices} must be a multiple of the process count ({hosts}) "
+                         f"that leaves every process a learner device (each has {local} of the {len(devices)} devices)")
+    sampler = {id(d) for v in by_process.values() for d in v[len(v) - per :]}
+    return [d for d in devices if id(d) not in sampler], [d for d in devices if id(d) in sampler]
+
+
 def device_grid(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
     """``devices`` as an array of ``shape``, the last (``tensor``) axis varying fastest.
 
@@ -156,6 +176,35 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
         if jax.process_count() > 1 and not isinstance(x, jax.Array):
             return jax.make_array_from_process_local_data(sharding, x)
         return jax.device_put(x, sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def move_rows(tree: Any, mesh: Mesh) -> Any:
+    """Arrays batch-sharded on other devices (a sampler mesh of its own) -> batch-sharded over ``mesh``.
+
+    One process: ``jax.device_put`` (device to device). Several: each process's rows of ``x`` go to its own
+    rows of the result through the host (rows are process-major on both meshes; rollouts are small)."""
+
+    def one(x):
+        target = batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
+        if x.is_fully_addressable:
+            return jax.device_put(x, target)
+        if not x.ndim:
+            return jax.device_put(np.asarray(x.addressable_data(0)), target)
+        n = x.shape[0] // jax.process_count()
+        lo = jax.process_index() * n
+        local, filled = np.zeros((n, *x.shape[1:]), x.dtype), np.zeros(n, bool)
+        for sh in x.addressable_shards:  # this process's block of rows, from whichever of its shards hold them
+            a, b = sh.index[0].indices(x.shape[0])[:2]
+            a2, b2 = max(a, lo), min(b, lo + n)
+            if a2 < b2:
+                local[a2 - lo : b2 - lo] = np.asarray(sh.data)[a2 - a : b2 - a]
+                filled[a2 - lo : b2 - lo] = True
+        if not filled.all():
+            raise RuntimeError(f"move_rows: rows [{lo}, {lo + n}) of a {x.shape} array are not all on process "
+                               f"{jax.process_index()}'s devices (rows must be process-major)")
+        return jax.make_array_from_process_local_data(target, local)
 
     return jax.tree.map(one, tree)
 

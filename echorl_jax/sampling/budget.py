@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from echorl_jax.sampling.config import SamplingConfig
 from echorl_jax.sampling.decode import response_columns, round_up
-from echorl_jax.sampling.layout import DecodeLayout, auto_tensor_parallel, copy_bytes_per_device
+from echorl_jax.sampling.layout import DecodeLayout, auto_tensor_parallel, copy_bytes_per_device, decode_mesh
 
 
 def device_memory(mesh=None) -> int | None:
@@ -89,16 +89,22 @@ class DecodePlan:
         return self.layout.copy(state)
 
 
-def choose_layout(cfg: SamplingConfig, mcfg, state, mesh, memory: int | None = None) -> DecodeLayout:
+def choose_layout(cfg: SamplingConfig, mcfg, state, mesh, memory: int | None = None, devices=None) -> DecodeLayout:
     """The decode layout of ``state`` (the model's parameters, real or abstract) on ``mesh``:
     ``sampling.decode_tensor_parallel``, or auto (``layout.auto_tensor_parallel``) for 0.
-    ``memory``: the device's memory in bytes (default: what the device reports)."""
-    memory = memory if memory is not None else device_memory(mesh)
-    devices = 1 if mesh is None else mesh.devices.size
-    tp = cfg.decode_tensor_parallel or auto_tensor_parallel(state, mesh, mcfg.compute_dtype, memory)
-    if devices % tp:
-        raise ValueError(f"sampling.decode_tensor_parallel={tp} must divide the number of devices ({devices})")
-    return DecodeLayout(mesh, tp, mcfg.compute_dtype)
+    ``memory``: the device's memory in bytes (default: what the device reports). ``devices``: a sampler
+    mesh of its own (``mesh.sampler_devices``); tensor parallelism then divides both sides' device counts."""
+    where = mesh if devices is None or mesh is None else decode_mesh(mesh, 1, devices)
+    memory = memory if memory is not None else device_memory(where)
+    count = 1 if where is None else where.devices.size
+    tp = cfg.decode_tensor_parallel or auto_tensor_parallel(state, where, mcfg.compute_dtype, memory)
+    if count % tp:
+        raise ValueError(f"sampling.decode_tensor_parallel={tp} must divide the number of "
+                         f"{'sampler ' if devices is not None else ''}devices ({count})")
+    if devices is not None and mesh is not None and mesh.devices.size % tp:
+        raise ValueError(f"sampling.decode_tensor_parallel={tp} must divide the learner's device count too "
+                         f"({mesh.devices.size}): the push slices the weights on the learner's devices first")
+    return DecodeLayout(mesh, tp, mcfg.compute_dtype, devices)
 
 
 def rows_for(slots: int, rollouts: int, divisor: int) -> tuple[int, bool]:
@@ -116,7 +122,7 @@ def plan_decode(cfg: SamplingConfig, mcfg, state, layout: DecodeLayout, *, promp
     row = kv_row_bytes(mcfg, layout.tensor_parallel, prompt_len, cfg.max_new_tokens, block)
     slots, budget = cfg.slots, 0
     if cfg.kv_cache_memory:
-        budget = budget_bytes(cfg.kv_cache_memory, memory if memory is not None else device_memory(layout.train_mesh))
+        budget = budget_bytes(cfg.kv_cache_memory, memory if memory is not None else device_memory(layout.mesh))
         if budget < row:
             raise ValueError(
                 f"sampling.kv_cache_memory={cfg.kv_cache_memory:g} ({budget / 1e9:.3f} GB per device) holds no decode "

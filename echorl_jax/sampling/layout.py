@@ -43,17 +43,50 @@ DECODE_COPY_SHARE = 8  # auto tensor parallelism: the decode copy takes at most 
 
 
 class DecodeWeights(NamedTuple):
-    """Parameters already in the decode layout (``DecodeLayout.copy``); the sampler uses them as they are."""
+    """Parameters already in the decode layout (``DecodeLayout.copy``); the sampler uses them as they are.
+    ``version``: with a sampler mesh of its own, the policy version the weights were pushed for, an int32
+    scalar that made the trip with them (``DecodeLayout.check_landed``); else None."""
 
     params: Any
+    version: Any = None
 
 
-def decode_mesh(mesh: Mesh | None, tensor_parallel: int) -> Mesh | None:
-    """``mesh``'s devices, in their order, as (data = D / tp, fsdp = 1, tensor = tp)."""
+class StaleWeightsError(RuntimeError):
+    """The sampler's weights are not the version the learner pushed: a push did not land."""
+
+
+def decode_mesh(mesh: Mesh | None, tensor_parallel: int, devices=None) -> Mesh | None:
+    """``devices`` (default: ``mesh``'s), in their order, as (data = D / tp, fsdp = 1, tensor = tp)."""
     if mesh is None:
         return None
-    devices = np.asarray(mesh.devices).reshape(-1)
+    devices = np.asarray(mesh.devices if devices is None else list(devices), dtype=object).reshape(-1)
     return Mesh(devices.reshape(len(devices) // tensor_parallel, 1, tensor_parallel), MESH_AXES)
+
+
+def _pair_devices(mirror: Mesh, decode: Mesh) -> dict:
+    """Sampler device -> the learner device it receives its weight slice from: the same tensor position, a
+    mirror group of the same process (the k-th sampler group of a process reads that process's
+    k mod n-th learner group). A tensor-parallel group that spans processes on either side is an error."""
+
+    def groups(mesh):
+        out: dict[int, list[np.ndarray]] = {}
+        for row in np.asarray(mesh.devices)[:, 0, :]:
+            procs = {d.process_index for d in row}
+            if len(procs) != 1:
+                raise ValueError(f"sampling.decode_tensor_parallel={row.size}: a tensor-parallel group spans processes "
+                                 f"{sorted(procs)}; it must divide every process's sampler and learner devices")
+            out.setdefault(procs.pop(), []).append(row)
+        return out
+
+    learner, sampler = groups(mirror), groups(decode)
+    pairs = {}
+    for proc, rows in sampler.items():
+        if proc not in learner:
+            raise ValueError(f"process {proc} has sampler devices but no learner device")
+        for k, row in enumerate(rows):
+            src = learner[proc][k % len(learner[proc])]
+            pairs.update(zip(row.tolist(), src.tolist()))
+    return pairs
 
 
 def _floating(dtype) -> bool:
@@ -112,23 +145,35 @@ def _move(x, dtype, target: NamedSharding, layered: bool):
 
 
 class DecodeLayout:
-    """Where and in which dtype the sampler's weights live; ``copy(params)`` makes them."""
+    """Where and in which dtype the sampler's weights live; ``copy(params)`` makes them.
 
-    def __init__(self, mesh: Mesh | None, tensor_parallel: int, dtype):
+    ``devices``: a sampler mesh of its own (``mesh.sampler_devices``, disjoint from ``mesh``'s, the learner's).
+    ``copy`` is then a *push*: the cast + reshard program runs on the learner's devices into a mirror of the
+    decode layout (the learner's devices as (D_L / tp, 1, tp)), so each learner device holds exactly the slice
+    some sampler device needs, and every sampler device then receives its slice from a learner device of its
+    own process (``jax.device_put`` of one shard: a device-to-device copy, no host round trip, no gather).
+    The policy version travels with the weights; ``check_landed`` compares it before decoding.
+    """
+
+    def __init__(self, mesh: Mesh | None, tensor_parallel: int, dtype, devices=None):
         self.train_mesh = mesh
-        self.mesh = decode_mesh(mesh, tensor_parallel)
+        self.split = devices is not None and mesh is not None
+        self.mesh = decode_mesh(mesh, tensor_parallel, devices if self.split else None)
         self.tensor_parallel = tensor_parallel
         self.dtype = jnp.dtype(dtype)
         self._jitted = {}  # the cast + reshard programs, one per state structure
         self.copies = 0  # how many copies were made (tests)
+        self.pushed_bytes = 0  # split: bytes this process's sampler devices received in the last push
+        self.mirror = decode_mesh(mesh, tensor_parallel) if self.split else None
+        self.pairs = _pair_devices(self.mirror, self.mesh) if self.split else {}
 
     @property
     def groups(self) -> int:
         """Decode groups (each holds a whole copy): the decode mesh's batch divisor."""
         return 1 if self.mesh is None else self.mesh.devices.size // self.tensor_parallel
 
-    def _target(self, state):
-        return None if self.mesh is None else state_shardings(state, self.mesh)
+    def _target(self, state, mesh=None):
+        return None if self.mesh is None else state_shardings(state, mesh or self.mesh)
 
     def is_decode_layout(self, state) -> bool:
         """Whether ``state`` (placed arrays) already has the decode dtype and shardings."""
@@ -160,7 +205,7 @@ class DecodeLayout:
         """
         structure = jax.tree.structure(state)
         if structure not in self._jitted:
-            dtype, target = self.dtype, self._target(state)
+            dtype, target = self.dtype, self._target(state, self.mirror)  # split: the learner's mirror of it
             targets = None if target is None else jax.tree.leaves(target)
             stacked = [_is_stacked(v) for v in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))]
 
@@ -174,9 +219,9 @@ class DecodeLayout:
             self._jitted[structure] = jax.jit(cast, out_shardings=target)
         return self._jitted[structure]
 
-    def copy(self, state) -> DecodeWeights:
+    def copy(self, state, version: int | None = None) -> DecodeWeights:
         """The decode copy of ``state`` (an nnx State of the model's parameters, or a part of them, on any
-        placement)."""
+        placement). Split: pushed to the sampler's devices with ``version`` (default 0) beside it."""
         if isinstance(state, DecodeWeights):
             return state
         if isinstance(state, nnx.Module):
@@ -184,7 +229,39 @@ class DecodeLayout:
         if self.is_decode_layout(state):
             return DecodeWeights(state)
         self.copies += 1
-        return DecodeWeights(self._program(state)(state))
+        copied = self._program(state)(state)
+        if not self.split:
+            return DecodeWeights(copied)
+        tag = jax.device_put(np.int32(version or 0), NamedSharding(self.mirror, P()))
+        targets = jax.tree.leaves(self._target(state))
+        leaves, treedef = jax.tree.flatten(copied)
+        self.pushed_bytes = 0
+        moved = [self._transfer(x, t) for x, t in zip(leaves, targets)]
+        return DecodeWeights(treedef.unflatten(moved), self._transfer(tag, NamedSharding(self.mesh, P())))
+
+    def _transfer(self, x: jax.Array, target: NamedSharding) -> jax.Array:
+        """``x`` (on the learner's mirror layout) as ``target`` on the sampler's devices: each sampler device
+        gets its shard from its paired learner device (same process, same tensor slice)."""
+        src = {sh.device: sh.data for sh in x.addressable_shards}
+        index = x.sharding.devices_indices_map(x.shape)
+        want = target.addressable_devices_indices_map(x.shape)
+        arrays = []
+        for d, idx in want.items():
+            s = self.pairs[d]
+            if index[s] != idx:  # the mirror and the decode layout must slice alike (same tp, same specs)
+                raise RuntimeError(f"weight push: device {s} holds {index[s]} but sampler device {d} needs {idx}")
+            arrays.append(jax.device_put(src[s], d))
+            self.pushed_bytes += arrays[-1].nbytes
+        return jax.make_array_from_single_device_arrays(x.shape, target, arrays)
+
+    def check_landed(self, weights: DecodeWeights, version: int) -> None:
+        """Raises ``StaleWeightsError`` unless ``weights`` were pushed for ``version`` (split layouts only)."""
+        if not self.split:
+            return
+        got = None if weights.version is None else int(np.asarray(weights.version.addressable_data(0)))
+        if got != version:
+            raise StaleWeightsError(f"the sampler's weights are policy version {got}, the learner pushed version "
+                                    f"{version}: the weight push did not land (decoding would use stale weights)")
 
     def lower(self, state):
         """The copy program lowered for ``state`` (abstract or real), for its memory analysis."""
@@ -198,6 +275,10 @@ class DecodeLayout:
                                   for x, s in zip(leaves, target)])  # fmt: skip
 
     def describe_bytes(self, per_device: int) -> str:
+        if self.split:
+            return (f"sampler mesh of {self.mesh.devices.size} device(s), decode copy in {self.dtype.name}, "
+                    f"tensor-parallel over {self.tensor_parallel} x {self.groups} group(s): {per_device / 1e9:.2f} GB "
+                    f"per device, pushed from the learner's {self.train_mesh.devices.size} device(s) every step")
         if not per_device:
             return "decodes from the parameters themselves (already in the decode dtype and layout: no copy)"
         if self.mesh is None:

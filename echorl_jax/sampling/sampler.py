@@ -53,7 +53,7 @@ from echorl_jax.sampling.decode import decode_block, decode_plain, decode_refill
 from echorl_jax.sampling.layout import DecodeLayout, DecodeWeights
 from echorl_jax.sampling.step import DecodeStep
 from echorl_jax.sampling.stops import as_ids, as_stops, split_stops
-from echorl_jax.sharding import batch_divisor, batch_sharding, gather_rows, replicated
+from echorl_jax.sharding import batch_divisor, batch_sharding, gather_rows, move_rows, replicated
 
 
 class Rollout(NamedTuple):
@@ -121,7 +121,7 @@ class Sampler(DecodeStep):
     """
 
     def __init__(self, graphdef, cfg: SamplingConfig, group_size: int, stop_ids, pad_id: int, mesh,
-                 block: int | None = None, device_memory: int | None = None):  # fmt: skip
+                 block: int | None = None, device_memory: int | None = None, decode_devices=None):  # fmt: skip
         block = block or decode_block(cfg.max_new_tokens)
         if not isinstance(block, int) or block < 1:
             raise ValueError(f"decode_block={block!r} is invalid: must be an integer >= 1")
@@ -129,6 +129,7 @@ class Sampler(DecodeStep):
         self.graphdef = graphdef
         self.train_mesh = mesh  # where the rollout goes (self.mesh becomes the decode mesh once prepared)
         self.device_memory = device_memory
+        self.decode_devices = decode_devices  # a sampler mesh of its own (mesh.sampler_devices); None: mesh's
         self.layout: DecodeLayout | None = None
         self.plans: dict[int, DecodePlan] = {}  # by prompt width P
         self.traces = 0
@@ -145,9 +146,19 @@ class Sampler(DecodeStep):
         if self.layout is None:
             params = self._params(state)
             mcfg = nnx.merge(self.graphdef, params).cfg
-            self.layout = choose_layout(self.cfg, mcfg, params, self.train_mesh, self.device_memory)
+            self.layout = choose_layout(self.cfg, mcfg, params, self.train_mesh, self.device_memory, self.decode_devices)
             self.mesh = self.layout.mesh
         return self.layout
+
+    @property
+    def out_mesh(self):
+        """Where a decode program lays its rollout out (rows over the batch axes): the training mesh, or with
+        devices of its own the decode mesh (``to_train_mesh`` then moves the rollout to the training mesh)."""
+        return self.mesh if self.decode_devices is not None else self.train_mesh
+
+    def to_train_mesh(self, tree):
+        """A decode program's outputs on the training mesh's batch layout (a move only with a sampler mesh)."""
+        return tree if self.decode_devices is None else move_rows(tree, self.train_mesh)
 
     def prepare(self, state, prompt_len: int) -> DecodePlan:
         """The memory plan for prompts of width ``prompt_len`` (resolved once per width)."""
@@ -158,12 +169,13 @@ class Sampler(DecodeStep):
                                                  block=self.block, memory=self.device_memory)  # fmt: skip
         return self.plans[prompt_len]
 
-    def decode_weights(self, state) -> DecodeWeights:
+    def decode_weights(self, state, version: int | None = None) -> DecodeWeights:
         """The decode copy of ``state`` (cast + reshard, ``sampling/layout.py``); the trainer makes it
-        once per RL step and drops it after sampling."""
+        once per RL step and drops it after sampling. With a sampler mesh of its own it is a push, tagged
+        with the policy ``version``."""
         if isinstance(state, DecodeWeights):
             return state
-        return self.layout_for(state).copy(self._params(state))
+        return self.layout_for(state).copy(self._params(state), version)
 
     def __call__(self, state, prompt_tokens, prompt_lengths, rng, *, row_ids=None, bench_stop_lengths=None) -> Rollout:
         if isinstance(state, nnx.Module):
@@ -218,7 +230,7 @@ class Sampler(DecodeStep):
                 bench_stop_lengths = put(bench_stop_lengths)
         rollout, self.last_decode_steps = self._jitted(params, tokens_np, lengths_n, rng, row_ids, bench_stop_lengths,
                                                        p_out=p_out)  # fmt: skip
-        return rollout
+        return self.to_train_mesh(rollout)
 
     def lower(self, params, prompt_tokens, prompt_lengths, rng):
         """Ahead-of-time lowering for abstract inputs (``jax.ShapeDtypeStruct``s with shardings): the
@@ -275,7 +287,7 @@ class Sampler(DecodeStep):
             truncated=~out.done_b[:b],
             stop_len=out.stop_len_b[:b],
         )
-        out_mesh = self.train_mesh  # the rollout leaves in the training mesh's batch layout
+        out_mesh = self.out_mesh  # the rollout leaves in the training mesh's batch layout
         if out_mesh is not None and b % batch_divisor(out_mesh) == 0:
             rollout = Rollout(*(jax.lax.with_sharding_constraint(x, batch_sharding(out_mesh, x.ndim))
                                 for x in rollout))  # fmt: skip
@@ -292,6 +304,7 @@ def make_sampler(
     mesh=None,
     decode_block: int | None = None,
     device_memory: int | None = None,
+    decode_devices=None,
 ) -> Sampler:
     """Builds the jitted sampler; call it as ``sample(state, prompt_tokens_np, prompt_lengths, rng)``.
 
@@ -305,9 +318,11 @@ def make_sampler(
     step reads the prompt and whole blocks up to the live extent.
     ``device_memory``: bytes per device for ``sampling.kv_cache_memory`` fractions and auto tensor
     parallelism (default: what the device reports).
+    ``decode_devices``: devices of the sampler's own (``mesh.sampler_devices``): it decodes there from weights
+    pushed from ``mesh`` (``sampling/layout.py``) and moves each rollout back to ``mesh``.
     """
     graphdef = nnx.graphdef(graphdef_or_model) if isinstance(graphdef_or_model, nnx.Module) else graphdef_or_model
-    return Sampler(graphdef, cfg, group_size, stop_ids, pad_id, mesh, decode_block, device_memory)
+    return Sampler(graphdef, cfg, group_size, stop_ids, pad_id, mesh, decode_block, device_memory, decode_devices)
 
 
 # ----------------------------------------------------------------------------- text helpers

@@ -321,7 +321,7 @@ class StreamDecoder:
             stop_len=st.stop_len_r[rid_b],
         )  # fmt: skip
         version_bt = st.version_rt[rid_b]
-        out_mesh = self.sampler.train_mesh  # the rollout leaves in the training mesh's batch layout, as the sampler's
+        out_mesh = self.sampler.out_mesh  # the rollout leaves in the training mesh's batch layout, as the sampler's
         if out_mesh is not None and rid_b.shape[0] % batch_divisor(out_mesh) == 0:
             rollout = Rollout(*(jax.lax.with_sharding_constraint(x, batch_sharding(out_mesh, x.ndim)) for x in rollout))
             version_bt = jax.lax.with_sharding_constraint(version_bt, batch_sharding(out_mesh, 2))
@@ -416,6 +416,13 @@ class StreamPool:
 
     def draw(self, weights, version: int, next_prompts, key_for, admissions: int = 0):
         """One round (see the class docstring); ``admissions``: admissions already made this step (keys)."""
+        a = self.begin(weights, version, next_prompts, key_for, admissions)
+        return (*self.finish(), a)
+
+    def begin(self, weights, version: int, next_prompts, key_for, admissions: int = 0) -> int:
+        """A round's first half: admit, then dispatch the decode (it runs on the sampler's devices while the
+        host goes on; a sampler mesh of its own decodes it during the learner's update). Returns the
+        admission count to carry on."""
         a = admissions
         if sharding.any_process(bool(self.live.any())) and self.fresh_at != version:
             self.state = self.dec.refresh(weights, self.state)  # carried groups: pending rollouts start fresh
@@ -424,17 +431,23 @@ class StreamPool:
             self._admit(weights, next_prompts() if (~self.live).sum() >= self.n else None, key_for(a))
             a += 1
         self.state = self.dec.advance(weights, self.state, version, self.n)
+        return a
+
+    def finish(self):
+        """A round's second half: waits for the decode, takes the N complete groups admitted first out of the
+        pool: ``(records, rollout, version_bt)`` on the training mesh."""
         complete = np.flatnonzero(self._local(self.dec.status(self.state).complete_q))
         take = complete[np.argsort(self.seq[complete], kind="stable")][: self.n]
         if len(take) < self.n:  # cannot happen: every live group ends within T decode steps
             raise RuntimeError(f"streaming: {len(take)} complete groups of {self.n} after decoding")
         take_all = sharding.gather_rows((take + self.p * self.ql).astype(np.int32))
         self.state, rollout, version_bt = self.dec.harvest(self.state, self._put(take_all))
+        rollout, version_bt = self.dec.sampler.to_train_mesh((rollout, version_bt))
         records = [self.records[q] for q in take]
         self.live[take] = False
         for q in take:
             self.records[q] = None
-        return records, rollout, version_bt, a
+        return records, rollout, version_bt
 
     def counters(self) -> dict[str, float]:
         """Since the last call: decode iterations, slot occupancy; now: rollouts mid-flight, groups live (all

@@ -156,7 +156,9 @@ def make_learn_step(s: Setup, state: TrainState) -> Callable[[TrainState, Scored
     learner_pass = make_learner_pass(cfg, forward_logp)
     schedule = update.make_schedule(cfg.optim, s.total_updates)
 
-    def learn(state: TrainState, batch: ScoredBatch, step: int) -> Learned:
+    def learn(state: TrainState, batch: ScoredBatch, step: int, during_update=None) -> Learned:
+        """``during_update()``: called once the updates are dispatched, before waiting for them (a sampler
+        mesh of its own decodes then); returns None or ``wait() -> (start, end)``, the sampler's busy interval."""
         t0 = time.perf_counter()
         ro, clips = batch.rollout, batch.clips
         lengths, plan_all = None, ()  # packing: real tokens per row (host) and the whole batch's plan
@@ -184,8 +186,15 @@ def make_learn_step(s: Setup, state: TrainState) -> Callable[[TrainState, Scored
         keep = update.signal_rows(full, cfg.objective) if pack_mb is not None else None  # rows with a gradient
         state, update_metrics = run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step,
                                             pack=pack_mb, lengths=lengths, keep=keep)  # fmt: skip
+        sampler_wait = during_update() if during_update is not None else None
         jax.block_until_ready(state.params)
-        update_time = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        update_time = t1 - t0
+        if sampler_wait is not None:  # both meshes' busy intervals as the host sees them (dispatch to done)
+            a, b = sampler_wait()
+            extra["time/sampler_start"] = a - t0  # from the learner's start (its busy interval: [0, time/update])
+            extra["time/sampler_busy"] = b - a
+            extra["time/both_busy"] = max(0.0, min(b, t1) - max(a, t0))
         metrics = source_lib.rollout_metrics(ro, sharding.to_host(batch.reward_ng), batch.correct_ng, clips,
                                              batch.info, batch.rounds, num_expert)  # fmt: skip
         metrics.update({k: np.mean([float(u[k]) for u in update_metrics]) for k in update_metrics[0]})

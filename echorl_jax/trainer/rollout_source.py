@@ -29,6 +29,7 @@ import numpy as np
 
 from echorl_jax import sharding
 from echorl_jax.rl import echo as echo_lib, offpolicy
+from echorl_jax.sampling.layout import DecodeWeights
 from echorl_jax.sampling.sampler import Rollout
 from echorl_jax.trainer import rollout as rollout_lib
 from echorl_jax.trainer.setup import Setup
@@ -100,6 +101,14 @@ def staleness_metrics(version_bt, mask_bt, step: int, bound: int) -> dict[str, f
     return out
 
 
+def push_weights(s: Setup, sampler, params, version: int) -> DecodeWeights:
+    """``sampler``'s weights for a TrainState's ``params`` at policy ``version``: the decode copy, or with a
+    sampler mesh of its own (``mesh.sampler_devices``) the push to it, checked to have landed."""
+    weights = s.decode_weights(sampler, params, version)
+    sampler.layout.check_landed(weights, version)
+    return weights
+
+
 def verify_args(s: Setup, timings: dict[str, float]) -> dict[str, Any]:
     """``rollout.collect_from``'s keyword arguments for the run ``s`` (verifier, DAPO rounds, EchoRL's
     eligibility, LUFFY's experts): the same for every source."""
@@ -130,7 +139,7 @@ class SyncSource:
         # made once per step; collect() holds the only reference, so it is freed once sampling is done.
         # LoRA: the adapted model (adapters + frozen base) as it is, no merged weights; the base's copy is kept.
         got = rollout_lib.collect(
-            lambda: next(s.train_pipeline), s.sample, s.decode_weights(s.sample, params),
+            lambda: next(s.train_pipeline), s.sample, push_weights(s, s.sample, params, policy_version(step)),
             jax.random.fold_in(self.base_key, step), **verify_args(s, timings))
         ro = got.rollout
         reward_ng, adv_bt, clips = self.score(ro, jnp.asarray(got.reward_ng))  # reward_ng: every process's rows

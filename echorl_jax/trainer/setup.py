@@ -63,6 +63,10 @@ class Setup:
     frozen: Any = None
     ref_graphdef: Any = None
     base_identity: dict | None = None
+    # mesh.sampler_devices: the sampler's own devices (the learner's are ``mesh``'s); LoRA: the base pushed
+    # once to each sampler mesh (by layout)
+    sampler_devices: list | None = None
+    sampler_bases: dict = dataclasses.field(default_factory=dict)
 
     def policy(self, params) -> Any:
         """The whole policy State for ``params`` (a TrainState's): samplers and forward passes take it."""
@@ -89,14 +93,21 @@ class Setup:
             peft_export.export_adapter(self.model, local, self.cfg.model.lora.alpha, base_model=self.cfg.model.path,
                                        tokenizer=self.tokenizer)  # fmt: skip
 
-    def decode_weights(self, sampler, params) -> DecodeWeights:
-        """``sampler``'s decode copy of the policy for a TrainState's ``params`` (sampling/layout.py). LoRA: the
-        adapters and the frozen base are copied apart, so a base already in the decode dtype and layout is used
-        as it is (no copy); one that is not is copied with the adapters, per call (docs/lora.md)."""
+    def decode_weights(self, sampler, params, version: int | None = None) -> DecodeWeights:
+        """``sampler``'s decode copy of the policy for a TrainState's ``params`` (sampling/layout.py); with a
+        sampler mesh of its own a push tagged with the policy ``version``. LoRA: the adapters and the frozen
+        base are copied apart, so a base already in the decode dtype and layout is used as it is (no copy); one
+        that is not is copied with the adapters, per call (docs/lora.md), except onto a sampler mesh of its
+        own, which keeps the base it was pushed once: then only the adapters move."""
         if self.frozen is None:
-            return sampler.decode_weights(params)
+            return sampler.decode_weights(params, version)
         layout = sampler.layout_for(self.policy(params))
-        return DecodeWeights(nnx.merge_state(layout.copy(params).params, layout.copy(self.frozen).params))
+        adapters = layout.copy(params, version)
+        if not layout.split:
+            return DecodeWeights(nnx.merge_state(adapters.params, layout.copy(self.frozen).params))
+        if id(layout) not in self.sampler_bases:
+            self.sampler_bases[id(layout)] = layout.copy(self.frozen).params
+        return DecodeWeights(nnx.merge_state(adapters.params, self.sampler_bases[id(layout)]), adapters.version)
 
     def progress(self, start: int, total: int):
         return Progress(start, total, enabled=self.cfg.train.progress and jax.process_index() == 0)
@@ -390,9 +401,17 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log, tr
             raise config_lib.ConfigError(f"mesh.num_devices={cfg.mesh.num_devices} but only {len(devices)} devices are visible")
         devices = devices[: cfg.mesh.num_devices]
     try:
+        devices, sampler_devices = sharding.split_devices(devices, cfg.mesh.sampler_devices)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    try:
         mesh = sharding.make_mesh(cfg.mesh.shape, devices)
     except ValueError as e:
-        raise config_lib.ConfigError(f"mesh.shape={cfg.mesh.shape}: {e}") from None
+        where = f" (the learner's {len(devices)} devices, mesh.sampler_devices={len(sampler_devices)})" if sampler_devices else ""
+        raise config_lib.ConfigError(f"mesh.shape={cfg.mesh.shape}{where}: {e}") from None
+    if sampler_devices:
+        log(f"disaggregated: sampler mesh of {len(sampler_devices)} device(s), learner mesh of {len(devices)} "
+            f"(mesh.sampler_devices={cfg.mesh.sampler_devices})")
     n_cpu = cfg.mesh.cpu_devices
     if n_cpu and jax.default_backend() == "cpu" and jax.local_device_count() != n_cpu:  # set by the entry scripts
         log(f"note: mesh.cpu_devices={n_cpu} but this process has {jax.local_device_count()} CPU devices (JAX started "
@@ -466,7 +485,7 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log, tr
     if cfg.objective.kl_coef > 0 and training:  # LoRA: the frozen base itself (adapters off); else a copy
         ref_params = lora.frozen if lora else jax.tree.map(lambda x: x.copy(), params)
 
-    common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh)
+    common = dict(stop_ids=stops, pad_id=pad_id, mesh=mesh, decode_devices=sampler_devices or None)
     # LUFFY: the sampler draws G - k rollouts per prompt; collect() appends the k expert rows.
     sample = make_sampler(graphdef, cfg.sampling, group_size=rl.group_size - cfg.objective.expert_per_group, **common)
     policy = update.policy_params(params, lora.frozen if lora else None)  # LoRA: adapters + frozen base
@@ -485,4 +504,5 @@ def build_setup(cfg: config_lib.Config, *, log: Callable[[str], None] = _log, tr
         verifier=verifier, delimiter_ids=delimiter_ids, ref_params=ref_params, log=log,
         stop_ids=stops, experts=experts, frozen=lora.frozen if lora else None,
         ref_graphdef=lora.ref_graphdef if lora else graphdef, base_identity=lora.base_identity if lora else None,
+        sampler_devices=sampler_devices or None,
     )  # fmt: skip

@@ -33,7 +33,9 @@ synchronous source (``sampling/stream.StreamPool``).
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +44,7 @@ import numpy as np
 from echorl_jax.data.pipeline import PromptBatch
 from echorl_jax.sampling.stream import StreamDecoder, StreamPool
 from echorl_jax.trainer import rollout as rollout_lib
-from echorl_jax.trainer.rollout_source import ScoredBatch, SyncSource, policy_version, verify_args
+from echorl_jax.trainer.rollout_source import ScoredBatch, SyncSource, policy_version, push_weights, verify_args
 from echorl_jax.trainer.setup import Setup
 
 
@@ -61,6 +63,9 @@ class StreamSource:
         self.score = rollout_lib.make_scorer(cfg.objective, cfg.echo, s.delimiter_ids, cfg.sampling.max_new_tokens)
         self.base_key = jax.random.key(cfg.train.seed)
         self.pool: StreamPool | None = None
+        self.split = s.sampler_devices is not None  # a sampler mesh of its own: decode overlaps the update
+        self.weights = None  # the sampler's weights (split: kept between steps, pushed once per step)
+        self.ahead, self.ahead_dropped, self.ahead_admissions = None, 0, 0  # a round dispatched during an update
 
     def ensure(self, params) -> StreamPool:
         """The decoder and its empty pool (built on the first step, or before a resume reads the saved one)."""
@@ -89,16 +94,24 @@ class StreamSource:
     def next(self, params, step: int) -> ScoredBatch:
         s = self.s
         pool = self.ensure(params)
-        weights = s.decode_weights(s.sample, params).params
         version = policy_version(step)
+        t0 = time.perf_counter()
+        self.weights = push_weights(s, s.sample, params, version)  # a copy; with a sampler mesh a push, checked
+        push = {"time/push": time.perf_counter() - t0, "push/bytes": float(s.sample.layout.pushed_bytes)} if self.split else {}
         step_key = jax.random.fold_in(self.base_key, step)
-        dropped = pool.drop_stale(version)
-        admissions = 0
+        ahead = self.ahead == step  # this step's first round was dispatched during the last update (split)
+        self.ahead = None
+        dropped = self.ahead_dropped if ahead else pool.drop_stale(version)
+        admissions = self.ahead_admissions if ahead else 0
 
         def draw(rounds: int):
-            nonlocal admissions
-            rows, rollout, version_bt, admissions = pool.draw(
-                weights, version, self._prompts, lambda a: jax.random.fold_in(step_key, a), admissions)
+            nonlocal admissions, ahead
+            if ahead:  # decoded with the weights of one version before (the learner was updating meanwhile)
+                ahead = False
+                rows, rollout, version_bt = pool.finish()
+            else:
+                rows, rollout, version_bt, admissions = pool.draw(
+                    self.weights.params, version, self._prompts, lambda a: jax.random.fold_in(step_key, a), admissions)
             batch = PromptBatch(
                 tokens_np=np.asarray([r["tokens"] for r in rows], np.int32),
                 length_n=np.asarray([r["length"] for r in rows], np.int32),
@@ -110,18 +123,62 @@ class StreamSource:
 
         timings: dict[str, float] = {}
         got = rollout_lib.collect_from(draw, **verify_args(s, timings))
+        if not self.split:
+            self.weights = None  # colocated: the copy is freed before the update
         ro = got.rollout
         reward_ng, adv_bt, clips = self.score(ro, jnp.asarray(got.reward_ng))
-        metrics = {"stream/dropped_groups": float(dropped), "stream/admissions": float(admissions), **pool.counters()}
+        metrics = {"stream/dropped_groups": float(dropped), "stream/admissions": float(admissions), **pool.counters(),
+                   **push}  # fmt: skip
         return ScoredBatch(rollout=ro, reward_ng=reward_ng, correct_ng=got.correct_ng, adv_bt=adv_bt, clips=clips,
                            version_bt=got.version_bt, info=got.info, rounds=got.rounds,
                            sampled_tokens=got.sampled_tokens, timings=timings, source_metrics=metrics)  # fmt: skip
 
+    def overlap(self, step: int) -> Callable[[], tuple[float, float]] | None:
+        """Called while learning step ``step``'s update runs on the learner's devices: with a sampler mesh of its
+        own, dispatches step ``step + 1``'s first round (drop, admit, decode) with the weights this step pushed
+        (version ``policy_version(step)``, one behind the learner that will consume it). Returns ``wait()``, which
+        waits for the decode and gives the sampler's busy interval (``time.perf_counter`` seconds), or None
+        (colocated)."""
+        if not self.split:  # also at a run's last step: the checkpoint keeps the round, and a longer run resumes it
+            return None
+        t0 = time.perf_counter()
+        pool, nxt = self.pool, step + 1
+        self.s.sample.layout.check_landed(self.weights, policy_version(step))
+        self.ahead_dropped = pool.drop_stale(policy_version(nxt))
+        key = jax.random.fold_in(self.base_key, nxt)
+        self.ahead_admissions = pool.begin(self.weights.params, policy_version(step), self._prompts,
+                                           lambda a: jax.random.fold_in(key, a))  # fmt: skip
+        self.ahead = nxt
+        return busy_until_ready(t0, pool.state)
+
+
     def checkpoint(self) -> tuple[Any, dict]:
-        """(the decode state's arrays, the pool's JSON part); nothing before the first step."""
-        return (None, {}) if self.pool is None else self.pool.checkpoint()
+        """(the decode state's arrays, the pool's JSON part); nothing before the first step. A round dispatched
+        ahead (split) is in the decode state; the JSON part says so."""
+        if self.pool is None:
+            return None, {}
+        arrays, host = self.pool.checkpoint()
+        return arrays, {**host, "ahead": self.ahead, "ahead_dropped": self.ahead_dropped,
+                        "ahead_admissions": self.ahead_admissions}  # fmt: skip
 
     def restore(self, read_arrays, params, host: dict) -> None:
         """Continues the pool a checkpoint saved (``read_arrays(target)`` reads its stream item)."""
         if host:
             self.ensure(params).restore(read_arrays, host)
+            self.ahead, self.ahead_dropped = host.get("ahead"), host.get("ahead_dropped", 0)
+            self.ahead_admissions = host.get("ahead_admissions", 0)
+
+
+def busy_until_ready(t0: float, tree) -> Callable[[], tuple[float, float]]:
+    """``wait() -> (t0, t_done)``: when ``tree``'s arrays were ready, seen by a thread that only waits (no
+    dispatch), so the host can wait for the learner meanwhile and both intervals are timed as they ran."""
+    done: list[float] = []
+    watcher = threading.Thread(target=lambda: (jax.block_until_ready(tree), done.append(time.perf_counter())),
+                               daemon=True)  # fmt: skip
+    watcher.start()
+
+    def wait():
+        watcher.join()
+        return t0, done[0]
+
+    return wait

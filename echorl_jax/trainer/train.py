@@ -16,6 +16,7 @@ logging, guards, evaluation, checkpoints and preemption.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import time
 from typing import Any
@@ -183,8 +184,14 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
     for step in range(start + 1, tc.steps + 1):
         t_step = time.perf_counter()
         batch = source.next(state.params, step)
-        state, metrics, skipped = learn(state, batch, step)
+        # a sampler mesh of its own (mesh.sampler_devices, streaming) decodes the next batch during the update
+        overlap = functools.partial(source.overlap, step) if hasattr(source, "overlap") else None
+        t_learn = time.perf_counter()
+        state, metrics, skipped = learn(state, batch, step, overlap)
         metrics["time/step"] = time.perf_counter() - t_step
+        if "time/both_busy" in metrics:  # the step's timeline: the learner starts after the batch is in
+            metrics["time/learn_start"] = t_learn - t_step
+            metrics["time/both_busy_frac"] = metrics["time/both_busy"] / metrics["time/step"]
         # Every generated token over the time of every sampling round (DAPO may draw several).
         metrics["tokens_per_s"] = batch.sampled_tokens / max(batch.timings.get("sample", 0.0), 1e-9)
         if step % tc.log_every == 0 or step == tc.steps:
