@@ -16,6 +16,10 @@ The learner and the sampler are searched apart (their knobs do not interact):
 
 Each trial is a full ahead-of-time compile of that phase at the run's shapes (tens of seconds for a 7B
 model on CPU); the search is a handful of them.
+
+``--fit ACCEL --split`` (``fit_split``) runs that search once per sampler/learner split
+(``mesh.sampler_devices`` = S of the D devices; ``split_candidates``) and keeps the split whose predicted
+step time (planner/time.py, a roofline floor) is lowest among those where both meshes fit.
 """
 
 from __future__ import annotations
@@ -24,7 +28,19 @@ import dataclasses
 import math
 from typing import Callable
 
-from echorl_jax.planner.memory import ACCELERATORS, GB, USABLE, Plan, context, learner_memory, plan, sampler_phases
+from echorl_jax.planner.memory import (
+    ACCELERATORS,
+    GB,
+    USABLE,
+    Plan,
+    context,
+    learner_memory,
+    plan,
+    run_devices,
+    sampler_phases,
+    stream_bytes,
+)
+from echorl_jax.planner.time import StepTime
 
 REMAT_ORDER = ("none", "dots_attn", "dots", "attn", "full")  # least recomputation first (models/transformer.py)
 PROBE_BUDGET = 0.02  # the sampler's probe KV budget, a fraction of the accelerator's memory
@@ -84,15 +100,21 @@ def fit(cfg, accel: str, devices=None, log: Callable[[str], None] = print) -> Fi
 
     # Sampler: measure everything but the KV cache at a probe budget; the cache gets the rest.
     probe = _with(chosen, sampling={"kv_cache_memory": PROBE_BUDGET, "slots": 0})
-    sm, phases = sampler_phases(probe, context(probe, devices), memory)
+    sctx = context(probe, devices, sampler=True)
+    sm, phases = sampler_phases(probe, sctx, memory)
     other = max(p.peak for p in phases) - sm.kv_cache
+    room = usable - other
+    if cfg.rl.max_staleness and not cfg.mesh.sampler_devices:
+        # Colocated streaming: the slots' KV cache and the pool stay beside every learner phase too.
+        room = min(room, usable - max(p.peak for p in lm.phases) - stream_bytes(probe, sm, sctx)[1])
     log(f"  sampler at a {PROBE_BUDGET:.0%} KV budget: {other / GB:.1f} GB besides the KV cache "
         f"(decode copy tensor-parallel over {sm.tensor_parallel})")  # fmt: skip
     rollouts = cfg.rl.prompts_per_step * (cfg.rl.group_size - cfg.objective.expert_per_group)
     every_row = sm.kv_cache / sm.rows * rollouts  # one row per rollout: no budget needs more
     # In bytes, not a fraction: a fraction is of what the device reports (on GPU, JAX's allocator limit).
     step = 10.0 ** (math.floor(math.log10(memory)) - 2)  # 0.1 GB for 16-141 GB chips
-    budget = math.floor(min(usable - other, every_row + step) / step) * step
+    budget = math.floor(min(room, every_row + step) / step) * step
+    last = (PROBE_BUDGET * memory, max(p.peak for p in phases))  # (budget, peak) of the last compile
     for _ in range(4):
         if budget < sm.kv_cache / max(sm.rows, 1):
             return Fit(accel, learner_found, None, f"the sampler's weights and resident state leave no room for a KV "
@@ -104,9 +126,64 @@ def fit(cfg, accel: str, devices=None, log: Callable[[str], None] = print) -> Fi
         if pl.fits(accel):
             found = {**learner_found, "sampling.kv_cache_memory": budget, "sampling.slots": 0,
                      "sampling.decode_tensor_parallel": pl.decode_tp}  # fmt: skip
+            if cfg.mesh.sampler_devices:
+                found["mesh.sampler_devices"] = cfg.mesh.sampler_devices
             return Fit(accel, found, pl)
-        budget -= 20 * step
+        # Over: aim again along the line through the last two compiles. The peak can grow faster than the budget
+        # (a split's held-out sampler holds its own cache beside the stream's, both sized by the budget).
+        slope = max((pl.peak - last[1]) / max(budget - last[0], 1.0), 1.0)
+        last = (budget, pl.peak)
+        budget = math.floor((budget - (pl.peak - usable) / slope) / step) * step
     return Fit(accel, learner_found, None, "the sampler's budget search did not converge")
+
+
+def split_candidates(devices: int, processes: int = 1) -> list[int]:
+    """Sampler device counts worth a search on ``devices``: an eighth, a quarter, a half and three quarters of
+    them (a handful of searches, not D - 1), each a multiple of ``processes`` (every process gives the sampler
+    as many of its own devices) leaving every process a learner device."""
+    per_process = devices // processes
+    out = set()
+    for num, den in ((1, 8), (1, 4), (1, 2), (3, 4)):
+        if devices * num % den == 0:
+            s = devices * num // den
+            if s % processes == 0 and 0 < s // processes < per_process:
+                out.add(s)
+    return sorted(out)
+
+
+@dataclasses.dataclass
+class SplitTrial:
+    sampler_devices: int  # 0: colocated (for comparison)
+    fit: Fit | None  # None: the split cannot be laid out (``why``)
+    time: StepTime | None  # predicted on the accelerator (None when nothing fits)
+    why: str = ""
+
+
+def fit_split(cfg, accel: str, devices=None, candidates: list[int] | None = None,
+              log: Callable[[str], None] = print) -> tuple[SplitTrial | None, list[SplitTrial]]:  # fmt: skip
+    """``fit`` colocated and at each sampler device count of ``candidates`` (default ``split_candidates``);
+    returns the split with the lowest predicted step time among those that fit (None if none does) and
+    every trial, colocated first."""
+    from echorl_jax import config as config_lib
+
+    everything, _ = run_devices(_with(cfg, mesh={"sampler_devices": 0}), devices)
+    processes = len({d.process_index for d in everything})
+    trials = []
+    for s in [0, *sorted(set(candidates or split_candidates(len(everything), processes)) - {0})]:
+        log(f"mesh.sampler_devices={s}" + (" (colocated)" if not s else f": sampler mesh of {s}, learner mesh of "
+                                                                        f"{len(everything) - s} devices"))  # fmt: skip
+        try:
+            c = _with(cfg, mesh={"sampler_devices": s})
+            config_lib.validate(c)  # the combinations a split rules out (config.py)
+            found = fit(c, accel, devices, log=lambda m: log("  " + m))
+        except (config_lib.ConfigError, ValueError) as e:  # a mesh or batch the split cannot lay out
+            trials.append(SplitTrial(s, None, None, str(e).splitlines()[0]))
+            log(f"  cannot be laid out: {trials[-1].why}")
+            continue
+        time = found.plan.step_time(accel) if found.plan is not None else None
+        trials.append(SplitTrial(s, found, time, found.why))
+    splits = [t for t in trials if t.sampler_devices and t.time is not None]
+    return (min(splits, key=lambda t: t.time.total) if splits else None), trials
 
 
 def override_args(overrides: dict) -> str:

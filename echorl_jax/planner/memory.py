@@ -16,6 +16,15 @@ is an argument of every learner pass, the optimizer state is the adapters' only,
 copy (the base is the KL reference), and the sampler's decode copy is the adapters' plus, when the base
 is not already in the decode dtype and layout, the base's.
 
+Disaggregated (``mesh.sampler_devices`` = S > 0): the learner's phases are compiled on a learner mesh of the
+other D - S devices (laid out by ``mesh.shape``, as ``sharding.split_devices`` splits them), the samplers on
+the S sampler devices, which hold only the decode copy (pushed every step), the KV cache and, streaming,
+the decode state; the learner's devices hold the training state and, while pushing, the copy program's
+mirror of the decode layout (sampling/layout.py) as the ``weight push`` phase.
+
+Each phase also records its work (flops and bytes per device, planner/cost.py and time.py) for the
+predicted step time.
+
 Compiled on CPU, a flash-style attention backend (``auto``, ``cudnn``, ``splash``) is planned with
 ``xla_chunked``, its stand-in here (chunked queries, online softmax: no ``[rows, heads, S, S]``
 scores), and the plan says so; XLA:CPU also upcasts bf16 operands of its dots to f32, which a GPU/TPU
@@ -29,6 +38,9 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
+from echorl_jax.planner.cost import Cost, program_cost
+from echorl_jax.planner.time import Part, Peak, StepTime, Work, decode_parts, decode_schedule, step_time
+
 GB = 1e9
 # Memory per chip as sold (decimal GB). A run needs headroom beyond the compiled program (runtime,
 # fragmentation, XLA's own reserve): a phase "fits" within USABLE of it.
@@ -41,6 +53,22 @@ ACCELERATORS = {
     "v6e": ("TPU v6e 32GB", 32 * GB),
 }
 USABLE = 0.9
+# Peak figures per chip for the predicted step time (planner/time.py), from the vendors' pages: NVIDIA "H100
+# Tensor Core GPU" datasheet (SXM: BF16 1,979 TFLOPS *with sparsity*, i.e. 989 dense; HBM3 3.35 TB/s;
+# NVLink 900 GB/s), "H200 Tensor Core GPU" (989 dense; 4.8 TB/s; NVLink 900 GB/s), "A100 Tensor Core
+# GPU" (80GB SXM: 312 dense; 2,039 GB/s; NVLink 600 GB/s); Google Cloud TPU docs "TPU v5e" (197 TFLOPs;
+# 819 GBps; bidirectional ICI 400 GBps per chip over 4 ports), "TPU v5p" (459; 2,765 GBps; 1,200 GBps over
+# 6 ports), "TPU v6e" (918; 1,638 GBps; 800 GBps over 4 ports). The push link: what one chip receives at,
+# one direction: half the NVLink total (NVSwitch: any pair at full rate); on TPU one ICI port (a sampler
+# chip takes its slice from one paired learner chip; a path of several hops or ports is not assumed).
+PEAKS = {
+    "h100": Peak(989e12, 3.35e12, 450e9, "NVLink 4, 450 GB/s per direction"),
+    "a100": Peak(312e12, 2.039e12, 300e9, "NVLink 3, 300 GB/s per direction"),
+    "h200": Peak(989e12, 4.8e12, 450e9, "NVLink 4, 450 GB/s per direction"),
+    "v5e": Peak(197e12, 819e9, 50e9, "one ICI port, 50 GB/s per direction"),
+    "v5p": Peak(459e12, 2.765e12, 100e9, "one ICI port, 100 GB/s per direction"),
+    "v6e": Peak(918e12, 1.638e12, 100e9, "one ICI port, 100 GB/s per direction"),
+}
 FLASH_STAND_IN = "xla_chunked"  # what a flash-style backend compiles as on CPU
 
 
@@ -52,6 +80,7 @@ class Phase:
     program: int  # arguments + temporaries + outputs - aliased
     resident: int  # arrays the program does not take but the run keeps (optimizer state, reference, masters)
     what: str = ""
+    side: str = ""  # disaggregated: "learner" or "sampler", the mesh it runs on ("" colocated: every device)
 
     @property
     def peak(self) -> int:
@@ -85,7 +114,14 @@ class Plan:
     stand_in_for: str = ""  # the run's own backend where ``attention`` stands in for it (CPU), else ""
     adapters: int = 0  # LoRA: the trained adapters' bytes (part of ``params``; the optimizer state is theirs)
     base_copy: int = 0  # LoRA: the frozen base's part of the decode copy (0: decodes from the base itself)
-    stream_state: int = 0  # streaming: the decode state resident through the learner's phases (``stream_bytes``)
+    # streaming: the decode state (``stream_bytes``), resident through the learner's phases (disaggregated:
+    # beside the sampler's, on its devices)
+    stream_state: int = 0
+    learner_devices: int = 0  # the learner mesh's devices (every device when colocated)
+    sampler_devices: int = 0  # mesh.sampler_devices: the sampler mesh's (0: colocated)
+    work: tuple[Work, ...] = ()  # per device and RL step, for the predicted step time (planner/time.py)
+    push_bytes: int = 0  # disaggregated: the weights each sampler device receives per step
+    overlap: bool = False  # disaggregated and streaming (rl.max_staleness >= 1): decode runs during the update
 
     def phase(self, name: str) -> Phase | None:
         return next((p for p in self.phases if p.name == name), None)
@@ -105,6 +141,11 @@ class Plan:
 
     def fits(self, accel: str) -> bool:
         return self.peak <= USABLE * ACCELERATORS[accel][1]
+
+    def step_time(self, accel: str) -> StepTime:
+        """The roofline floor of one RL step on ``accel`` (planner/time.py): a prediction, not a measurement."""
+        return step_time(self.work, PEAKS[accel], split=self.sampler_devices > 0, overlap=self.overlap,
+                         push_bytes=self.push_bytes)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -215,17 +256,47 @@ class Context(NamedTuple):
         return update.policy_params(self.state.params, self.frozen)
 
 
-def context(cfg, devices=None) -> Context:
-    import jax
-    import jax.numpy as jnp
+SAMPLER_SHAPE = (1, -1, 1)  # the sampler mesh's parameter layout (its decode layout is what it decodes with)
 
-    from echorl_jax import sharding
-    from echorl_jax.rl import update
+
+def run_devices(cfg, devices=None) -> tuple[list, list]:
+    """``(learner devices, sampler devices)`` of ``cfg`` on ``devices`` (default: every visible one; the first
+    ``mesh.num_devices``): both are every device when colocated, else ``sharding.split_devices``'s split."""
+    import jax
+
+    from echorl_jax import config as config_lib, sharding
 
     devices = list(devices if devices is not None else jax.devices())
     if cfg.mesh.num_devices:
         devices = devices[: cfg.mesh.num_devices]
-    mesh = sharding.make_mesh(cfg.mesh.shape, devices)
+    if not cfg.mesh.sampler_devices:
+        return devices, devices
+    try:
+        return sharding.split_devices(devices, cfg.mesh.sampler_devices)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
+def context(cfg, devices=None, sampler: bool = False) -> Context:
+    """The learner's context, or with ``sampler`` the sampler's: the same unless ``mesh.sampler_devices``
+    splits the devices (then the sampler's mesh holds the sampler devices, ``SAMPLER_SHAPE``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from echorl_jax import config as config_lib, sharding
+    from echorl_jax.rl import update
+
+    learner_devices, sampler_devices = run_devices(cfg, devices)
+    split = cfg.mesh.sampler_devices > 0
+    shape = SAMPLER_SHAPE if sampler and split else cfg.mesh.shape
+    try:
+        mesh = sharding.make_mesh(shape, sampler_devices if sampler else learner_devices)
+    except ValueError as e:
+        if not split:
+            raise
+        raise config_lib.ConfigError(f"mesh.shape={shape} on the {'sampler' if sampler else 'learner'}'s "
+                                     f"{len(sampler_devices if sampler else learner_devices)} devices "
+                                     f"(mesh.sampler_devices={cfg.mesh.sampler_devices}): {e}") from None  # fmt: skip
     mcfg = model_config(cfg, planning=True)
     rl = cfg.rl
     frozen = None
@@ -253,6 +324,7 @@ class LearnerMemory(NamedTuple):
     train_temp: int
     micro_batches: int
     packed: bool
+    work: tuple[Work, ...] = ()  # per device and RL step (planner/time.py)
 
 
 def learner_memory(cfg, ctx: Context) -> LearnerMemory:
@@ -268,11 +340,14 @@ def learner_memory(cfg, ctx: Context) -> LearnerMemory:
     step = learn_step.jit_train_step(cfg, ctx.graphdef, ctx.optimizer, temperature, state_sh, ctx.mesh, frozen_sh)
     # The mini-batch (and with packing its plan; with LoRA the frozen base): one program whatever the lengths.
     inputs = learn_step.abstract_step_inputs(cfg, ctx.mesh, frozen=ctx.frozen)
-    train_mem = step.lower(ctx.state, *inputs).compile().memory_analysis()
+    train = step.lower(ctx.state, *inputs).compile()
+    train_mem = train.memory_analysis()
     rows_mb = learn_step.minibatch_rows(cfg)
     pack = learn_step.pack_spec(cfg, rows_mb, ctx.mesh)
     how = f"{pack.num_micro_batches} packed micro-batches at most" if pack else f"{rl.micro_batches} micro-batches"
     phases = [Phase("train step", program_bytes(train_mem), ctx.ref, f"{rows_mb} rows in {how}")]
+    steps = rl.minibatches * rl.epochs
+    work = [_work("train step", "learner", train, steps, f"{steps} optimizer step(s) per RL step")]
 
     forward_logp, echo_norm = learn_step.make_batch_passes(cfg, ctx.graphdef, temperature, ctx.mesh, state_sh.params)
     rows_all = rl.prompts_per_step * rl.group_size
@@ -283,14 +358,27 @@ def learner_memory(cfg, ctx: Context) -> LearnerMemory:
                                ("mismatch metrics", cfg.train.mismatch_every > 0)) if on]  # fmt: skip
         b = batch_all[0]
         plan = () if len(batch_all) == 1 or batch_all[1] is None else (batch_all[1],)
-        mem = forward_logp.lower(ctx.policy, b.tokens_bs, b.valid_bs, *plan).compile().memory_analysis()
-        phases.append(Phase("log-prob pass", program_bytes(mem), resident, f"{rows_all} rows: {', '.join(why)}"))
+        compiled = forward_logp.lower(ctx.policy, b.tokens_bs, b.valid_bs, *plan).compile()
+        phases.append(Phase("log-prob pass", program_bytes(compiled.memory_analysis()), resident,
+                            f"{rows_all} rows: {', '.join(why)}"))  # fmt: skip
+        every = cfg.train.mismatch_every
+        runs = (1.0 if rl.recompute_logp else 1 / every if every else 0.0) + (cfg.objective.kl_coef > 0)
+        work.append(_work("log-prob pass", "learner", compiled, runs, f"{runs:g} per RL step"))
     if echo_norm is not None:
-        mem = echo_norm.lower(ctx.state.params, *batch_all).compile().memory_analysis()
-        phases.append(Phase("echo diagnostic", program_bytes(mem), resident,
+        compiled = echo_norm.lower(ctx.state.params, *batch_all).compile()
+        phases.append(Phase("echo diagnostic", program_bytes(compiled.memory_analysis()), resident,
                             f"{rows_all} rows, every {cfg.train.echo_grad_norm_every} steps"))  # fmt: skip
+        work.append(_work("echo diagnostic", "learner", compiled, 1 / cfg.train.echo_grad_norm_every,
+                          f"1/{cfg.train.echo_grad_norm_every} per RL step"))  # fmt: skip
     return LearnerMemory(tuple(phases), train_mem.temp_size_in_bytes,
-                         rl.micro_batches if pack is None else pack.num_micro_batches, pack is not None)  # fmt: skip
+                         rl.micro_batches if pack is None else pack.num_micro_batches, pack is not None,
+                         tuple(work))  # fmt: skip
+
+
+def _work(name: str, side: str, compiled, runs: float, what: str) -> Work:
+    """A compiled program run ``runs`` times per RL step (its loops counted, planner/cost.py)."""
+    c = program_cost(compiled)
+    return Work(name, side, (Part(runs, c.flops, c.bytes),), what)
 
 
 # ----------------------------------------------------------------------------- the samplers
@@ -310,19 +398,27 @@ class SamplerMemory:
     tensor_parallel: int
     kv_per_row: int  # one decode row over P + T' (whole, not per device)
     base_copy: int = 0  # LoRA: the frozen base's part of ``decode_copy`` (``lora_copies``)
+    prefill: Cost = Cost()  # the compiled sampler without its decode loops: prefill, first draw, cache set-up
+    copy_cost: Cost = Cost()  # the copy program (0: none compiled)
+    decode: tuple[Part, ...] = ()  # one decode step per distinct extent x its iterations (``decode_work``)
+    weights: int = 0  # the decode layout's weights on each device, copied or not
 
 
 def sampler_memory(cfg, mesh, mcfg, graphdef, params, *, memory: int | None = None, sampling=None,
-                   prompts: int | None = None, group: int | None = None) -> SamplerMemory:  # fmt: skip
+                   prompts: int | None = None, group: int | None = None,
+                   split: bool = False) -> SamplerMemory:  # fmt: skip
     """Compiles a sampler of ``cfg`` on ``mesh`` for abstract ``params`` (training layout) as the trainer
     runs it: its memory plan (decode layout, rows from ``sampling.slots`` / ``sampling.kv_cache_memory``;
     ``memory`` = bytes per device for fractions and auto tensor parallelism), then the decode copy's
     abstract form lowered with full-width prompts. Default: the training sampler (``prompts_per_step``
-    prompts x G - k rollouts); ``sampling`` / ``prompts`` / ``group`` give the held-out one."""
+    prompts x G - k rollouts); ``sampling`` / ``prompts`` / ``group`` give the held-out one. ``split``: a
+    sampler mesh of its own (``mesh`` holds the sampler's devices): the copy is pushed to it, always there,
+    and no copy program runs on it."""
     import jax
     import jax.numpy as jnp
 
     from echorl_jax import config as config_lib, sharding
+    from echorl_jax.sampling.layout import copy_bytes_per_device
     from echorl_jax.sampling.sampler import kv_bytes_per_slot, make_sampler
 
     sampling = sampling or cfg.sampling
@@ -336,16 +432,46 @@ def sampler_memory(cfg, mesh, mcfg, graphdef, params, *, memory: int | None = No
         raise config_lib.ConfigError(str(e)) from None
     rep = sharding.replicated(sp.layout.mesh or mesh)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    mem = sampler.lower(
+    compiled = sampler.lower(
         sp.layout.abstract(params), jax.ShapeDtypeStruct((n, p), jnp.int32, sharding=rep),
         jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep), jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
-    ).compile().memory_analysis()  # fmt: skip
-    copy_temp = sp.layout.lower(params).compile().memory_analysis().temp_size_in_bytes if sp.copy_bytes else 0
+    ).compile()  # fmt: skip
+    mem = compiled.memory_analysis()
+    weights = copy_bytes_per_device(params, sp.layout.mesh, mcfg.compute_dtype)
+    copy_temp, copy_cost, copy_bytes = 0, Cost(), weights if split else sp.copy_bytes
+    if sp.copy_bytes and not split:
+        copy = sp.layout.lower(params).compile()
+        copy_temp, copy_cost = copy.memory_analysis().temp_size_in_bytes, program_cost(copy)
     rows, refill = sp.rows(n * group)
-    return SamplerMemory(kv_cache=sp.kv_bytes(n * group), decode_copy=sp.copy_bytes, temp=mem.temp_size_in_bytes,
+    decode = decode_work(mcfg, sp, sampling.max_new_tokens, p, sampler.block, rows, n * group, refill, weights)
+    return SamplerMemory(kv_cache=sp.kv_bytes(n * group), decode_copy=copy_bytes, temp=mem.temp_size_in_bytes,
                          peak=program_bytes(mem), copy_temp=copy_temp, rows=rows, refill=refill,
                          tensor_parallel=sp.layout.tensor_parallel,
-                         kv_per_row=kv_bytes_per_slot(mcfg, p, sampling.max_new_tokens))  # fmt: skip
+                         kv_per_row=kv_bytes_per_slot(mcfg, p, sampling.max_new_tokens), prefill=program_cost(compiled),
+                         copy_cost=copy_cost, decode=decode, weights=weights)  # fmt: skip
+
+
+def decode_work(mcfg, sp, t_max: int, prompt_len: int, block: int, rows: int, rollouts: int, refill: bool,
+                weights: int) -> tuple[Part, ...]:  # fmt: skip
+    """The decode loops' work per device (planner/time.decode_parts): one step reads the device's decode
+    weights and its rows' live KV columns. Per device of a tensor-parallel group of tp: ``rows / groups``
+    rows, the heads and the vocabulary split over tp when it divides them, as the logical-axis rules do.
+    An input embedding of its own (untied) is gathered, not multiplied: left out of the weights a step reads."""
+    import jax.numpy as jnp
+
+    from echorl_jax.sampling.decode import block_buckets, response_columns
+
+    tp, groups = sp.layout.tensor_parallel, sp.layout.groups
+    waves = -(-rollouts // rows) if refill else 1
+    buckets = block_buckets(response_columns(t_max, block) // block)
+    steps = decode_schedule(t_max, block, prompt_len, buckets, refill, waves)
+    kv_per_column = sp.kv_row_bytes / (prompt_len + response_columns(t_max, block))  # this device's share
+    heads = mcfg.num_heads // tp if mcfg.num_heads % tp == 0 else mcfg.num_heads
+    attn = 4 * mcfg.num_layers * heads * mcfg.dim_per_head  # q.k and p.v per key column and row
+    itemsize = jnp.dtype(mcfg.compute_dtype).itemsize
+    embed = 0 if mcfg.tie_embeddings else mcfg.vocab_size * mcfg.hidden_size // (tp if mcfg.vocab_size % tp == 0 else 1)
+    read = weights - embed * itemsize
+    return decode_parts(steps, rows // groups, read, read / itemsize, kv_per_column, attn)
 
 
 def stream_bytes(cfg, sm: SamplerMemory, ctx: Context) -> tuple[int, int]:
@@ -369,10 +495,13 @@ def stream_bytes(cfg, sm: SamplerMemory, ctx: Context) -> tuple[int, int]:
     return sm.kv_cache, -(-split // groups) + q * 5 + r * 22  # bookkeeping: replicated
 
 
-def sampler_phase(name: str, sm: SamplerMemory, ctx: Context, what: str) -> Phase:
+def sampler_phase(name: str, sm: SamplerMemory, ctx: Context, what: str, split: bool = False) -> Phase:
     """While sampling, the optimizer state and the reference stay resident, and the fp32 masters too when
     the sampler reads a decode copy; the copy is made before the KV cache exists (its own temporaries).
-    LoRA: ``sm`` from ``lora_copies``; the originals of what was copied stay resident."""
+    LoRA: ``sm`` from ``lora_copies``; the originals of what was copied stay resident. ``split``: a sampler
+    mesh of its own holds none of the training state, only the pushed copy (an argument of the program)."""
+    if split:
+        return Phase(name, max(sm.peak, sm.decode_copy), 0, what, side="sampler")
     resident = ctx.opt + ctx.ref + (ctx.params if sm.decode_copy else 0)
     if ctx.frozen is not None:
         resident = ctx.opt + (ctx.adapters if sm.decode_copy > sm.base_copy else 0) + \
@@ -380,22 +509,28 @@ def sampler_phase(name: str, sm: SamplerMemory, ctx: Context, what: str) -> Phas
     return Phase(name, max(sm.peak, sm.decode_copy + sm.copy_temp), resident, what)
 
 
-def lora_copies(sm: SamplerMemory, ctx: Context) -> SamplerMemory:
+def lora_copies(sm: SamplerMemory, ctx: Context, split: bool = False) -> SamplerMemory:
     """LoRA (trainer/setup.py ``Setup.decode_weights``): the adapters and the frozen base are copied apart, each
     only when its decode dtype or layout differs (a bf16 base with bf16 compute on one device is decoded
-    from as it is); ``sm`` computed for the whole policy as one tree is corrected to that."""
+    from as it is); ``sm`` computed for the whole policy as one tree is corrected to that. ``split``: both
+    are on the sampler mesh (the base pushed once, the adapters every step); nothing is copied there."""
     from echorl_jax.sampling.layout import DecodeLayout, copy_bytes_per_device
 
     layout = DecodeLayout(ctx.mesh, sm.tensor_parallel, ctx.mcfg.compute_dtype)
+    if split:
+        return dataclasses.replace(sm, base_copy=copy_bytes_per_device(ctx.frozen, layout.mesh, layout.dtype))
 
-    def copy(state):  # (bytes per device, the copy program's temporaries)
+    def copy(state):  # (bytes per device, the copy program's temporaries, its cost)
         if not layout.needs_copy(state):
-            return 0, 0
-        return (copy_bytes_per_device(state, layout.mesh, layout.dtype),
-                layout.lower(state).compile().memory_analysis().temp_size_in_bytes)
+            return 0, 0, Cost()
+        compiled = layout.lower(state).compile()
+        return (copy_bytes_per_device(state, layout.mesh, layout.dtype), compiled.memory_analysis().temp_size_in_bytes,
+                program_cost(compiled))  # fmt: skip
 
-    (base, base_temp), (adapters, adapter_temp) = copy(ctx.frozen), copy(ctx.state.params)
-    return dataclasses.replace(sm, decode_copy=base + adapters, base_copy=base, copy_temp=max(base_temp, adapter_temp))
+    (base, base_temp, base_cost), (adapters, adapter_temp, adapter_cost) = copy(ctx.frozen), copy(ctx.state.params)
+    both = Cost(base_cost.flops + adapter_cost.flops, base_cost.bytes + adapter_cost.bytes)
+    return dataclasses.replace(sm, decode_copy=base + adapters, base_copy=base, copy_temp=max(base_temp, adapter_temp),
+                               copy_cost=both)
 
 
 def eval_sampling(cfg):
@@ -406,13 +541,15 @@ def eval_sampling(cfg):
 
 def sampler_phases(cfg, ctx: Context, memory: int | None = None) -> tuple[SamplerMemory, tuple[Phase, ...]]:
     """The training sampler and, with ``data.eval``, the held-out sampler (at most ``prompts_per_step``
-    prompts per round, as trainer/setup.py sizes it, x ``train.eval_samples``)."""
+    prompts per round, as trainer/setup.py sizes it, x ``train.eval_samples``). ``ctx``: the sampler's
+    (``context(cfg, devices, sampler=True)``; the learner's when colocated)."""
     rl, k = cfg.rl, cfg.objective.expert_per_group
-    fix = (lambda m: m) if ctx.frozen is None else (lambda m: lora_copies(m, ctx))  # noqa: E731
-    sm = fix(sampler_memory(cfg, ctx.mesh, ctx.mcfg, ctx.graphdef, ctx.policy, memory=memory))
+    split = cfg.mesh.sampler_devices > 0
+    fix = (lambda m: m) if ctx.frozen is None else (lambda m: lora_copies(m, ctx, split))  # noqa: E731
+    sm = fix(sampler_memory(cfg, ctx.mesh, ctx.mcfg, ctx.graphdef, ctx.policy, memory=memory, split=split))
     how = f"{sm.rows} decode rows" + (" refilled" if sm.refill else "")
-    phase = sampler_phase("sampler", sm, ctx, f"{rl.prompts_per_step} x {rl.group_size - k} rollouts, {how}")
-    pool = stream_bytes(cfg, sm, ctx)[1]
+    phase = sampler_phase("sampler", sm, ctx, f"{rl.prompts_per_step} x {rl.group_size - k} rollouts, {how}", split)
+    slots, pool = stream_bytes(cfg, sm, ctx)
     if pool:  # streaming: the pool's prompts and buffers beside the slots (which the sampler's own KV counts)
         phase = dataclasses.replace(phase, resident=phase.resident + pool,
                                     what=phase.what + f"; streaming pool of {rl.stream_batches * rl.prompts_per_step} "
@@ -422,10 +559,53 @@ def sampler_phases(cfg, ctx: Context, memory: int | None = None) -> tuple[Sample
 
     if eval_source(cfg):
         em = fix(sampler_memory(cfg, ctx.mesh, ctx.mcfg, ctx.graphdef, ctx.policy, memory=memory,
-                                sampling=eval_sampling(cfg), group=cfg.train.eval_samples))  # fmt: skip
-        phases.append(sampler_phase("held-out sampler", em, ctx,
-                                    f"{rl.prompts_per_step} x {cfg.train.eval_samples} rollouts, {em.rows} decode rows"))
+                                sampling=eval_sampling(cfg), group=cfg.train.eval_samples, split=split))  # fmt: skip
+        held = sampler_phase("held-out sampler", em, ctx,
+                             f"{rl.prompts_per_step} x {cfg.train.eval_samples} rollouts, {em.rows} decode rows", split)
+        if split and slots + pool:  # the stream's decode state stays on the sampler's devices through evaluation
+            held = dataclasses.replace(held, resident=held.resident + slots + pool,
+                                       what=held.what + "; + the streaming decode state")  # fmt: skip
+        phases.append(held)
     return sm, tuple(phases)
+
+
+def sampler_work(sm: SamplerMemory, split: bool) -> Work:
+    """The training sampler's work per RL step: its compiled program without the decode loops (prefill), the
+    decode steps (``decode_work``), and colocated the copy program. The held-out sampler is left out (it
+    runs every ``train.eval_every`` steps)."""
+    parts = [Part(1, sm.prefill.flops, sm.prefill.bytes), *sm.decode]
+    if sm.copy_cost.flops or sm.copy_cost.bytes:
+        parts.append(Part(1, sm.copy_cost.flops, sm.copy_cost.bytes))
+    steps = int(sum(p.count for p in sm.decode))
+    return Work("sampler", "sampler", tuple(parts), f"prefill + {steps} decode steps of {sm.rows} rows"
+                + ("" if split or not sm.decode_copy else " + the decode copy"))  # fmt: skip
+
+
+def push_phase(ctx: Context, tp: int) -> tuple[Phase, Work, int]:
+    """Disaggregated: the learner casts and reshards the policy into a mirror of the decode layout on its own
+    devices (sampling/layout.py), then every sampler device receives its slice. The learner's peak while
+    pushing: the mirror copy and the copy program's temporaries beside the training state. LoRA: the base
+    is pushed once per run (its mirror is that peak), the adapters every step (the work). Returns the phase,
+    its work and the bytes each sampler device receives per step."""
+    from echorl_jax.sampling.layout import DecodeLayout, copy_bytes_per_device
+
+    if ctx.mesh.size % tp:
+        from echorl_jax import config as config_lib
+
+        raise config_lib.ConfigError(f"sampling.decode_tensor_parallel={tp} must divide the learner's device "
+                                     f"count too ({ctx.mesh.size}): the push slices the weights on the learner's "
+                                     "devices")  # fmt: skip
+    layout = DecodeLayout(ctx.mesh, tp, ctx.mcfg.compute_dtype)
+    compiled = layout.lower(ctx.policy).compile()
+    mirror = copy_bytes_per_device(ctx.policy, layout.mesh, layout.dtype)
+    each_step = ctx.policy if ctx.frozen is None else ctx.state.params  # LoRA: the adapters only
+    per_step = compiled if ctx.frozen is None else layout.lower(ctx.state.params).compile()
+    pushed = copy_bytes_per_device(each_step, layout.mesh, layout.dtype)
+    phase = Phase("weight push", mirror + compiled.memory_analysis().temp_size_in_bytes, ctx.opt + ctx.ref + ctx.params,
+                  "the decode copy cast on the learner's devices, then sent: "
+                  + (f"{pushed / GB:.2f} GB" if pushed >= GB / 10 else f"{pushed / 1e6:.3f} MB") + " per sampler device",
+                  side="learner")  # fmt: skip
+    return phase, _work("weight push", "learner", per_step, 1, "the cast before the push"), pushed
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -434,25 +614,35 @@ def sampler_phases(cfg, ctx: Context, memory: int | None = None) -> tuple[Sample
 def plan(cfg, devices=None, memory: int | None = None, learner: LearnerMemory | None = None) -> Plan:
     """Compiles every phase of ``cfg`` on ``devices`` (default: every visible one); ``memory``: bytes per
     device of the accelerator planned for (default: what the device reports); ``learner``: the learner's
-    phases already compiled for this same configuration (planner/fit.py)."""
+    phases already compiled for this same configuration (planner/fit.py). With ``mesh.sampler_devices`` the
+    learner's phases run on the learner's devices, the samplers' on the sampler's."""
     import jax
     import jax.numpy as jnp
 
+    split = cfg.mesh.sampler_devices > 0
     ctx = context(cfg, devices)
+    sctx = context(cfg, devices, sampler=True) if split else ctx
     lm = learner or learner_memory(cfg, ctx)
-    sm, sphases = sampler_phases(cfg, ctx, memory)
-    stream = sum(stream_bytes(cfg, sm, ctx))
-    if stream:  # streaming: the decode state (slots' KV + pool) stays resident through the learner's phases
-        lm = lm._replace(phases=tuple(dataclasses.replace(
-            ph, resident=ph.resident + stream, what=ph.what + "; + the streaming decode state") for ph in lm.phases))
+    sm, sphases = sampler_phases(cfg, sctx, memory)
+    stream = sum(stream_bytes(cfg, sm, sctx))
+    phases, work, pushed = lm.phases, lm.work, 0
+    if split:  # the learner's phases on its own devices; the push is one of them
+        push, push_work, pushed = push_phase(ctx, sm.tensor_parallel)
+        phases = tuple(dataclasses.replace(ph, side="learner") for ph in phases) + (push,)
+        work = work + (push_work,)
+    elif stream:  # streaming: the decode state (slots' KV + pool) stays resident through the learner's phases
+        phases = tuple(dataclasses.replace(ph, resident=ph.resident + stream,
+                                           what=ph.what + "; + the streaming decode state") for ph in phases)  # fmt: skip
     run_attention = cfg.model.attention
     return Plan(
         mesh_shape=dict(ctx.mesh.shape), rows_per_minibatch=cfg.rl.prompts_per_step * cfg.rl.group_size // cfg.rl.minibatches,
         micro_batches=lm.micro_batches, packed=lm.packed, params=ctx.params, optimizer=ctx.opt, ref_params=ctx.ref,
-        train_temp=lm.train_temp, phases=lm.phases + sphases,
+        train_temp=lm.train_temp, phases=phases + sphases,
         kv_cache=sm.kv_cache, decode_rows=sm.rows, kv_per_row=sm.kv_per_row, refill=sm.refill,
         decode_copy=sm.decode_copy, decode_tp=sm.tensor_parallel, copy_temp=sm.copy_temp, sample_temp=sm.temp,
         cpu_bf16=jax.default_backend() == "cpu" and jnp.dtype(ctx.mcfg.compute_dtype) == jnp.bfloat16,
         remat=cfg.model.remat, attention=ctx.mcfg.attention, adapters=ctx.adapters, base_copy=sm.base_copy,
         stand_in_for=run_attention if ctx.mcfg.attention != run_attention else "", stream_state=stream,
+        learner_devices=ctx.mesh.size, sampler_devices=sctx.mesh.size if split else 0,
+        work=work + (sampler_work(sm, split),), push_bytes=pushed, overlap=split and cfg.rl.max_staleness >= 1,
     )  # fmt: skip
