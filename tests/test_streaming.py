@@ -197,30 +197,33 @@ def test_a_streaming_run_keeps_the_bound_and_resumes_exactly(tmp_path):
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "4" / "stream")
 
 
-@pytest.mark.slow  # two short runs: CI's slow set runs it
-def test_dapo_and_luffy_stream_under_the_bound(tmp_path):
-    """k = 1 with DAPO (dynamic sampling draws rounds of complete groups) and LUFFY (expert rows take their group's
-    version): two steps each, finite, within the bound."""
-    setup = None
-    # The presets whose sources differ (DAPO's rounds, LUFFY's expert rows); the other presets change only the loss,
-    # which the learner computes the same way whatever the source (test_presets_train runs them all). LoRA's
-    # decode copy is the synchronous source's (Setup.decode_weights); a LoRA streaming run was checked by hand.
-    runs = [("dapo", {}), ("luffy", {})]
+@pytest.mark.slow  # three short runs: CI's slow set runs it
+def test_dapo_luffy_and_lora_stream_under_the_bound_on_a_sampler_mesh(tmp_path):
+    """k = 2 with 4 sampler + 4 learner devices (mesh.sampler_devices; the colocated pool's draw is the same
+    code): DAPO (dynamic sampling draws further rounds after the round decoded during the update), LUFFY (expert
+    rows take their group's version) and LoRA (only the adapters are pushed each step): finite, within the bound."""
+    setup, pushed = None, {}
+    runs = [("dapo", {}), ("luffy", {}), ("grpo", {"lora": {"rank": 4}})]
     for name, model in runs:
         tag = name + ("_lora" if model else "")
-        cfg = _cfg(tmp_path / tag, rl={"max_sample_rounds": 2}, objective={"method": name},
-                   train={"steps": 2, "export_hf": False, "eval_every": 0}, data={"eval": ""},
-                   **({"model": model} if model else {}))  # fmt: skip
+        cfg = _cfg(tmp_path / tag, rl={"max_sample_rounds": 2, "max_staleness": 2}, objective={"method": name},
+                   mesh={"sampler_devices": 4}, train={"steps": 3, "export_hf": False, "eval_every": 0},
+                   data={"eval": ""}, **({"model": model} if model else {}))  # fmt: skip
         same = setup is not None and setup.cfg.objective.expert_per_group == cfg.objective.expert_per_group \
             and setup.cfg.model == cfg.model  # fmt: skip
         out = train(cfg, setup=setup if same else None)
         setup = out["setup"]
         rows = _rows(tmp_path / tag)
-        assert [r["step"] for r in rows] == [1, 2], tag
+        assert [r["step"] for r in rows] == [1, 2, 3], tag
         for r in rows:
-            assert np.isfinite(r["loss"]) and r["staleness/max_lag"] <= 1, (tag, r)
+            assert np.isfinite(r["loss"]) and r["staleness/max_lag"] <= 2, (tag, r)
+        assert rows[-1]["staleness/max_lag"] >= 1, tag  # decoded during the last update: one version back at least
+        pushed[tag] = rows[-1]["push/bytes"]
         if name == "luffy":
             assert rows[0]["expert/accuracy"] == 1.0
+    adapters = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.state.params))
+    assert pushed["grpo_lora"] == 4 * (adapters + 4)  # every sampler device: the adapters and the int32 version
+    assert pushed["dapo"] > 3 * pushed["grpo_lora"]
 
 
 @pytest.mark.slow  # compiles every planned phase
@@ -280,19 +283,23 @@ def test_a_rollout_started_under_new_weights_is_that_policy_s_whole(split):
 
 
 @pytest.mark.slow  # two 2-process runs (~1-2 min on 2 cores); CI runs it
-def test_two_processes_stream_under_the_bound_and_resume(tmp_path):
-    """2 processes x 4 devices, k = 1: each process streams its own pool partition (its prompts, its rows);
-    tokens one version old reach the loss and none older; stopped at step 2 and resumed on 2 processes (every
-    partition's in-flight rollouts from the checkpoint), the run goes on to step 4 under the bound. (Exactness
-    of a streaming resume is the single-process test's; the 2-process straight run cost CI time.)"""
+def test_two_processes_stream_on_their_sampler_devices_under_the_bound_and_resume(tmp_path):
+    """2 processes x 4 devices, 2 of each for the sampler (mesh.sampler_devices=4), k = 2 over a pool of two
+    batches: each process streams its own pool partition (its prompts, its rows) on its own sampler devices,
+    pushes to them and moves its own rows back; tokens one and two versions old reach the loss and none older;
+    stopped at step 2 and resumed on 2 processes (every partition's in-flight rollouts and the round decoded
+    during step 2's update from the checkpoint), the run goes on to step 4 under the bound. One mode covers
+    both: the pool's partitions and collectives are the colocated stream's (k = 1 with rl.stream_batches=1 on
+    2 processes was run the same way; single-process tests cover the colocated copy and k = 1)."""
     from tests.multiproc import metric_rows, run_tool
     from tests.test_pods import _reward_file, _train_args
 
     reward = _reward_file(tmp_path)
-    stream = {"rl.max_staleness": 1, "rl.recompute_logp": "true", "objective.rollout_correction": "token_tis",
-              "train.save_every": 2, "train.export_hf": "false"}  # fmt: skip
+    stream = {"mesh.sampler_devices": 4, "rl.max_staleness": 2, "rl.recompute_logp": "true",
+              "objective.rollout_correction": "token_tis", "train.save_every": 2, "train.export_hf": "false"}  # fmt: skip
     run = tmp_path / "run"
-    run_tool(tmp_path, "first", ["main", *_train_args(run, reward, steps=2, **stream)])
+    out = run_tool(tmp_path, "first", ["main", *_train_args(run, reward, steps=2, **stream)])
+    assert "sampler mesh of 4 device(s), learner mesh of 4" in out.logs[0]
     first = metric_rows(run)
     out = run_tool(tmp_path, "resumed", ["main", *_train_args(run, reward, steps=4, **stream)])
     assert "resumed from step 2" in out.logs[0]
@@ -300,5 +307,6 @@ def test_two_processes_stream_under_the_bound_and_resume(tmp_path):
     assert rows[: len(first)] == first
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    assert max(r["staleness/max_lag"] for r in train_rows) == 1 and any(r["staleness/lag1_frac"] > 0 for r in train_rows)
+    assert max(r["staleness/max_lag"] for r in train_rows) <= 2 and all(r["staleness/lag0_frac"] == 0
+                                                                        for r in train_rows[1:])  # fmt: skip
     assert 0 < train_rows[0]["reward/mean"] < 1  # a real signal from every process's rows

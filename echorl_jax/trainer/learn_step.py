@@ -157,9 +157,11 @@ def make_learn_step(s: Setup, state: TrainState) -> Callable[[TrainState, Scored
     schedule = update.make_schedule(cfg.optim, s.total_updates)
 
     def learn(state: TrainState, batch: ScoredBatch, step: int, during_update=None) -> Learned:
-        """``during_update()``: called once the updates are dispatched, before waiting for them (a sampler
-        mesh of its own decodes then); returns None or ``wait() -> (start, end)``, the sampler's busy interval."""
+        """``during_update()``: called as the step starts (a sampler mesh of its own then decodes the next batch
+        while this step's passes and updates run); returns None or ``wait() -> (start, end)``, the sampler's busy
+        interval, which is waited for after the updates."""
         t0 = time.perf_counter()
+        sampler_wait = during_update() if during_update is not None else None
         ro, clips = batch.rollout, batch.clips
         lengths, plan_all = None, ()  # packing: real tokens per row (host) and the whole batch's plan
         if pack_all is not None:
@@ -186,7 +188,6 @@ def make_learn_step(s: Setup, state: TrainState) -> Callable[[TrainState, Scored
         keep = update.signal_rows(full, cfg.objective) if pack_mb is not None else None  # rows with a gradient
         state, update_metrics = run_updates(train_step, state, full, s.mesh, rl, seed=tc.seed, step=step,
                                             pack=pack_mb, lengths=lengths, keep=keep)  # fmt: skip
-        sampler_wait = during_update() if during_update is not None else None
         jax.block_until_ready(state.params)
         t1 = time.perf_counter()
         update_time = t1 - t0

@@ -134,7 +134,7 @@ class StreamSource:
                            sampled_tokens=got.sampled_tokens, timings=timings, source_metrics=metrics)  # fmt: skip
 
     def overlap(self, step: int) -> Callable[[], tuple[float, float]] | None:
-        """Called while learning step ``step``'s update runs on the learner's devices: with a sampler mesh of its
+        """Called as learning step ``step`` starts on the learner's devices: with a sampler mesh of its
         own, dispatches step ``step + 1``'s first round (drop, admit, decode) with the weights this step pushed
         (version ``policy_version(step)``, one behind the learner that will consume it). Returns ``wait()``, which
         waits for the decode and gives the sampler's busy interval (``time.perf_counter`` seconds), or None

@@ -9,7 +9,9 @@
 The source is synchronous (``rl.max_staleness = 0``: sampling and learning use the same parameters) or
 streaming (trainer/stream_source.py: rollouts carried across steps under the staleness bound); either way
 once per step the sampler gets a copy of ``state.params`` in the compute dtype, laid out for decoding
-(sampling/layout.py); there is no second engine and no second loop. This module keeps what belongs to the run: opening or resuming it,
+(sampling/layout.py); there is no second engine and no second loop. With a sampler mesh of its own
+(``mesh.sampler_devices``) that copy is a push to the sampler's devices, and a streaming source decodes the
+next step's batch there while the learner's updates run (``learn(..., during_update=source.overlap)``). This module keeps what belongs to the run: opening or resuming it,
 logging, guards, evaluation, checkpoints and preemption.
 """
 
