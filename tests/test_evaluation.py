@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from echorl_jax import config as config_lib
 from echorl_jax.trainer.grading import grade, summarize
@@ -45,6 +46,7 @@ def _graded(devices: int, prompts_per_step: int, slots: int = 0):
     return s.eval_pipeline.batch_size, texts, {i: v.tolist() for i, v in verdicts.items()}
 
 
+@pytest.mark.slow  # builds three setups (1, 2, 8 devices), 13 s; CI's slow set runs it
 def test_held_out_samples_do_not_depend_on_the_eval_batch():
     """Each held-out sample is keyed by its record and sample number: 1, 2 and 8 devices (eval batches of 4, 3
     with a padded last batch, and 8) and slot refill give every record the same k responses."""

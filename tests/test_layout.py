@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "echorl_jax"
 
@@ -100,6 +102,7 @@ def _run(*args, **kwargs):
                           **kwargs)
 
 
+@pytest.mark.slow  # one subprocess per tool (13 s of imports); CI's slow set runs it
 def test_every_tool_answers_help_in_its_documented_form():
     from echorl_jax.cli import TOOLS
 

@@ -205,7 +205,8 @@ def test_evaluate_rebuilds_the_warm_started_base_of_a_lora_checkpoint(files):
                                                                                                 "default_lora.py"))))
     args, _ = benchmark.parse_args(["--checkpoint", "runs/x", "--data", files[0]])
     cfg = benchmark.eval_config(args, {}, host)
-    assert cfg.sft.steps == 400 and cfg.data.train == "task:arith" and cfg.data.eval in (files[0], (files[0],))
+    assert cfg.sft.steps == host["sft"]["steps"] > 0 and cfg.data.train == "task:arith"
+    assert cfg.data.eval in (files[0], (files[0],))
     full = dict(host, model={k: v for k, v in host["model"].items() if k != "lora"})
     cfg = benchmark.eval_config(args, {}, full)
     assert cfg.sft.steps == 0 and cfg.data.train in (files[0], (files[0],))

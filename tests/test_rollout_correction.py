@@ -154,6 +154,7 @@ def test_tis_weight_scales_each_tokens_policy_term():
     np.testing.assert_allclose(float(loss), want_pg - 0.01 * ent[mask].sum() / n, rtol=1e-5)
 
 
+@pytest.mark.slow  # two train-step compiles on the mesh, 11 s; CI's slow set runs it
 def test_rejected_sequence_leaves_the_echo_term(mesh, model):
     """seq_mask rejects the sequence of one of two EchoClips. Through the learner pass (the masks train()
     builds its UpdateBatch from), the rejected clip is in no part of the update: the echo term's gradient is

@@ -94,6 +94,7 @@ def test_refill_on_mesh_equals_single_device_plain(split, mesh_shape, slots):
         assert_same(refill, plain)
 
 
+@pytest.mark.slow  # a sampler compile per bucket, 11 s; CI's slow set runs it
 def test_prompt_bucketing_gives_the_same_rollouts(split):
     graphdef, state = split
     wide = np.concatenate([np.full((4, 34), PAD, np.int32), PROMPTS_NP], axis=1)  # P = 40, longest prompt 6
