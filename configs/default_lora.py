@@ -1,5 +1,5 @@
 """The default job (configs/default.py) with LoRA: the same warm start, task, method and budget
-(500 RL steps of 16 prompts x 8 rollouts), but only rank-8 adapters on every projection are trained
+(300 RL steps of 16 prompts x 8 rollouts), but only rank-8 adapters on every projection are trained
 (docs/lora.md). The warm start trains every weight before the adapters are attached, so this run
 starts from the same policy as the full fine-tune. The learning rate is LoRA's own (RESULTS.md, "LoRA").
 
