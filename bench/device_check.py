@@ -21,7 +21,9 @@ with the last line of its output. Rows (Qwen2.5-0.5B shape, random weights, bf16
       none, full.
   3i  splash attention: skipped on a GPU (Pallas splash is TPU-only).
   4   the planner's predicted train-step peak (planner.memory.learner_memory, phase "train step", compiled
-      on this device for 3a's config) vs JAX's peak_bytes_in_use after 3a's steps (3a's fresh process).
+      on this device for 3a's config) vs JAX's peak_bytes_in_use after 3a's steps (3a's fresh process);
+      and the planner's roofline floor for that step (planner/time.py, the device's peak figures) vs 3a's
+      measured s/step (shown as the share of peak the step reaches).
   5   streaming rollouts vs synchronous slot refill (streaming.py, Qwen2.5-0.5B's shape, bf16: 256 rollouts
       = 64 prompts x G 4 per RL step, P 128, T 512, log-normal lengths, 64 slots, 8 RL steps, k = 1);
       target (issue 30): >= 90 % slot occupancy.
@@ -297,6 +299,16 @@ def rows(todo: list[Part], out: dict[str, Outcome], on_gpu: bool) -> list[Row]:
     return table
 
 
+def accel_of(device_kind: str) -> str | None:
+    """The planner's accelerator key (planner/memory.PEAKS) for a JAX ``device_kind``, or None."""
+    kind = device_kind.lower()
+    for key, names in (("h200", ("h200",)), ("h100", ("h100",)), ("a100", ("a100",)), ("v5e", ("v5 lite", "v5e")),
+                       ("v5p", ("v5p",)), ("v6e", ("v6 lite", "v6e"))):  # fmt: skip
+        if any(n in kind for n in names):
+            return key
+    return None
+
+
 def plan_row(what: dict, out: dict[str, Outcome]) -> Row:
     """Row 4: the planner's prediction against 3a's measured peak."""
     oe, de = out["train_eager"], out["train_eager"].data or {}
@@ -308,6 +320,9 @@ def plan_row(what: dict, out: dict[str, Outcome]) -> Row:
     if pred is None:
         return ["4", what["plan"], "-", "-", "-", "-", _status(op, "planner") or "FAILED: no prediction"]
     pred_txt = f"predicted {_gib(pred)} (attention {dp.get('attention')})"
+    if dp.get("predicted_step_s") and "s_per_step" in ours:  # time: the roofline floor vs 3a's measured step
+        pred_txt += (f"; step >= {dp['predicted_step_s'] * 1e3:.1f} ms (roofline, {dp['accel']} peaks) vs measured "
+                     f"{ours['s_per_step'] * 1e3:.1f} ms: {dp['predicted_step_s'] / ours['s_per_step']:.0%} of peak")
     # 3a's own compiled step, as the planner counts a program (arguments + temporaries + outputs - donated):
     # equal to the prediction when the planner compiled the same program.
     xla = ours.get("memory_analysis")
@@ -403,11 +418,19 @@ def plan_worker(json_path: str, train_argv: list[str]) -> None:
         ctx = memory.context(cfg, jax.devices()[:1])
         learner = memory.learner_memory(cfg, ctx)
     phase = next(p for p in learner.phases if p.name == "train step")
+    # The planner's roofline floor for one train step on this device's accelerator (planner/time.py), when the
+    # device is one the planner has peak figures for; the row compares it with 3a's measured step.
+    from echorl_jax.planner import time as time_lib
+
+    accel = accel_of(jax.devices()[0].device_kind)
+    train_work = next(w for w in learner.work if w.name == "train step").parts[0]
+    floor = time_lib.roofline(train_work.flops, train_work.bytes, memory.PEAKS[accel]) if accel else None
     C.write_json(json_path, {
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "attention": ctx.mcfg.attention,
         "predicted_peak_bytes": phase.peak, "program_bytes": phase.program, "resident_bytes": phase.resident,
         "params_bytes": ctx.params, "optimizer_bytes": ctx.opt, "train_temp_bytes": learner.train_temp,
         "what": phase.what, "compile_s": time.perf_counter() - t0,
+        "predicted_step_s": floor, "accel": accel, "train_step_flops": train_work.flops,
     })  # fmt: skip
     print(f"planner, train step on {jax.devices()[0].device_kind} (attention {ctx.mcfg.attention}): peak "
           f"{phase.peak / 2**30:.2f} GiB = program {phase.program / 2**30:.2f} + resident {phase.resident / 2**30:.2f};"

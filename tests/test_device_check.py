@@ -73,6 +73,13 @@ def test_failed_timed_out_and_skipped_parts_keep_their_rows(tmp_path):
     assert rows["4"][-1].startswith("skipped: time budget")
 
 
+def test_the_planner_s_accelerator_is_named_from_the_device_kind():
+    dc = _module()
+    kinds = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100",
+             "TPU v5 lite": "v5e", "TPU v5p": "v5p", "TPU v6 lite": "v6e", "cpu": None}  # fmt: skip
+    assert {k: dc.accel_of(k) for k in kinds} == kinds
+
+
 def test_targets_are_judged_from_the_results():
     dc = _module()
     todo = dc.parts(quick=False)
@@ -85,7 +92,8 @@ def test_targets_are_judged_from_the_results():
                                            "device_memory": {"compiled": {"peak_bytes_in_use": 2**30},
                                                              "after_steps": {"peak_bytes_in_use": 20 * 2**30}}}})  # fmt: skip
     outcomes["train_compiled"] = ok({"peer": {"s_per_step": 0.105, "name": "compiled", "compile_s": 40.0}})
-    outcomes["plan"] = ok({"predicted_peak_bytes": 22 * 2**30, "attention": "cudnn"})
+    outcomes["plan"] = ok({"predicted_peak_bytes": 22 * 2**30, "attention": "cudnn", "predicted_step_s": 0.025,
+                           "accel": "h100"})  # fmt: skip
     outcomes["streaming"] = ok({"runs": {
         "sync (slot refill)": {"occupancy": 0.6, "decode_steps_per_1k_tokens": 100.0, "s_per_step": 2.0},
         "stream k=1": {"occupancy": 0.95, "decode_steps_per_1k_tokens": 66.0, "s_per_step": 1.6}}})  # fmt: skip
@@ -95,6 +103,7 @@ def test_targets_are_judged_from_the_results():
     assert rows["3a"][-1] == "met" and rows["3a"][4] == "1.90x peer/ours"
     assert rows["3b"][-1] == "missed"  # 0.1 s meets 0.118 s, but 1.05x < 1.1x the compiled peer
     assert rows["4"][4] == "1.10x predicted/measured" and "20.00 GiB" in rows["4"][3]
+    assert "step >= 25.0 ms (roofline, h100 peaks) vs measured 100.0 ms: 25% of peak" in rows["4"][2]
     assert rows["3c"][-1] == "skipped: not run"
 
 
