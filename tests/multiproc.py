@@ -46,7 +46,9 @@ def start(tmp_path, tag: str, argv: list[str], *, processes: int = 2, devices: i
     port = free_port()
     procs, logs = [], []
     for i in range(processes):
-        e = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # LLVM -O0 as in the test process (tests/conftest.py): these runs' time is mostly compiling tiny programs
+        flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+        e = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
                  JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"), PYTHONUNBUFFERED="1",
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", **(env or {}))  # fmt: skip
         for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):

@@ -197,7 +197,7 @@ def test_a_streaming_run_keeps_the_bound_and_resumes_exactly(tmp_path):
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "4" / "stream")
 
 
-@pytest.mark.slow  # three short runs: CI's slow set runs it
+@pytest.mark.slow  # three two-step runs: CI's slow set runs it
 def test_dapo_luffy_and_lora_stream_under_the_bound_on_a_sampler_mesh(tmp_path):
     """k = 2 with 4 sampler + 4 learner devices (mesh.sampler_devices; the colocated pool's draw is the same
     code): DAPO (dynamic sampling draws further rounds after the round decoded during the update), LUFFY (expert
@@ -207,14 +207,14 @@ def test_dapo_luffy_and_lora_stream_under_the_bound_on_a_sampler_mesh(tmp_path):
     for name, model in runs:
         tag = name + ("_lora" if model else "")
         cfg = _cfg(tmp_path / tag, rl={"max_sample_rounds": 2, "max_staleness": 2}, objective={"method": name},
-                   mesh={"sampler_devices": 4}, train={"steps": 3, "export_hf": False, "eval_every": 0},
+                   mesh={"sampler_devices": 4}, train={"steps": 2, "export_hf": False, "eval_every": 0},
                    data={"eval": ""}, **({"model": model} if model else {}))  # fmt: skip
         same = setup is not None and setup.cfg.objective.expert_per_group == cfg.objective.expert_per_group \
             and setup.cfg.model == cfg.model  # fmt: skip
         out = train(cfg, setup=setup if same else None)
         setup = out["setup"]
         rows = _rows(tmp_path / tag)
-        assert [r["step"] for r in rows] == [1, 2, 3], tag
+        assert [r["step"] for r in rows] == [1, 2], tag
         for r in rows:
             assert np.isfinite(r["loss"]) and r["staleness/max_lag"] <= 2, (tag, r)
         assert rows[-1]["staleness/max_lag"] >= 1, tag  # decoded during the last update: one version back at least
