@@ -6,13 +6,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     flags += " --xla_force_host_platform_device_count=8"
-# The tests' programs are tiny: compiling them costs more than running them, and LLVM's -O0 compiles XLA:CPU
-# code about twice as fast (the README test command 40 % faster from a cold cache). Same XLA programs, same
-# semantics; float results may differ from optimised code in the last bits, which every tolerance allows.
-# The default run and bench/ keep XLA's default level.
-if "xla_backend_optimization_level" not in flags:
-    flags += " --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = flags.strip()
+from xla_flags import with_fast_compile  # noqa: E402  (LLVM -O0 and the older emitters: tests/xla_flags.py)
+
+os.environ["XLA_FLAGS"] = with_fast_compile(flags)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

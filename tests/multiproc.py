@@ -16,6 +16,7 @@ from numbers import Number
 from typing import NamedTuple
 
 import pytest
+from xla_flags import with_fast_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,8 +47,8 @@ def start(tmp_path, tag: str, argv: list[str], *, processes: int = 2, devices: i
     port = free_port()
     procs, logs = [], []
     for i in range(processes):
-        # LLVM -O0 as in the test process (tests/conftest.py): these runs' time is mostly compiling tiny programs
-        flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+        # compiled as in the test process (tests/xla_flags.py): these runs' time is mostly compiling tiny programs
+        flags = with_fast_compile(f"--xla_force_host_platform_device_count={devices}")
         e = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
                  JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"), PYTHONUNBUFFERED="1",
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", **(env or {}))  # fmt: skip

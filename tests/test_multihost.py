@@ -15,6 +15,7 @@ from echorl_jax.config import ConfigError, DistConfig
 from echorl_jax.data.pipeline import DataError, PromptPipeline
 from tests.multiproc import assert_export_close, assert_rows_close, metric_rows
 from tests.test_data import make_records, make_tokenizer
+from tests.xla_flags import with_fast_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,7 +143,8 @@ def _run_processes(tmp_path, workdir, reward_path, steps, tag, n=2, sigterm_proc
     port = _free_port()
     procs, logs, records = [], [], []
     for i in range(n):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        env = dict(os.environ, JAX_PLATFORMS="cpu",  # compiled as in the test process (tests/xla_flags.py)
+                   XLA_FLAGS=with_fast_compile("--xla_force_host_platform_device_count=4"),
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i),
                    JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",

@@ -1,5 +1,5 @@
 """Every feature as 2 processes x 4 CPU devices against 1 process on the same global batch (jax.distributed on
-localhost): LUFFY, the SFT warm start, DAPO's dynamic sampling, evaluate, analyze_steps, --compare; and a
+localhost): LUFFY after the SFT warm start, DAPO's dynamic sampling, evaluate, analyze_steps, --compare; and a
 checkpoint saved on 2 x 4 resumed on 1 x 8 and 1 x 2 (elastic resume)."""
 
 from __future__ import annotations
@@ -67,22 +67,6 @@ def _jsonl(path):
     return [json.loads(x) for x in open(path).read().splitlines()]
 
 
-@pytest.mark.slow  # two evaluate processes (~1 min on 2 cores); CI runs it
-def test_evaluate_responses_keep_every_host_s_records(tmp_path, eval_files):
-    """The issue's reproducer: 2 processes x 1 device vs 1 x 2, 6 records, k = 2 -> 12 response lines
-    (before the fix: 8, the other host's records written with empty slices)."""
-    model, data = eval_files
-    (tmp_path / "one").mkdir()
-    assert benchmark.main(_evaluate_argv(model, data, tmp_path / "one") + ["--config.mesh.num_devices=2"]) == 0
-    (tmp_path / "two").mkdir()
-    run_tool(tmp_path, "eval", ["evaluate", *_evaluate_argv(model, data, tmp_path / "two")], processes=2, devices=1)
-    one, two = _jsonl(tmp_path / "one" / "r.jsonl"), _jsonl(tmp_path / "two" / "r.jsonl")
-    assert len(one) == 12 and sorted({x["index"] for x in one}) == list(range(6))
-    assert two == one  # same responses and verdicts, every record
-    r1, r2 = (json.loads((tmp_path / d / "r.json").read_text()) for d in ("one", "two"))
-    assert r2["verdicts"] == r1["verdicts"] and r2["metrics"] == r1["metrics"]
-
-
 # ----------------------------------------------------------------------------- the feature matrix
 
 
@@ -99,9 +83,9 @@ def _expert_parquet(d):
 def _case(name, tmp_path, eval_files):
     """``(tool argv for an output directory, how to compare two output directories)`` of a feature."""
     model, data = eval_files
-    if name in ("luffy", "warm_start", "dapo"):
-        extra = {"luffy": {"objective.method": "luffy", "sampling.max_new_tokens": 28},  # the task's worked solutions
-                 "warm_start": {"sft.steps": 20, "sampling.max_new_tokens": 28},  # tiny_test's own warm start
+    if name in ("luffy_after_warm_start", "dapo"):
+        # LUFFY (the task's worked solutions as expert rows) after tiny_test's own warm start (20 SFT steps)
+        extra = {"luffy_after_warm_start": {"objective.method": "luffy", "sampling.max_new_tokens": 28, "sft.steps": 20},
                  "dapo": {"objective.method": "dapo", "rl.max_sample_rounds": 3}}[name]  # fmt: skip
         reward = _reward_file(tmp_path, drop_half=name == "dapo")
 
@@ -109,9 +93,9 @@ def _case(name, tmp_path, eval_files):
             rows_one, rows_two = metric_rows(one), metric_rows(two)
             assert_rows_close(rows_two, rows_one)
             # 20 warm-start steps at lr 3e-3 amplify float32 summation-order differences in a few weights
-            assert_export_close(one, two, atol=5e-5 if name == "warm_start" else 1e-5)
+            assert_export_close(one, two, atol=5e-5 if name == "luffy_after_warm_start" else 1e-5)
             train_rows = [r for r in rows_one if r["kind"] == "train"]
-            if name == "luffy":
+            if name == "luffy_after_warm_start":
                 assert all("expert/accuracy" in r and r["offpolicy_prob"] > 0 for r in train_rows)
             if name == "dapo":  # the refill path ran: more prompt batches drawn, the same on both layouts
                 assert max(r["sample_rounds"] for r in train_rows) > 1, train_rows
@@ -133,7 +117,7 @@ def _case(name, tmp_path, eval_files):
 
         return (lambda out: ["main", "--compare", "--seeds", "0", "--methods", "grpo",
                              *_train_args(out, reward, steps=1)]), compare  # fmt: skip
-    if name == "evaluate":
+    if name == "evaluate":  # 6 records x k = 2: 12 response lines (a bug once wrote the other host's empty)
         def compare(one, two):
             assert _jsonl(two / "r.jsonl") == _jsonl(one / "r.jsonl") and len(_jsonl(one / "r.jsonl")) == 12
             r1, r2 = (json.loads((d / "r.json").read_text()) for d in (one, two))
@@ -155,7 +139,7 @@ def _case(name, tmp_path, eval_files):
     raise AssertionError(name)
 
 
-FEATURES = ["luffy", "warm_start", "dapo", "evaluate", "analyze_steps", "compare"]
+FEATURES = ["luffy_after_warm_start", "dapo", "evaluate", "analyze_steps", "compare"]
 
 
 @pytest.mark.slow  # each case: one process x 8 devices here, then 2 processes x 4 devices (~1-4 min); CI runs them

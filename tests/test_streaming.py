@@ -190,7 +190,8 @@ def test_a_streaming_run_keeps_the_bound_and_resumes_exactly(tmp_path):
     assert any(r["staleness/lag1_frac"] > 0 for r in rows)
     assert sum(r["stream/carried_rollouts"] for r in rows) > 0
     train(_cfg(tmp_path / "b", train={"steps": 2, "save_every": 2}))
-    resumed = train(_cfg(tmp_path / "b", train={"steps": 4, "save_every": 2}))
+    # the straight run's setup (compiled programs, and its final state, which the checkpoint replaces)
+    resumed = train(_cfg(tmp_path / "b", train={"steps": 4, "save_every": 2}), setup=straight["setup"])
     assert _rows(tmp_path / "b") == rows
     for x, y in zip(jax.tree.leaves(_params(straight)), jax.tree.leaves(_params(resumed))):
         np.testing.assert_array_equal(x, y)

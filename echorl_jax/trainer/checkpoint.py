@@ -30,6 +30,22 @@ import orbax.checkpoint as ocp
 
 from echorl_jax import sharding
 
+# Orbax's replica-parallel save splits a replicated array's shard among its replicas, each writing a slice: one
+# small XLA program compiled per array shape and device at the first save (about 100 per save of a tiny model
+# on 8 CPU devices). Worth it for big shards replicated across hosts; for norms and biases (kilobytes) it is
+# only compiles. Below this many bytes per slice, one replica writes the whole shard. The stored arrays are
+# the same either way.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+_array_handler_set = False
+
+
+def _use_replica_parallel_floor() -> None:
+    global _array_handler_set
+    if not _array_handler_set:
+        handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        _array_handler_set = True
+
 
 class CheckpointError(RuntimeError):
     pass
@@ -40,6 +56,7 @@ class Checkpointer:
         # gs://... (GCS, what multi-host runs need: every host writes its shards) goes to Orbax as it is.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         self._pending: int | None = None  # the step whose background save may still be running
+        _use_replica_parallel_floor()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "host", "stream")
