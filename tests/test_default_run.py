@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from xla_flags import llvm_optimised
 
 from echorl_jax.trainer.metrics_log import read_jsonl
 
@@ -40,8 +41,9 @@ SHORT = {
 def test_shortened_default_run_builds_and_applies_echo_clips(tmp_path):
     workdir = tmp_path / "default"
     args = [f"--config.{k}={v}" for k, v in SHORT.items()] + [f"--config.train.workdir={workdir}"]
+    env = dict(os.environ, XLA_FLAGS=llvm_optimised(os.environ["XLA_FLAGS"]))  # 400 warm-start steps: executing
     proc = subprocess.run([sys.executable, "-m", "echorl_jax.main", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+                          text=True, timeout=600, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_jsonl(workdir / "metrics.jsonl")
     evals = [r for r in rows if r["kind"] == "eval"]

@@ -7,6 +7,10 @@ them. The default run and bench/ keep XLA's defaults.
   XLA's own switch between two code generators for the same HLO fusions. Only set where this jaxlib knows the
   flag (XLA aborts on an unknown one).
 
+A run whose time is executing (hundreds of steps, or a model of tens of millions of parameters) is faster
+with LLVM's optimiser: ``llvm_optimised`` drops ``-O0`` from a subprocess's flags (the shortened default run
+76 -> 54 s, the shrunk ``evidence_large`` run 79 -> 54 s).
+
 Same XLA programs, same semantics; float results may differ from optimised code in the last bits, which every
 tolerance allows (a test that compares two runs compiles both with these flags).
 """
@@ -43,3 +47,8 @@ def with_fast_compile(flags: str) -> str:
         if flag.split("=")[0] not in flags:
             flags += " " + flag
     return flags.strip()
+
+
+def llvm_optimised(flags: str) -> str:
+    """``flags`` without LLVM ``-O0``: for a subprocess whose time is executing rather than compiling."""
+    return " ".join(f for f in flags.split() if not f.startswith("--xla_backend_optimization_level"))

@@ -150,6 +150,9 @@ def train(cfg: config_lib.Config, *, setup: Setup | None = None) -> dict[str, An
 
     ``setup`` (a previous run's ``out["setup"]``) skips building the model, data and samplers again;
     ``cfg`` may differ from the setup's in the objective, echo and run settings (workdir, seed, ...).
+    A reused setup holds what its last run ended with: a resumed run replaces it from the checkpoint (params,
+    optimizer, data position), but a fresh run starts from those weights and that data position, not from
+    the warm start and the first batch.
     """
     s = build_setup(cfg) if setup is None else setup_for(cfg, setup)
     tc = cfg.train
