@@ -20,6 +20,7 @@ Storage faults:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Callable
@@ -42,8 +43,17 @@ _array_handler_set = False
 def _use_replica_parallel_floor() -> None:
     global _array_handler_set
     if not _array_handler_set:
-        handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
-        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        # Orbax's default handler otherwise: keep its array-metadata store (per-host shard metadata)
+        store = getattr(ocp.type_handlers.get_type_handler(jax.Array), "_array_metadata_store", None)
+        handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+                                                 array_metadata_store=store)  # fmt: skip
+        absl_log = logging.getLogger("absl")  # Orbax warns on every override, which this one is by design
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)
+        try:
+            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        finally:
+            absl_log.setLevel(level)
         _array_handler_set = True
 
 
