@@ -300,7 +300,7 @@ def rows(todo: list[Part], out: dict[str, Outcome], on_gpu: bool) -> list[Row]:
 
 
 def accel_of(device_kind: str) -> str | None:
-    """The planner's accelerator key (planner/memory.PEAKS) for a JAX ``device_kind``, or None."""
+    """The planner's accelerator key (planner/time.PEAKS) for a JAX ``device_kind``, or None."""
     kind = device_kind.lower()
     for key, names in (("h200", ("h200",)), ("h100", ("h100",)), ("a100", ("a100",)), ("v5e", ("v5 lite", "v5e")),
                        ("v5p", ("v5p",)), ("v6e", ("v6 lite", "v6e"))):  # fmt: skip
@@ -407,7 +407,7 @@ def plan_worker(json_path: str, train_argv: list[str]) -> None:
     args = ts.parse_args(train_argv)
     import jax
 
-    from echorl_jax.planner import memory
+    from echorl_jax.planner import context as context_lib, memory
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -415,7 +415,7 @@ def plan_worker(json_path: str, train_argv: list[str]) -> None:
                        kv_heads=args.kv_heads, mlp=args.mlp, tied=args.tied,
                        max_positions=max(4096, args.seq)).save_pretrained(tmp)  # fmt: skip
         cfg = ts.bench_config(args, {"model": {"path": tmp}, "train": {"echo_grad_norm_every": 0}})
-        ctx = memory.context(cfg, jax.devices()[:1])
+        ctx = context_lib.context(cfg, jax.devices()[:1])
         learner = memory.learner_memory(cfg, ctx)
     phase = next(p for p in learner.phases if p.name == "train step")
     # The planner's roofline floor for one train step on this device's accelerator (planner/time.py), when the
@@ -424,7 +424,7 @@ def plan_worker(json_path: str, train_argv: list[str]) -> None:
 
     accel = accel_of(jax.devices()[0].device_kind)
     train_work = next(w for w in learner.work if w.name == "train step").parts[0]
-    floor = time_lib.roofline(train_work.flops, train_work.bytes, memory.PEAKS[accel]) if accel else None
+    floor = time_lib.roofline(train_work.flops, train_work.bytes, time_lib.PEAKS[accel]) if accel else None
     C.write_json(json_path, {
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "attention": ctx.mcfg.attention,
         "predicted_peak_bytes": phase.peak, "program_bytes": phase.program, "resident_bytes": phase.resident,

@@ -24,21 +24,11 @@ import argparse
 import os
 import sys
 
+from echorl_jax.planner.context import abstract_opt_state, abstract_params, device_bytes, model_config  # noqa: F401
 from echorl_jax.planner.fit import fit, fit_split, override_args
-from echorl_jax.planner.memory import (  # noqa: F401
-    ACCELERATORS,
-    GB,
-    PEAKS,
-    USABLE,
-    Plan,
-    abstract_opt_state,
-    abstract_params,
-    device_bytes,
-    model_config,
-    plan,
-    sampler_memory,
-)
+from echorl_jax.planner.memory import ACCELERATORS, GB, USABLE, Plan, plan, sampler_memory  # noqa: F401
 from echorl_jax.planner.report import format_plan
+from echorl_jax.planner.time import PEAKS
 
 
 def _force_devices(n: int) -> None:

@@ -83,7 +83,7 @@ def test_fsdp_train_step_keeps_rows_sharded():
     replicates the rows inside the scanned layer and all-reduces partial sums (every device computes the
     whole micro-batch). ``sharding.constrain_rows`` under ``traced_on`` keeps each device on its own rows:
     its temporaries stay near the data-parallel mesh's, far below the unconstrained program's."""
-    from echorl_jax.planner import memory
+    from echorl_jax.planner import context as context_lib
     from echorl_jax.trainer import learn_step
 
     big = {"model": {"hidden_size": 64, "intermediate_size": 1024, "num_heads": 4, "num_kv_heads": 4},
@@ -91,7 +91,7 @@ def test_fsdp_train_step_keeps_rows_sharded():
 
     def temp(shape, constrained: bool) -> int:
         cfg = _tiny({**big, "mesh": {"shape": shape}})
-        ctx = memory.context(cfg)
+        ctx = context_lib.context(cfg)
         sh = jax.tree.map(lambda x: x.sharding, ctx.state)
         fn = update.make_train_step(ctx.graphdef, ctx.optimizer, cfg.objective, cfg.echo, micro_batches=1,
                                     temperature=1.0)  # fmt: skip
@@ -144,13 +144,13 @@ def test_every_phase_is_planned():
 def test_fit_chooses_recomputation_only_when_memory_binds(monkeypatch):
     """An accelerator just too small for the learner without remat (but large enough with full remat): the
     search keeps the first policy that fits, from none to full, and the plan under its setting fits."""
-    from echorl_jax.planner import fit as fit_lib, memory
+    from echorl_jax.planner import context as context_lib, fit as fit_lib, memory
 
     cfg = _tiny({"model": {"hidden_size": 64, "intermediate_size": 512}, "sampling": {"max_new_tokens": 120}})
     peaks = {}
     for r in ("none", "full"):
         c = fit_lib._with(cfg, model={"remat": r}, rl={"pack_rows_per_micro_batch": 1})
-        peaks[r] = max(p.peak for p in memory.learner_memory(c, memory.context(c)).phases)
+        peaks[r] = max(p.peak for p in memory.learner_memory(c, context_lib.context(c)).phases)
     assert peaks["full"] < peaks["none"]
     cap = (peaks["full"] + peaks["none"]) / 2 / memory.USABLE
     monkeypatch.setitem(memory.ACCELERATORS, "tiny", ("a tiny chip", cap))

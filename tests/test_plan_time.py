@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from echorl_jax import plan
-from echorl_jax.planner import cost, memory, time as time_lib
+from echorl_jax.planner import context as context_lib, cost, memory, time as time_lib
 from echorl_jax.planner.time import Part, Peak, Work
 from tests.test_plan import TINY_CONFIG, _tiny
 
@@ -95,7 +95,7 @@ def test_train_step_flops_match_six_n_tokens():
     from echorl_jax.trainer import learn_step
 
     cfg = _tiny(WIDE)
-    ctx = memory.context(cfg)
+    ctx = context_lib.context(cfg)
     state_sh = jax.tree.map(lambda x: x.sharding, ctx.state)
     step = learn_step.jit_train_step(cfg, ctx.graphdef, ctx.optimizer, 1.0, state_sh, ctx.mesh)
     compiled = step.lower(ctx.state, *learn_step.abstract_step_inputs(cfg, ctx.mesh)).compile()
@@ -118,7 +118,7 @@ def test_decode_steps_match_the_compiled_loop_bodies():
     from echorl_jax.sampling.sampler import make_sampler
 
     cfg = _tiny({**WIDE, "mesh": {"num_devices": 1}})
-    ctx = memory.context(cfg)
+    ctx = context_lib.context(cfg)
     n, p, g = cfg.rl.prompts_per_step, cfg.data.max_prompt_len, cfg.rl.group_size
     sampler = make_sampler(ctx.graphdef, cfg.sampling, group_size=g, stop_ids=(0,), pad_id=0, mesh=ctx.mesh)
     sp = sampler.prepare(ctx.policy, p)
@@ -168,7 +168,7 @@ def test_split_plan_runs_the_learner_on_its_devices():
 def test_colocated_plan_has_no_split():
     """S = 0: one mesh of every device, both contexts the same, no push, no sides, the step time a sum."""
     cfg = _tiny({"data": {"eval": ""}})
-    assert memory.context(cfg, sampler=True).mesh.shape == memory.context(cfg).mesh.shape
+    assert context_lib.context(cfg, sampler=True).mesh.shape == context_lib.context(cfg).mesh.shape
     pl = plan.plan(cfg)
     assert [(ph.name, ph.side) for ph in pl.phases] == [("train step", ""), ("sampler", "")]
     assert pl.push_bytes == 0 and not pl.overlap and pl.sampler_devices == 0

@@ -28,18 +28,8 @@ import dataclasses
 import math
 from typing import Callable
 
-from echorl_jax.planner.memory import (
-    ACCELERATORS,
-    GB,
-    USABLE,
-    Plan,
-    context,
-    learner_memory,
-    plan,
-    run_devices,
-    sampler_phases,
-    stream_bytes,
-)
+from echorl_jax.planner.context import context, run_devices
+from echorl_jax.planner.memory import ACCELERATORS, GB, USABLE, Plan, learner_memory, plan, sampler_phases, stream_bytes
 from echorl_jax.planner.time import StepTime
 
 REMAT_ORDER = ("none", "dots_attn", "dots", "attn", "full")  # least recomputation first (models/transformer.py)

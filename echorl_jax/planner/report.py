@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from echorl_jax.planner import time as time_lib
-from echorl_jax.planner.memory import ACCELERATORS, GB, PEAKS, USABLE, Plan
+from echorl_jax.planner.memory import ACCELERATORS, GB, USABLE, Plan
+from echorl_jax.planner.time import PEAKS
 
 
 def gb(x: int) -> str:

@@ -24,8 +24,8 @@ Not modelled: collectives inside a mesh (FSDP all-gathers, tensor-parallel all-r
 (rewards, data), kernel launch and loop overheads, and lower utilisation than peak. A measured step is
 slower than this floor; the floors compare layouts, they do not predict a wall clock.
 
-Pure functions on numbers; the planner (memory.py) measures the work, ``PEAKS`` (memory.py) holds the
-accelerators' figures.
+Pure functions on numbers; the planner (memory.py) measures the work, ``PEAKS`` holds the accelerators'
+figures.
 """
 
 from __future__ import annotations
@@ -40,6 +40,24 @@ class Peak(NamedTuple):
     hbm: float  # memory bandwidth, bytes/s
     link: float  # bytes/s one chip receives a weight push at (interconnect, one direction)
     link_name: str = ""
+
+
+# Peak figures per chip for the predicted step time (planner/time.py), from the vendors' pages: NVIDIA "H100
+# Tensor Core GPU" datasheet (SXM: BF16 1,979 TFLOPS *with sparsity*, i.e. 989 dense; HBM3 3.35 TB/s;
+# NVLink 900 GB/s), "H200 Tensor Core GPU" (989 dense; 4.8 TB/s; NVLink 900 GB/s), "A100 Tensor Core
+# GPU" (80GB SXM: 312 dense; 2,039 GB/s; NVLink 600 GB/s); Google Cloud TPU docs "TPU v5e" (197 TFLOPs;
+# 819 GBps; bidirectional ICI 400 GBps per chip over 4 ports), "TPU v5p" (459; 2,765 GBps; 1,200 GBps over
+# 6 ports), "TPU v6e" (918; 1,638 GBps; 800 GBps over 4 ports). The push link: what one chip receives at,
+# one direction: half the NVLink total (NVSwitch: any pair at full rate); on TPU one ICI port (a sampler
+# chip takes its slice from one paired learner chip; a path of several hops or ports is not assumed).
+PEAKS = {
+    "h100": Peak(989e12, 3.35e12, 450e9, "NVLink 4, 450 GB/s per direction"),
+    "a100": Peak(312e12, 2.039e12, 300e9, "NVLink 3, 300 GB/s per direction"),
+    "h200": Peak(989e12, 4.8e12, 450e9, "NVLink 4, 450 GB/s per direction"),
+    "v5e": Peak(197e12, 819e9, 50e9, "one ICI port, 50 GB/s per direction"),
+    "v5p": Peak(459e12, 2.765e12, 100e9, "one ICI port, 100 GB/s per direction"),
+    "v6e": Peak(918e12, 1.638e12, 100e9, "one ICI port, 100 GB/s per direction"),
+}
 
 
 class Part(NamedTuple):
