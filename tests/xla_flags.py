@@ -28,9 +28,10 @@ import os
 def _jaxlib_knows(flag: str) -> bool:
     spec = importlib.util.find_spec("jaxlib")  # not imported: XLA reads XLA_FLAGS once, so set them first
     for path in glob.glob(os.path.join(spec.submodule_search_locations[0], "**", "*.so"), recursive=True):
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size and mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ).find(flag.encode()) >= 0:
-                return True
+        if os.path.getsize(path):  # an empty file cannot be mapped
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if m.find(flag.encode()) >= 0:
+                    return True
     return False
 
 

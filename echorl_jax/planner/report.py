@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from echorl_jax.planner import time as time_lib
 from echorl_jax.planner.memory import ACCELERATORS, GB, USABLE, Plan
-from echorl_jax.planner.time import PEAKS
 
 
 def gb(x: int) -> str:
@@ -81,8 +80,8 @@ def format_time(pl: Plan, accel: str | None = None) -> list[str]:
     """The predicted step time (planner/time.py): per accelerator, or broken down by phase for ``accel``."""
     lines = ["predicted (roofline floor, not a measurement: peak compute and HBM bandwidth, no collectives; "
              "every rollout runs to sampling.max_new_tokens; planner/time.py):"]  # fmt: skip
-    for name in [accel] if accel else list(PEAKS):
-        t, peak = pl.step_time(name), PEAKS[name]
+    for name in [accel] if accel else list(time_lib.PEAKS):
+        t, peak = pl.step_time(name), time_lib.PEAKS[name]
         push = f", push {time_lib.seconds(t.push)}" if t.layout != "colocated" else ""
         lines.append(f"  {name:5s} step {time_lib.seconds(t.total):>8s} = sample {time_lib.seconds(t.sample)}, learn "
                      f"{time_lib.seconds(t.learn)}{push}   ({t.layout}: {HOW[t.layout]})")  # fmt: skip

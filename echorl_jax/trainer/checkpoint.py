@@ -20,6 +20,7 @@ Storage faults:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -37,24 +38,21 @@ from echorl_jax import sharding
 # only compiles. Below this many bytes per slice, one replica writes the whole shard. The stored arrays are
 # the same either way.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
-_array_handler_set = False
 
 
+@functools.cache  # once per process
 def _use_replica_parallel_floor() -> None:
-    global _array_handler_set
-    if not _array_handler_set:
-        # Orbax's default handler otherwise: keep its array-metadata store (per-host shard metadata)
-        store = getattr(ocp.type_handlers.get_type_handler(jax.Array), "_array_metadata_store", None)
-        handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
-                                                 array_metadata_store=store)  # fmt: skip
-        absl_log = logging.getLogger("absl")  # Orbax warns on every override, which this one is by design
-        level = absl_log.level
-        absl_log.setLevel(logging.ERROR)
-        try:
-            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-        finally:
-            absl_log.setLevel(level)
-        _array_handler_set = True
+    # Orbax's default handler otherwise: keep its array-metadata store (per-host shard metadata)
+    store = getattr(ocp.type_handlers.get_type_handler(jax.Array), "_array_metadata_store", None)
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+                                             array_metadata_store=store)  # fmt: skip
+    absl_log = logging.getLogger("absl")  # Orbax warns on every override, which this one is by design
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_log.setLevel(level)
 
 
 class CheckpointError(RuntimeError):
